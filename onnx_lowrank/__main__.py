@@ -1,0 +1,3 @@
+from onnx_lowrank.cli import main
+
+main()

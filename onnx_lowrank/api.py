@@ -1,0 +1,260 @@
+"""The library API: ``compress(model, speedup=...)`` runs the whole pipeline and returns a Result.
+
+load -> normalise (fold BN) -> find convs -> calibration -> shapes and FLOPs -> ranks -> collect
+responses -> solve -> rewrite -> check -> fidelity and latency. The CLI is a thin layer over this.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import onnx
+
+from onnx_lowrank.calibration import Preprocess, model_inputs, open_calibration
+from onnx_lowrank.costs import ConvShape, channel_decomposed_macs
+from onnx_lowrank.errors import InvalidOptionError, LowRankError, NothingToDecomposeError
+from onnx_lowrank.evaluate import measure_fidelity, measure_latency
+from onnx_lowrank.graph.io import load_model
+from onnx_lowrank.graph.normalise import normalise
+from onnx_lowrank.graph.rewrite import channel_decomposition, replace_convs
+from onnx_lowrank.graph.units import ConvUnit, find_conv_units
+from onnx_lowrank.graph.dense import dense_ops
+from onnx_lowrank.ranks import RankCandidate, uniform_ranks, validate_multiple, validate_speedup
+from onnx_lowrank.report import LayerReport, Report
+from onnx_lowrank.runtime import (PROVIDER_NAMES, batch_size_for, collect_responses, make_session,
+                                  probe_shapes, provider_available)
+from onnx_lowrank.solvers import ResponseStats, fit_pca
+from onnx_lowrank.solvers.activations import apply_activation, relative_error
+
+METHODS = ("linear",)
+RANK_SELECTIONS = ("uniform",)
+RANDOM_CALIBRATION_WARNING = ("no calibration data given: using random inputs. The responses of random "
+                              "inputs say little about real ones, so expect a poor model; pass --calib")
+
+
+class NullProgress:
+    """Progress sink that shows nothing; the CLI passes one backed by rich."""
+
+    def stage(self, description: str, total: int) -> Callable[[int], None]:
+        return lambda advance=1: None
+
+
+@dataclass
+class Result:
+    """The optimized model (None for a dry run) and the report of what was done and measured."""
+
+    model: onnx.ModelProto | None
+    report: Report
+
+
+@dataclass(frozen=True)
+class Options:
+    speedup: float
+    method: str = "linear"
+    rank_selection: str = "uniform"
+    rank_multiple: int = 16
+    num_images: int = 300
+    holdout: int = 100
+    samples_per_image: int = 32
+    seed: int = 0
+    skip: tuple[str, ...] = ()
+    providers: tuple[str, ...] = ("cpu",)
+    threads: int = 0
+    bench: bool = True
+    bench_rounds: int = 30
+    batch_size: int = 8
+    dry_run: bool = False
+    input_size: tuple[int, int] | None = None
+
+    def validated(self) -> "Options":
+        validate_speedup(self.speedup)
+        validate_multiple(self.rank_multiple)
+        _choice("method", self.method, METHODS)
+        _choice("rank selection", self.rank_selection, RANK_SELECTIONS)
+        for provider in self.providers:
+            _choice("provider", provider, tuple(PROVIDER_NAMES))
+        for name, value in (("num_images", self.num_images), ("samples_per_image", self.samples_per_image),
+                            ("batch_size", self.batch_size)):
+            if not isinstance(value, int) or value < 1:
+                raise InvalidOptionError(f"{name} must be a positive integer, got {value!r}")
+        if self.threads < 0:
+            raise InvalidOptionError(f"threads must be >= 0 (0 = onnxruntime's default), got {self.threads}")
+        return self
+
+
+def _choice(what: str, value: str, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise InvalidOptionError(f"unknown {what} {value!r}", hint=f"choose one of {', '.join(allowed)}")
+
+
+def compress(model: str | os.PathLike | onnx.ModelProto, speedup: float = 4.0, *,
+             calibration=None, preprocess: Preprocess | None = None, evaluation=None,
+             progress=None, **options) -> Result:
+    """Make ``model`` about ``speedup`` times cheaper in conv FLOPs by low-rank decomposition.
+
+    ``calibration`` is an image folder, a .npy/.npz path, ``file.py:ReaderName``, an object with
+    ``get_next()``, or None (random inputs: a warning, and a poor result). ``evaluation`` is
+    optional labelled data (.npz with a ``labels`` array) to measure fidelity on instead of the
+    held-out part of the calibration data. Other keywords are the fields of :class:`Options`.
+    """
+    opts = Options(speedup=speedup, **options).validated()
+    progress = progress or NullProgress()
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    original = load_model(model)
+    normalised = normalise(original)
+    units = find_conv_units(normalised)
+    _apply_user_skips(units, opts.skip)
+    if not any(u.decomposable for u in units):
+        reasons = sorted({u.skipped_reason for u in units}) or ["the model has no Conv"]
+        raise NothingToDecomposeError("the model has no decomposable conv (" + "; ".join(reasons) + ")",
+                                      hint="onnx-lowrank decomposes 2-D convs with constant weights and group=1")
+
+    inputs = model_inputs(normalised)
+    source = open_calibration(calibration, inputs, preprocess=preprocess, random_count=opts.num_images,
+                              seed=opts.seed, input_size=opts.input_size)
+    warnings = [RANDOM_CALIBRATION_WARNING] if calibration is None else []
+    calib_indices, holdout_indices = _split(len(source), opts, warnings)
+    eval_source = source
+    if evaluation is not None:
+        eval_source = open_calibration(evaluation, inputs, input_size=opts.input_size, preprocess=preprocess)
+        holdout_indices = list(range(len(eval_source)))
+    batch = batch_size_for(inputs, opts.batch_size)
+
+    shapes, dense_total = _measure_shapes(normalised, source, units, inputs, opts.threads)
+    conv_macs_before = sum(s.macs for s in shapes.values())
+    candidates = [RankCandidate(u.name, shapes[u.name]) for u in units if u.decomposable]
+    fixed = conv_macs_before - sum(c.shape.macs for c in candidates)
+    plan = uniform_ranks(candidates, fixed, opts.speedup, opts.rank_multiple)
+    timings["analyse"] = time.perf_counter() - clock
+
+    chosen = [u for u in units if u.name in plan.ranks]
+    stats, errors, chains = {}, {}, {}
+    if not opts.dry_run:
+        clock = time.perf_counter()
+        advance = progress.stage("collecting responses", len(calib_indices))
+        responses = collect_responses(normalised, source, calib_indices, [u.output for u in chosen],
+                                      samples_per_image=opts.samples_per_image, seed=opts.seed,
+                                      batch_size=batch, threads=opts.threads, progress=advance)
+        timings["collect"] = time.perf_counter() - clock
+        clock = time.perf_counter()
+        advance = progress.stage("solving", len(chosen))
+        for unit in chosen:
+            y = responses.pop(unit.output)
+            stats[unit.name] = ResponseStats.from_responses(y)
+            factors = fit_pca(stats[unit.name], plan.ranks[unit.name])
+            act = unit.activation
+            errors[unit.name] = relative_error(apply_activation(act.kind, act.params, y),
+                                               apply_activation(act.kind, act.params, factors.apply(y)))
+            chains[unit.name] = channel_decomposition(unit.attrs, unit.weight, unit.bias,
+                                                      factors.P, factors.Q, factors.bias)
+            advance(1)
+        timings["solve"] = time.perf_counter() - clock
+
+    report = Report(
+        speedup_target=opts.speedup, method=opts.method, rank_selection=opts.rank_selection,
+        calibration=source.description, calibration_samples=len(calib_indices),
+        theoretical_conv_speedup=plan.speedup,
+        theoretical_model_speedup=(conv_macs_before + dense_total) / (plan.macs_after + dense_total),
+        layers=[_layer_report(u, shapes.get(u.name), plan, stats, errors) for u in units],
+        warnings=warnings, timings_s=timings, dry_run=opts.dry_run,
+    )
+    if opts.dry_run:
+        return Result(None, report)
+
+    clock = time.perf_counter()
+    optimized = replace_convs(normalised, chains)
+    _check_rewritten(optimized)
+    timings["rewrite"] = time.perf_counter() - clock
+    clock = time.perf_counter()
+    report.fidelity = measure_fidelity(original, optimized, eval_source, holdout_indices, batch,
+                                       labels=getattr(eval_source, "labels", None), threads=opts.threads)
+    timings["fidelity"] = time.perf_counter() - clock
+    if opts.bench:
+        clock = time.perf_counter()
+        feeds = eval_source.get(holdout_indices[:1] * batch_size_for(inputs, 1))
+        _benchmark(report, original, optimized, feeds, opts, progress)
+        timings["benchmark"] = time.perf_counter() - clock
+    return Result(optimized, report)
+
+
+def _apply_user_skips(units: list[ConvUnit], skip: Sequence[str]) -> None:
+    names = {u.name for u in units}
+    unknown = [s for s in skip if s not in names]
+    if unknown:
+        raise InvalidOptionError(f"--skip names no conv in the model: {', '.join(unknown)}",
+                                 hint="the report lists the conv names; --dry-run prints them")
+    for unit in units:
+        if unit.name in skip and unit.decomposable:
+            unit.skipped_reason = "skipped by --skip"
+
+
+def _split(count: int, opts: Options, warnings: list[str]) -> tuple[list[int], list[int]]:
+    """Disjoint calibration and held-out index sets, drawn with the seed."""
+    order = np.random.default_rng(opts.seed).permutation(count).tolist()
+    if count == 1:
+        warnings.append("only one calibration sample: fidelity is measured on the sample used to calibrate")
+        return order, order
+    held = min(opts.holdout, max(1, count // 5))
+    calib = order[held:][:opts.num_images]
+    return sorted(calib), sorted(order[:held])
+
+
+def _measure_shapes(model, source, units, inputs, threads) -> tuple[dict[str, ConvShape], int]:
+    """Per-sample ConvShape of every conv, and the MACs of the dense layers, from one probe run."""
+    dense = dense_ops(model)
+    probe_batch = batch_size_for(inputs, 1)
+    shapes = probe_shapes(model, source, [u.output for u in units] + [name for name, _ in dense],
+                          probe_batch, threads)
+    convs = {}
+    for unit in units:
+        out = shapes[unit.output]
+        kernel, spatial = unit.kernel, out[2:]
+        if len(kernel) != 2:
+            kernel, spatial = (int(np.prod(kernel)), 1), (int(np.prod(spatial)), 1)
+        in_channels = unit.weight_shape[1] * unit.group if len(unit.weight_shape) > 1 else 0
+        convs[unit.name] = ConvShape(in_channels, int(out[1]), tuple(kernel), tuple(spatial), unit.group)
+    dense_total = sum(int(np.prod(shapes[name])) * inner for name, inner in dense) // probe_batch
+    return convs, dense_total
+
+
+def _layer_report(unit: ConvUnit, shape: ConvShape | None, plan, stats, errors) -> LayerReport:
+    before = shape.macs if shape else 0
+    rank = plan.ranks.get(unit.name)
+    after = channel_decomposed_macs(shape, rank) if rank is not None else before
+    reason = unit.skipped_reason or plan.skipped.get(unit.name)
+    return LayerReport(
+        name=unit.name, kernel=list(unit.kernel), in_channels=shape.in_channels if shape else 0,
+        out_channels=shape.out_channels if shape else 0, activation=unit.activation.kind, rank=rank,
+        flops_before=2 * before, flops_after=2 * after,
+        energy=stats[unit.name].energy(rank) if unit.name in stats else None,
+        response_error=errors.get(unit.name), skipped_reason=reason)
+
+
+def _check_rewritten(model: onnx.ModelProto) -> None:
+    try:
+        onnx.checker.check_model(model)
+    except Exception as exc:
+        raise LowRankError(f"internal error: the rewritten model fails the ONNX checker: {exc}") from None
+    make_session(model, optimize=False)
+
+
+def _benchmark(report: Report, original, optimized, feeds, opts: Options, progress) -> None:
+    original_bytes, optimized_bytes = original.SerializeToString(), optimized.SerializeToString()
+    advance = progress.stage("benchmarking", len(opts.providers))
+    for provider in opts.providers:
+        if not provider_available(provider):
+            report.latency_ms[provider] = {"original": None, "optimized": None,
+                                           "status": "not available (needs onnxruntime-gpu and a CUDA device)"}
+            report.actual_speedup[provider] = None
+        else:
+            latency = measure_latency(original_bytes, optimized_bytes, feeds, provider=provider,
+                                      threads=opts.threads, rounds=opts.bench_rounds)
+            report.latency_ms[provider] = {"original": latency.original_ms, "optimized": latency.optimized_ms}
+            report.actual_speedup[provider] = latency.speedup
+        advance(1)

@@ -1,0 +1,311 @@
+"""Calibration inputs: image folders, .npy/.npz arrays, CalibrationDataReader scripts, or random data.
+
+Every source is indexable (``source.get(indices)`` returns ``{input_name: batch}``), so images are
+read only when a batch needs them and calibration and held-out sets are disjoint index ranges.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import onnx
+
+from onnx_lowrank.errors import CalibrationError, InvalidOptionError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+LABELS_KEY = "labels"
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """A model input: name, shape (``None`` for a dynamic dimension) and NumPy dtype."""
+
+    name: str
+    shape: tuple[int | None, ...]
+    dtype: np.dtype
+
+    @property
+    def layout(self) -> str | None:
+        """``NCHW`` or ``NHWC`` for 4-D image inputs (tf2onnx exports NHWC), else None."""
+        if len(self.shape) != 4:
+            return None
+        if self.shape[1] in (1, 3):
+            return "NCHW"
+        if self.shape[3] in (1, 3):
+            return "NHWC"
+        return None
+
+
+def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
+    initializers = {t.name for t in model.graph.initializer}
+    specs = []
+    for value in model.graph.input:
+        if value.name in initializers:
+            continue
+        tensor_type = value.type.tensor_type
+        dims = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
+                     for d in tensor_type.shape.dim)
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
+        specs.append(InputSpec(value.name, dims, dtype))
+    return specs
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """``pixel * scale``, then ``(x - mean) / std`` per channel; ``bgr`` swaps the channel order first."""
+
+    scale: float = 1 / 255
+    mean: tuple[float, ...] = (0.0,)
+    std: tuple[float, ...] = (1.0,)
+    bgr: bool = False
+
+
+PRESETS = {
+    "imagenet": Preprocess(1 / 255, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "tf": Preprocess(1 / 127.5, (1.0,), (1.0,)),
+    "caffe": Preprocess(1.0, (103.939, 116.779, 123.68), (1.0,), bgr=True),
+    "raw": Preprocess(1 / 255),
+}
+
+
+def make_preprocess(preset: str = "imagenet", mean: Sequence[float] | None = None,
+                    std: Sequence[float] | None = None, scale: float | None = None,
+                    bgr: bool | None = None) -> Preprocess:
+    if preset not in PRESETS:
+        raise InvalidOptionError(f"unknown preprocessing preset {preset!r}",
+                                 hint=f"choose one of {', '.join(PRESETS)}")
+    base = PRESETS[preset]
+    result = Preprocess(
+        scale=base.scale if scale is None else float(scale),
+        mean=base.mean if mean is None else tuple(float(m) for m in mean),
+        std=base.std if std is None else tuple(float(s) for s in std),
+        bgr=base.bgr if bgr is None else bool(bgr),
+    )
+    if any(s == 0 for s in result.std):
+        raise InvalidOptionError(f"--std must not contain 0, got {result.std}")
+    return result
+
+
+class ArraySource:
+    """Calibration samples already in memory (from .npy, .npz or a reader script)."""
+
+    def __init__(self, arrays: dict[str, np.ndarray], inputs: list[InputSpec], origin: str,
+                 labels: np.ndarray | None = None) -> None:
+        self.description = origin
+        self.arrays = {spec.name: _checked_array(arrays, spec, origin) for spec in inputs}
+        counts = {len(a) for a in self.arrays.values()}
+        if len(counts) != 1:
+            raise CalibrationError(f"{origin}: inputs have different sample counts {sorted(counts)}")
+        self.count = counts.pop()
+        if self.count == 0:
+            raise CalibrationError(f"{origin} holds no samples")
+        self.labels = labels if labels is not None and len(labels) == self.count else None
+
+    def __len__(self) -> int:
+        return self.count
+
+    def get(self, indices: Sequence[int]) -> dict[str, np.ndarray]:
+        return {name: np.ascontiguousarray(a[list(indices)]) for name, a in self.arrays.items()}
+
+
+def _checked_array(arrays: dict[str, np.ndarray], spec: InputSpec, origin: str) -> np.ndarray:
+    if spec.name not in arrays:
+        raise CalibrationError(f"{origin} has no array for model input {spec.name!r} "
+                               f"(it has {sorted(arrays)})", hint="key .npz arrays by input name")
+    array = np.asarray(arrays[spec.name])
+    expected = tuple("N" if i == 0 else (d if d is not None else "?") for i, d in enumerate(spec.shape))
+    fits = array.ndim == len(spec.shape) and all(
+        d is None or d == a for i, (d, a) in enumerate(zip(spec.shape, array.shape)) if i > 0)
+    if not fits:
+        raise CalibrationError(f"{origin}: array for input {spec.name!r} has shape {array.shape}, "
+                               f"the model expects {expected}", hint="the first axis counts samples")
+    if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
+        raise CalibrationError(f"{origin}: array for input {spec.name!r} contains NaN or infinity")
+    return array.astype(spec.dtype, copy=False)
+
+
+class ImageFolderSource:
+    """Images found recursively in a folder, resized, centre-cropped and normalised on demand."""
+
+    def __init__(self, folder: Path, spec: InputSpec, preprocess: Preprocess,
+                 input_size: tuple[int, int] | None) -> None:
+        self.description = f"image folder {folder}"
+        self.files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not self.files:
+            raise CalibrationError(f"no images (jpg/png/bmp/webp) found in {folder}")
+        if spec.layout is None:
+            raise CalibrationError(f"input {spec.name!r} of shape {spec.shape} is not an image input",
+                                   hint="pass --calib as .npy/.npz or a reader script instead")
+        self.spec = spec
+        self.preprocess = preprocess
+        self.labels = None
+        channel_axis = 1 if spec.layout == "NCHW" else 3
+        self.channels = spec.shape[channel_axis]
+        spatial = [d for i, d in enumerate(spec.shape[1:], 1) if i != channel_axis]
+        if input_size is not None:
+            spatial = list(input_size)
+        if any(d is None for d in spatial):
+            raise CalibrationError(f"input {spec.name!r} has dynamic spatial size {spec.shape}",
+                                   hint="give the size to calibrate at with --input-size HxW")
+        self.size = (int(spatial[0]), int(spatial[1]))
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def get(self, indices: Sequence[int]) -> dict[str, np.ndarray]:
+        batch = np.stack([self._load(self.files[i]) for i in indices])
+        if self.spec.layout == "NCHW":
+            batch = batch.transpose(0, 3, 1, 2)
+        return {self.spec.name: np.ascontiguousarray(batch.astype(self.spec.dtype))}
+
+    def _load(self, path: Path) -> np.ndarray:
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            image = Image.open(path).convert("L" if self.channels == 1 else "RGB")
+        except (OSError, UnidentifiedImageError) as exc:
+            raise CalibrationError(f"cannot read image {path}: {exc}") from None
+        height, width = self.size
+        factor = max(height / image.height, width / image.width)
+        resized = image.resize((max(width, round(image.width * factor)), max(height, round(image.height * factor))),
+                               Image.BILINEAR)
+        top, left = (resized.height - height) // 2, (resized.width - width) // 2
+        pixels = np.asarray(resized.crop((left, top, left + width, top + height)), dtype=np.float32)
+        pixels = pixels.reshape(height, width, -1)
+        if self.preprocess.bgr:
+            pixels = pixels[..., ::-1]
+        mean = _per_channel(self.preprocess.mean, pixels.shape[-1])
+        std = _per_channel(self.preprocess.std, pixels.shape[-1])
+        return (pixels * self.preprocess.scale - mean) / std
+
+
+def _per_channel(values: tuple[float, ...], channels: int) -> np.ndarray:
+    array = np.asarray(values, dtype=np.float32)
+    if array.size == channels or array.size == 1:
+        return array
+    if channels == 1:
+        return array.mean(keepdims=True)
+    raise InvalidOptionError(f"--mean/--std need 1 or {channels} values, got {len(values)}")
+
+
+class RandomSource:
+    """Standard-normal inputs: a stand-in that exercises the pipeline but calibrates poorly."""
+
+    def __init__(self, inputs: list[InputSpec], count: int, seed: int,
+                 input_size: tuple[int, int] | None) -> None:
+        self.description = "random normal inputs"
+        self.labels = None
+        self.count = count
+        self.seed = seed
+        self.shapes = {}
+        for spec in inputs:
+            dims = list(spec.shape[1:])
+            if input_size is not None and spec.layout is not None:
+                spatial = [1, 2] if spec.layout == "NCHW" else [0, 1]
+                for axis, size in zip(spatial, input_size):
+                    dims[axis] = size
+            if any(d is None for d in dims):
+                raise CalibrationError(f"input {spec.name!r} has dynamic dimensions {spec.shape}",
+                                       hint="give --calib data, or --input-size HxW for images")
+            self.shapes[spec.name] = (tuple(dims), spec.dtype)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def get(self, indices: Sequence[int]) -> dict[str, np.ndarray]:
+        out = {}
+        for name, (dims, dtype) in self.shapes.items():
+            rows = [np.random.default_rng([self.seed, i]).standard_normal(dims) for i in indices]
+            out[name] = np.stack(rows).astype(dtype)
+        return out
+
+
+def open_calibration(calib: str | Path | object | None, inputs: list[InputSpec], *,
+                     preprocess: Preprocess | None = None, random_count: int = 64, seed: int = 0,
+                     input_size: tuple[int, int] | None = None):
+    """Turn what the user gave as ``--calib`` into an indexable source (None means random data)."""
+    if calib is None:
+        return RandomSource(inputs, random_count, seed, input_size)
+    if hasattr(calib, "get_next"):
+        return _read_reader(calib, inputs, type(calib).__name__)
+    text = str(calib)
+    path = Path(text)
+    if path.is_dir():
+        if len(inputs) != 1:
+            raise CalibrationError(f"an image folder can feed a single-input model; this one has "
+                                   f"{len(inputs)} inputs", hint="use an .npz keyed by input name")
+        return ImageFolderSource(path, inputs[0], preprocess or PRESETS["imagenet"], input_size)
+    if ":" in text and text.rsplit(":", 1)[0].endswith(".py"):
+        return _load_reader_script(text, inputs)
+    if not path.exists():
+        raise CalibrationError(f"calibration data not found: {text}",
+                               hint="give an image folder, .npy, .npz or file.py:ReaderName")
+    if path.suffix == ".npy":
+        if len(inputs) != 1:
+            raise CalibrationError(f"a .npy file can feed a single-input model; this one has {len(inputs)} inputs",
+                                   hint="use an .npz keyed by input name")
+        return ArraySource({inputs[0].name: _load_numpy(path)}, inputs, str(path))
+    if path.suffix == ".npz":
+        arrays = _load_numpy(path)
+        labels = arrays.pop(LABELS_KEY, None)
+        if len(inputs) == 1 and inputs[0].name not in arrays and len(arrays) == 1:
+            arrays = {inputs[0].name: next(iter(arrays.values()))}
+        return ArraySource(arrays, inputs, str(path), labels)
+    raise CalibrationError(f"unsupported calibration data {text}",
+                           hint="give an image folder, .npy, .npz or file.py:ReaderName")
+
+
+def _load_numpy(path: Path):
+    try:
+        loaded = np.load(path, allow_pickle=False)
+        return dict(loaded) if isinstance(loaded, np.lib.npyio.NpzFile) else loaded
+    except Exception as exc:
+        raise CalibrationError(f"cannot read {path}: {exc}") from None
+
+
+def _load_reader_script(text: str, inputs: list[InputSpec]):
+    file_name, attr = text.rsplit(":", 1)
+    path = Path(file_name)
+    if not path.is_file():
+        raise CalibrationError(f"reader script not found: {path}")
+    try:
+        spec = importlib.util.spec_from_file_location(f"onnx_lowrank_reader_{path.stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        target = getattr(module, attr)
+        reader = target() if isinstance(target, type) or not hasattr(target, "get_next") else target
+    except AttributeError:
+        raise CalibrationError(f"{path} defines no {attr!r}") from None
+    except Exception as exc:
+        raise CalibrationError(f"could not create the reader {text}: {type(exc).__name__}: {exc}") from None
+    if not hasattr(reader, "get_next"):
+        raise CalibrationError(f"{text} is not a CalibrationDataReader (it has no get_next())")
+    return _read_reader(reader, inputs, text)
+
+
+def _read_reader(reader, inputs: list[InputSpec], origin: str) -> ArraySource:
+    batches: dict[str, list[np.ndarray]] = {spec.name: [] for spec in inputs}
+    while True:
+        try:
+            item = reader.get_next()
+        except Exception as exc:
+            raise CalibrationError(f"{origin}.get_next() failed: {type(exc).__name__}: {exc}") from None
+        if item is None:
+            break
+        if not isinstance(item, dict):
+            raise CalibrationError(f"{origin}.get_next() returned {type(item).__name__}, expected a dict or None")
+        for spec in inputs:
+            if spec.name not in item:
+                raise CalibrationError(f"{origin}.get_next() gave no array for input {spec.name!r}")
+            batches[spec.name].append(np.asarray(item[spec.name]))
+    if not batches[inputs[0].name]:
+        raise CalibrationError(f"{origin} produced no samples")
+    try:
+        arrays = {name: np.concatenate(parts) for name, parts in batches.items()}
+    except ValueError as exc:
+        raise CalibrationError(f"{origin} produced batches of inconsistent shapes: {exc}") from None
+    return ArraySource(arrays, inputs, origin)

@@ -1,0 +1,106 @@
+"""What the user judges us on: fidelity to the original model and measured latency."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import onnx
+
+from onnx_lowrank.runtime import make_session, run_in_batches
+
+
+@dataclass
+class Fidelity:
+    """Agreement of the optimized model with the original on held-out inputs."""
+
+    output_rel_error: dict[str, float] = field(default_factory=dict)
+    top1_agreement: float | None = None
+    top5_overlap: float | None = None
+    accuracy_original: float | None = None
+    accuracy_optimized: float | None = None
+    samples: int = 0
+
+
+def looks_like_class_scores(array: np.ndarray) -> bool:
+    """(N, K) scores, or (N, K, 1, 1) from a conv head, with at least two classes."""
+    squeezed_tail = array.shape[2:] == () or all(d == 1 for d in array.shape[2:])
+    return array.ndim >= 2 and array.shape[1] >= 2 and squeezed_tail
+
+
+def measure_fidelity(original: onnx.ModelProto, optimized: onnx.ModelProto, source,
+                     indices: Sequence[int], batch_size: int, labels: np.ndarray | None = None,
+                     threads: int = 0) -> Fidelity:
+    sessions = [make_session(m, threads=threads) for m in (original, optimized)]
+    names = [o.name for o in sessions[0].get_outputs()]
+    squared_error = {n: 0.0 for n in names}
+    squared_norm = {n: 0.0 for n in names}
+    top1, top5, correct = [], [], [[], []]
+
+    def compare(chunk: list[int], reference: list[np.ndarray]) -> None:
+        feeds = source.get(chunk)
+        approx = sessions[1].run(names, feeds)
+        for name, ref, out in zip(names, reference, approx):
+            ref64, out64 = ref.astype(np.float64), out.astype(np.float64)
+            squared_error[name] += float(np.sum((ref64 - out64) ** 2))
+            squared_norm[name] += float(np.sum(ref64 ** 2))
+        scores_ref, scores_out = reference[0], approx[0]
+        if looks_like_class_scores(scores_ref):
+            scores_ref = scores_ref.reshape(len(chunk), -1)
+            scores_out = scores_out.reshape(len(chunk), -1)
+            top1.extend(scores_ref.argmax(1) == scores_out.argmax(1))
+            if scores_ref.shape[1] >= 5:
+                best_ref = np.argsort(-scores_ref, axis=1)[:, :5]
+                best_out = np.argsort(-scores_out, axis=1)[:, :5]
+                top5.extend(len(set(a) & set(b)) / 5 for a, b in zip(best_ref, best_out))
+            if labels is not None:
+                truth = labels[chunk]
+                correct[0].extend(scores_ref.argmax(1) == truth)
+                correct[1].extend(scores_out.argmax(1) == truth)
+
+    run_in_batches(sessions[0], source, indices, batch_size, compare)
+    fidelity = Fidelity(samples=len(indices))
+    fidelity.output_rel_error = {
+        n: (np.sqrt(squared_error[n] / squared_norm[n]) if squared_norm[n] > 0 else float(squared_error[n] > 0))
+        for n in names}
+    if top1:
+        fidelity.top1_agreement = float(np.mean(top1))
+    if top5:
+        fidelity.top5_overlap = float(np.mean(top5))
+    if correct[0]:
+        fidelity.accuracy_original = float(np.mean(correct[0]))
+        fidelity.accuracy_optimized = float(np.mean(correct[1]))
+    return fidelity
+
+
+@dataclass(frozen=True)
+class Latency:
+    original_ms: float
+    optimized_ms: float
+
+    @property
+    def speedup(self) -> float:
+        return self.original_ms / self.optimized_ms
+
+
+def measure_latency(original: onnx.ModelProto | bytes, optimized: onnx.ModelProto | bytes,
+                    feeds: dict[str, np.ndarray], *, provider: str = "cpu", threads: int = 0,
+                    rounds: int = 30, warmup: int = 5) -> Latency:
+    """Median latency of both models, timed interleaved in this process after warm-up.
+
+    Each round runs both, alternating which goes first, so drifts in machine load hit both alike.
+    """
+    sessions = [make_session(m, optimize=True, threads=threads, provider=provider) for m in (original, optimized)]
+    for session in sessions:
+        for _ in range(warmup):
+            session.run(None, feeds)
+    times: list[list[float]] = [[], []]
+    for round_index in range(max(rounds, 15)):
+        order = (0, 1) if round_index % 2 == 0 else (1, 0)
+        for which in order:
+            start = time.perf_counter()
+            sessions[which].run(None, feeds)
+            times[which].append((time.perf_counter() - start) * 1e3)
+    return Latency(float(np.median(times[0])), float(np.median(times[1])))

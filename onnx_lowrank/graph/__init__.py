@@ -1,0 +1,1 @@
+"""Graph side: loading, normalising, finding decomposable convs and rewriting them (onnx + graphsurgeon)."""

@@ -1,0 +1,87 @@
+"""Normalisation: fold BatchNormalization and per-channel Mul/Add constants into the Conv before them.
+
+After folding, a Conv's output is the whole linear response ``y = W x + b`` whose low-rank
+structure the solver exploits, and the following activation reads it directly.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from onnx_lowrank.graph.surgery import constant_value, export_like, name_all_nodes, sole_consumer
+
+
+def normalise(model: onnx.ModelProto) -> onnx.ModelProto:
+    graph = gs.import_onnx(model)
+    name_all_nodes(graph)
+    for conv in [n for n in graph.nodes if n.op == "Conv"]:
+        while _fold_next(graph, conv):
+            pass
+    return export_like(graph, model)
+
+
+def _conv_weight_and_bias(conv: gs.Node) -> tuple[np.ndarray, np.ndarray] | None:
+    weight = constant_value(conv.inputs[1])
+    if weight is None or weight.ndim != 4:
+        return None
+    bias = constant_value(conv.inputs[2]) if len(conv.inputs) > 2 and conv.inputs[2].name else None
+    if bias is None and len(conv.inputs) > 2 and conv.inputs[2].name:
+        return None
+    if bias is None:
+        bias = np.zeros(weight.shape[0], dtype=weight.dtype)
+    return weight, bias
+
+
+def _per_channel(value: np.ndarray | None, channels: int) -> np.ndarray | None:
+    """A constant that broadcasts over NCHW only along C (or is a scalar), as a length-C vector."""
+    if value is None or value.ndim > 4:
+        return None
+    if value.size == 1:
+        return np.full(channels, value.reshape(()), dtype=np.float64)
+    shape = (1,) * (4 - value.ndim) + value.shape
+    if shape[1] == channels and shape[0] == shape[2] == shape[3] == 1:
+        return value.reshape(channels).astype(np.float64)
+    return None
+
+
+def _fold_next(graph: gs.Graph, conv: gs.Node) -> bool:
+    params = _conv_weight_and_bias(conv)
+    follower = sole_consumer(graph, conv.outputs[0])
+    if params is None or follower is None:
+        return False
+    weight, bias = params
+    d = weight.shape[0]
+    w, b = weight.astype(np.float64), bias.astype(np.float64)
+    if follower.op == "BatchNormalization" and len(follower.outputs) == 1:
+        stats = [constant_value(t) for t in follower.inputs[1:5]]
+        if any(s is None for s in stats):
+            return False
+        gamma, beta, mean, var = (s.astype(np.float64) for s in stats)
+        scale = gamma / np.sqrt(var + follower.attrs.get("epsilon", 1e-5))
+        w, b = w * scale[:, None, None, None], (b - mean) * scale + beta
+    elif follower.op in ("Mul", "Add"):
+        other = follower.inputs[1] if follower.inputs[0] is conv.outputs[0] else follower.inputs[0]
+        vector = _per_channel(constant_value(other), d)
+        if vector is None:
+            return False
+        if follower.op == "Mul":
+            w, b = w * vector[:, None, None, None], b * vector
+        else:
+            b = b + vector
+    else:
+        return False
+    _set_conv_params(conv, w.astype(weight.dtype), b.astype(weight.dtype))
+    conv.outputs = list(follower.outputs)
+    follower.outputs.clear()
+    return True
+
+
+def _set_conv_params(conv: gs.Node, weight: np.ndarray, bias: np.ndarray) -> None:
+    conv.inputs[1] = gs.Constant(f"{conv.name}.weight_folded", weight)
+    bias_tensor = gs.Constant(f"{conv.name}.bias_folded", bias)
+    if len(conv.inputs) > 2:
+        conv.inputs[2] = bias_tensor
+    else:
+        conv.inputs.append(bias_tensor)

@@ -1,0 +1,121 @@
+"""Rank selection: which rank d' each decomposable layer gets for a whole-model speedup target.
+
+Pure arithmetic on the cost model (no ONNX). Costs are exact MACs of the factorised pair, the
+1x1 layer's ``d * d'`` included. Ranks are kept to multiples of ``multiple`` because
+onnxruntime's NCHWc CPU kernels pad channels to blocks of 8/16: unrounded ranks waste that
+padding and lose a third of the theoretical speedup.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from onnx_lowrank.costs import ConvShape, break_even_rank, channel_decomposed_macs
+from onnx_lowrank.errors import InfeasibleTargetError, InvalidOptionError
+
+FIRST_LAYER_REASON = "first conv layer: left alone, as in the paper"
+
+
+@dataclass(frozen=True)
+class RankCandidate:
+    """A decomposable layer as rank selection sees it."""
+
+    name: str
+    shape: ConvShape
+
+
+@dataclass
+class RankPlan:
+    """Chosen ranks, the layers left at full rank (with why), and the resulting conv cost."""
+
+    ranks: dict[str, int] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+    macs_before: int = 0
+    macs_after: int = 0
+
+    @property
+    def speedup(self) -> float:
+        return self.macs_before / self.macs_after
+
+
+def validate_speedup(speedup: float) -> float:
+    if not isinstance(speedup, (int, float)) or not speedup > 1.0 or speedup != speedup:
+        raise InvalidOptionError(f"speedup must be a number greater than 1, got {speedup!r}",
+                                 hint="e.g. --speedup 2 halves the conv FLOPs")
+    return float(speedup)
+
+
+def validate_multiple(multiple: int) -> int:
+    if not isinstance(multiple, int) or multiple < 1:
+        raise InvalidOptionError(f"rank multiple must be a positive integer, got {multiple!r}",
+                                 hint="16 suits onnxruntime's CPU kernels, 1 disables rounding")
+    return multiple
+
+
+def uniform_ranks(candidates: list[RankCandidate], fixed_macs: int, speedup: float,
+                  multiple: int = 16, leave_first: bool = True) -> RankPlan:
+    """Give every decomposed layer the same cost ratio, so the whole conv cost is ``1/speedup``.
+
+    ``fixed_macs`` is the cost of the convs that stay as they are (non-decomposable or skipped
+    by the user). Rounding to ``multiple`` carries each layer's rounding error into the next, so
+    the total still meets the target; a layer whose rounded rank would save nothing is left alone.
+    """
+    speedup = validate_speedup(speedup)
+    multiple = validate_multiple(multiple)
+    plan = RankPlan(macs_before=fixed_macs + sum(c.shape.macs for c in candidates))
+    active = list(candidates)
+    if leave_first and len(active) > 1:
+        plan.skipped[active[0].name] = FIRST_LAYER_REASON
+        active = active[1:]
+    for cand in list(active):
+        if break_even_rank(cand.shape) <= multiple:
+            plan.skipped[cand.name] = (
+                f"cannot pay off: rank {multiple} already costs as much as the original "
+                f"({cand.shape.in_channels}->{cand.shape.out_channels}, "
+                f"{cand.shape.kernel[0]}x{cand.shape.kernel[1]})")
+            active.remove(cand)
+    if not active:
+        raise InfeasibleTargetError("no layer can be decomposed profitably",
+                                    hint="see the skipped layers in the report")
+    target = plan.macs_before / speedup
+    kept_macs = fixed_macs + sum(c.shape.macs for c in candidates if c.name in plan.skipped)
+    ranks = _round_with_carry(active, (target - kept_macs) / sum(c.shape.macs for c in active), multiple)
+    _shrink_to_target(active, ranks, kept_macs, target, multiple, plan.macs_before)
+    plan.ranks = ranks
+    plan.macs_after = kept_macs + sum(channel_decomposed_macs(c.shape, ranks[c.name]) for c in active)
+    return plan
+
+
+def _per_rank_macs(shape: ConvShape) -> int:
+    return channel_decomposed_macs(shape, 1)
+
+
+def _round_with_carry(active: list[RankCandidate], ratio: float, multiple: int) -> dict[str, int]:
+    ranks: dict[str, int] = {}
+    carry = 0.0
+    for cand in active:
+        wanted = max(ratio, 0.0) * cand.shape.macs + carry
+        ideal = wanted / _per_rank_macs(cand.shape)
+        ceiling = (break_even_rank(cand.shape) - 1) // multiple * multiple
+        rank = min(max(multiple, round(ideal / multiple) * multiple), ceiling)
+        ranks[cand.name] = rank
+        carry = wanted - channel_decomposed_macs(cand.shape, rank)
+    return ranks
+
+
+def _shrink_to_target(active: list[RankCandidate], ranks: dict[str, int], kept_macs: float,
+                      target: float, multiple: int, macs_before: int) -> None:
+    """Lower ranks one step at a time (widest layer first) until the total meets ``target``."""
+    def total() -> float:
+        return kept_macs + sum(channel_decomposed_macs(c.shape, ranks[c.name]) for c in active)
+
+    while total() > target:
+        lowerable = [c for c in active if ranks[c.name] - multiple >= multiple]
+        if not lowerable:
+            raise InfeasibleTargetError(
+                f"a {macs_before / target:.4g}x conv speedup cannot be reached",
+                hint=f"with every decomposable layer at the minimum rank {multiple} the conv speedup "
+                     f"is {macs_before / total():.3g}x; ask for less, lower --rank-multiple or "
+                     "--skip fewer layers")
+        widest = max(lowerable, key=lambda c: _per_rank_macs(c.shape))
+        ranks[widest.name] -= multiple

@@ -1,0 +1,107 @@
+"""The report: per-layer plan and results, speedups, latency and fidelity, as JSON and as tables."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from onnx_lowrank.evaluate import Fidelity
+
+
+@dataclass
+class LayerReport:
+    name: str
+    kernel: list[int]
+    in_channels: int
+    out_channels: int
+    activation: str
+    rank: int | None
+    flops_before: int
+    flops_after: int
+    energy: float | None = None
+    response_error: float | None = None
+    skipped_reason: str | None = None
+
+
+@dataclass
+class Report:
+    speedup_target: float
+    method: str
+    rank_selection: str
+    calibration: str
+    calibration_samples: int
+    theoretical_conv_speedup: float
+    theoretical_model_speedup: float
+    layers: list[LayerReport]
+    latency_ms: dict[str, dict] = field(default_factory=dict)
+    actual_speedup: dict[str, float | None] = field(default_factory=dict)
+    fidelity: Fidelity | None = None
+    warnings: list[str] = field(default_factory=list)
+    timings_s: dict[str, float] = field(default_factory=dict)
+    dry_run: bool = False
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["fidelity"] = asdict(self.fidelity) if self.fidelity is not None else None
+        return data
+
+    def write_json(self, path: str | Path) -> None:
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+def render(report: Report, console) -> None:
+    """Print the report as rich tables on ``console``."""
+    from rich.table import Table
+
+    table = Table(title=f"onnx-lowrank plan ({report.method}, {report.rank_selection} ranks)")
+    for column in ("layer", "kernel", "c→d", "rank d'", "MFLOPs before", "MFLOPs after", "energy",
+                   "resp. error", "note"):
+        table.add_column(column, justify="left" if column in ("layer", "note") else "right")
+    for layer in report.layers:
+        table.add_row(
+            layer.name, "×".join(map(str, layer.kernel)), f"{layer.in_channels}→{layer.out_channels}",
+            "-" if layer.rank is None else str(layer.rank), f"{layer.flops_before / 1e6:.1f}",
+            f"{layer.flops_after / 1e6:.1f}", _percent(layer.energy), _number(layer.response_error),
+            layer.skipped_reason or "")
+    before = sum(layer.flops_before for layer in report.layers)
+    after = sum(layer.flops_after for layer in report.layers)
+    table.add_row("total", "", "", "", f"{before / 1e6:.1f}", f"{after / 1e6:.1f}", "", "", "", style="bold")
+    console.print(table)
+
+    summary = Table(title="speedup and fidelity", show_header=False)
+    summary.add_column("what")
+    summary.add_column("value", justify="right")
+    summary.add_row("target speedup", f"{report.speedup_target:.2f}×")
+    summary.add_row("theoretical conv speedup", f"{report.theoretical_conv_speedup:.2f}×")
+    summary.add_row("theoretical whole-model FLOP speedup", f"{report.theoretical_model_speedup:.2f}×")
+    for provider, latency in report.latency_ms.items():
+        if latency.get("original") is None:
+            summary.add_row(f"latency {provider}", latency.get("status", "not measured"))
+            continue
+        summary.add_row(f"latency {provider} original / optimized",
+                        f"{latency['original']:.2f} ms / {latency['optimized']:.2f} ms")
+        summary.add_row(f"measured speedup {provider}", f"{report.actual_speedup[provider]:.2f}×")
+    fidelity = report.fidelity
+    if fidelity is not None:
+        for name, error in fidelity.output_rel_error.items():
+            summary.add_row(f"relative L2 error of output {name!r}", f"{error:.4f}")
+        if fidelity.top1_agreement is not None:
+            summary.add_row("top-1 agreement with original", _percent(fidelity.top1_agreement))
+        if fidelity.top5_overlap is not None:
+            summary.add_row("top-5 overlap with original", _percent(fidelity.top5_overlap))
+        if fidelity.accuracy_original is not None:
+            summary.add_row("accuracy original → optimized",
+                            f"{_percent(fidelity.accuracy_original)} → {_percent(fidelity.accuracy_optimized)}")
+        summary.add_row("held-out samples", str(fidelity.samples))
+    console.print(summary)
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.2f}%"
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"

@@ -1,0 +1,112 @@
+"""onnxruntime sessions, batched runs and response collection.
+
+Collection exposes the wanted intermediate tensors as extra graph outputs, runs the calibration
+batches with graph optimisations off (so every tensor survives as written) and keeps only a fixed
+number of sampled spatial positions per image and tensor: memory grows with the sample count,
+never with the size of the feature maps.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Callable, Sequence
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from onnx_lowrank.calibration import InputSpec
+from onnx_lowrank.errors import LowRankError
+
+PROVIDER_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+def provider_available(provider: str) -> bool:
+    return PROVIDER_NAMES[provider] in ort.get_available_providers()
+
+
+def make_session(model: onnx.ModelProto | bytes, *, optimize: bool = True, threads: int = 0,
+                 provider: str = "cpu") -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    # Spinning idle pools of one session steal the cores of the other in interleaved timing.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    data = model if isinstance(model, bytes) else model.SerializeToString()
+    try:
+        return ort.InferenceSession(data, options, providers=[PROVIDER_NAMES[provider]])
+    except Exception as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise LowRankError(f"onnxruntime cannot load the model: {first_line}") from None
+
+
+def with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+    """A copy of ``model`` that also returns the tensors ``names``."""
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(model)
+    existing = {o.name for o in exposed.graph.output}
+    for name in names:
+        if name not in existing:
+            exposed.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    return exposed
+
+
+def batch_size_for(inputs: list[InputSpec], preferred: int) -> int:
+    fixed = {spec.shape[0] for spec in inputs if spec.shape and spec.shape[0] is not None}
+    return fixed.pop() if fixed else preferred
+
+
+def iterate_batches(source, indices: Sequence[int], batch_size: int):
+    """Yield (index chunk, feeds); a fixed-batch model gets exactly its batch size, padding the last."""
+    for start in range(0, len(indices), batch_size):
+        chunk = list(indices[start:start + batch_size])
+        yield chunk, source.get(chunk)
+
+
+def run_in_batches(session: ort.InferenceSession, source, indices: Sequence[int], batch_size: int,
+                   on_batch: Callable[[list[int], list[np.ndarray]], None]) -> None:
+    names = [o.name for o in session.get_outputs()]
+    for chunk, feeds in iterate_batches(source, indices, batch_size):
+        on_batch(chunk, session.run(names, feeds))
+
+
+def sample_positions(seed: int, image_index: int, tensor: str, spatial: int, count: int) -> np.ndarray:
+    """Spatial positions sampled for one image and tensor; the same in every run with the same seed,
+    so responses of the original and of a partly replaced network pair up sample by sample."""
+    rng = np.random.default_rng([seed, image_index, zlib.crc32(tensor.encode())])
+    return np.sort(rng.choice(spatial, size=min(count, spatial), replace=False))
+
+
+def collect_responses(model: onnx.ModelProto, source, indices: Sequence[int], tensors: Sequence[str], *,
+                      samples_per_image: int, seed: int, batch_size: int, threads: int = 0,
+                      progress: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
+    """Sampled responses ``(len(indices) * positions, channels)`` of each NCHW tensor in ``tensors``."""
+    session = make_session(with_outputs(model, tensors), optimize=False, threads=threads)
+    output_names = [o.name for o in session.get_outputs()]
+    wanted = {name: output_names.index(name) for name in tensors}
+    chunks: dict[str, list[np.ndarray]] = {name: [] for name in tensors}
+
+    def keep(chunk: list[int], outputs: list[np.ndarray]) -> None:
+        for name, position in wanted.items():
+            maps = outputs[position]
+            flat = maps.reshape(maps.shape[0], maps.shape[1], -1)
+            for row, image_index in enumerate(chunk):
+                picked = sample_positions(seed, image_index, name, flat.shape[2], samples_per_image)
+                chunks[name].append(flat[row][:, picked].T.astype(np.float32))
+        if progress is not None:
+            progress(len(chunk))
+
+    run_in_batches(session, source, indices, batch_size, keep)
+    return {name: np.concatenate(parts) for name, parts in chunks.items()}
+
+
+def probe_shapes(model: onnx.ModelProto, source, tensors: Sequence[str], batch_size: int,
+                 threads: int = 0) -> dict[str, tuple]:
+    """Actual shapes of ``tensors`` for one calibration batch (shape inference misses dynamic dims)."""
+    session = make_session(with_outputs(model, tensors), optimize=False, threads=threads)
+    names = [o.name for o in session.get_outputs()]
+    outputs = session.run(names, source.get(list(range(batch_size))))
+    return {name: tuple(outputs[names.index(name)].shape) for name in tensors}

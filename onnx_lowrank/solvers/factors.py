@@ -1,0 +1,87 @@
+"""Data types shared by the solvers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from onnx_lowrank.errors import InvalidOptionError
+
+
+@dataclass(frozen=True)
+class LowRankFactors:
+    """``M = P @ Q.T`` of rank ``rank`` and the new bias ``b``: ``y_hat = M @ y + b``."""
+
+    P: np.ndarray  # (d, rank)
+    Q: np.ndarray  # (d, rank)
+    bias: np.ndarray  # (d,)
+
+    @property
+    def rank(self) -> int:
+        return self.P.shape[1]
+
+    def apply(self, responses: np.ndarray) -> np.ndarray:
+        """Approximated responses for ``responses`` of shape (n, d)."""
+        return (responses @ self.Q) @ self.P.T + self.bias
+
+
+@dataclass(frozen=True)
+class ResponseStats:
+    """Mean and scatter matrix of sampled responses, computed once in float64.
+
+    ``scatter = Yc.T @ Yc`` with ``Yc`` the centred (n, d) responses (the paper's ``Y Y^T``),
+    and ``eigenvalues`` its spectrum in descending order (the PCA energy of Eq. 13).
+    """
+
+    mean: np.ndarray
+    scatter: np.ndarray
+    eigenvalues: np.ndarray
+    eigenvectors: np.ndarray
+    count: int
+
+    @classmethod
+    def from_responses(cls, responses: np.ndarray) -> "ResponseStats":
+        y = validate_responses(responses)
+        mean = y.mean(axis=0, dtype=np.float64)
+        centred = y - mean.astype(y.dtype)
+        scatter = centred.T.astype(np.float64) @ centred.astype(np.float64)
+        eigenvalues, eigenvectors = np.linalg.eigh(scatter)
+        order = np.argsort(eigenvalues)[::-1]
+        eigenvalues = np.clip(eigenvalues[order], 0.0, None)
+        return cls(mean, scatter, eigenvalues, deterministic_signs(eigenvectors[:, order]), len(y))
+
+    @property
+    def dim(self) -> int:
+        return self.mean.shape[0]
+
+    def energy(self, rank: int) -> float:
+        """Fraction of the response variance kept by the top ``rank`` principal directions."""
+        total = float(self.eigenvalues.sum())
+        return 1.0 if total == 0.0 else float(self.eigenvalues[:rank].sum() / total)
+
+
+def validate_responses(responses: np.ndarray) -> np.ndarray:
+    y = np.asarray(responses)
+    if y.ndim != 2:
+        raise InvalidOptionError(f"responses must be a 2-D (samples, channels) array, got shape {y.shape}")
+    if y.shape[0] < 2:
+        raise InvalidOptionError(f"need at least 2 response samples, got {y.shape[0]}")
+    if not np.all(np.isfinite(y)):
+        raise InvalidOptionError("responses contain NaN or infinite values",
+                                 hint="check the calibration data and the model's outputs")
+    return y
+
+
+def validate_rank(rank: int, dim: int) -> int:
+    if not isinstance(rank, (int, np.integer)) or not 1 <= rank <= dim:
+        raise InvalidOptionError(f"rank must be an integer in [1, {dim}], got {rank!r}")
+    return int(rank)
+
+
+def deterministic_signs(vectors: np.ndarray) -> np.ndarray:
+    """Flip columns so that each one's largest-magnitude entry is positive (as sklearn's svd_flip)."""
+    pivots = np.argmax(np.abs(vectors), axis=0)
+    signs = np.sign(vectors[pivots, np.arange(vectors.shape[1])])
+    signs[signs == 0] = 1.0
+    return vectors * signs
