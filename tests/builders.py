@@ -1,0 +1,129 @@
+"""Small ONNX CNNs built with onnx.helper, so the tests need no torch and no downloads."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+IR_VERSION = 8  # what this onnxruntime reads; onnx.helper would stamp a newer one
+
+
+@dataclass
+class Layer:
+    out: int
+    k: int | tuple[int, int] = 3
+    stride: int = 1
+    pads: list[int] | None = None  # None: "same" symmetric padding
+    auto_pad: str | None = None
+    dilation: int = 1
+    bias: bool = True
+    bn: bool = False
+    mul_add: bool = False
+    act: str = "relu"  # relu | clip | clip_attr | leaky | none
+    group: int = 1
+    weight_rank: int | None = None  # plant a low-rank weight matrix
+
+
+class NetBuilder:
+    def __init__(self, seed: int = 0) -> None:
+        self.rng = np.random.default_rng(seed)
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self.count = 0
+
+    def const(self, stem: str, value: np.ndarray) -> str:
+        name = f"{stem}_{self.count}"
+        self.count += 1
+        self.inits.append(numpy_helper.from_array(np.asarray(value, dtype=np.float32), name))
+        return name
+
+    def node(self, op: str, inputs: list[str], **attrs) -> str:
+        out = f"{op.lower()}_{self.count}"
+        self.count += 1
+        self.nodes.append(helper.make_node(op, inputs, [out], name=f"{op}_{self.count}", **attrs))
+        return out
+
+    def conv_layer(self, x: str, c: int, layer: Layer) -> str:
+        kh, kw = (layer.k, layer.k) if isinstance(layer.k, int) else layer.k
+        fan_in = c // layer.group * kh * kw
+        if layer.weight_rank:
+            left = self.rng.standard_normal((layer.out, layer.weight_rank))
+            right = self.rng.standard_normal((layer.weight_rank, fan_in))
+            weight = (left @ right).reshape(layer.out, c // layer.group, kh, kw) / np.sqrt(fan_in * layer.weight_rank)
+        else:
+            weight = self.rng.standard_normal((layer.out, c // layer.group, kh, kw)) * np.sqrt(2 / fan_in)
+        inputs = [x, self.const("w", weight)]
+        if layer.bias:
+            inputs.append(self.const("b", self.rng.standard_normal(layer.out) * 0.1))
+        attrs = {"kernel_shape": [kh, kw], "strides": [layer.stride] * 2, "dilations": [layer.dilation] * 2}
+        if layer.group != 1:
+            attrs["group"] = layer.group
+        if layer.auto_pad:
+            attrs["auto_pad"] = layer.auto_pad
+        else:
+            pads = layer.pads if layer.pads is not None else [layer.dilation * (kh // 2), layer.dilation * (kw // 2)] * 2
+            attrs["pads"] = pads
+        y = self.node("Conv", inputs, **attrs)
+        if layer.bn:
+            d = layer.out
+            y = self.node("BatchNormalization", [
+                y, self.const("gamma", self.rng.uniform(0.5, 1.5, d)), self.const("beta", self.rng.standard_normal(d) * 0.1),
+                self.const("mean", self.rng.standard_normal(d) * 0.1), self.const("var", self.rng.uniform(0.5, 2, d))],
+                epsilon=1e-3)
+        if layer.mul_add:
+            y = self.node("Mul", [y, self.const("scale", self.rng.uniform(0.5, 1.5, (1, layer.out, 1, 1)))])
+            y = self.node("Add", [self.const("shift", self.rng.standard_normal((layer.out, 1, 1)) * 0.1), y])
+        if layer.act == "relu":
+            y = self.node("Relu", [y])
+        elif layer.act == "clip":
+            y = self.node("Clip", [y, self.const("lo", np.array(0.0)), self.const("hi", np.array(6.0))])
+        elif layer.act == "leaky":
+            y = self.node("LeakyRelu", [y], alpha=0.1)
+        return y
+
+
+def conv_net(layers: list[Layer], in_channels: int = 3, size: tuple[int, int] = (12, 12), *,
+             nhwc: bool = False, dynamic_batch: bool = True, classifier: int = 0, seed: int = 0,
+             opset: int = 17) -> onnx.ModelProto:
+    """A chain of conv layers; ``classifier=K`` appends global pooling and a K-way Gemm."""
+    b = NetBuilder(seed)
+    batch = "N" if dynamic_batch else 1
+    shape = [batch, *size, in_channels] if nhwc else [batch, in_channels, *size]
+    x = "input"
+    if nhwc:
+        x = b.node("Transpose", [x], perm=[0, 3, 1, 2])
+    c = in_channels
+    for layer in layers:
+        x = b.conv_layer(x, c, layer)
+        c = layer.out
+    if classifier:
+        x = b.node("GlobalAveragePool", [x])
+        x = b.node("Flatten", [x])
+        x = b.node("Gemm", [x, b.const("fc", b.rng.standard_normal((c, classifier)) / np.sqrt(c)),
+                            b.const("fcb", np.zeros(classifier))])
+    elif nhwc:
+        x = b.node("Transpose", [x], perm=[0, 2, 3, 1])
+    out_shape = [batch, classifier] if classifier else [batch, None, None, None]
+    outputs = [helper.make_tensor_value_info(x, TensorProto.FLOAT, out_shape)]
+    graph = helper.make_graph(b.nodes, "test-net", [helper.make_tensor_value_info("input", TensorProto.FLOAT, shape)],
+                              outputs, b.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=IR_VERSION)
+    model.producer_name = "onnx-lowrank-tests"
+    onnx.checker.check_model(model)
+    return model
+
+
+def run_model(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)
+
+
+def relative_error(reference: np.ndarray, approximation: np.ndarray) -> float:
+    return float(np.linalg.norm(reference - approximation) / np.linalg.norm(reference))

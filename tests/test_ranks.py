@@ -1,0 +1,92 @@
+"""Rank selection and the cost model."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from onnx_lowrank.costs import ConvShape, break_even_rank, channel_decomposed_macs
+from onnx_lowrank.errors import InfeasibleTargetError, InvalidOptionError
+from onnx_lowrank.ranks import FIRST_LAYER_REASON, RankCandidate, uniform_ranks
+
+
+def vgg_like() -> list[RankCandidate]:
+    spec = [(3, 64, 224), (64, 64, 224), (64, 128, 112), (128, 128, 112), (128, 256, 56), (256, 256, 56),
+            (256, 256, 56), (256, 512, 28), (512, 512, 28), (512, 512, 28), (512, 512, 14), (512, 512, 14)]
+    return [RankCandidate(f"conv{i}", ConvShape(c, d, (3, 3), (s, s))) for i, (c, d, s) in enumerate(spec)]
+
+
+def test_break_even_rank_matches_brute_force() -> None:
+    for c, d, k in [(3, 64, 3), (64, 64, 3), (16, 16, 1), (256, 512, 3), (32, 8, 5)]:
+        shape = ConvShape(c, d, (k, k), (7, 7))
+        cheaper = [r for r in range(1, d + 1) if channel_decomposed_macs(shape, r) < shape.macs]
+        assert break_even_rank(shape) == (max(cheaper) + 1 if cheaper else 1)
+
+
+def test_decomposed_cost_counts_both_layers() -> None:
+    shape = ConvShape(64, 128, (3, 3), (10, 10))
+    assert channel_decomposed_macs(shape, 32) == 100 * (32 * 64 * 9 + 128 * 32)
+
+
+@pytest.mark.parametrize("speedup", [2, 3, 4, 5])
+@pytest.mark.parametrize("multiple", [1, 8, 16])
+def test_uniform_ranks_meet_the_target(speedup: float, multiple: int) -> None:
+    candidates = vgg_like()
+    plan = uniform_ranks(candidates, fixed_macs=0, speedup=speedup, multiple=multiple)
+    assert plan.macs_after <= plan.macs_before / speedup
+    assert plan.speedup < speedup * 1.15  # close to the target, not far beyond it
+    assert plan.skipped == {"conv0": FIRST_LAYER_REASON}
+    shapes = {c.name: c.shape for c in candidates}
+    for name, rank in plan.ranks.items():
+        assert rank % multiple == 0 and 1 <= rank < break_even_rank(shapes[name])
+
+
+def test_rounded_ranks_stay_within_two_steps_of_the_unrounded_ones() -> None:
+    exact = uniform_ranks(vgg_like(), 0, 4, multiple=1)
+    rounded = uniform_ranks(vgg_like(), 0, 4, multiple=16)
+    assert exact.ranks.keys() == rounded.ranks.keys()
+    assert all(abs(exact.ranks[n] - rounded.ranks[n]) <= 32 for n in exact.ranks)
+    assert rounded.speedup == pytest.approx(exact.speedup, rel=0.05)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 512), st.integers(1, 512), st.sampled_from([1, 3, 5]),
+                          st.integers(1, 64)), min_size=2, max_size=8),
+       st.floats(1.2, 6.0), st.sampled_from([1, 4, 16]), st.integers(0, 10**7))
+def test_uniform_ranks_never_exceed_the_budget(layers, speedup, multiple, fixed) -> None:
+    candidates = [RankCandidate(f"l{i}", ConvShape(c, d, (k, k), (s, s))) for i, (c, d, k, s) in enumerate(layers)]
+    try:
+        plan = uniform_ranks(candidates, fixed, speedup, multiple)
+    except InfeasibleTargetError:
+        return
+    assert plan.macs_after <= plan.macs_before / speedup + 1e-6
+    assert set(plan.ranks) | set(plan.skipped) == {c.name for c in candidates}
+    recomputed = fixed + sum(channel_decomposed_macs(c.shape, plan.ranks[c.name]) if c.name in plan.ranks
+                             else c.shape.macs for c in candidates)
+    assert recomputed == plan.macs_after
+
+
+def test_unreachable_speedup_names_what_is_reachable() -> None:
+    with pytest.raises(InfeasibleTargetError, match="cannot be reached.*hint: with every decomposable layer"):
+        uniform_ranks(vgg_like(), 0, 1000)
+
+
+def test_layers_that_cannot_pay_off_are_left_alone() -> None:
+    candidates = [RankCandidate("first", ConvShape(3, 64, (3, 3), (32, 32))),
+                  RankCandidate("tiny", ConvShape(8, 8, (1, 1), (32, 32))),
+                  RankCandidate("big", ConvShape(128, 128, (3, 3), (32, 32)))]
+    plan = uniform_ranks(candidates, 0, 2)
+    assert "cannot pay off" in plan.skipped["tiny"]
+    assert list(plan.ranks) == ["big"]
+
+
+@pytest.mark.parametrize("speedup", [0.5, 1, 1.0, -3, float("nan"), "4"])
+def test_invalid_speedups(speedup) -> None:
+    with pytest.raises(InvalidOptionError, match="speedup must be a number greater than 1"):
+        uniform_ranks(vgg_like(), 0, speedup)
+
+
+def test_invalid_rank_multiple() -> None:
+    with pytest.raises(InvalidOptionError, match="rank multiple"):
+        uniform_ranks(vgg_like(), 0, 2, multiple=0)

@@ -1,0 +1,145 @@
+"""Graph side: normalisation, unit discovery and the rewrite reproduce the original at full rank."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnx_lowrank.graph.normalise import normalise
+from onnx_lowrank.graph.rewrite import channel_decomposition, replace_convs
+from onnx_lowrank.graph.units import find_conv_units
+from tests.builders import IR_VERSION, Layer, conv_net, relative_error, run_model
+
+
+def full_rank_rewrite(model: onnx.ModelProto, seed: int = 0):
+    """Decompose every decomposable conv with a random orthogonal Q and P = Q (so M = I)."""
+    rng = np.random.default_rng(seed)
+    normalised = normalise(model)
+    units = [u for u in find_conv_units(normalised) if u.decomposable]
+    chains = {}
+    for unit in units:
+        d = unit.weight.shape[0]
+        q, _ = np.linalg.qr(rng.standard_normal((d, d)))
+        chains[unit.name] = channel_decomposition(unit.attrs, unit.weight, unit.bias, q, q, np.zeros(d))
+    return replace_convs(normalised, chains), units
+
+
+def op_count(model: onnx.ModelProto, op: str) -> int:
+    return sum(node.op_type == op for node in model.graph.node)
+
+
+CASES = {
+    "stride2": [Layer(8, stride=2), Layer(16, stride=2)],
+    "asymmetric-pads": [Layer(8, pads=[0, 1, 2, 1]), Layer(16, pads=[1, 0, 0, 2])],
+    "same-upper-stride2": [Layer(8, auto_pad="SAME_UPPER", stride=2), Layer(16, k=4, auto_pad="SAME_UPPER")],
+    "same-lower": [Layer(8, k=4, auto_pad="SAME_LOWER"), Layer(16, auto_pad="SAME_LOWER", stride=2)],
+    "valid": [Layer(8, auto_pad="VALID"), Layer(16, auto_pad="VALID")],
+    "dilation": [Layer(8, dilation=2), Layer(16, dilation=3, pads=[1, 2, 3, 1])],
+    "k1": [Layer(8, k=1), Layer(16, k=1)],
+    "k5": [Layer(8, k=5), Layer(16, k=5, stride=2)],
+    "k7": [Layer(8, k=7), Layer(16, k=7)],
+    "non-square": [Layer(8, k=(3, 1)), Layer(16, k=(1, 5))],
+    "no-bias": [Layer(8, bias=False), Layer(16, bias=False)],
+    "batchnorm": [Layer(8, bn=True, bias=False), Layer(16, bn=True)],
+    "mul-add": [Layer(8, mul_add=True), Layer(16, bn=True, mul_add=True)],
+    "clip": [Layer(8, act="clip"), Layer(16, act="clip")],
+    "leaky": [Layer(8, act="leaky"), Layer(16, act="leaky")],
+    "linear": [Layer(8, act="none"), Layer(16, act="none")],
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("batch", [1, 3])
+def test_full_rank_rewrite_reproduces_outputs(name: str, batch: int) -> None:
+    model = conv_net(CASES[name], size=(13, 11))
+    rewritten, units = full_rank_rewrite(model)
+    x = np.random.default_rng(1).standard_normal((batch, 3, 13, 11)).astype(np.float32)
+    (expected,), (actual,) = run_model(model, {"input": x}), run_model(rewritten, {"input": x})
+    assert actual.shape == expected.shape
+    assert relative_error(expected, actual) < 1e-4
+    assert op_count(rewritten, "Conv") == op_count(model, "Conv") + len(units)
+    assert op_count(rewritten, "BatchNormalization") == 0
+    assert op_count(rewritten, "Mul") == 0 and op_count(rewritten, "Add") == 0
+
+
+def test_nhwc_model_with_transposes() -> None:
+    model = conv_net([Layer(8), Layer(16, stride=2)], size=(10, 10), nhwc=True)
+    rewritten, units = full_rank_rewrite(model)
+    x = np.random.default_rng(2).standard_normal((2, 10, 10, 3)).astype(np.float32)
+    assert len(units) == 2
+    assert relative_error(run_model(model, {"input": x})[0], run_model(rewritten, {"input": x})[0]) < 1e-4
+
+
+def test_rewrite_keeps_interface_opset_and_metadata() -> None:
+    model = conv_net([Layer(8), Layer(16)], classifier=5, opset=13)
+    onnx.helper.set_model_props(model, {"author": "tests"})
+    rewritten, _ = full_rank_rewrite(model)
+    onnx.checker.check_model(rewritten)
+    assert rewritten.opset_import[0].version == 13
+    assert rewritten.ir_version == model.ir_version
+    assert rewritten.producer_name == model.producer_name
+    assert {p.key: p.value for p in rewritten.metadata_props} == {"author": "tests"}
+    assert rewritten.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "N"
+    assert [o.name for o in rewritten.graph.output] == [o.name for o in model.graph.output]
+    names = [n.name for n in rewritten.graph.node]
+    assert len(names) == len(set(names)) and all(names)
+
+
+def test_low_rank_chain_has_the_planned_shapes() -> None:
+    model = conv_net([Layer(8), Layer(16)])
+    normalised = normalise(model)
+    unit = [u for u in find_conv_units(normalised) if u.decomposable][1]
+    q = np.linalg.qr(np.random.default_rng(0).standard_normal((16, 16)))[0][:, :4]
+    chain = channel_decomposition(unit.attrs, unit.weight, unit.bias, q, q, np.zeros(16))
+    assert [spec.weight.shape for spec in chain] == [(4, 8, 3, 3), (16, 4, 1, 1)]
+    assert chain[0].bias is None and chain[1].bias.shape == (16,)
+    assert chain[1].attrs == {"kernel_shape": [1, 1]}
+
+
+def test_batchnorm_folding_is_exact() -> None:
+    model = conv_net([Layer(8, bn=True, mul_add=True), Layer(16, bn=True, bias=False)])
+    folded = normalise(model)
+    x = np.random.default_rng(3).standard_normal((2, 3, 12, 12)).astype(np.float32)
+    assert op_count(folded, "BatchNormalization") == 0
+    assert relative_error(run_model(model, {"input": x})[0], run_model(folded, {"input": x})[0]) < 1e-5
+
+
+def test_activations_are_detected() -> None:
+    model = conv_net([Layer(8, act="relu"), Layer(8, act="clip"), Layer(8, act="leaky"),
+                      Layer(8, act="none", bn=True)])
+    units = find_conv_units(normalise(model))
+    assert [u.activation.kind for u in units] == ["relu", "clip", "leaky_relu", "none"]
+    assert units[1].activation.params == {"min": 0.0, "max": 6.0}
+    assert units[2].activation.params == {"alpha": pytest.approx(0.1)}
+
+
+def test_clip_with_attributes_in_old_opsets() -> None:
+    x = helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 8, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, None, None, None])
+    w = numpy_helper.from_array(np.ones((4, 3, 3, 3), np.float32), "w")
+    nodes = [helper.make_node("Conv", ["input", "w"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Clip", ["c"], ["y"], min=0.0, max=6.0)]
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y], [w]),
+                              opset_imports=[helper.make_opsetid("", 10)], ir_version=IR_VERSION)
+    (unit,) = find_conv_units(normalise(model))
+    assert unit.activation.kind == "clip" and unit.activation.params == {"min": 0.0, "max": 6.0}
+
+
+def test_undecomposable_convs_are_skipped_with_a_reason() -> None:
+    x = helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 8, 8, 8])
+    w_in = helper.make_tensor_value_info("w_dynamic", TensorProto.FLOAT, [8, 8, 3, 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, None, None, None])
+    inits = [numpy_helper.from_array(np.ones((8, 1, 3, 3), np.float32), "w_dw"),
+             numpy_helper.from_array(np.ones((8, 4, 3, 3), np.float32), "w_group"),
+             numpy_helper.from_array(np.ones((8, 8, 3, 3), np.float32), "w_ok")]
+    nodes = [helper.make_node("Conv", ["input", "w_dw"], ["a"], group=8, pads=[1] * 4, name="dw"),
+             helper.make_node("Conv", ["a", "w_group"], ["b"], group=2, pads=[1] * 4, name="grouped"),
+             helper.make_node("Conv", ["b", "w_dynamic"], ["c"], pads=[1] * 4, name="dynamic"),
+             helper.make_node("Conv", ["c", "w_ok"], ["y"], pads=[1] * 4, name="ok")]
+    model = helper.make_model(helper.make_graph(nodes, "g", [x, w_in], [y], inits),
+                              opset_imports=[helper.make_opsetid("", 17)], ir_version=IR_VERSION)
+    reasons = {u.name: u.skipped_reason for u in find_conv_units(normalise(model))}
+    assert reasons == {"dw": "depthwise conv", "grouped": "grouped conv (group=2)",
+                       "dynamic": "weights are not constant", "ok": None}
