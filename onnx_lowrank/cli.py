@@ -7,7 +7,6 @@ from enum import Enum
 from pathlib import Path
 from typing import Callable, List, Optional
 
-import click
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -16,6 +15,8 @@ from onnx_lowrank.errors import InvalidOptionError, LowRankError
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
                   help="Make an ONNX CNN faster by low-rank decomposition of its convolutions.")
+# Typer vendors click in recent releases; its usage errors all derive from this class.
+_CLICK_ERROR = next(cls for cls in typer.BadParameter.__mro__ if cls.__name__ == "ClickException")
 stdout = Console()
 stderr = Console(stderr=True)
 
@@ -92,9 +93,11 @@ def run(
     from onnx_lowrank.api import RANDOM_CALIBRATION_WARNING, compress
     from onnx_lowrank.calibration import make_preprocess
     from onnx_lowrank.graph.io import check_output_path, save_model_atomic
+    from onnx_lowrank.ranks import validate_speedup
     from onnx_lowrank.report import render
 
     try:
+        validate_speedup(speedup)
         if not dry_run:
             check_output_path(input_model, output_model)
         if calib is None:
@@ -137,12 +140,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     command = typer.main.get_command(app)
     try:
         code = command.main(args=argv, prog_name="onnx-lowrank", standalone_mode=False)
-    except click.exceptions.Exit as exc:
+    except typer.Exit as exc:
         code = exc.exit_code
-    except click.ClickException as exc:
+    except typer.Abort:
+        code = 130
+    except _CLICK_ERROR as exc:
         stderr.print(f"error: {exc.format_message()} (see onnx-lowrank --help)", markup=False,
                      highlight=False, soft_wrap=True)
         code = exc.exit_code
-    except click.exceptions.Abort:
-        code = 130
     sys.exit(code or 0)

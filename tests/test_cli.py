@@ -1,0 +1,107 @@
+"""The command line: a happy path, and bad input that must exit non-zero, say one line and write nothing."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from typer.testing import CliRunner
+
+from onnx_lowrank.cli import app, main
+from tests.builders import Layer, conv_net
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    model = conv_net([Layer(16), Layer(64), Layer(64)], size=(10, 10), classifier=5)
+    onnx.save(model, tmp_path / "tiny.onnx")
+    np.savez(tmp_path / "calib.npz", input=np.random.default_rng(0).standard_normal((40, 3, 10, 10)).astype(np.float32))
+    return tmp_path
+
+
+def invoke(*args: str):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_compresses_and_writes_model_and_report(tiny) -> None:
+    out, report = tiny / "out" / "fast.onnx", tiny / "report.json"
+    result = invoke(tiny / "tiny.onnx", out, "--speedup", "2", "--calib", tiny / "calib.npz",
+                    "--report", report, "--threads", "1")
+    assert result.exit_code == 0, result.output
+    assert "measured speedup cpu" in result.output and "theoretical conv speedup" in result.output
+    onnx.checker.check_model(onnx.load(str(out)))
+    data = json.loads(report.read_text())
+    assert data["speedup_target"] == 2.0 and data["theoretical_conv_speedup"] >= 2.0
+    assert [layer["rank"] is not None for layer in data["layers"]] == [False, True, True]
+    assert not list(out.parent.glob("*.tmp"))
+
+
+def test_dry_run_writes_nothing(tiny) -> None:
+    out = tiny / "fast.onnx"
+    result = invoke(tiny / "tiny.onnx", out, "--speedup", "2", "--calib", tiny / "calib.npz", "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert "plan" in result.output and not out.exists()
+
+
+def test_random_calibration_is_loud(tiny) -> None:
+    result = invoke(tiny / "tiny.onnx", tiny / "fast.onnx", "--speedup", "2", "--no-bench", "--num-images", "12")
+    assert result.exit_code == 0
+    assert "WARNING" in result.output and "random inputs" in result.output
+
+
+def bad_cases(tmp):
+    (tmp / "text.onnx").write_text("this is not a model")
+    (tmp / "truncated.onnx").write_bytes((tmp / "tiny.onnx").read_bytes()[:300])
+    onnx.save(conv_net([Layer(3, group=3)], size=(10, 10)), tmp / "depthwise.onnx")
+    np.save(tmp / "wrong.npy", np.zeros((5, 1, 10, 10), np.float32))
+    (tmp / "empty").mkdir()
+    good, calib = tmp / "tiny.onnx", ["--calib", tmp / "calib.npz"]
+    return {
+        "not-onnx": ([tmp / "text.onnx", tmp / "o.onnx", *calib], "not"),
+        "truncated": ([tmp / "truncated.onnx", tmp / "o.onnx", *calib], "onnx"),
+        "missing-model": ([tmp / "nope.onnx", tmp / "o.onnx", *calib], "not found"),
+        "no-decomposable-conv": ([tmp / "depthwise.onnx", tmp / "o.onnx", *calib], "no decomposable conv"),
+        "speedup-0.5": ([good, tmp / "o.onnx", "--speedup", "0.5", *calib], "greater than 1"),
+        "speedup-1": ([good, tmp / "o.onnx", "--speedup", "1", *calib], "greater than 1"),
+        "speedup-1000": ([good, tmp / "o.onnx", "--speedup", "1000", *calib], "cannot be reached"),
+        "missing-calib": ([good, tmp / "o.onnx", "--calib", tmp / "nope.npz"], "not found"),
+        "empty-calib": ([good, tmp / "o.onnx", "--calib", tmp / "empty"], "no images"),
+        "wrong-shape": ([good, tmp / "o.onnx", "--calib", tmp / "wrong.npy"], "has shape"),
+        "output-is-input": ([good, good, *calib], "refusing to overwrite"),
+        "bad-provider": ([good, tmp / "o.onnx", "--providers", "tpu", *calib], "unknown provider"),
+    }
+
+
+@pytest.mark.parametrize("case", ["not-onnx", "truncated", "missing-model", "no-decomposable-conv", "speedup-0.5",
+                                  "speedup-1", "speedup-1000", "missing-calib", "empty-calib", "wrong-shape",
+                                  "output-is-input", "bad-provider"])
+def test_bad_input_is_one_line_and_writes_nothing(tiny, case) -> None:
+    before = (tiny / "tiny.onnx").read_bytes()
+    args, message = bad_cases(tiny)[case]
+    result = invoke(*args)
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip() and "WARNING" not in line]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.output
+    assert "Traceback" not in result.output
+    assert not (tiny / "o.onnx").exists()
+    assert (tiny / "tiny.onnx").read_bytes() == before
+
+
+def test_usage_errors_are_one_line(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["only-one-argument.onnx"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ")
+
+
+def test_module_entry_point_shows_help() -> None:
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "onnx_lowrank", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "--speedup" in out.stdout
