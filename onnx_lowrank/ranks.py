@@ -105,11 +105,16 @@ def _round_with_carry(active: list[RankCandidate], ratio: float, multiple: int) 
 
 def _shrink_to_target(active: list[RankCandidate], ranks: dict[str, int], kept_macs: float,
                       target: float, multiple: int, macs_before: int) -> None:
-    """Lower ranks one step at a time (widest layer first) until the total meets ``target``."""
+    """Lower ranks one step at a time until the total meets ``target``.
+
+    Each step lowers the layer whose one-step saving is the smallest that still covers the
+    overshoot (or, if none covers it, the largest saving), so a small overshoot left by rounding
+    does not cost a wide early layer a quarter of its channels.
+    """
     def total() -> float:
         return kept_macs + sum(channel_decomposed_macs(c.shape, ranks[c.name]) for c in active)
 
-    while total() > target:
+    while (overshoot := total() - target) > 0:
         lowerable = [c for c in active if ranks[c.name] - multiple >= multiple]
         if not lowerable:
             raise InfeasibleTargetError(
@@ -117,5 +122,9 @@ def _shrink_to_target(active: list[RankCandidate], ranks: dict[str, int], kept_m
                 hint=f"with every decomposable layer at the minimum rank {multiple} the conv speedup "
                      f"is {macs_before / total():.3g}x; ask for less, lower --rank-multiple or "
                      "--skip fewer layers")
-        widest = max(lowerable, key=lambda c: _per_rank_macs(c.shape))
-        ranks[widest.name] -= multiple
+        covering = [c for c in lowerable if _per_rank_macs(c.shape) * multiple >= overshoot]
+        if covering:
+            chosen = min(covering, key=lambda c: _per_rank_macs(c.shape))
+        else:
+            chosen = max(lowerable, key=lambda c: _per_rank_macs(c.shape))
+        ranks[chosen.name] -= multiple

@@ -87,20 +87,26 @@ def collect_responses(model: onnx.ModelProto, source, indices: Sequence[int], te
     session = make_session(with_outputs(model, tensors), optimize=False, threads=threads)
     output_names = [o.name for o in session.get_outputs()]
     wanted = {name: output_names.index(name) for name in tensors}
-    chunks: dict[str, list[np.ndarray]] = {name: [] for name in tensors}
+    # Filled in place once the first batch shows each tensor's size: no list of chunks to concatenate.
+    responses: dict[str, np.ndarray] = {}
+    filled = {name: 0 for name in tensors}
 
     def keep(chunk: list[int], outputs: list[np.ndarray]) -> None:
         for name, position in wanted.items():
             maps = outputs[position]
             flat = maps.reshape(maps.shape[0], maps.shape[1], -1)
+            per_image = min(samples_per_image, flat.shape[2])
+            if name not in responses:
+                responses[name] = np.empty((len(indices) * per_image, flat.shape[1]), np.float32)
             for row, image_index in enumerate(chunk):
                 picked = sample_positions(seed, image_index, name, flat.shape[2], samples_per_image)
-                chunks[name].append(flat[row][:, picked].T.astype(np.float32))
+                responses[name][filled[name]:filled[name] + per_image] = flat[row][:, picked].T
+                filled[name] += per_image
         if progress is not None:
             progress(len(chunk))
 
     run_in_batches(session, source, indices, batch_size, keep)
-    return {name: np.concatenate(parts) for name, parts in chunks.items()}
+    return responses
 
 
 def probe_shapes(model: onnx.ModelProto, source, tensors: Sequence[str], batch_size: int,

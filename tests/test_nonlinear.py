@@ -1,0 +1,108 @@
+"""Reduced-rank regression and the nonlinear alternating solver (paper Eq. 6-11) on planted data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from onnx_lowrank.solvers import ResponseStats, fit_pca
+from onnx_lowrank.solvers.nonlinear import fit_nonlinear, linear_fit, relu_z_update
+from onnx_lowrank.solvers.rrr import reduced_rank_regression
+
+
+def brute_force_rrr(z: np.ndarray, y: np.ndarray, rank: int) -> np.ndarray:
+    """Reference: whiten Y, take the rank-r SVD truncation of the whitened least-squares fit."""
+    m_hat = np.linalg.lstsq(y.T, z.T, rcond=None)[0].T
+    values, vectors = np.linalg.eigh(y @ y.T)
+    root = vectors @ np.diag(np.sqrt(values)) @ vectors.T
+    u, s, vt = np.linalg.svd(m_hat @ root)
+    truncated = u[:, :rank] @ np.diag(s[:rank]) @ vt[:rank]
+    return truncated @ np.linalg.inv(root)
+
+
+def test_rrr_matches_a_brute_force_reference() -> None:
+    rng = np.random.default_rng(0)
+    y = rng.standard_normal((12, 800)) * np.linspace(3, 0.5, 12)[:, None]
+    z = rng.standard_normal((12, 12)) @ y + 0.3 * rng.standard_normal((12, 800))
+    P, Q = reduced_rank_regression(y @ y.T, z @ y.T, 4, ridge=0.0)
+    np.testing.assert_allclose(P @ Q.T, brute_force_rrr(z, y, 4), atol=1e-8)
+
+
+def test_rrr_is_optimal_among_random_rank_r_matrices() -> None:
+    rng = np.random.default_rng(1)
+    y = rng.standard_normal((8, 500))
+    z = rng.standard_normal((8, 8)) @ y + rng.standard_normal((8, 500))
+    P, Q = reduced_rank_regression(y @ y.T, z @ y.T, 3, ridge=0.0)
+    best = np.linalg.norm(z - P @ Q.T @ y)
+    for _ in range(200):
+        candidate = (P + 0.05 * rng.standard_normal(P.shape)) @ (Q + 0.05 * rng.standard_normal(Q.shape)).T
+        assert np.linalg.norm(z - candidate @ y) >= best - 1e-9
+
+
+def test_rrr_with_z_equal_y_is_pca() -> None:
+    rng = np.random.default_rng(2)
+    samples = rng.standard_normal((2000, 10)) * np.linspace(4, 0.2, 10)
+    samples = samples @ np.linalg.qr(rng.standard_normal((10, 10)))[0]
+    stats = ResponseStats.from_responses(samples)
+    P, Q = reduced_rank_regression(stats.scatter, stats.scatter, 4, ridge=0.0)
+    pca = fit_pca(stats, 4)
+    np.testing.assert_allclose(P @ Q.T, pca.P @ pca.Q.T, atol=1e-8)
+
+
+def test_rrr_survives_rank_deficient_responses() -> None:
+    rng = np.random.default_rng(3)
+    y = rng.standard_normal((3, 400))
+    y = np.vstack([y, y[:2] + y[1:]])  # 5 channels, rank 3
+    P, Q = reduced_rank_regression(y @ y.T, y @ y.T, 3)
+    assert np.all(np.isfinite(P)) and np.linalg.norm(y - P @ Q.T @ y) < 1e-3 * np.linalg.norm(y)
+
+
+@pytest.mark.parametrize("lam", [0.01, 1.0, 10.0])
+def test_relu_z_update_is_the_exact_1d_minimiser(lam: float) -> None:
+    rng = np.random.default_rng(4)
+    target = np.maximum(rng.standard_normal(300), 0)
+    prediction = 2 * rng.standard_normal(300)
+    z = relu_z_update(target, prediction, lam)
+    grid = np.linspace(-8, 8, 32001)
+    for t, p, best in zip(target, prediction, z):
+        costs = (t - np.maximum(grid, 0)) ** 2 + lam * (grid - p) ** 2
+        assert (t - max(best, 0)) ** 2 + lam * (best - p) ** 2 <= costs.min() + 1e-6
+
+
+def planted_relu_layer(n: int = 6000, d: int = 32, rank: int = 6, seed: int = 5):
+    """Responses whose pre-activation is low rank plus noise that matters only below zero."""
+    rng = np.random.default_rng(seed)
+    basis = np.linalg.qr(rng.standard_normal((d, rank)))[0]
+    y = (rng.standard_normal((n, rank)) * 2) @ basis.T + rng.standard_normal(d) * 0.5
+    y = y + 0.6 * rng.standard_normal((n, d)) * (y < 0)
+    return y.astype(np.float32)
+
+
+def test_objective_never_increases_within_a_penalty_stage() -> None:
+    y = planted_relu_layer()
+    fit = fit_nonlinear(y, y, 6, schedule=((0.01, 15), (1.0, 15)))
+    for stage in (fit.objective[:15], fit.objective[15:]):
+        assert all(b <= a * (1 + 1e-5) for a, b in zip(stage, stage[1:]))
+
+
+def test_nonlinear_beats_linear_on_rectified_responses() -> None:
+    y = planted_relu_layer()
+    relu = np.maximum(y, 0)
+    linear = linear_fit(y, y, 6)
+    nonlinear = fit_nonlinear(y, y, 6).factors
+    error_linear = np.linalg.norm(relu - np.maximum(linear.apply(y), 0))
+    error_nonlinear = np.linalg.norm(relu - np.maximum(nonlinear.apply(y), 0))
+    assert error_nonlinear < 0.95 * error_linear
+
+
+def test_asymmetric_fit_corrects_a_distorted_input() -> None:
+    rng = np.random.default_rng(6)
+    y = planted_relu_layer(seed=7)
+    mixing = np.eye(32) + 0.2 * rng.standard_normal((32, 32))
+    y_hat = (y @ mixing.T + 0.3).astype(np.float32)  # what an approximated earlier layer would give
+    relu = np.maximum(y, 0)
+    symmetric = fit_nonlinear(y_hat, y_hat, 6).factors
+    asymmetric = fit_nonlinear(y_hat, y, 6).factors
+    error_sym = np.linalg.norm(relu - np.maximum(symmetric.apply(y_hat), 0))
+    error_asym = np.linalg.norm(relu - np.maximum(asymmetric.apply(y_hat), 0))
+    assert error_asym < 0.5 * error_sym
