@@ -16,7 +16,7 @@ import onnx
 
 from onnx_lowrank.calibration import Preprocess, model_inputs, open_calibration
 from onnx_lowrank.costs import ConvShape, channel_decomposed_macs
-from onnx_lowrank.errors import InvalidOptionError, LowRankError, NothingToDecomposeError
+from onnx_lowrank.errors import CalibrationError, InvalidOptionError, LowRankError, NothingToDecomposeError
 from onnx_lowrank.evaluate import measure_fidelity, measure_latency
 from onnx_lowrank.graph.io import load_model
 from onnx_lowrank.graph.normalise import normalise
@@ -125,6 +125,9 @@ def compress(model: str | os.PathLike | onnx.ModelProto, speedup: float = 4.0, *
         eval_source = open_calibration(evaluation, inputs, input_size=opts.input_size, preprocess=preprocess)
         holdout_indices = list(range(len(eval_source)))
     batch = batch_size_for(inputs, opts.batch_size)
+    if batch_size_for(inputs, 0) > 1:  # a fixed batch of B > 1 can only be fed whole batches
+        calib_indices, holdout_indices = (_whole_batches(calib_indices, batch),
+                                          _whole_batches(holdout_indices, batch))
 
     shapes, dense_total = _measure_shapes(normalised, source, units, inputs, opts.threads)
     conv_macs_before = sum(s.macs for s in shapes.values())
@@ -203,6 +206,13 @@ def _split(count: int, opts: Options, warnings: list[str]) -> tuple[list[int], l
     held = min(opts.holdout, max(1, count // 5))
     calib = order[held:][:opts.num_images]
     return sorted(calib), sorted(order[:held])
+
+
+def _whole_batches(indices: list[int], batch: int) -> list[int]:
+    if len(indices) < batch:
+        raise CalibrationError(f"the model takes a fixed batch of {batch}, but only {len(indices)} "
+                               "samples are left for this step", hint="give more calibration samples")
+    return indices[:len(indices) // batch * batch]
 
 
 def _measure_shapes(model, source, units, inputs, threads) -> tuple[dict[str, ConvShape], int]:

@@ -60,7 +60,7 @@ def batch_size_for(inputs: list[InputSpec], preferred: int) -> int:
 
 
 def iterate_batches(source, indices: Sequence[int], batch_size: int):
-    """Yield (index chunk, feeds); a fixed-batch model gets exactly its batch size, padding the last."""
+    """Yield (index chunk, feeds) of at most ``batch_size`` samples each."""
     for start in range(0, len(indices), batch_size):
         chunk = list(indices[start:start + batch_size])
         yield chunk, source.get(chunk)

@@ -123,3 +123,13 @@ def test_model_without_decomposable_conv() -> None:
 def test_errors_share_one_base() -> None:
     with pytest.raises(LowRankError):
         compress(onnx.ModelProto(), 2.0)
+
+
+def test_fixed_batch_of_four_is_fed_whole_batches(tmp_path) -> None:
+    model = conv_net([Layer(16), Layer(64), Layer(64)], size=(10, 10), dynamic_batch=False, classifier=6)
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 4
+    model.graph.output[0].type.tensor_type.shape.dim[0].dim_value = 4
+    np.save(tmp_path / "calib.npy", np.random.default_rng(0).standard_normal((30, 3, 10, 10)).astype(np.float32))
+    report = compress(model, 2.0, calibration=str(tmp_path / "calib.npy"), bench_rounds=15).report
+    assert report.calibration_samples % 4 == 0 and report.fidelity.samples % 4 == 0
+    assert report.latency_ms["cpu"]["optimized"] > 0
