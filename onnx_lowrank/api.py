@@ -29,8 +29,9 @@ from onnx_lowrank.runtime import (PROVIDER_NAMES, batch_size_for, collect_respon
                                   probe_shapes, provider_available)
 from onnx_lowrank.solvers import ResponseStats, fit_pca
 from onnx_lowrank.solvers.activations import apply_activation, relative_error
+from onnx_lowrank.solvers.nonlinear import fit_nonlinear, linear_fit
 
-METHODS = ("linear",)
+METHODS = ("linear", "nonlinear", "asymmetric")
 RANK_SELECTIONS = ("uniform",)
 RANDOM_CALIBRATION_WARNING = ("no calibration data given: using random inputs. The responses of random "
                               "inputs say little about real ones, so expect a poor model; pass --calib")
@@ -150,10 +151,16 @@ def compress(model: str | os.PathLike | onnx.ModelProto, speedup: float = 4.0, *
         for unit in chosen:
             y = responses.pop(unit.output)
             stats[unit.name] = ResponseStats.from_responses(y)
-            factors = fit_pca(stats[unit.name], plan.ranks[unit.name])
+            y_hat = y
+            if opts.method == "asymmetric" and chains:
+                # Eq. 12: the input of this layer comes from the network with earlier layers replaced.
+                y_hat = collect_responses(replace_convs(normalised, chains), source, calib_indices, [unit.output],
+                                          samples_per_image=opts.samples_per_image, seed=opts.seed,
+                                          batch_size=batch, threads=opts.threads)[unit.output]
+            factors = _solve(opts.method, unit, stats[unit.name], y_hat, y, plan.ranks[unit.name])
             act = unit.activation
             errors[unit.name] = relative_error(apply_activation(act.kind, act.params, y),
-                                               apply_activation(act.kind, act.params, factors.apply(y)))
+                                               apply_activation(act.kind, act.params, factors.apply(y_hat)))
             chains[unit.name] = channel_decomposition(unit.attrs, unit.weight, unit.bias,
                                                       factors.P, factors.Q, factors.bias)
             advance(1)
@@ -184,6 +191,16 @@ def compress(model: str | os.PathLike | onnx.ModelProto, speedup: float = 4.0, *
         _benchmark(report, original, optimized, feeds, opts, progress)
         timings["benchmark"] = time.perf_counter() - clock
     return Result(optimized, report)
+
+
+def _solve(method: str, unit: ConvUnit, stats: ResponseStats, y_hat: np.ndarray, y: np.ndarray, rank: int):
+    """PCA (Eq. 4) for ``linear``; the ReLU alternating solver (Eq. 6) otherwise, asymmetric when
+    ``y_hat`` differs from ``y``. Activations other than ReLU get the asymmetric linear solution."""
+    if method == "linear":
+        return fit_pca(stats, rank)
+    if unit.activation.kind == "relu":
+        return fit_nonlinear(y_hat, y, rank).factors
+    return linear_fit(y_hat, y, rank)
 
 
 def _apply_user_skips(units: list[ConvUnit], skip: Sequence[str]) -> None:

@@ -82,7 +82,8 @@ def run(
     seed: int = typer.Option(0, help="Seed for sampling and random inputs."),
     skip: List[str] = typer.Option([], help="Conv node name to leave alone (repeat, or comma-separate)."),
     rank_multiple: int = typer.Option(16, help="Round ranks to this multiple (1 disables)."),
-    method: str = typer.Option("linear", help="Solver: linear (PCA of the responses, paper Eq. 4)."),
+    method: str = typer.Option("linear", help="Solver: linear (PCA, paper Eq. 4), nonlinear (ReLU-aware, Eq. 6) "
+                                                     "or asymmetric (nonlinear + Eq. 12)."),
     report: Optional[Path] = typer.Option(None, help="Write the report as JSON here."),
     bench: bool = typer.Option(True, "--bench/--no-bench", help="Measure latency original vs optimized."),
     providers: List[str] = typer.Option(["cpu"], help="Providers to benchmark: cpu, cuda."),

@@ -133,3 +133,22 @@ def test_fixed_batch_of_four_is_fed_whole_batches(tmp_path) -> None:
     report = compress(model, 2.0, calibration=str(tmp_path / "calib.npy"), bench_rounds=15).report
     assert report.calibration_samples % 4 == 0 and report.fidelity.samples % 4 == 0
     assert report.latency_ms["cpu"]["optimized"] > 0
+
+
+@pytest.mark.parametrize("method", ["nonlinear", "asymmetric"])
+def test_nonlinear_methods_reproduce_the_planted_layer(calib_file, method) -> None:
+    model = planted_model()
+    result = compress(model, speedup_for_rank(16), calibration=str(calib_file), bench=False, method=method)
+    assert result.report.method == method
+    assert result.report.layers[1].rank == 16
+    assert result.report.fidelity.output_rel_error[model.graph.output[0].name] < 1e-3
+
+
+def test_asymmetric_corrects_the_error_of_earlier_layers(calib_file) -> None:
+    model = conv_net([Layer(32), Layer(64), Layer(64), Layer(64)], size=(12, 12), seed=3)
+    errors = {}
+    for method in ("nonlinear", "asymmetric"):
+        report = compress(model, 2.5, calibration=str(calib_file), bench=False, method=method,
+                          rank_multiple=8).report
+        errors[method] = report.fidelity.output_rel_error[model.graph.output[0].name]
+    assert errors["asymmetric"] < errors["nonlinear"]
