@@ -39,8 +39,7 @@ def measure_fidelity(original: onnx.ModelProto, optimized: onnx.ModelProto, sour
     squared_norm = {n: 0.0 for n in names}
     top1, top5, correct = [], [], [[], []]
 
-    def compare(chunk: list[int], reference: list[np.ndarray]) -> None:
-        feeds = source.get(chunk)
+    def compare(chunk: list[int], feeds: dict[str, np.ndarray], reference: list[np.ndarray]) -> None:
         approx = sessions[1].run(names, feeds)
         for name, ref, out in zip(names, reference, approx):
             ref64, out64 = ref.astype(np.float64), out.astype(np.float64)

@@ -67,10 +67,10 @@ def iterate_batches(source, indices: Sequence[int], batch_size: int):
 
 
 def run_in_batches(session: ort.InferenceSession, source, indices: Sequence[int], batch_size: int,
-                   on_batch: Callable[[list[int], list[np.ndarray]], None]) -> None:
+                   on_batch: Callable[[list[int], dict[str, np.ndarray], list[np.ndarray]], None]) -> None:
     names = [o.name for o in session.get_outputs()]
     for chunk, feeds in iterate_batches(source, indices, batch_size):
-        on_batch(chunk, session.run(names, feeds))
+        on_batch(chunk, feeds, session.run(names, feeds))
 
 
 def sample_positions(seed: int, image_index: int, tensor: str, spatial: int, count: int) -> np.ndarray:
@@ -91,7 +91,7 @@ def collect_responses(model: onnx.ModelProto, source, indices: Sequence[int], te
     responses: dict[str, np.ndarray] = {}
     filled = {name: 0 for name in tensors}
 
-    def keep(chunk: list[int], outputs: list[np.ndarray]) -> None:
+    def keep(chunk: list[int], feeds: dict[str, np.ndarray], outputs: list[np.ndarray]) -> None:
         for name, position in wanted.items():
             maps = outputs[position]
             flat = maps.reshape(maps.shape[0], maps.shape[1], -1)

@@ -42,11 +42,21 @@ def relu_z_update(target: np.ndarray, prediction: np.ndarray, lam: float) -> np.
 
 def linear_fit(y_hat: np.ndarray, y: np.ndarray, rank: int) -> LowRankFactors:
     """Asymmetric linear solution ``min ||(y - ybar) - M (yhat - yhatbar)||`` (PCA when ``yhat = y``)."""
-    mean_hat, mean = y_hat.mean(axis=0, dtype=np.float64), y.mean(axis=0, dtype=np.float64)
-    centred_hat = y_hat - mean_hat.astype(y_hat.dtype)
-    scatter = _gram(centred_hat, centred_hat)
-    cross = _gram(y - mean.astype(y.dtype), centred_hat)
-    P, Q = reduced_rank_regression(scatter, cross, rank)
+    return _regress(y, *_centred_input(y_hat), rank)
+
+
+def _centred_input(y_hat: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Centred inputs, their mean and scatter ``Yc^T Yc``: computed once per layer."""
+    mean_hat = y_hat.mean(axis=0, dtype=np.float64)
+    centred_hat = (y_hat - mean_hat.astype(y_hat.dtype)).astype(np.float32)
+    return centred_hat, mean_hat, _gram(centred_hat, centred_hat)
+
+
+def _regress(target: np.ndarray, centred_hat: np.ndarray, mean_hat: np.ndarray, scatter: np.ndarray,
+             rank: int) -> LowRankFactors:
+    """Rank-``rank`` (M, b) minimising ``||target - (M yhat + b)||``: b from the means, M by RRR (Eq. 7-8)."""
+    mean = target.mean(axis=0, dtype=np.float64)
+    P, Q = reduced_rank_regression(scatter, _gram(target - mean.astype(target.dtype), centred_hat), rank)
     return LowRankFactors(P, Q, mean - P @ (Q.T @ mean_hat))
 
 
@@ -60,18 +70,14 @@ def fit_nonlinear(y_hat: np.ndarray, y: np.ndarray, rank: int, activation: str =
         raise InvalidOptionError(f"yhat and y must have the same shape, got {y_hat.shape} and {y.shape}")
     rank = validate_rank(rank, y.shape[1])
     target = apply_activation("relu", {}, y).astype(np.float32)
-    factors = linear_fit(y_hat, y, rank)
-    mean_hat = y_hat.mean(axis=0, dtype=np.float64)
-    centred_hat = (y_hat - mean_hat.astype(y_hat.dtype)).astype(np.float32)
-    scatter = _gram(centred_hat, centred_hat)
+    centred_hat, mean_hat, scatter = _centred_input(y_hat)
+    factors = _regress(y, centred_hat, mean_hat, scatter, rank)
     fit = NonlinearFit(factors)
     for lam, iterations in schedule:
         for _ in range(iterations):
             prediction = factors.apply(y_hat).astype(np.float32)
             z = relu_z_update(target, prediction, lam)
-            z_mean = z.mean(axis=0, dtype=np.float64)
-            P, Q = reduced_rank_regression(scatter, _gram(z - z_mean.astype(np.float32), centred_hat), rank)
-            factors = LowRankFactors(P, Q, z_mean - P @ (Q.T @ mean_hat))
+            factors = _regress(z, centred_hat, mean_hat, scatter, rank)
             fit.objective.append(relaxed_objective(target, z, factors.apply(y_hat), lam))
     fit.factors = factors
     return fit
