@@ -2,91 +2,154 @@
 
 Minimises ``sum_i ||r(y_i) - r(M yhat_i + b)||^2`` over rank-``r`` ``M`` and ``b`` through the
 relaxation of Eq. 6, alternating the reduced-rank regression step for ``(M, b)`` with the
-closed-form per-element update of the auxiliary ``z``. ``y`` are the original network's
-pre-activation responses, ``yhat`` the responses to the approximated input (``yhat = y`` in the
-symmetric case).
+per-element update of the auxiliary ``z`` (:mod:`onnx_lowrank.solvers.zstep`). ``y`` are the
+original network's pre-activation responses, ``yhat`` the responses to the approximated input
+(``yhat = y`` in the symmetric case). With no activation the problem is linear and is solved in
+closed form by :func:`linear_fit`.
+
+Speed: each iteration is one pass over the samples in row blocks that stay in cache, fusing the
+prediction ``Yc Q P^T`` (``M`` kept factored), the z-step, the objective and the cross product
+``Z^T Yc``, all in float32 with float64 accumulators. ``Yc^T Yc`` is factorised once per layer.
 """
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from onnx_lowrank.errors import InvalidOptionError
-from onnx_lowrank.solvers.activations import apply_activation
+from onnx_lowrank.solvers.activations import SMOOTH, apply_activation, validate_activation
 from onnx_lowrank.solvers.factors import LowRankFactors, validate_rank, validate_responses
-from onnx_lowrank.solvers.rrr import reduced_rank_regression
+from onnx_lowrank.solvers.rrr import ReducedRankRegression
+from onnx_lowrank.solvers.zstep import z_update
 
 # The paper's schedule: warm up with a weak penalty, then tighten it.
 PAPER_SCHEDULE = ((0.01, 25), (1.0, 25))
+BLOCK_ROWS = 1024
 
 
 @dataclass
 class NonlinearFit:
     factors: LowRankFactors
-    objective: list[float] = field(default_factory=list)  # Eq. 6 after each iteration, per stage
+    objective: list[float] = field(default_factory=list)  # Eq. 6 after each z-step
+    iterations: list[int] = field(default_factory=list)  # per stage of the schedule
 
 
-def relu_z_update(target: np.ndarray, prediction: np.ndarray, lam: float) -> np.ndarray:
-    """Closed form of Eq. 9 for ReLU: the better of ``z0 = min(0, y')`` and ``z1`` (Eq. 10-11).
+class _CentredInput:
+    """``yhat`` centred in float32, its mean and the factorised scatter: computed once per layer."""
 
-    ``target`` is ``r(y)`` (non-negative), ``prediction`` is ``y' = M yhat + b``.
-    """
-    z0 = np.minimum(0.0, prediction)
-    z1 = np.maximum(0.0, (lam * prediction + target) / (lam + 1.0))
-    cost0 = target ** 2 + lam * (z0 - prediction) ** 2
-    cost1 = (target - z1) ** 2 + lam * (z1 - prediction) ** 2
-    return np.where(cost0 < cost1, z0, z1)
+    def __init__(self, y_hat: np.ndarray) -> None:
+        self.mean = y_hat.mean(axis=0, dtype=np.float64)
+        self.values = np.asarray(y_hat, dtype=np.float32) - self.mean.astype(np.float32)
+        self.regression = ReducedRankRegression(_gram(self.values, self.values))
+
+    def regress(self, target_mean: np.ndarray, cross: np.ndarray, rank: int) -> "_CentredFit":
+        """Rank-``rank`` fit of a target with column means ``target_mean`` and ``cross = Z^T Yc``
+        (``Yc`` has zero column sums, so centring ``Z`` would not change it)."""
+        P, Q = self.regression.solve(cross, rank)
+        return _CentredFit(P, Q, target_mean)
+
+    def factors(self, fit: "_CentredFit") -> LowRankFactors:
+        return LowRankFactors(fit.P, fit.Q, fit.offset - fit.P @ (fit.Q.T @ self.mean))
+
+
+@dataclass
+class _CentredFit:
+    """``prediction = Yc Q P^T + offset``, on the centred input."""
+
+    P: np.ndarray
+    Q: np.ndarray
+    offset: np.ndarray
 
 
 def linear_fit(y_hat: np.ndarray, y: np.ndarray, rank: int) -> LowRankFactors:
     """Asymmetric linear solution ``min ||(y - ybar) - M (yhat - yhatbar)||`` (PCA when ``yhat = y``)."""
-    return _regress(y, *_centred_input(y_hat), rank)
-
-
-def _centred_input(y_hat: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Centred inputs, their mean and scatter ``Yc^T Yc``: computed once per layer."""
-    mean_hat = y_hat.mean(axis=0, dtype=np.float64)
-    centred_hat = (y_hat - mean_hat.astype(y_hat.dtype)).astype(np.float32)
-    return centred_hat, mean_hat, _gram(centred_hat, centred_hat)
-
-
-def _regress(target: np.ndarray, centred_hat: np.ndarray, mean_hat: np.ndarray, scatter: np.ndarray,
-             rank: int) -> LowRankFactors:
-    """Rank-``rank`` (M, b) minimising ``||target - (M yhat + b)||``: b from the means, M by RRR (Eq. 7-8)."""
-    mean = target.mean(axis=0, dtype=np.float64)
-    P, Q = reduced_rank_regression(scatter, _gram(target - mean.astype(target.dtype), centred_hat), rank)
-    return LowRankFactors(P, Q, mean - P @ (Q.T @ mean_hat))
+    y_hat, y = _validated_pair(y_hat, y)
+    rank = validate_rank(rank, y.shape[1])
+    inputs = _CentredInput(y_hat)
+    return inputs.factors(inputs.regress(y.mean(axis=0, dtype=np.float64), _gram(y, inputs.values), rank))
 
 
 def fit_nonlinear(y_hat: np.ndarray, y: np.ndarray, rank: int, activation: str = "relu",
-                  schedule: tuple[tuple[float, int], ...] = PAPER_SCHEDULE) -> NonlinearFit:
-    """Alternating solver of Eq. 6 for ReLU, initialised from :func:`linear_fit`."""
-    if activation != "relu":
-        raise InvalidOptionError(f"the nonlinear solver handles relu, got {activation!r}")
+                  params: dict[str, float] | None = None,
+                  schedule: tuple[tuple[float, int], ...] = PAPER_SCHEDULE, tol: float = 1e-4) -> NonlinearFit:
+    """Alternating solver of Eq. 6 for ``r = activation``, initialised from :func:`linear_fit`.
+
+    ``schedule`` lists ``(lambda, max_iterations)`` stages. A stage ends early once an iteration
+    lowers Eq. 6 by less than ``tol`` (relative); ``tol=0`` runs the paper's schedule in full.
+    """
+    y_hat, y = _validated_pair(y_hat, y)
+    rank = validate_rank(rank, y.shape[1])
+    validate_activation(activation)
+    params = params or {}
+    for lam, iterations in schedule:
+        if not lam > 0 or not isinstance(iterations, int) or iterations < 0:
+            raise InvalidOptionError(f"schedule entries must be (lambda > 0, iterations >= 0), got {(lam, iterations)}")
+    if not tol >= 0:
+        raise InvalidOptionError(f"tol must be >= 0, got {tol!r}")
+    inputs = _CentredInput(y_hat)
+    fit = inputs.regress(y.mean(axis=0, dtype=np.float64), _gram(y, inputs.values), rank)
+    result = NonlinearFit(inputs.factors(fit))
+    if activation == "none":
+        return result
+    target = apply_activation(activation, params, y.astype(np.float32))
+    # The smooth z-step keeps the previous z as a candidate (see zstep), so it is stored.
+    z_store = np.empty_like(target) if activation in SMOOTH else None
+    for lam, iterations in schedule:
+        stage: list[float] = []
+        for _ in range(iterations):
+            cross, z_sum, objective = _z_pass(inputs.values, target, fit, activation, params, lam, z_store,
+                                              has_previous=bool(result.objective or stage))
+            fit = inputs.regress(z_sum / len(target), cross, rank)
+            stage.append(objective)
+            if len(stage) > 1 and stage[-2] - objective <= tol * abs(objective):
+                break
+        result.objective.extend(stage)
+        result.iterations.append(len(stage))
+    result.factors = inputs.factors(fit)
+    return result
+
+
+def _z_pass(centred, target, fit: _CentredFit, activation, params, lam, z_store, has_previous: bool):
+    """One iteration's pass over the samples: z-step, Eq. 6 at the new z, and the sums the M-step needs.
+
+    The two products run as whole-array GEMMs (BLAS threads); the elementwise z-step runs on
+    cache-sized row blocks in a thread pool (NumPy releases the GIL), writing z over the prediction.
+    """
+    z = (centred @ fit.Q.astype(np.float32)) @ fit.P.T.astype(np.float32)
+    z += fit.offset.astype(np.float32)
+
+    def z_step_block(start: int) -> float:
+        rows = slice(start, start + BLOCK_ROWS)
+        prediction, t = z[rows], target[rows]
+        previous = z_store[rows] if has_previous and z_store is not None else None
+        block = z_update(activation, params, t, prediction, lam, previous)
+        objective = _relaxed_objective(activation, params, t, block, prediction, lam)
+        z[rows] = block
+        return objective
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        objective = sum(pool.map(z_step_block, range(0, len(target), BLOCK_ROWS)))
+    if z_store is not None:
+        z_store[...] = z
+    return _gram(z, centred), z.sum(axis=0, dtype=np.float64), objective
+
+
+def _relaxed_objective(activation, params, target, z, prediction, lam) -> float:
+    """Eq. 6: ``sum ||r(y) - r(z)||^2 + lambda ||z - (M yhat + b)||^2``."""
+    fit_error = target - apply_activation(activation, params, z)
+    penalty = z - prediction
+    return float(np.vdot(fit_error, fit_error) + lam * np.vdot(penalty, penalty))
+
+
+def _validated_pair(y_hat: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     y_hat, y = validate_responses(y_hat), validate_responses(y)
     if y_hat.shape != y.shape:
         raise InvalidOptionError(f"yhat and y must have the same shape, got {y_hat.shape} and {y.shape}")
-    rank = validate_rank(rank, y.shape[1])
-    target = apply_activation("relu", {}, y).astype(np.float32)
-    centred_hat, mean_hat, scatter = _centred_input(y_hat)
-    factors = _regress(y, centred_hat, mean_hat, scatter, rank)
-    fit = NonlinearFit(factors)
-    for lam, iterations in schedule:
-        for _ in range(iterations):
-            prediction = factors.apply(y_hat).astype(np.float32)
-            z = relu_z_update(target, prediction, lam)
-            factors = _regress(z, centred_hat, mean_hat, scatter, rank)
-            fit.objective.append(relaxed_objective(target, z, factors.apply(y_hat), lam))
-    fit.factors = factors
-    return fit
-
-
-def relaxed_objective(target: np.ndarray, z: np.ndarray, prediction: np.ndarray, lam: float) -> float:
-    """Eq. 6: ``sum ||r(y) - r(z)||^2 + lambda ||z - (M yhat + b)||^2``."""
-    return float(np.sum((target - np.maximum(z, 0)) ** 2, dtype=np.float64)
-                 + lam * np.sum((z - prediction) ** 2, dtype=np.float64))
+    return y_hat, y
 
 
 def _gram(a: np.ndarray, b: np.ndarray) -> np.ndarray:
