@@ -8,7 +8,10 @@ padding and lose a third of the theoretical speedup.
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from onnx_lowrank.costs import ConvShape, break_even_rank, channel_decomposed_macs
 from onnx_lowrank.errors import InfeasibleTargetError, InvalidOptionError
@@ -60,6 +63,117 @@ def uniform_ranks(candidates: list[RankCandidate], fixed_macs: int, speedup: flo
     by the user). Rounding to ``multiple`` carries each layer's rounding error into the next, so
     the total still meets the target; a layer whose rounded rank would save nothing is left alone.
     """
+    plan, active, kept_macs, target = _eligible(candidates, fixed_macs, speedup, multiple, leave_first)
+    ranks = _round_with_carry(active, (target - kept_macs) / sum(c.shape.macs for c in active), multiple)
+    _shrink_to_target(active, ranks, kept_macs, target, multiple, plan.macs_before)
+    plan.ranks = ranks
+    plan.macs_after = kept_macs + sum(channel_decomposed_macs(c.shape, ranks[c.name]) for c in active)
+    return plan
+
+
+def energy_ranks(candidates: list[RankCandidate], eigenvalues: dict[str, np.ndarray], fixed_macs: int,
+                 speedup: float, multiple: int = 16, leave_first: bool = True) -> RankPlan:
+    """Whole-model rank selection of paper Eq. 13-14, greedy.
+
+    Maximises the product over layers of the PCA energy kept, ``E_l(d'_l) = sum_{a <= d'_l}
+    sigma_{l,a}`` (``eigenvalues[name]``, descending), subject to the total conv cost. Every
+    layer starts at ``d'_l = d_l``; each step lowers by ``multiple`` the rank of the layer whose
+    step loses the least energy per MAC saved, ``(Delta E / E) / Delta C``, until the cost meets
+    ``1/speedup``. A last pass spends what the final step overshot on the best rank increases.
+
+    The cost is exact, not the paper's ``d'/d C_l``: a decomposed layer costs
+    ``positions * d' * (k^2 c + d)``, the 1x1 layer's ``d d'`` included, and a layer whose rank
+    is still at or above the break-even rank costs what the original does (it is left alone).
+    Steps are scored on that linear cost, so the step across break-even is not over-penalised.
+    The search only visits multiples of ``multiple``, so the result meets the target as is.
+    """
+    plan, active, kept_macs, target = _eligible(candidates, fixed_macs, speedup, multiple, leave_first)
+    spectra = {c.name: _energy_curve(eigenvalues[c.name], c.shape.out_channels) for c in active}
+    ranks = {c.name: c.shape.out_channels for c in active}
+    by_name = {c.name: c for c in active}
+
+    def score(cand: RankCandidate) -> float | None:
+        rank = ranks[cand.name]
+        lower = _next_multiple_below(rank, multiple)
+        if lower is None:
+            return None
+        energy = spectra[cand.name]
+        lost = (energy[rank] - energy[lower]) / max(energy[rank], np.finfo(float).tiny)
+        return lost / ((rank - lower) * _per_rank_macs(cand.shape))
+
+    heap = [(score(c), c.name) for c in active if score(c) is not None]
+    heapq.heapify(heap)
+    total = kept_macs + sum(c.shape.macs for c in active)
+    while total > target:
+        if not heap:
+            raise InfeasibleTargetError(
+                f"a {speedup:.4g}x conv speedup cannot be reached",
+                hint=f"with every decomposable layer at the minimum rank {multiple} the conv speedup "
+                     f"is {plan.macs_before / total:.3g}x; ask for less, lower --rank-multiple or "
+                     "--skip fewer layers")
+        cand = by_name[heapq.heappop(heap)[1]]
+        before = _effective_macs(cand.shape, ranks[cand.name])
+        ranks[cand.name] = _next_multiple_below(ranks[cand.name], multiple)
+        total -= before - _effective_macs(cand.shape, ranks[cand.name])
+        if (next_score := score(cand)) is not None:
+            heapq.heappush(heap, (next_score, cand.name))
+    total = target - _spend_slack(active, ranks, spectra, target - total, multiple)
+    for cand in active:
+        if ranks[cand.name] >= break_even_rank(cand.shape):
+            plan.skipped[cand.name] = "rank selection keeps it: its energy is worth more than its cost"
+    plan.ranks = {n: r for n, r in ranks.items() if n not in plan.skipped}
+    plan.macs_after = int(round(total))
+    return plan
+
+
+def _next_multiple_below(rank: int, multiple: int) -> int | None:
+    lower = (rank - 1) // multiple * multiple
+    return lower if lower >= multiple else None
+
+
+def _effective_macs(shape: ConvShape, rank: int) -> int:
+    """What the layer costs at ``rank``: the original's cost once decomposing no longer saves."""
+    return shape.macs if rank >= break_even_rank(shape) else channel_decomposed_macs(shape, rank)
+
+
+def _spend_slack(active, ranks, spectra, slack: float, multiple: int) -> float:
+    """Raise ranks by ``multiple``, best energy gain per MAC first, while the cost stays within
+    ``slack``; returns the slack left."""
+    while True:
+        best = None
+        for cand in active:
+            rank = ranks[cand.name]
+            if rank + multiple > cand.shape.out_channels:
+                continue
+            extra = _effective_macs(cand.shape, rank + multiple) - _effective_macs(cand.shape, rank)
+            if extra > slack:
+                continue
+            energy = spectra[cand.name]
+            gain = (energy[rank + multiple] - energy[rank]) / max(energy[rank + multiple], np.finfo(float).tiny)
+            ratio = gain / max(extra, 1)
+            if best is None or ratio > best[0]:
+                best = (ratio, cand, extra)
+        if best is None or best[0] <= 0:
+            return slack
+        _, cand, extra = best
+        ranks[cand.name] += multiple
+        slack -= extra
+
+
+def _energy_curve(eigenvalues: np.ndarray, dim: int) -> np.ndarray:
+    """``curve[r]`` = fraction of the energy in the top ``r`` eigenvalues, for r = 0..dim."""
+    values = np.clip(np.asarray(eigenvalues, dtype=np.float64), 0.0, None)
+    if values.shape != (dim,):
+        raise InvalidOptionError(f"expected {dim} eigenvalues, got shape {values.shape}")
+    total = values.sum()
+    curve = np.concatenate([[0.0], np.cumsum(values)])
+    return curve / total if total > 0 else np.ones(dim + 1)
+
+
+def _eligible(candidates: list[RankCandidate], fixed_macs: int, speedup: float, multiple: int,
+              leave_first: bool) -> tuple[RankPlan, list[RankCandidate], int, float]:
+    """The plan with the layers left alone and why, the layers to decompose, the cost of the
+    untouched convs and the target cost."""
     speedup = validate_speedup(speedup)
     multiple = validate_multiple(multiple)
     plan = RankPlan(macs_before=fixed_macs + sum(c.shape.macs for c in candidates))
@@ -77,13 +191,8 @@ def uniform_ranks(candidates: list[RankCandidate], fixed_macs: int, speedup: flo
     if not active:
         raise InfeasibleTargetError("no layer can be decomposed profitably",
                                     hint="see the skipped layers in the report")
-    target = plan.macs_before / speedup
     kept_macs = fixed_macs + sum(c.shape.macs for c in candidates if c.name in plan.skipped)
-    ranks = _round_with_carry(active, (target - kept_macs) / sum(c.shape.macs for c in active), multiple)
-    _shrink_to_target(active, ranks, kept_macs, target, multiple, plan.macs_before)
-    plan.ranks = ranks
-    plan.macs_after = kept_macs + sum(channel_decomposed_macs(c.shape, ranks[c.name]) for c in active)
-    return plan
+    return plan, active, kept_macs, plan.macs_before / speedup
 
 
 def _per_rank_macs(shape: ConvShape) -> int:

@@ -22,7 +22,7 @@ class Layer:
     bias: bool = True
     bn: bool = False
     mul_add: bool = False
-    act: str = "relu"  # relu | clip | clip_attr | leaky | none
+    act: str = "relu"  # relu | clip | leaky | silu | hard_swish | hard_sigmoid | gelu | tanh | sigmoid | none
     group: int = 1
     weight_rank: int | None = None  # plant a low-rank weight matrix
 
@@ -82,6 +82,14 @@ class NetBuilder:
             y = self.node("Clip", [y, self.const("lo", np.array(0.0)), self.const("hi", np.array(6.0))])
         elif layer.act == "leaky":
             y = self.node("LeakyRelu", [y], alpha=0.1)
+        elif layer.act == "silu":
+            y = self.node("Mul", [self.node("Sigmoid", [y]), y])
+        elif layer.act == "hard_sigmoid":
+            y = self.node("HardSigmoid", [y], alpha=0.25, beta=0.4)
+        elif layer.act == "gelu":
+            y = self.node("Gelu", [y], approximate="tanh")
+        elif layer.act in ("hard_swish", "tanh", "sigmoid"):
+            y = self.node({"hard_swish": "HardSwish", "tanh": "Tanh", "sigmoid": "Sigmoid"}[layer.act], [y])
         return y
 
 

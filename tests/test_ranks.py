@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from onnx_lowrank.costs import ConvShape, break_even_rank, channel_decomposed_macs
 from onnx_lowrank.errors import InfeasibleTargetError, InvalidOptionError
-from onnx_lowrank.ranks import FIRST_LAYER_REASON, RankCandidate, uniform_ranks
+from onnx_lowrank.ranks import FIRST_LAYER_REASON, RankCandidate, energy_ranks, uniform_ranks
 
 
 def vgg_like() -> list[RankCandidate]:
@@ -90,3 +91,56 @@ def test_invalid_speedups(speedup) -> None:
 def test_invalid_rank_multiple() -> None:
     with pytest.raises(InvalidOptionError, match="rank multiple"):
         uniform_ranks(vgg_like(), 0, 2, multiple=0)
+
+
+def decaying_spectra(candidates: list[RankCandidate], seed: int = 0) -> dict[str, np.ndarray]:
+    """Each layer's PCA eigenvalues decay at its own rate, as in a real network."""
+    rng = np.random.default_rng(seed)
+    spectra = {}
+    for cand in candidates:
+        d = cand.shape.out_channels
+        spectra[cand.name] = np.exp(-np.arange(d) / (d * rng.uniform(0.03, 0.4)))
+    return spectra
+
+
+def log_energy(plan, spectra) -> float:
+    return sum(np.log(spectra[name][:rank].sum() / spectra[name].sum()) for name, rank in plan.ranks.items())
+
+
+@pytest.mark.parametrize("speedup", [2, 3, 4, 5])
+@pytest.mark.parametrize("multiple", [1, 16])
+def test_energy_selection_meets_the_target_with_rounded_ranks(speedup: float, multiple: int) -> None:
+    candidates = vgg_like()
+    plan = energy_ranks(candidates, decaying_spectra(candidates), 0, speedup, multiple)
+    shapes = {c.name: c.shape for c in candidates}
+    recomputed = sum(channel_decomposed_macs(shapes[n], r) for n, r in plan.ranks.items()) + sum(
+        shapes[n].macs for n in plan.skipped)
+    assert recomputed == plan.macs_after <= plan.macs_before / speedup
+    assert plan.speedup < speedup * 1.1
+    assert all(r % multiple == 0 and channel_decomposed_macs(shapes[n], r) < shapes[n].macs
+               for n, r in plan.ranks.items())
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_energy_selection_keeps_more_energy_than_uniform(seed: int) -> None:
+    """Eq. 13's objective: the greedy plan keeps a larger product of energies at the same cost."""
+    candidates = vgg_like()
+    spectra = decaying_spectra(candidates, seed)
+    uniform = uniform_ranks(candidates, 0, 4.0, 16)
+    selected = energy_ranks(candidates, spectra, 0, 4.0, 16)
+    assert selected.macs_after <= uniform.macs_before / 4.0
+    assert log_energy(selected, spectra) > log_energy(uniform, spectra)
+
+
+def test_energy_selection_cuts_concentrated_layers_deeper() -> None:
+    shape = ConvShape(128, 128, (3, 3), (28, 28))
+    candidates = [RankCandidate("first", shape), RankCandidate("flat", shape), RankCandidate("peaked", shape)]
+    spectra = {"first": np.ones(128), "flat": np.linspace(1.0, 0.5, 128), "peaked": 0.8 ** np.arange(128.0)}
+    plan = energy_ranks(candidates, spectra, 0, 2.0, 8)
+    assert plan.ranks["peaked"] < plan.ranks["flat"]
+
+
+def test_energy_selection_refuses_an_unreachable_target() -> None:
+    candidates = vgg_like()
+    with pytest.raises(InfeasibleTargetError, match="cannot be reached"):
+        energy_ranks(candidates, decaying_spectra(candidates), 0, 500.0, 16)

@@ -10,6 +10,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx_lowrank.graph.normalise import normalise
 from onnx_lowrank.graph.rewrite import channel_decomposition, replace_convs
 from onnx_lowrank.graph.units import find_conv_units
+from onnx_lowrank.solvers.activations import apply_activation
 from tests.builders import IR_VERSION, Layer, conv_net, relative_error, run_model
 
 
@@ -113,6 +114,30 @@ def test_activations_are_detected() -> None:
     assert [u.activation.kind for u in units] == ["relu", "clip", "leaky_relu", "none"]
     assert units[1].activation.params == {"min": 0.0, "max": 6.0}
     assert units[2].activation.params == {"alpha": pytest.approx(0.1)}
+
+
+SMOOTH_AND_HARD = ["silu", "hard_swish", "hard_sigmoid", "tanh", "sigmoid", "gelu"]
+
+
+@pytest.mark.parametrize("act", SMOOTH_AND_HARD)
+def test_more_activations_are_detected_and_match_onnxruntime(act: str) -> None:
+    """The detected kind and parameters, applied in NumPy, reproduce what onnxruntime computes."""
+    with_act = conv_net([Layer(8, act=act)], opset=20)
+    linear = conv_net([Layer(8, act="none")], opset=20)  # same seed: same conv weights
+    (unit,) = find_conv_units(normalise(with_act))
+    assert unit.activation.kind == act
+    x = np.random.default_rng(5).standard_normal((2, 3, 12, 12)).astype(np.float32) * 3
+    expected = run_model(with_act, {"input": x})[0]
+    computed = apply_activation(unit.activation.kind, unit.activation.params, run_model(linear, {"input": x})[0])
+    np.testing.assert_allclose(computed, expected, atol=1e-5)
+
+
+def test_sigmoid_times_something_else_is_not_silu() -> None:
+    model = conv_net([Layer(8, act="silu")])
+    sigmoid, mul = model.graph.node[-2], model.graph.node[-1]
+    mul.input[1] = sigmoid.output[0]  # sigmoid(y)^2: y is read by the Sigmoid alone
+    (unit,) = find_conv_units(normalise(model))
+    assert unit.activation.kind == "sigmoid"
 
 
 def test_clip_with_attributes_in_old_opsets() -> None:

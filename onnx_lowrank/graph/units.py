@@ -15,7 +15,7 @@ from onnx_lowrank.graph.surgery import constant_value, sole_consumer
 class Activation:
     """The elementwise nonlinearity applied to a conv's response (``kind='none'`` when linear)."""
 
-    kind: str = "none"  # none | relu | clip | leaky_relu
+    kind: str = "none"  # one of onnx_lowrank.solvers.activations.ACTIVATIONS
     params: dict[str, float] = field(default_factory=dict)
 
 
@@ -80,19 +80,46 @@ def _skip_reason(weight: np.ndarray | None, shape: tuple, group: int, computed_b
     return None
 
 
+_PLAIN_OPS = {"Relu": "relu", "Tanh": "tanh", "HardSwish": "hard_swish"}
+
+
 def _activation_after(graph: gs.Graph, response: gs.Tensor) -> Activation:
+    """The activation reading ``response`` alone (so the error after it is what the model sees)."""
+    silu = _silu_after(graph, response)
+    if silu is not None:
+        return silu
     node = sole_consumer(graph, response)
     if node is None:
         return Activation()
-    if node.op == "Relu":
-        return Activation("relu")
+    if node.op in _PLAIN_OPS:
+        return Activation(_PLAIN_OPS[node.op])
+    if node.op == "Sigmoid":
+        return Activation("sigmoid")
     if node.op == "LeakyRelu":
         return Activation("leaky_relu", {"alpha": float(node.attrs.get("alpha", 0.01))})
+    if node.op == "HardSigmoid":
+        return Activation("hard_sigmoid", {"alpha": float(node.attrs.get("alpha", 0.2)),
+                                           "beta": float(node.attrs.get("beta", 0.5))})
+    if node.op == "Gelu":
+        return Activation("gelu", {"tanh_approximation": float(node.attrs.get("approximate", "none") == "tanh")})
     if node.op == "Clip":
         bounds = _clip_bounds(node)
         if bounds is not None:
             return Activation("clip", {"min": bounds[0], "max": bounds[1]})
     return Activation()
+
+
+def _silu_after(graph: gs.Graph, response: gs.Tensor) -> Activation | None:
+    """SiLU as exporters write it: ``Mul(y, Sigmoid(y))``, with y read by nothing else."""
+    if response in graph.outputs or len(response.outputs) != 2:
+        return None
+    sigmoid = next((n for n in response.outputs if n.op == "Sigmoid"), None)
+    mul = next((n for n in response.outputs if n.op == "Mul"), None)
+    if sigmoid is None or mul is None or sole_consumer(graph, sigmoid.outputs[0]) is not mul:
+        return None
+    if {t.name for t in mul.inputs} != {response.name, sigmoid.outputs[0].name}:
+        return None
+    return Activation("silu")
 
 
 def _clip_bounds(node: gs.Node) -> tuple[float, float] | None:
