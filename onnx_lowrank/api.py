@@ -23,16 +23,17 @@ from onnx_lowrank.graph.normalise import normalise
 from onnx_lowrank.graph.rewrite import channel_decomposition, replace_convs
 from onnx_lowrank.graph.units import ConvUnit, find_conv_units
 from onnx_lowrank.graph.dense import dense_ops
-from onnx_lowrank.ranks import RankCandidate, uniform_ranks, validate_multiple, validate_speedup
+from onnx_lowrank.graph.surgery import prefix_model
+from onnx_lowrank.ranks import RankCandidate, energy_ranks, uniform_ranks, validate_multiple, validate_speedup
 from onnx_lowrank.report import LayerReport, Report
 from onnx_lowrank.runtime import (PROVIDER_NAMES, batch_size_for, collect_responses, make_session,
                                   probe_shapes, provider_available)
-from onnx_lowrank.solvers import ResponseStats, fit_pca
+from onnx_lowrank.solvers import LowRankFactors, ResponseStats, fit_pca
 from onnx_lowrank.solvers.activations import apply_activation, relative_error
-from onnx_lowrank.solvers.nonlinear import fit_nonlinear, linear_fit
+from onnx_lowrank.solvers.nonlinear import fit_nonlinear
 
 METHODS = ("linear", "nonlinear", "asymmetric")
-RANK_SELECTIONS = ("uniform",)
+RANK_SELECTIONS = ("energy", "uniform")
 RANDOM_CALIBRATION_WARNING = ("no calibration data given: using random inputs. The responses of random "
                               "inputs say little about real ones, so expect a poor model; pass --calib")
 
@@ -55,8 +56,9 @@ class Result:
 @dataclass(frozen=True)
 class Options:
     speedup: float
-    method: str = "linear"
-    rank_selection: str = "uniform"
+    method: str = "asymmetric"
+    symmetric: bool = False
+    rank_selection: str = "energy"
     rank_multiple: int = 16
     num_images: int = 300
     holdout: int = 100
@@ -76,6 +78,9 @@ class Options:
         validate_multiple(self.rank_multiple)
         _choice("method", self.method, METHODS)
         _choice("rank selection", self.rank_selection, RANK_SELECTIONS)
+        if self.symmetric and self.method != "asymmetric":
+            raise InvalidOptionError(f"--symmetric changes the asymmetric method; --method {self.method} "
+                                     "is symmetric already", hint="drop --symmetric, or use --method asymmetric")
         for provider in self.providers:
             _choice("provider", provider, tuple(PROVIDER_NAMES))
         for name, value in (("num_images", self.num_images), ("samples_per_image", self.samples_per_image),
@@ -134,30 +139,46 @@ def compress(model: str | os.PathLike | onnx.ModelProto, speedup: float = 4.0, *
     conv_macs_before = sum(s.macs for s in shapes.values())
     candidates = [RankCandidate(u.name, shapes[u.name]) for u in units if u.decomposable]
     fixed = conv_macs_before - sum(c.shape.macs for c in candidates)
-    plan = uniform_ranks(candidates, fixed, opts.speedup, opts.rank_multiple)
     timings["analyse"] = time.perf_counter() - clock
 
-    chosen = [u for u in units if u.name in plan.ranks]
-    stats, errors, chains = {}, {}, {}
-    if not opts.dry_run:
+    collect = dict(source=source, indices=calib_indices, samples_per_image=opts.samples_per_image,
+                   seed=opts.seed, batch_size=batch, threads=opts.threads)
+    stats, responses = {}, {}
+    if not opts.dry_run or opts.rank_selection == "energy":
         clock = time.perf_counter()
-        advance = progress.stage("collecting responses", len(calib_indices))
-        responses = collect_responses(normalised, source, calib_indices, [u.output for u in chosen],
-                                      samples_per_image=opts.samples_per_image, seed=opts.seed,
-                                      batch_size=batch, threads=opts.threads, progress=advance)
+        decomposable = [u for u in units if u.decomposable]
+        responses = collect_responses(normalised, tensors=[u.output for u in decomposable],
+                                      progress=progress.stage("collecting responses", len(calib_indices)),
+                                      **collect)
+        stats = {u.name: ResponseStats.from_responses(responses[u.output]) for u in decomposable}
         timings["collect"] = time.perf_counter() - clock
+    if opts.rank_selection == "energy":
+        plan = energy_ranks(candidates, {n: s.eigenvalues for n, s in stats.items()}, fixed, opts.speedup,
+                            opts.rank_multiple)
+    else:
+        plan = uniform_ranks(candidates, fixed, opts.speedup, opts.rank_multiple)
+
+    chosen = [u for u in units if u.name in plan.ranks]
+    errors, chains, iterations = {}, {}, {}
+    asymmetric = opts.method == "asymmetric" and not opts.symmetric
+    prefix_macs = 0
+    if not opts.dry_run:
         clock = time.perf_counter()
         advance = progress.stage("solving", len(chosen))
         for unit in chosen:
             y = responses.pop(unit.output)
-            stats[unit.name] = ResponseStats.from_responses(y)
             y_hat = y
-            if opts.method == "asymmetric" and chains:
-                # Eq. 12: the input of this layer comes from the network with earlier layers replaced.
-                y_hat = collect_responses(replace_convs(normalised, chains), source, calib_indices, [unit.output],
-                                          samples_per_image=opts.samples_per_image, seed=opts.seed,
-                                          batch_size=batch, threads=opts.threads)[unit.output]
-            factors = _solve(opts.method, unit, stats[unit.name], y_hat, y, plan.ranks[unit.name])
+            if asymmetric:
+                # Eq. 12: this layer's input comes from the network with earlier layers replaced. Only
+                # the sub-graph up to it runs, and only if an earlier replaced layer feeds it.
+                prefix = prefix_model(normalised, [unit.output])
+                upstream = {n.name for n in prefix.graph.node} & set(chains)
+                if upstream:
+                    prefix_macs += sum(shapes[n.name].macs for n in prefix.graph.node if n.name in shapes)
+                    y_hat = collect_responses(replace_convs(prefix, {n: chains[n] for n in upstream}),
+                                              tensors=[unit.output], **collect)[unit.output]
+            factors, iterations[unit.name] = _solve(opts.method, unit, stats[unit.name], y_hat, y,
+                                                    plan.ranks[unit.name])
             act = unit.activation
             errors[unit.name] = relative_error(apply_activation(act.kind, act.params, y),
                                                apply_activation(act.kind, act.params, factors.apply(y_hat)))
@@ -171,8 +192,9 @@ def compress(model: str | os.PathLike | onnx.ModelProto, speedup: float = 4.0, *
         calibration=source.description, calibration_samples=len(calib_indices),
         theoretical_conv_speedup=plan.speedup,
         theoretical_model_speedup=(conv_macs_before + dense_total) / (plan.macs_after + dense_total),
-        layers=[_layer_report(u, shapes.get(u.name), plan, stats, errors) for u in units],
-        warnings=warnings, timings_s=timings, dry_run=opts.dry_run,
+        layers=[_layer_report(u, shapes.get(u.name), plan, stats, errors, iterations) for u in units],
+        warnings=warnings, timings_s=timings, dry_run=opts.dry_run, symmetric=not asymmetric,
+        asymmetric_collection_passes=prefix_macs / conv_macs_before if asymmetric else None,
     )
     if opts.dry_run:
         return Result(None, report)
@@ -193,14 +215,16 @@ def compress(model: str | os.PathLike | onnx.ModelProto, speedup: float = 4.0, *
     return Result(optimized, report)
 
 
-def _solve(method: str, unit: ConvUnit, stats: ResponseStats, y_hat: np.ndarray, y: np.ndarray, rank: int):
-    """PCA (Eq. 4) for ``linear``; the ReLU alternating solver (Eq. 6) otherwise, asymmetric when
-    ``y_hat`` differs from ``y``. Activations other than ReLU get the asymmetric linear solution."""
+def _solve(method: str, unit: ConvUnit, stats: ResponseStats, y_hat: np.ndarray, y: np.ndarray,
+           rank: int) -> tuple[LowRankFactors, list[int] | None]:
+    """PCA (Eq. 4) for ``linear``; the alternating solver of Eq. 6 for the layer's activation
+    otherwise, asymmetric (Eq. 12) when ``y_hat`` differs from ``y``. Also returns the solver's
+    iterations per stage (None for PCA)."""
     if method == "linear":
-        return fit_pca(stats, rank)
-    if unit.activation.kind == "relu":
-        return fit_nonlinear(y_hat, y, rank).factors
-    return linear_fit(y_hat, y, rank)
+        return fit_pca(stats, rank), None
+    act = unit.activation
+    fit = fit_nonlinear(y_hat, y, rank, act.kind, act.params)
+    return fit.factors, fit.iterations
 
 
 def _apply_user_skips(units: list[ConvUnit], skip: Sequence[str]) -> None:
@@ -250,7 +274,7 @@ def _measure_shapes(model, source, units, inputs, threads) -> tuple[dict[str, Co
     return convs, dense_total
 
 
-def _layer_report(unit: ConvUnit, shape: ConvShape | None, plan, stats, errors) -> LayerReport:
+def _layer_report(unit: ConvUnit, shape: ConvShape | None, plan, stats, errors, iterations) -> LayerReport:
     before = shape.macs if shape else 0
     rank = plan.ranks.get(unit.name)
     after = channel_decomposed_macs(shape, rank) if rank is not None else before
@@ -260,7 +284,7 @@ def _layer_report(unit: ConvUnit, shape: ConvShape | None, plan, stats, errors) 
         out_channels=shape.out_channels if shape else 0, activation=unit.activation.kind, rank=rank,
         flops_before=2 * before, flops_after=2 * after,
         energy=stats[unit.name].energy(rank) if unit.name in stats else None,
-        response_error=errors.get(unit.name), skipped_reason=reason)
+        response_error=errors.get(unit.name), solver_iterations=iterations.get(unit.name), skipped_reason=reason)
 
 
 def _check_rewritten(model: onnx.ModelProto) -> None:

@@ -82,8 +82,12 @@ def run(
     seed: int = typer.Option(0, help="Seed for sampling and random inputs."),
     skip: List[str] = typer.Option([], help="Conv node name to leave alone (repeat, or comma-separate)."),
     rank_multiple: int = typer.Option(16, help="Round ranks to this multiple (1 disables)."),
-    method: str = typer.Option("linear", help="Solver: linear (PCA, paper Eq. 4), nonlinear (ReLU-aware, Eq. 6) "
-                                                     "or asymmetric (nonlinear + Eq. 12)."),
+    method: str = typer.Option("asymmetric", help="Solver: linear (PCA, paper Eq. 4), nonlinear (activation-aware, "
+                                                         "Eq. 6) or asymmetric (nonlinear + Eq. 12, the default)."),
+    symmetric: bool = typer.Option(False, "--symmetric", help="Ablation: solve every layer from the original "
+                                                               "network's inputs, not the approximated ones."),
+    uniform: bool = typer.Option(False, "--uniform", help="Ablation: one cost ratio for every layer instead "
+                                                           "of energy-based rank selection (Eq. 13-14)."),
     report: Optional[Path] = typer.Option(None, help="Write the report as JSON here."),
     bench: bool = typer.Option(True, "--bench/--no-bench", help="Measure latency original vs optimized."),
     providers: List[str] = typer.Option(["cpu"], help="Providers to benchmark: cpu, cuda."),
@@ -109,7 +113,8 @@ def run(
                 input_model, speedup, calibration=calib, evaluation=eval_data, progress=RichProgress(bars),
                 preprocess=make_preprocess(preprocess.value, _floats(mean, "--mean"), _floats(std, "--std"),
                                            scale, bgr),
-                method=method, rank_multiple=rank_multiple, num_images=num_images,
+                method=method, symmetric=symmetric, rank_selection="uniform" if uniform else "energy",
+                rank_multiple=rank_multiple, num_images=num_images,
                 samples_per_image=samples_per_image, seed=seed, skip=tuple(_names(skip)),
                 providers=tuple(_names(providers)), threads=threads, bench=bench, dry_run=dry_run,
                 input_size=_size(input_size))

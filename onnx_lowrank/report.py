@@ -21,6 +21,7 @@ class LayerReport:
     flops_after: int
     energy: float | None = None
     response_error: float | None = None
+    solver_iterations: list[int] | None = None  # per stage of the nonlinear solver's schedule
     skipped_reason: str | None = None
 
 
@@ -40,6 +41,10 @@ class Report:
     warnings: list[str] = field(default_factory=list)
     timings_s: dict[str, float] = field(default_factory=dict)
     dry_run: bool = False
+    symmetric: bool = True
+    # Cost of Eq. 12's re-collection, in full conv passes over the calibration set (the sub-graphs
+    # up to each layer, summed); None when every layer was solved from the original network.
+    asymmetric_collection_passes: float | None = None
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -77,6 +82,8 @@ def render(report: Report, console) -> None:
     summary.add_row("target speedup", f"{report.speedup_target:.2f}×")
     summary.add_row("theoretical conv speedup", f"{report.theoretical_conv_speedup:.2f}×")
     summary.add_row("theoretical whole-model FLOP speedup", f"{report.theoretical_model_speedup:.2f}×")
+    if report.asymmetric_collection_passes is not None:
+        summary.add_row("asymmetric re-collection cost", f"{report.asymmetric_collection_passes:.2f} passes")
     for provider, latency in report.latency_ms.items():
         if latency.get("original") is None:
             summary.add_row(f"latency {provider}", latency.get("status", "not measured"))

@@ -85,7 +85,10 @@ def test_unavailable_cuda_is_reported_not_measured(calib_file) -> None:
 def test_dry_run_plans_without_solving(calib_file) -> None:
     result = compress(planted_model(), 2.0, calibration=str(calib_file), dry_run=True)
     assert result.model is None
-    assert result.report.layers[1].rank is not None and result.report.layers[1].energy is None
+    layer = result.report.layers[1]  # energy selection needs the responses, but nothing is solved
+    assert layer.rank is not None and layer.energy is not None and layer.response_error is None
+    uniform = compress(planted_model(), 2.0, calibration=str(calib_file), dry_run=True, rank_selection="uniform")
+    assert uniform.report.layers[1].rank is not None and uniform.report.layers[1].energy is None
 
 
 def test_skip_leaves_a_layer_alone(calib_file) -> None:
@@ -144,11 +147,32 @@ def test_nonlinear_methods_reproduce_the_planted_layer(calib_file, method) -> No
     assert result.report.fidelity.output_rel_error[model.graph.output[0].name] < 1e-3
 
 
-def test_asymmetric_corrects_the_error_of_earlier_layers(calib_file) -> None:
+@pytest.mark.parametrize("selection", ["uniform", "energy"])
+def test_asymmetric_corrects_the_error_of_earlier_layers(calib_file, selection) -> None:
     model = conv_net([Layer(32), Layer(64), Layer(64), Layer(64)], size=(12, 12), seed=3)
-    errors = {}
-    for method in ("nonlinear", "asymmetric"):
-        report = compress(model, 2.5, calibration=str(calib_file), bench=False, method=method,
-                          rank_multiple=8).report
-        errors[method] = report.fidelity.output_rel_error[model.graph.output[0].name]
-    assert errors["asymmetric"] < errors["nonlinear"]
+    errors, passes = {}, {}
+    for method, symmetric in (("nonlinear", False), ("asymmetric", True), ("asymmetric", False)):
+        report = compress(model, 2.5, calibration=str(calib_file), bench=False, method=method, symmetric=symmetric,
+                          rank_multiple=8, rank_selection=selection).report
+        errors[method, symmetric] = report.fidelity.output_rel_error[model.graph.output[0].name]
+        passes[method, symmetric] = report.asymmetric_collection_passes
+    assert errors["asymmetric", False] < errors["asymmetric", True] == pytest.approx(errors["nonlinear", False])
+    assert passes["asymmetric", True] is None
+    # Layers 2 and 3 are re-collected through their prefixes only: less than two full passes.
+    assert 0.5 < passes["asymmetric", False] < 2.0
+
+
+def test_energy_selection_beats_uniform_on_the_response_energy(calib_file) -> None:
+    model = conv_net([Layer(32), Layer(64, weight_rank=12), Layer(64), Layer(64, weight_rank=40)], size=(12, 12))
+    kept = {}
+    for selection in ("uniform", "energy"):
+        report = compress(model, 2.0, calibration=str(calib_file), bench=False, method="linear",
+                          rank_multiple=4, rank_selection=selection).report
+        assert report.theoretical_conv_speedup >= 2.0
+        kept[selection] = sum(np.log(layer.energy) for layer in report.layers if layer.rank is not None)
+    assert kept["energy"] > kept["uniform"]
+
+
+def test_symmetric_needs_the_asymmetric_method(calib_file) -> None:
+    with pytest.raises(InvalidOptionError, match="is symmetric already"):
+        compress(planted_model(), 2.0, calibration=str(calib_file), method="linear", symmetric=True)

@@ -36,8 +36,19 @@ def test_compresses_and_writes_model_and_report(tiny) -> None:
     onnx.checker.check_model(onnx.load(str(out)))
     data = json.loads(report.read_text())
     assert data["speedup_target"] == 2.0 and data["theoretical_conv_speedup"] >= 2.0
-    assert [layer["rank"] is not None for layer in data["layers"]] == [False, True, True]
+    assert data["layers"][0]["rank"] is None and any(layer["rank"] for layer in data["layers"])
+    assert (data["method"], data["rank_selection"], data["symmetric"]) == ("asymmetric", "energy", False)
     assert not list(out.parent.glob("*.tmp"))
+
+
+def test_ablation_flags_reach_the_report(tiny) -> None:
+    report = tiny / "report.json"
+    result = invoke(tiny / "tiny.onnx", tiny / "fast.onnx", "--speedup", "2", "--calib", tiny / "calib.npz",
+                    "--report", report, "--no-bench", "--uniform", "--symmetric")
+    assert result.exit_code == 0, result.output
+    data = json.loads(report.read_text())
+    assert (data["rank_selection"], data["symmetric"], data["asymmetric_collection_passes"]) == ("uniform", True, None)
+    assert [layer["rank"] is not None for layer in data["layers"]] == [False, True, True]
 
 
 def test_dry_run_writes_nothing(tiny) -> None:

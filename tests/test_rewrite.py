@@ -9,6 +9,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnx_lowrank.graph.normalise import normalise
 from onnx_lowrank.graph.rewrite import channel_decomposition, replace_convs
+from onnx_lowrank.graph.surgery import prefix_model
 from onnx_lowrank.graph.units import find_conv_units
 from onnx_lowrank.solvers.activations import apply_activation
 from tests.builders import IR_VERSION, Layer, conv_net, relative_error, run_model
@@ -168,3 +169,15 @@ def test_undecomposable_convs_are_skipped_with_a_reason() -> None:
     reasons = {u.name: u.skipped_reason for u in find_conv_units(normalise(model))}
     assert reasons == {"dw": "depthwise conv", "grouped": "grouped conv (group=2)",
                        "dynamic": "weights are not constant", "ok": None}
+
+
+def test_prefix_model_computes_the_same_tensor_with_fewer_nodes() -> None:
+    model = normalise(conv_net([Layer(8), Layer(16), Layer(16), Layer(16)], classifier=4))
+    units = find_conv_units(model)
+    prefix = prefix_model(model, [units[1].output])
+    assert len(prefix.graph.node) < len(model.graph.node)
+    assert {n.name for n in prefix.graph.node if n.op_type == "Conv"} == {units[0].name, units[1].name}
+    x = np.random.default_rng(2).standard_normal((2, 3, 12, 12)).astype(np.float32)
+    from onnx_lowrank.runtime import with_outputs
+    full = run_model(with_outputs(model, [units[1].output]), {"input": x})[-1]
+    np.testing.assert_array_equal(run_model(prefix, {"input": x})[0], full)

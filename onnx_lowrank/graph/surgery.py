@@ -27,6 +27,39 @@ def sole_consumer(graph: gs.Graph, tensor: gs.Tensor) -> gs.Node | None:
     return tensor.outputs[0]
 
 
+def prefix_model(model: onnx.ModelProto, outputs: list[str]) -> onnx.ModelProto:
+    """A copy of ``model`` that computes only ``outputs``: the nodes nothing else needs are dropped,
+    so running it costs the sub-graph up to those tensors, not the whole network."""
+    needed = set(outputs)
+    kept = []
+    for node in reversed(model.graph.node):
+        if needed.intersection(node.output):
+            kept.append(node)
+            needed.update(name for name in node.input if name)
+            needed.update(_names_read_by_subgraphs(node))
+    prefix = onnx.ModelProto()
+    prefix.CopyFrom(model)
+    del prefix.graph.node[:]
+    prefix.graph.node.extend(reversed(kept))
+    del prefix.graph.output[:]
+    prefix.graph.output.extend(onnx.helper.make_empty_tensor_value_info(name) for name in outputs)
+    kept_inits = [init for init in prefix.graph.initializer if init.name in needed]
+    del prefix.graph.initializer[:]
+    prefix.graph.initializer.extend(kept_inits)
+    return prefix
+
+
+def _names_read_by_subgraphs(node: onnx.NodeProto) -> set[str]:
+    """Outer-scope names that an If/Loop/Scan body may read."""
+    names: set[str] = set()
+    for attr in node.attribute:
+        for graph in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+            for inner in graph.node:
+                names.update(inner.input)
+                names.update(_names_read_by_subgraphs(inner))
+    return names
+
+
 def name_all_nodes(graph: gs.Graph) -> None:
     """Give every node a unique, non-empty name: the report and --skip refer to nodes by name."""
     seen: set[str] = set()

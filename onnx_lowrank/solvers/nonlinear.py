@@ -44,7 +44,8 @@ class _CentredInput:
     def __init__(self, y_hat: np.ndarray) -> None:
         self.mean = y_hat.mean(axis=0, dtype=np.float64)
         self.values = np.asarray(y_hat, dtype=np.float32) - self.mean.astype(np.float32)
-        self.regression = ReducedRankRegression(_gram(self.values, self.values))
+        wide = self.values.astype(np.float64)  # once per layer: float64 keeps Y Y^T positive semi-definite
+        self.regression = ReducedRankRegression(wide.T @ wide)
 
     def regress(self, target_mean: np.ndarray, cross: np.ndarray, rank: int) -> "_CentredFit":
         """Rank-``rank`` fit of a target with column means ``target_mean`` and ``cross = Z^T Yc``

@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.linalg
 
+from onnx_lowrank.errors import InvalidOptionError
 from onnx_lowrank.solvers.factors import deterministic_signs, validate_rank
 
 
@@ -26,8 +27,17 @@ class ReducedRankRegression:
 
     def __init__(self, scatter_yy: np.ndarray, ridge: float = 1e-6) -> None:
         d = scatter_yy.shape[0]
-        shift = ridge * max(float(np.trace(scatter_yy)) / d, np.finfo(float).tiny)
-        self.factor = scipy.linalg.cholesky(scatter_yy + shift * np.eye(d), lower=True)
+        scale = max(float(np.trace(scatter_yy)) / d, np.finfo(float).tiny)
+        # Rank-deficient responses can leave eigenvalues a rounding error below zero: grow the
+        # ridge until the factorisation exists.
+        for shift in ridge * scale * 10.0 ** np.arange(0, 8, 2):
+            try:
+                self.factor = scipy.linalg.cholesky(scatter_yy + shift * np.eye(d), lower=True)
+                return
+            except np.linalg.LinAlgError:
+                continue
+        raise InvalidOptionError("the response scatter matrix is not positive semi-definite",
+                                 hint="check the calibration data for NaN or huge values")
 
     def solve(self, cross_zy: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
         """``(P, Q)`` with ``M = P Q^T``; ``cross_zy = Z Y^T`` for centred ``Z`` and ``Y``."""
