@@ -11,8 +11,8 @@ from onnx_lowrank.solvers.zstep import relu_z_update
 from onnx_lowrank.solvers.rrr import ReducedRankRegression
 
 
-def reduced_rank_regression(scatter, cross, rank, ridge=1e-6):
-    return ReducedRankRegression(scatter, ridge).solve(cross, rank)
+def reduced_rank_regression(scatter, cross, rank):
+    return ReducedRankRegression(scatter).solve(cross, rank)
 
 
 def brute_force_rrr(z: np.ndarray, y: np.ndarray, rank: int) -> np.ndarray:
@@ -29,7 +29,7 @@ def test_rrr_matches_a_brute_force_reference() -> None:
     rng = np.random.default_rng(0)
     y = rng.standard_normal((12, 800)) * np.linspace(3, 0.5, 12)[:, None]
     z = rng.standard_normal((12, 12)) @ y + 0.3 * rng.standard_normal((12, 800))
-    P, Q = reduced_rank_regression(y @ y.T, z @ y.T, 4, ridge=0.0)
+    P, Q = reduced_rank_regression(y @ y.T, z @ y.T, 4)
     np.testing.assert_allclose(P @ Q.T, brute_force_rrr(z, y, 4), atol=1e-8)
 
 
@@ -37,7 +37,7 @@ def test_rrr_is_optimal_among_random_rank_r_matrices() -> None:
     rng = np.random.default_rng(1)
     y = rng.standard_normal((8, 500))
     z = rng.standard_normal((8, 8)) @ y + rng.standard_normal((8, 500))
-    P, Q = reduced_rank_regression(y @ y.T, z @ y.T, 3, ridge=0.0)
+    P, Q = reduced_rank_regression(y @ y.T, z @ y.T, 3)
     best = np.linalg.norm(z - P @ Q.T @ y)
     for _ in range(200):
         candidate = (P + 0.05 * rng.standard_normal(P.shape)) @ (Q + 0.05 * rng.standard_normal(Q.shape)).T
@@ -49,7 +49,7 @@ def test_rrr_with_z_equal_y_is_pca() -> None:
     samples = rng.standard_normal((2000, 10)) * np.linspace(4, 0.2, 10)
     samples = samples @ np.linalg.qr(rng.standard_normal((10, 10)))[0]
     stats = ResponseStats.from_responses(samples)
-    P, Q = reduced_rank_regression(stats.scatter, stats.scatter, 4, ridge=0.0)
+    P, Q = reduced_rank_regression(stats.scatter, stats.scatter, 4)
     pca = fit_pca(stats, 4)
     np.testing.assert_allclose(P @ Q.T, pca.P @ pca.Q.T, atol=1e-8)
 
@@ -111,3 +111,15 @@ def test_asymmetric_fit_corrects_a_distorted_input() -> None:
     error_sym = np.linalg.norm(relu - np.maximum(symmetric.apply(y_hat), 0))
     error_asym = np.linalg.norm(relu - np.maximum(asymmetric.apply(y_hat), 0))
     assert error_asym < 0.5 * error_sym
+
+
+def test_expanding_layer_with_rank_deficient_input_is_solved_exactly() -> None:
+    """A 1x1 conv expanding 12 -> 40 channels: its responses span 12 dimensions. The rank-12 fit is
+    exact (no ridge bias), and a rank above 12 still returns well-formed factors."""
+    rng = np.random.default_rng(8)
+    y = (rng.standard_normal((3000, 12)) @ rng.standard_normal((12, 40)) + 1.0).astype(np.float32)
+    for rank in (12, 16):
+        fit = fit_nonlinear(y, y, rank)
+        assert fit.factors.P.shape == (40, rank) and np.all(np.isfinite(fit.factors.Q))
+        relu = np.maximum(y, 0)
+        assert np.linalg.norm(relu - np.maximum(fit.factors.apply(y), 0)) < 1e-4 * np.linalg.norm(relu)

@@ -7,9 +7,10 @@ original network's pre-activation responses, ``yhat`` the responses to the appro
 (``yhat = y`` in the symmetric case). With no activation the problem is linear and is solved in
 closed form by :func:`linear_fit`.
 
-Speed: each iteration is one pass over the samples in row blocks that stay in cache, fusing the
-prediction ``Yc Q P^T`` (``M`` kept factored), the z-step, the objective and the cross product
-``Z^T Yc``, all in float32 with float64 accumulators. ``Yc^T Yc`` is factorised once per layer.
+Speed: ``yhat`` is centred and whitened once per layer, keeping only its ``m`` non-negligible
+directions (see :mod:`onnx_lowrank.solvers.rrr`). Each iteration is then two float32 GEMMs, the
+prediction ``W Q P^T`` (``M`` kept factored) and the cross product ``Z^T W`` (n x d x m), and
+the elementwise z-step and objective on cache-sized blocks in a thread pool.
 """
 
 from __future__ import annotations
@@ -39,27 +40,30 @@ class NonlinearFit:
 
 
 class _CentredInput:
-    """``yhat`` centred in float32, its mean and the factorised scatter: computed once per layer."""
+    """``yhat`` centred and whitened (n x m, float32), its mean and the regression: once per layer."""
 
     def __init__(self, y_hat: np.ndarray) -> None:
         self.mean = y_hat.mean(axis=0, dtype=np.float64)
-        self.values = np.asarray(y_hat, dtype=np.float32) - self.mean.astype(np.float32)
-        wide = self.values.astype(np.float64)  # once per layer: float64 keeps Y Y^T positive semi-definite
+        centred = np.asarray(y_hat, dtype=np.float32) - self.mean.astype(np.float32)
+        wide = centred.astype(np.float64)  # float64 keeps Y Y^T positive semi-definite
         self.regression = ReducedRankRegression(wide.T @ wide)
+        del wide
+        self.values = centred @ self.regression.transform.astype(np.float32)
 
     def regress(self, target_mean: np.ndarray, cross: np.ndarray, rank: int) -> "_CentredFit":
-        """Rank-``rank`` fit of a target with column means ``target_mean`` and ``cross = Z^T Yc``
-        (``Yc`` has zero column sums, so centring ``Z`` would not change it)."""
-        P, Q = self.regression.solve(cross, rank)
-        return _CentredFit(P, Q, target_mean)
+        """Rank-``rank`` fit of a target with column means ``target_mean`` and ``cross = Z^T W``
+        (``W`` has zero column sums, so centring ``Z`` would not change it)."""
+        P, whitened_q = self.regression.solve_whitened(cross, rank)
+        return _CentredFit(P, whitened_q, target_mean)
 
     def factors(self, fit: "_CentredFit") -> LowRankFactors:
-        return LowRankFactors(fit.P, fit.Q, fit.offset - fit.P @ (fit.Q.T @ self.mean))
+        Q = self.regression.transform @ fit.Q
+        return LowRankFactors(fit.P, Q, fit.offset - fit.P @ (Q.T @ self.mean))
 
 
 @dataclass
 class _CentredFit:
-    """``prediction = Yc Q P^T + offset``, on the centred input."""
+    """``prediction = W Q P^T + offset``, on the whitened centred input ``W``."""
 
     P: np.ndarray
     Q: np.ndarray
@@ -115,7 +119,7 @@ def fit_nonlinear(y_hat: np.ndarray, y: np.ndarray, rank: int, activation: str =
 
 
 def _z_pass(centred, target, fit: _CentredFit, activation, params, lam, z_store, has_previous: bool):
-    """One iteration's pass over the samples: z-step, Eq. 6 at the new z, and the sums the M-step needs.
+    """One iteration's pass over the whitened samples: z-step, Eq. 6 at the new z, and the sums the M-step needs.
 
     The two products run as whole-array GEMMs (BLAS threads); the elementwise z-step runs on
     cache-sized row blocks in a thread pool (NumPy releases the GIL), writing z over the prediction.
