@@ -76,9 +76,10 @@ def score_map_fidelity(original, optimized, feeds_list) -> dict:
             "text_pixels": union}
 
 
-def run(args) -> list[dict]:
+def run(args, save) -> list[dict]:
     from onnx_lowrank import compress
     from onnx_lowrank.calibration import make_preprocess, model_inputs, open_calibration
+    from onnx_lowrank.errors import InfeasibleTargetError
     from onnx_lowrank.graph.normalise import normalise
     from onnx_lowrank.graph.units import find_conv_units
 
@@ -87,9 +88,13 @@ def run(args) -> list[dict]:
                                  1.0 if args.preset == "raw" else None, None)
     original = onnx.load(args.model)
     units = {u.name: u for u in find_conv_units(normalise(original))}
+    inputs = model_inputs(original)
     eval_feeds = []
+    if args.eval:
+        labelled = open_calibration(args.eval, inputs)
+        eval_feeds = [labelled.get(list(range(start, min(start + 50, len(labelled)))))
+                      for start in range(0, min(len(labelled), 500), 50)]
     if args.eval_images:
-        inputs = model_inputs(original)
         for folder in args.eval_images:
             source = open_calibration(folder, inputs, preprocess=preprocess)
             eval_feeds += [source.get([i]) for i in range(len(source))]
@@ -97,9 +102,15 @@ def run(args) -> list[dict]:
     for speedup in args.speedups:
         for config, options in CONFIGS.items():
             start = time.perf_counter()
-            result = compress(args.model, speedup, calibration=args.calib, evaluation=args.eval,
-                              preprocess=preprocess, num_images=args.num_images,
-                              samples_per_image=args.samples_per_image, bench_rounds=args.rounds, **options)
+            try:
+                result = compress(args.model, speedup, calibration=args.calib, evaluation=args.eval,
+                                  preprocess=preprocess, num_images=args.num_images,
+                                  samples_per_image=args.samples_per_image, bench_rounds=args.rounds, **options)
+            except InfeasibleTargetError as exc:
+                rows.append({"speedup": speedup, "config": config, "infeasible": str(exc)})
+                save(rows)
+                print(json.dumps(rows[-1]), flush=True)
+                continue
             elapsed = time.perf_counter() - start
             report = result.report
             decomposed = [layer for layer in report.layers if layer.rank is not None]
@@ -127,6 +138,7 @@ def run(args) -> list[dict]:
                 elif args.kind == "classifier":
                     row["eval_top1_agreement"] = top1_agreement(original, result.model, eval_feeds)
             rows.append(row)
+            save(rows)
             print(json.dumps({k: row[k] for k in ("speedup", "config", "run_s", "output_rel_error",
                                                   "measured_speedup")}), flush=True)
     return rows
@@ -157,8 +169,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--json", required=True, help="where to write the measurements")
     args = parser.parse_args()
-    rows = run(args)
-    Path(args.json).write_text(json.dumps({"name": args.name, "command": vars(args), "rows": rows}, indent=1))
+    def save(rows: list[dict]) -> None:  # after every configuration, so a cut-short run keeps its rows
+        Path(args.json).write_text(json.dumps({"name": args.name, "command": vars(args), "rows": rows}, indent=1))
+
+    run(args, save)
 
 
 if __name__ == "__main__":
