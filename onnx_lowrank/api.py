@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
@@ -158,49 +158,28 @@ def compress(model: str | os.PathLike | onnx.ModelProto, speedup: float = 4.0, *
     else:
         plan = uniform_ranks(candidates, fixed, opts.speedup, opts.rank_multiple)
 
-    chosen = [u for u in units if u.name in plan.ranks]
-    errors, chains, iterations = {}, {}, {}
     asymmetric = opts.method == "asymmetric" and not opts.symmetric
-    prefix_macs = 0
+    solved = _Solved()
     if not opts.dry_run:
-        clock = time.perf_counter()
-        advance = progress.stage("solving", len(chosen))
-        for unit in chosen:
-            y = responses.pop(unit.output)
-            y_hat = y
-            if asymmetric:
-                # Eq. 12: this layer's input comes from the network with earlier layers replaced. Only
-                # the sub-graph up to it runs, and only if an earlier replaced layer feeds it.
-                prefix = prefix_model(normalised, [unit.output])
-                upstream = {n.name for n in prefix.graph.node} & set(chains)
-                if upstream:
-                    prefix_macs += sum(shapes[n.name].macs for n in prefix.graph.node if n.name in shapes)
-                    y_hat = collect_responses(replace_convs(prefix, {n: chains[n] for n in upstream}),
-                                              tensors=[unit.output], **collect)[unit.output]
-            factors, iterations[unit.name] = _solve(opts.method, unit, stats[unit.name], y_hat, y,
-                                                    plan.ranks[unit.name])
-            act = unit.activation
-            errors[unit.name] = relative_error(apply_activation(act.kind, act.params, y),
-                                               apply_activation(act.kind, act.params, factors.apply(y_hat)))
-            chains[unit.name] = channel_decomposition(unit.attrs, unit.weight, unit.bias,
-                                                      factors.P, factors.Q, factors.bias)
-            advance(1)
-        timings["solve"] = time.perf_counter() - clock
+        chosen = [u for u in units if u.name in plan.ranks]
+        solved = _solve_layers(opts.method, asymmetric, normalised, chosen, plan.ranks, responses, stats, shapes,
+                               collect, progress.stage("solving", len(chosen)))
+        timings.update(solved.timings)
 
     report = Report(
         speedup_target=opts.speedup, method=opts.method, rank_selection=opts.rank_selection,
         calibration=source.description, calibration_samples=len(calib_indices),
         theoretical_conv_speedup=plan.speedup,
         theoretical_model_speedup=(conv_macs_before + dense_total) / (plan.macs_after + dense_total),
-        layers=[_layer_report(u, shapes.get(u.name), plan, stats, errors, iterations) for u in units],
+        layers=[_layer_report(u, shapes.get(u.name), plan, stats, solved) for u in units],
         warnings=warnings, timings_s=timings, dry_run=opts.dry_run, symmetric=not asymmetric,
-        asymmetric_collection_passes=prefix_macs / conv_macs_before if asymmetric else None,
+        asymmetric_collection_passes=solved.prefix_macs / conv_macs_before if asymmetric else None,
     )
     if opts.dry_run:
         return Result(None, report)
 
     clock = time.perf_counter()
-    optimized = replace_convs(normalised, chains)
+    optimized = replace_convs(normalised, solved.chains)
     _check_rewritten(optimized)
     timings["rewrite"] = time.perf_counter() - clock
     clock = time.perf_counter()
@@ -213,6 +192,47 @@ def compress(model: str | os.PathLike | onnx.ModelProto, speedup: float = 4.0, *
         _benchmark(report, original, optimized, feeds, opts, progress)
         timings["benchmark"] = time.perf_counter() - clock
     return Result(optimized, report)
+
+
+@dataclass
+class _Solved:
+    """What solving the chosen layers produced, per layer name."""
+
+    chains: dict = field(default_factory=dict)
+    errors: dict[str, float] = field(default_factory=dict)
+    iterations: dict[str, list[int] | None] = field(default_factory=dict)
+    prefix_macs: int = 0  # conv MACs per sample of the sub-graphs re-run for Eq. 12
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def _solve_layers(method, asymmetric, normalised, chosen, ranks, responses, stats, shapes, collect,
+                  advance) -> _Solved:
+    """Solve the chosen layers shallow to deep; with ``asymmetric`` (Eq. 12) each one's input comes
+    from the network whose earlier layers are already replaced. Only the sub-graph up to the layer
+    is re-run, and only when a replaced layer feeds it."""
+    solved = _Solved(timings={"collect_asymmetric": 0.0, "solve": 0.0})
+    for unit in chosen:
+        y = responses.pop(unit.output)
+        y_hat = y
+        if asymmetric:
+            clock = time.perf_counter()
+            prefix = prefix_model(normalised, [unit.output])
+            upstream = {n.name for n in prefix.graph.node} & set(solved.chains)
+            if upstream:
+                solved.prefix_macs += sum(shapes[n.name].macs for n in prefix.graph.node if n.name in shapes)
+                y_hat = collect_responses(replace_convs(prefix, {n: solved.chains[n] for n in upstream}),
+                                          tensors=[unit.output], **collect)[unit.output]
+            solved.timings["collect_asymmetric"] += time.perf_counter() - clock
+        clock = time.perf_counter()
+        factors, solved.iterations[unit.name] = _solve(method, unit, stats[unit.name], y_hat, y, ranks[unit.name])
+        act = unit.activation
+        solved.errors[unit.name] = relative_error(apply_activation(act.kind, act.params, y),
+                                                  apply_activation(act.kind, act.params, factors.apply(y_hat)))
+        solved.chains[unit.name] = channel_decomposition(unit.attrs, unit.weight, unit.bias,
+                                                         factors.P, factors.Q, factors.bias)
+        solved.timings["solve"] += time.perf_counter() - clock
+        advance(1)
+    return solved
 
 
 def _solve(method: str, unit: ConvUnit, stats: ResponseStats, y_hat: np.ndarray, y: np.ndarray,
@@ -274,7 +294,7 @@ def _measure_shapes(model, source, units, inputs, threads) -> tuple[dict[str, Co
     return convs, dense_total
 
 
-def _layer_report(unit: ConvUnit, shape: ConvShape | None, plan, stats, errors, iterations) -> LayerReport:
+def _layer_report(unit: ConvUnit, shape: ConvShape | None, plan, stats, solved: _Solved) -> LayerReport:
     before = shape.macs if shape else 0
     rank = plan.ranks.get(unit.name)
     after = channel_decomposed_macs(shape, rank) if rank is not None else before
@@ -284,7 +304,8 @@ def _layer_report(unit: ConvUnit, shape: ConvShape | None, plan, stats, errors, 
         out_channels=shape.out_channels if shape else 0, activation=unit.activation.kind, rank=rank,
         flops_before=2 * before, flops_after=2 * after,
         energy=stats[unit.name].energy(rank) if unit.name in stats else None,
-        response_error=errors.get(unit.name), solver_iterations=iterations.get(unit.name), skipped_reason=reason)
+        response_error=solved.errors.get(unit.name), solver_iterations=solved.iterations.get(unit.name),
+        skipped_reason=reason)
 
 
 def _check_rewritten(model: onnx.ModelProto) -> None:
