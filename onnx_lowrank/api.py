@@ -159,6 +159,7 @@ def compress(model: str | os.PathLike | onnx.ModelProto, speedup: float = 4.0, *
         plan = uniform_ranks(candidates, fixed, opts.speedup, opts.rank_multiple)
 
     asymmetric = opts.method == "asymmetric" and not opts.symmetric
+    _warn_if_few_samples(opts, responses, plan.ranks, units, warnings)
     solved = _Solved()
     if not opts.dry_run:
         chosen = [u for u in units if u.name in plan.ranks]
@@ -256,6 +257,24 @@ def _apply_user_skips(units: list[ConvUnit], skip: Sequence[str]) -> None:
     for unit in units:
         if unit.name in skip and unit.decomposable:
             unit.skipped_reason = "skipped by --skip"
+
+
+SAMPLES_PER_CHANNEL = 20
+
+
+def _warn_if_few_samples(opts: Options, responses, ranks, units, warnings: list[str]) -> None:
+    """The nonlinear and asymmetric fits regress d outputs on d inputs; with few samples per channel
+    they fit the calibration set better than new inputs (measured on CRAFT: BENCHMARKS.md)."""
+    if opts.method == "linear" or not responses:
+        return
+    widest = max((u for u in units if u.name in ranks), key=lambda u: u.weight_shape[0], default=None)
+    if widest is None:
+        return
+    count = len(responses[widest.output])
+    if count < SAMPLES_PER_CHANNEL * widest.weight_shape[0]:
+        warnings.append(f"{count} response samples for {widest.weight_shape[0]} channels ({widest.name}): "
+                        f"the {opts.method} fit may not generalise; aim for {SAMPLES_PER_CHANNEL} samples per "
+                        "channel (more calibration images, or --samples-per-image)")
 
 
 def _split(count: int, opts: Options, warnings: list[str]) -> tuple[list[int], list[int]]:

@@ -176,3 +176,11 @@ def test_energy_selection_beats_uniform_on_the_response_energy(calib_file) -> No
 def test_symmetric_needs_the_asymmetric_method(calib_file) -> None:
     with pytest.raises(InvalidOptionError, match="is symmetric already"):
         compress(planted_model(), 2.0, calibration=str(calib_file), method="linear", symmetric=True)
+
+
+def test_few_samples_per_channel_warn_for_the_regression_methods(calib_file) -> None:
+    model = planted_model()
+    few = compress(model, 2.0, calibration=str(calib_file), bench=False, samples_per_image=4).report
+    assert any("samples per channel" in w for w in few.warnings)
+    linear = compress(model, 2.0, calibration=str(calib_file), bench=False, samples_per_image=4, method="linear")
+    assert not any("samples per channel" in w for w in linear.report.warnings)
