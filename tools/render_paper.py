@@ -25,15 +25,16 @@ def _pct(value) -> str:
 
 def single_layer(data: dict) -> list[str]:
     linear, nonlinear = _rows(data, "linear"), _rows(data, "nonlinear")
-    lines = ["| speedup | layers | mean response error linear | mean nonlinear | nonlinear lower in |",
-             "|---|---|---|---|---|"]
+    lines = ["| speedup | layers | mean response error linear | mean nonlinear | nonlinear lower | equal (no activation: both are PCA) | nonlinear higher |",
+             "|---|---|---|---|---|---|---|"]
     for speedup in sorted(set(linear) & set(nonlinear)):
         pairs = [(a["response_error"], b["response_error"]) for a, b in
                  zip(linear[speedup]["layers"], nonlinear[speedup]["layers"])
                  if a["response_error"] is not None and b["response_error"] is not None]
         lin, non = np.array(pairs).T
+        equal = np.abs(non - lin) <= 1e-3 * lin
         lines.append(f"| {speedup:g}× | {len(pairs)} | {lin.mean():.4f} | {non.mean():.4f} | "
-                     f"{int(np.sum(non < lin))}/{len(pairs)} |")
+                     f"{int(np.sum((non < lin) & ~equal))} | {int(np.sum(equal))} | {int(np.sum((non > lin) & ~equal))} |")
     return lines
 
 
