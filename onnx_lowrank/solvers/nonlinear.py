@@ -84,7 +84,8 @@ def fit_nonlinear(y_hat: np.ndarray, y: np.ndarray, rank: int, activation: str =
     """Alternating solver of Eq. 6 for ``r = activation``, initialised from :func:`linear_fit`.
 
     ``schedule`` lists ``(lambda, max_iterations)`` stages. A stage ends early once an iteration
-    lowers Eq. 6 by less than ``tol`` (relative); ``tol=0`` runs the paper's schedule in full.
+    lowers Eq. 6 by no more than ``tol`` (relative); with ``tol=0`` it ends only when Eq. 6 stops
+    decreasing, so the paper's schedule runs in full unless the solver has converged.
     """
     y_hat, y = _validated_pair(y_hat, y)
     rank = validate_rank(rank, y.shape[1])
