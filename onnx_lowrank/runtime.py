@@ -45,7 +45,9 @@ def make_session(model: onnx.ModelProto | bytes, *, optimize: bool = True, threa
 
 
 def with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
-    """A copy of ``model`` that also returns the tensors ``names``."""
+    """A copy of ``model`` that also returns the tensors ``names`` (``model`` itself if it does)."""
+    if set(names) <= {o.name for o in model.graph.output}:
+        return model
     exposed = onnx.ModelProto()
     exposed.CopyFrom(model)
     existing = {o.name for o in exposed.graph.output}

@@ -37,15 +37,14 @@ def prefix_model(model: onnx.ModelProto, outputs: list[str]) -> onnx.ModelProto:
             kept.append(node)
             needed.update(name for name in node.input if name)
             needed.update(_names_read_by_subgraphs(node))
-    prefix = onnx.ModelProto()
-    prefix.CopyFrom(model)
-    del prefix.graph.node[:]
-    prefix.graph.node.extend(reversed(kept))
-    del prefix.graph.output[:]
-    prefix.graph.output.extend(onnx.helper.make_empty_tensor_value_info(name) for name in outputs)
-    kept_inits = [init for init in prefix.graph.initializer if init.name in needed]
-    del prefix.graph.initializer[:]
-    prefix.graph.initializer.extend(kept_inits)
+    # Built up rather than copied and pruned: only the weights the prefix reads are copied.
+    graph = onnx.GraphProto(name=model.graph.name, node=reversed(kept), input=model.graph.input,
+                            output=[onnx.helper.make_empty_tensor_value_info(name) for name in outputs],
+                            initializer=[init for init in model.graph.initializer if init.name in needed],
+                            value_info=[info for info in model.graph.value_info if info.name in needed])
+    prefix = onnx.ModelProto(ir_version=model.ir_version, opset_import=model.opset_import,
+                             producer_name=model.producer_name, domain=model.domain,
+                             functions=model.functions, graph=graph)
     return prefix
 
 
