@@ -1,0 +1,60 @@
+"""Data-free baselines (groundwork for the baselines issue) against planted and reference solutions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from onnx_lowrank.errors import InvalidOptionError
+from onnx_lowrank.solvers.weights import spatial_filter_reconstruction, weight_svd
+
+
+def test_weight_svd_is_the_eckart_young_optimum_and_keeps_the_bias() -> None:
+    rng = np.random.default_rng(0)
+    weight, bias = rng.standard_normal((24, 8, 3, 3)), rng.standard_normal(24)
+    factors = weight_svd(weight, bias, 6)
+    matrix = weight.reshape(24, -1)
+    approx = factors.P @ (factors.Q.T @ matrix)
+    singular = np.linalg.svd(matrix, compute_uv=False)
+    assert np.linalg.norm(matrix - approx) == pytest.approx(np.sqrt(np.sum(singular[6:] ** 2)))
+    inputs = rng.standard_normal((50, 72))
+    # The chain computes M (W x + b) + b_new; it must equal the truncated weights' response plus b.
+    np.testing.assert_allclose(factors.apply(inputs @ matrix.T + bias), inputs @ approx.T + bias, atol=1e-10)
+
+
+def test_weight_svd_reproduces_a_planted_low_rank_weight() -> None:
+    rng = np.random.default_rng(1)
+    weight = (rng.standard_normal((16, 4)) @ rng.standard_normal((4, 5 * 3 * 3))).reshape(16, 5, 3, 3)
+    factors = weight_svd(weight, np.zeros(16), 4)
+    np.testing.assert_allclose(factors.P @ factors.Q.T @ weight.reshape(16, -1), weight.reshape(16, -1), atol=1e-10)
+
+
+def reconstruct(vertical: np.ndarray, horizontal: np.ndarray) -> np.ndarray:
+    return np.einsum("ojx,jiy->oiyx", horizontal[:, :, 0, :], vertical[:, :, :, 0])
+
+
+def test_spatial_scheme2_reproduces_planted_separable_filters() -> None:
+    rng = np.random.default_rng(2)
+    v, h = rng.standard_normal((3, 6, 5, 1)), rng.standard_normal((10, 3, 1, 5))
+    planted = reconstruct(v, h)
+    vertical, horizontal = spatial_filter_reconstruction(planted, 3)
+    assert vertical.shape == (3, 6, 5, 1) and horizontal.shape == (10, 3, 1, 5)
+    np.testing.assert_allclose(reconstruct(vertical, horizontal), planted, atol=1e-9)
+
+
+def test_spatial_scheme2_error_is_the_truncated_svd_optimum() -> None:
+    rng = np.random.default_rng(3)
+    weight = rng.standard_normal((12, 7, 3, 3))
+    vertical, horizontal = spatial_filter_reconstruction(weight, 4)
+    error = np.linalg.norm(weight - reconstruct(vertical, horizontal))
+    singular = np.linalg.svd(weight.transpose(1, 2, 0, 3).reshape(21, 36), compute_uv=False)
+    assert error == pytest.approx(np.sqrt(np.sum(singular[4:] ** 2)))
+    for _ in range(20):  # no nearby pair of filter banks does better
+        worse = reconstruct(vertical + 0.01 * rng.standard_normal(vertical.shape),
+                            horizontal + 0.01 * rng.standard_normal(horizontal.shape))
+        assert np.linalg.norm(weight - worse) >= error - 1e-12
+
+
+def test_bad_weights_are_refused() -> None:
+    with pytest.raises(InvalidOptionError, match="conv weight"):
+        weight_svd(np.zeros((4, 4)), np.zeros(4), 2)
