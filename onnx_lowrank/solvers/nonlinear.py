@@ -125,7 +125,12 @@ def _z_pass(centred, target, fit: _CentredFit, activation, params, lam, z_store,
     The two products run as whole-array GEMMs (BLAS threads); the elementwise z-step runs on
     cache-sized row blocks in a thread pool (NumPy releases the GIL), writing z over the prediction.
     """
-    z = (centred @ fit.Q.astype(np.float32)) @ fit.P.T.astype(np.float32)
+    m, rank = fit.Q.shape
+    d = fit.P.shape[0]
+    if rank * (m + d) >= m * d:  # high rank: one square GEMM with M beats two skinny ones
+        z = centred @ (fit.Q @ fit.P.T).astype(np.float32)
+    else:
+        z = (centred @ fit.Q.astype(np.float32)) @ fit.P.T.astype(np.float32)
     z += fit.offset.astype(np.float32)
 
     def z_step_block(start: int) -> float:
