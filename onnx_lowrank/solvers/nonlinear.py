@@ -102,28 +102,28 @@ def fit_nonlinear(y_hat: np.ndarray, y: np.ndarray, rank: int, activation: str =
     if activation == "none":
         return result
     target = apply_activation(activation, params, y.astype(np.float32))
-    # The smooth z-step keeps the previous z as a candidate (see zstep), so it is stored.
-    z_store = np.empty_like(target) if activation in SMOOTH else None
-    for lam, iterations in schedule:
-        stage: list[float] = []
-        for _ in range(iterations):
-            cross, z_sum, objective = _z_pass(inputs.values, target, fit, activation, params, lam, z_store,
-                                              has_previous=bool(result.objective or stage))
-            fit = inputs.regress(z_sum / len(target), cross, rank)
-            stage.append(objective)
-            if len(stage) > 1 and stage[-2] - objective <= tol * abs(objective):
-                break
-        result.objective.extend(stage)
-        result.iterations.append(len(stage))
+    z = None  # the smooth z-step keeps the previous z as a candidate (see zstep)
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        for lam, iterations in schedule:
+            stage: list[float] = []
+            for _ in range(iterations):
+                previous = z if activation in SMOOTH else None
+                z, objective = _z_pass(inputs.values, target, fit, activation, params, lam, previous, pool)
+                fit = inputs.regress(z.mean(axis=0, dtype=np.float64), _gram(z, inputs.values), rank)
+                stage.append(objective)
+                if len(stage) > 1 and stage[-2] - objective <= tol * abs(objective):
+                    break
+            result.objective.extend(stage)
+            result.iterations.append(len(stage))
     result.factors = inputs.factors(fit)
     return result
 
 
-def _z_pass(centred, target, fit: _CentredFit, activation, params, lam, z_store, has_previous: bool):
-    """One iteration's pass over the whitened samples: z-step, Eq. 6 at the new z, and the sums the M-step needs.
+def _z_pass(centred, target, fit: _CentredFit, activation, params, lam, previous, pool) -> tuple[np.ndarray, float]:
+    """One iteration's z-step over the whitened samples: the new z and Eq. 6 at it.
 
-    The two products run as whole-array GEMMs (BLAS threads); the elementwise z-step runs on
-    cache-sized row blocks in a thread pool (NumPy releases the GIL), writing z over the prediction.
+    The prediction is a whole-array GEMM (BLAS threads); the elementwise z-step runs on
+    cache-sized row blocks in ``pool`` (NumPy releases the GIL), writing z over the prediction.
     """
     m, rank = fit.Q.shape
     d = fit.P.shape[0]
@@ -136,17 +136,12 @@ def _z_pass(centred, target, fit: _CentredFit, activation, params, lam, z_store,
     def z_step_block(start: int) -> float:
         rows = slice(start, start + BLOCK_ROWS)
         prediction, t = z[rows], target[rows]
-        previous = z_store[rows] if has_previous and z_store is not None else None
-        block = z_update(activation, params, t, prediction, lam, previous)
+        block = z_update(activation, params, t, prediction, lam, None if previous is None else previous[rows])
         objective = _relaxed_objective(activation, params, t, block, prediction, lam)
         z[rows] = block
         return objective
 
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        objective = sum(pool.map(z_step_block, range(0, len(target), BLOCK_ROWS)))
-    if z_store is not None:
-        z_store[...] = z
-    return _gram(z, centred), z.sum(axis=0, dtype=np.float64), objective
+    return z, sum(pool.map(z_step_block, range(0, len(target), BLOCK_ROWS)))
 
 
 def _relaxed_objective(activation, params, target, z, prediction, lam) -> float:

@@ -42,18 +42,12 @@ def relu_z_update(target: np.ndarray, prediction: np.ndarray, lam: float) -> np.
 
 
 def _piecewise_z(pieces, target: np.ndarray, prediction: np.ndarray, lam: float) -> np.ndarray:
-    best = best_cost = None
+    candidates = []
     for piece in pieces:
         a = piece.slope
         z = np.clip((a * (target - piece.intercept) + lam * prediction) / (a * a + lam), piece.lower, piece.upper)
-        cost = (target - a * z - piece.intercept) ** 2 + lam * (z - prediction) ** 2
-        if best is None:
-            best, best_cost = z, cost
-        else:
-            better = cost < best_cost
-            best = np.where(better, z, best)
-            best_cost = np.where(better, cost, best_cost)
-    return best
+        candidates.append((z, (target - a * z - piece.intercept) ** 2 + lam * (z - prediction) ** 2))
+    return _cheapest(candidates)
 
 
 def _smooth_z(kind, params, target, prediction, lam, previous):
@@ -75,10 +69,14 @@ def _smooth_z(kind, params, target, prediction, lam, previous):
             # Gauss-Newton keeps the curvature positive, so every step is a descent direction.
             z = np.clip(z - (residual * slope + lam * (z - prediction)) / (slope * slope + lam), low, high)
         candidates.append(z)
-    best, best_cost = candidates[0], cost(candidates[0])
-    for z in candidates[1:]:
-        z_cost = cost(z)
-        better = z_cost < best_cost
+    return _cheapest([(z, cost(z)) for z in candidates])
+
+
+def _cheapest(candidates: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """Per element, the candidate z with the lowest cost (the first one on ties)."""
+    best, best_cost = candidates[0]
+    for z, cost in candidates[1:]:
+        better = cost < best_cost
         best = np.where(better, z, best)
-        best_cost = np.where(better, z_cost, best_cost)
+        best_cost = np.where(better, cost, best_cost)
     return best
