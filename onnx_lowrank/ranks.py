@@ -101,7 +101,7 @@ def energy_ranks(candidates: list[RankCandidate], eigenvalues: dict[str, np.ndar
         lost = (energy[rank] - energy[lower]) / max(energy[rank], np.finfo(float).tiny)
         return lost / ((rank - lower) * _per_rank_macs(cand.shape))
 
-    heap = [(score(c), c.name) for c in active if score(c) is not None]
+    heap = [(s, c.name) for c in active if (s := score(c)) is not None]
     heapq.heapify(heap)
     total = kept_macs + sum(c.shape.macs for c in active)
     while total > target:
