@@ -15,24 +15,29 @@ import numpy as np
 import onnx
 
 from onnx_lowrank.calibration import Preprocess, model_inputs, open_calibration
-from onnx_lowrank.costs import ConvShape, channel_decomposed_macs
+from onnx_lowrank.costs import ConvShape
 from onnx_lowrank.errors import CalibrationError, InvalidOptionError, LowRankError, NothingToDecomposeError
 from onnx_lowrank.evaluate import measure_fidelity, measure_latency
 from onnx_lowrank.graph.io import load_model
 from onnx_lowrank.graph.normalise import normalise
-from onnx_lowrank.graph.rewrite import channel_decomposition, replace_convs
+from onnx_lowrank.graph.rewrite import (ConvSpec, channel_decomposition, replace_convs, spatial_decomposition,
+                                        tucker2_decomposition)
 from onnx_lowrank.graph.units import ConvUnit, find_conv_units
 from onnx_lowrank.graph.dense import dense_ops
 from onnx_lowrank.graph.surgery import prefix_model
-from onnx_lowrank.ranks import RankCandidate, energy_ranks, uniform_ranks, validate_multiple, validate_speedup
+from onnx_lowrank.plans import ArchitecturePlan, channel_plan, spatial_plan, three_d_plan, tucker2_plan
+from onnx_lowrank.ranks import RankCandidate, validate_multiple, validate_speedup
 from onnx_lowrank.report import LayerReport, Report
 from onnx_lowrank.runtime import (PROVIDER_NAMES, batch_size_for, collect_responses, make_session,
                                   probe_shapes, provider_available)
 from onnx_lowrank.solvers import LowRankFactors, ResponseStats, fit_pca
 from onnx_lowrank.solvers.activations import apply_activation, relative_error
 from onnx_lowrank.solvers.nonlinear import fit_nonlinear
+from onnx_lowrank.solvers.weights import spatial_filter_reconstruction, tucker2, weight_spectrum, weight_svd
 
-METHODS = ("linear", "nonlinear", "asymmetric")
+DATA_FREE_METHODS = ("jaderberg", "svd", "tucker2")
+METHODS = ("linear", "nonlinear", "asymmetric", "asym3d") + DATA_FREE_METHODS
+ASYMMETRIC_METHODS = ("asymmetric", "asym3d")
 RANK_SELECTIONS = ("energy", "uniform")
 RANDOM_CALIBRATION_WARNING = ("no calibration data given: using random inputs. The responses of random "
                               "inputs say little about real ones, so expect a poor model; pass --calib")
@@ -58,7 +63,9 @@ class Options:
     speedup: float
     method: str = "asymmetric"
     symmetric: bool = False
-    rank_selection: str = "energy"
+    rank_selection: str | None = None  # None: energy for the data-driven methods, uniform for the baselines
+    channel_speedup: float | None = None  # asym3d: None = sqrt(speedup)
+    channel_only: tuple[str, ...] = ()
     rank_multiple: int = 16
     num_images: int = 300
     holdout: int = 100
@@ -77,10 +84,19 @@ class Options:
         validate_speedup(self.speedup)
         validate_multiple(self.rank_multiple)
         _choice("method", self.method, METHODS)
-        _choice("rank selection", self.rank_selection, RANK_SELECTIONS)
-        if self.symmetric and self.method != "asymmetric":
-            raise InvalidOptionError(f"--symmetric changes the asymmetric method; --method {self.method} "
-                                     "is symmetric already", hint="drop --symmetric, or use --method asymmetric")
+        if self.rank_selection is not None:
+            _choice("rank selection", self.rank_selection, RANK_SELECTIONS)
+        if self.method == "tucker2" and self.rank_selection == "energy":
+            raise InvalidOptionError("Tucker-2 has two ranks per layer; only uniform rank selection is built for it",
+                                     hint="drop the energy rank selection for --method tucker2")
+        if self.symmetric and self.method not in ASYMMETRIC_METHODS:
+            raise InvalidOptionError(f"--symmetric changes the asymmetric methods; --method {self.method} "
+                                     "is not one", hint="drop --symmetric, or use --method asymmetric or asym3d")
+        if self.method != "asym3d" and (self.channel_speedup is not None or self.channel_only):
+            raise InvalidOptionError(f"--channel-speedup and --channel-only shape the 3d decomposition, not "
+                                     f"--method {self.method}", hint="use them with --method asym3d")
+        if self.channel_speedup is not None:
+            validate_speedup(self.channel_speedup)
         for provider in self.providers:
             _choice("provider", provider, tuple(PROVIDER_NAMES))
         for name, value in (("num_images", self.num_images), ("samples_per_image", self.samples_per_image),
@@ -90,6 +106,14 @@ class Options:
         if self.threads < 0:
             raise InvalidOptionError(f"threads must be >= 0 (0 = onnxruntime's default), got {self.threads}")
         return self
+
+    @property
+    def data_free(self) -> bool:
+        return self.method in DATA_FREE_METHODS
+
+    @property
+    def selection(self) -> str:
+        return self.rank_selection or ("uniform" if self.data_free else "energy")
 
 
 def _choice(what: str, value: str, allowed: Sequence[str]) -> None:
@@ -116,6 +140,7 @@ def compress(model: str | os.PathLike | onnx.ModelProto, speedup: float = 4.0, *
     normalised = normalise(original)
     units = find_conv_units(normalised)
     _apply_user_skips(units, opts.skip)
+    _check_names(units, opts.channel_only, "--channel-only")
     if not any(u.decomposable for u in units):
         reasons = sorted({u.skipped_reason for u in units}) or ["the model has no Conv"]
         raise NothingToDecomposeError("the model has no decomposable conv (" + "; ".join(reasons) + ")",
@@ -143,8 +168,9 @@ def compress(model: str | os.PathLike | onnx.ModelProto, speedup: float = 4.0, *
 
     collect = dict(source=source, indices=calib_indices, samples_per_image=opts.samples_per_image,
                    seed=opts.seed, batch_size=batch, threads=opts.threads)
+    by_name = {u.name: u for u in units}
     stats, responses = {}, {}
-    if not opts.dry_run or opts.rank_selection == "energy":
+    if not opts.data_free and (not opts.dry_run or opts.selection == "energy"):
         clock = time.perf_counter()
         decomposable = [u for u in units if u.decomposable]
         responses = collect_responses(normalised, tensors=[u.output for u in decomposable],
@@ -152,29 +178,29 @@ def compress(model: str | os.PathLike | onnx.ModelProto, speedup: float = 4.0, *
                                       **collect)
         stats = {u.name: ResponseStats.from_responses(responses[u.output]) for u in decomposable}
         timings["collect"] = time.perf_counter() - clock
-    if opts.rank_selection == "energy":
-        plan = energy_ranks(candidates, {n: s.eigenvalues for n, s in stats.items()}, fixed, opts.speedup,
-                            opts.rank_multiple)
-    else:
-        plan = uniform_ranks(candidates, fixed, opts.speedup, opts.rank_multiple)
+    plan = _plan(opts, candidates, by_name, stats, fixed)
 
-    asymmetric = opts.method == "asymmetric" and not opts.symmetric
+    asymmetric = opts.method in ASYMMETRIC_METHODS and not opts.symmetric
     _warn_if_few_samples(opts, responses, plan.ranks, units, warnings)
     solved = _Solved()
     if not opts.dry_run:
-        chosen = [u for u in units if u.name in plan.ranks]
-        solved = _solve_layers(opts.method, asymmetric, normalised, chosen, plan.ranks, responses, stats, shapes,
-                               collect, progress.stage("solving", len(chosen)))
+        chosen = [u for u in units if u.name in plan.layers]
+        if opts.data_free:
+            solved = _data_free_chains(opts.method, chosen, plan)
+        else:
+            solved = _solve_layers(opts.method, asymmetric, normalised, chosen, plan, responses, stats, shapes,
+                                   collect, progress.stage("solving", len(chosen)))
         timings.update(solved.timings)
 
     report = Report(
-        speedup_target=opts.speedup, method=opts.method, rank_selection=opts.rank_selection,
+        speedup_target=opts.speedup, method=opts.method, rank_selection=opts.selection,
         calibration=source.description, calibration_samples=len(calib_indices),
         theoretical_conv_speedup=plan.speedup,
         theoretical_model_speedup=(conv_macs_before + dense_total) / (plan.macs_after + dense_total),
         layers=[_layer_report(u, shapes.get(u.name), plan, stats, solved) for u in units],
         warnings=warnings, timings_s=timings, dry_run=opts.dry_run, symmetric=not asymmetric,
-        asymmetric_collection_passes=solved.prefix_macs / conv_macs_before if asymmetric else None,
+        asymmetric_collection_passes=solved.prefix_macs / conv_macs_before if asymmetric or solved.prefix_macs else None,
+        channel_speedup=_channel_speedup(opts),
     )
     if opts.dry_run:
         return Result(None, report)
@@ -195,42 +221,107 @@ def compress(model: str | os.PathLike | onnx.ModelProto, speedup: float = 4.0, *
     return Result(optimized, report)
 
 
+def _plan(opts: Options, candidates: list[RankCandidate], units: dict[str, ConvUnit],
+          stats: dict[str, ResponseStats], fixed: int) -> ArchitecturePlan:
+    """The decomposed architecture. Energy selection ranks by the PCA energy of the responses for
+    the data-driven methods, by the spectrum of the weights each baseline truncates otherwise."""
+    if opts.method == "tucker2":
+        return tucker2_plan(candidates, fixed, opts.speedup, opts.rank_multiple)
+    scheme = "spatial" if opts.method == "jaderberg" else "channel"
+    spectra = None
+    if opts.selection == "energy":
+        spectra = ({n: s.eigenvalues for n, s in stats.items()} if not opts.data_free else
+                   {c.name: _padded(weight_spectrum(units[c.name].weight, scheme), c, scheme) for c in candidates})
+    if opts.method == "jaderberg":
+        return spatial_plan(candidates, spectra, fixed, opts.speedup, opts.rank_multiple)
+    if opts.method == "asym3d":
+        return three_d_plan(candidates, spectra, fixed, opts.speedup, opts.rank_multiple, opts.channel_speedup,
+                            opts.channel_only)
+    return channel_plan(candidates, spectra, fixed, opts.speedup, opts.rank_multiple)
+
+
+def _padded(spectrum: np.ndarray, candidate: RankCandidate, scheme: str) -> np.ndarray:
+    """A spectrum of the candidate's full rank: directions the weights do not span have energy 0."""
+    full = RankCandidate(candidate.name, candidate.shape, scheme).full_rank
+    return np.concatenate([spectrum, np.zeros(max(0, full - len(spectrum)))])[:full]
+
+
+def _channel_speedup(opts: Options) -> float | None:
+    if opts.method != "asym3d":
+        return None
+    return opts.channel_speedup or float(np.sqrt(opts.speedup))
+
+
 @dataclass
 class _Solved:
     """What solving the chosen layers produced, per layer name."""
 
-    chains: dict = field(default_factory=dict)
+    chains: dict[str, list[ConvSpec]] = field(default_factory=dict)
     errors: dict[str, float] = field(default_factory=dict)
     iterations: dict[str, list[int] | None] = field(default_factory=dict)
     prefix_macs: int = 0  # conv MACs per sample of the sub-graphs re-run for Eq. 12
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def _solve_layers(method, asymmetric, normalised, chosen, ranks, responses, stats, shapes, collect,
-                  advance) -> _Solved:
-    """Solve the chosen layers shallow to deep; with ``asymmetric`` (Eq. 12) each one's input comes
-    from the network whose earlier layers are already replaced. Only the sub-graph up to the layer
-    is re-run, and only when a replaced layer feeds it."""
+def _data_free_chains(method: str, chosen: list[ConvUnit], plan: ArchitecturePlan) -> _Solved:
+    """The baselines: each layer's chain from its weights alone."""
+    solved = _Solved()
+    clock = time.perf_counter()
+    for unit in chosen:
+        if method == "svd":
+            factors = weight_svd(unit.weight, unit.bias, plan.ranks[unit.name])
+            chain = channel_decomposition(unit.attrs, unit.weight, unit.bias, factors.P, factors.Q, factors.bias)
+        elif method == "jaderberg":
+            chain = spatial_decomposition(unit.attrs, *spatial_filter_reconstruction(unit.weight,
+                                                                                     plan.spatial_ranks[unit.name]),
+                                          unit.bias)
+        else:
+            chain = tucker2_decomposition(unit.attrs, *tucker2(unit.weight, plan.input_ranks[unit.name],
+                                                              plan.ranks[unit.name]), unit.bias)
+        solved.chains[unit.name] = chain
+    solved.timings["solve"] = time.perf_counter() - clock
+    return solved
+
+
+def _solve_layers(method, asymmetric, normalised, chosen, plan: ArchitecturePlan, responses, stats, shapes,
+                  collect, advance) -> _Solved:
+    """Solve the chosen layers shallow to deep. The fitted input ``W x-hat`` is the output of the
+    layer in a network where (with ``asymmetric``, Eq. 12) the earlier layers are already replaced
+    and (for a 3d layer, §3.5) the layer itself is split spatially; the target is always the
+    original network's response. Only the sub-graph up to the layer is re-run, and only when
+    something in it is replaced."""
     solved = _Solved(timings={"collect_asymmetric": 0.0, "solve": 0.0})
     for unit in chosen:
         y = responses.pop(unit.output)
         y_hat = y
-        if asymmetric:
+        spatial = None
+        if unit.name in plan.spatial_ranks:
+            spatial = spatial_decomposition(unit.attrs, *spatial_filter_reconstruction(
+                unit.weight, plan.spatial_ranks[unit.name]), unit.bias)
+        if asymmetric or spatial is not None:
             clock = time.perf_counter()
             prefix = prefix_model(normalised, [unit.output])
-            upstream = {n.name for n in prefix.graph.node} & set(solved.chains)
-            if upstream:
+            replaced = {n.name: solved.chains[n.name] for n in prefix.graph.node
+                        if asymmetric and n.name in solved.chains}
+            if spatial is not None:
+                replaced[unit.name] = spatial
+            if replaced:
                 solved.prefix_macs += sum(shapes[n.name].macs for n in prefix.graph.node if n.name in shapes)
-                y_hat = collect_responses(replace_convs(prefix, {n: solved.chains[n] for n in upstream}),
-                                          tensors=[unit.output], **collect)[unit.output]
+                y_hat = collect_responses(replace_convs(prefix, replaced), tensors=[unit.output],
+                                          **collect)[unit.output]
             solved.timings["collect_asymmetric"] += time.perf_counter() - clock
         clock = time.perf_counter()
-        factors, solved.iterations[unit.name] = _solve(method, unit, stats[unit.name], y_hat, y, ranks[unit.name])
+        factors, solved.iterations[unit.name] = _solve(method, unit, stats[unit.name], y_hat, y, plan.ranks[unit.name])
         act = unit.activation
         solved.errors[unit.name] = relative_error(apply_activation(act.kind, act.params, y),
                                                   apply_activation(act.kind, act.params, factors.apply(y_hat)))
-        solved.chains[unit.name] = channel_decomposition(unit.attrs, unit.weight, unit.bias,
-                                                         factors.P, factors.Q, factors.bias)
+        if spatial is None:
+            solved.chains[unit.name] = channel_decomposition(unit.attrs, unit.weight, unit.bias,
+                                                             factors.P, factors.Q, factors.bias)
+        else:
+            vertical, horizontal = spatial
+            solved.chains[unit.name] = [vertical] + channel_decomposition(
+                horizontal.attrs, horizontal.weight, horizontal.bias, factors.P, factors.Q, factors.bias)
         solved.timings["solve"] += time.perf_counter() - clock
         advance(1)
     return solved
@@ -249,14 +340,18 @@ def _solve(method: str, unit: ConvUnit, stats: ResponseStats, y_hat: np.ndarray,
 
 
 def _apply_user_skips(units: list[ConvUnit], skip: Sequence[str]) -> None:
-    names = {u.name for u in units}
-    unknown = [s for s in skip if s not in names]
-    if unknown:
-        raise InvalidOptionError(f"--skip names no conv in the model: {', '.join(unknown)}",
-                                 hint="the report lists the conv names; --dry-run prints them")
+    _check_names(units, skip, "--skip")
     for unit in units:
         if unit.name in skip and unit.decomposable:
             unit.skipped_reason = "skipped by --skip"
+
+
+def _check_names(units: list[ConvUnit], names: Sequence[str], option: str) -> None:
+    known = {u.name for u in units}
+    unknown = [s for s in names if s not in known]
+    if unknown:
+        raise InvalidOptionError(f"{option} names no conv in the model: {', '.join(unknown)}",
+                                 hint="the report lists the conv names; --dry-run prints them")
 
 
 SAMPLES_PER_CHANNEL = 20
@@ -299,32 +394,34 @@ def _measure_shapes(model, source, units, inputs, threads) -> tuple[dict[str, Co
     """Per-sample ConvShape of every conv, and the MACs of the dense layers, from one probe run."""
     dense = dense_ops(model)
     probe_batch = batch_size_for(inputs, 1)
-    shapes = probe_shapes(model, source, [u.output for u in units] + [name for name, _ in dense],
-                          probe_batch, threads)
+    shapes = probe_shapes(model, source, [u.output for u in units] + [u.input for u in units]
+                          + [name for name, _ in dense], probe_batch, threads)
     convs = {}
     for unit in units:
-        out = shapes[unit.output]
-        kernel, spatial = unit.kernel, out[2:]
+        out, inp = shapes[unit.output], shapes[unit.input]
+        kernel, spatial, in_spatial = unit.kernel, out[2:], inp[2:]
         if len(kernel) != 2:
-            kernel, spatial = (int(np.prod(kernel)), 1), (int(np.prod(spatial)), 1)
+            kernel, spatial, in_spatial = (int(np.prod(kernel)), 1), (int(np.prod(spatial)), 1), None
         in_channels = unit.weight_shape[1] * unit.group if len(unit.weight_shape) > 1 else 0
-        convs[unit.name] = ConvShape(in_channels, int(out[1]), tuple(kernel), tuple(spatial), unit.group)
+        convs[unit.name] = ConvShape(in_channels, int(out[1]), tuple(kernel), tuple(spatial), unit.group,
+                                     tuple(in_spatial) if in_spatial else None)
     dense_total = sum(int(np.prod(shapes[name])) * inner for name, inner in dense) // probe_batch
     return convs, dense_total
 
 
-def _layer_report(unit: ConvUnit, shape: ConvShape | None, plan, stats, solved: _Solved) -> LayerReport:
+def _layer_report(unit: ConvUnit, shape: ConvShape | None, plan: ArchitecturePlan, stats,
+                  solved: _Solved) -> LayerReport:
     before = shape.macs if shape else 0
-    rank = plan.ranks.get(unit.name)
-    after = channel_decomposed_macs(shape, rank) if rank is not None else before
-    reason = unit.skipped_reason or plan.skipped.get(unit.name)
+    decomposed = unit.name in plan.layers
     return LayerReport(
         name=unit.name, kernel=list(unit.kernel), in_channels=shape.in_channels if shape else 0,
-        out_channels=shape.out_channels if shape else 0, activation=unit.activation.kind, rank=rank,
-        flops_before=2 * before, flops_after=2 * after,
-        energy=stats[unit.name].energy(rank) if unit.name in stats else None,
+        out_channels=shape.out_channels if shape else 0, activation=unit.activation.kind,
+        rank=plan.ranks.get(unit.name), spatial_rank=plan.spatial_ranks.get(unit.name),
+        input_rank=plan.input_ranks.get(unit.name), flops_before=2 * before,
+        flops_after=2 * (plan.layer_macs(unit.name, shape) if decomposed else before),
+        energy=stats[unit.name].energy(plan.ranks[unit.name]) if unit.name in stats and unit.name in plan.ranks else None,
         response_error=solved.errors.get(unit.name), solver_iterations=solved.iterations.get(unit.name),
-        skipped_reason=reason)
+        skipped_reason=unit.skipped_reason or plan.skipped.get(unit.name), note=plan.notes.get(unit.name))
 
 
 def _check_rewritten(model: onnx.ModelProto) -> None:

@@ -62,6 +62,12 @@ def _names(values: List[str]) -> list[str]:
     return [name for value in values for name in value.split(",") if name]
 
 
+def _selection(rank_selection: Optional[str], uniform: bool) -> Optional[str]:
+    if uniform and rank_selection not in (None, "uniform"):
+        raise InvalidOptionError(f"--uniform contradicts --rank-selection {rank_selection}", hint="give one of them")
+    return "uniform" if uniform else rank_selection
+
+
 @app.command()
 def run(
     input_model: Path = typer.Argument(..., metavar="IN.onnx", help="Model to accelerate."),
@@ -82,12 +88,18 @@ def run(
     seed: int = typer.Option(0, help="Seed for sampling and random inputs."),
     skip: List[str] = typer.Option([], help="Conv node name to leave alone (repeat, or comma-separate)."),
     rank_multiple: int = typer.Option(16, help="Round ranks to this multiple (1 disables)."),
-    method: str = typer.Option("asymmetric", help="Solver: linear (PCA, paper Eq. 4), nonlinear (activation-aware, "
-                                                         "Eq. 6) or asymmetric (nonlinear + Eq. 12, the default)."),
+    method: str = typer.Option("asymmetric", help="asymmetric (default: nonlinear + Eq. 12), asym3d (also split k x k "
+                                                      "into k x 1 and 1 x k, paper 3.5), nonlinear, linear; data-free "
+                                                      "baselines: jaderberg, svd, tucker2."),
     symmetric: bool = typer.Option(False, "--symmetric", help="Ablation: solve every layer from the original "
                                                                "network's inputs, not the approximated ones."),
-    uniform: bool = typer.Option(False, "--uniform", help="Ablation: one cost ratio for every layer instead "
-                                                           "of energy-based rank selection (Eq. 13-14)."),
+    rank_selection: Optional[str] = typer.Option(None, help="energy (Eq. 13-14; default for the data-driven "
+                                                            "methods) or uniform (default for the baselines)."),
+    uniform: bool = typer.Option(False, "--uniform", help="Same as --rank-selection uniform."),
+    channel_speedup: Optional[float] = typer.Option(None, help="asym3d: the channel part's speedup (default "
+                                                               "sqrt of --speedup); the spatial split does the rest."),
+    channel_only: List[str] = typer.Option([], help="asym3d: conv to decompose by channels only, without the "
+                                                    "k x 1 / 1 x k split (repeat, or comma-separate)."),
     report: Optional[Path] = typer.Option(None, help="Write the report as JSON here."),
     bench: bool = typer.Option(True, "--bench/--no-bench", help="Measure latency original vs optimized."),
     providers: List[str] = typer.Option(["cpu"], help="Providers to benchmark: cpu, cuda."),
@@ -113,7 +125,8 @@ def run(
                 input_model, speedup, calibration=calib, evaluation=eval_data, progress=RichProgress(bars),
                 preprocess=make_preprocess(preprocess.value, _floats(mean, "--mean"), _floats(std, "--std"),
                                            scale, bgr),
-                method=method, symmetric=symmetric, rank_selection="uniform" if uniform else "energy",
+                method=method, symmetric=symmetric, rank_selection=_selection(rank_selection, uniform),
+                channel_speedup=channel_speedup, channel_only=tuple(_names(channel_only)),
                 rank_multiple=rank_multiple, num_images=num_images,
                 samples_per_image=samples_per_image, seed=seed, skip=tuple(_names(skip)),
                 providers=tuple(_names(providers)), threads=threads, bench=bench, dry_run=dry_run,

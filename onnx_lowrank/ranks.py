@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from onnx_lowrank.costs import ConvShape, break_even_rank, channel_decomposed_macs
+from onnx_lowrank.costs import SCHEMES, ConvShape, break_even_rank, decomposed_macs, macs_per_rank, max_rank
 from onnx_lowrank.errors import InfeasibleTargetError, InvalidOptionError
 
 FIRST_LAYER_REASON = "first conv layer: left alone, as in the paper"
@@ -21,10 +21,32 @@ FIRST_LAYER_REASON = "first conv layer: left alone, as in the paper"
 
 @dataclass(frozen=True)
 class RankCandidate:
-    """A decomposable layer as rank selection sees it."""
+    """A decomposable layer as rank selection sees it: its shape and how it would be factorised
+    (``scheme``, see :mod:`onnx_lowrank.costs`)."""
 
     name: str
     shape: ConvShape
+    scheme: str = "channel"
+
+    def __post_init__(self) -> None:
+        if self.scheme not in SCHEMES:
+            raise InvalidOptionError(f"unknown factorisation scheme {self.scheme!r}",
+                                     hint=f"choose one of {', '.join(SCHEMES)}")
+
+    def macs_at(self, rank: int) -> int:
+        return decomposed_macs(self.shape, rank, self.scheme)
+
+    @property
+    def per_rank_macs(self) -> int:
+        return macs_per_rank(self.shape, self.scheme)
+
+    @property
+    def break_even(self) -> int:
+        return break_even_rank(self.shape, self.scheme)
+
+    @property
+    def full_rank(self) -> int:
+        return max_rank(self.shape, self.scheme)
 
 
 @dataclass
@@ -67,7 +89,7 @@ def uniform_ranks(candidates: list[RankCandidate], fixed_macs: int, speedup: flo
     ranks = _round_with_carry(active, (target - kept_macs) / sum(c.shape.macs for c in active), multiple)
     _shrink_to_target(active, ranks, kept_macs, target, multiple, plan.macs_before)
     plan.ranks = ranks
-    plan.macs_after = kept_macs + sum(channel_decomposed_macs(c.shape, ranks[c.name]) for c in active)
+    plan.macs_after = kept_macs + sum(c.macs_at(ranks[c.name]) for c in active)
     return plan
 
 
@@ -88,8 +110,8 @@ def energy_ranks(candidates: list[RankCandidate], eigenvalues: dict[str, np.ndar
     The search only visits multiples of ``multiple``, so the result meets the target as is.
     """
     plan, active, kept_macs, target = _eligible(candidates, fixed_macs, speedup, multiple, leave_first)
-    spectra = {c.name: _energy_curve(eigenvalues[c.name], c.shape.out_channels) for c in active}
-    ranks = {c.name: c.shape.out_channels for c in active}
+    spectra = {c.name: _energy_curve(eigenvalues[c.name], c.full_rank) for c in active}
+    ranks = {c.name: c.full_rank for c in active}
     by_name = {c.name: c for c in active}
 
     def score(cand: RankCandidate) -> float | None:
@@ -99,7 +121,7 @@ def energy_ranks(candidates: list[RankCandidate], eigenvalues: dict[str, np.ndar
             return None
         energy = spectra[cand.name]
         lost = (energy[rank] - energy[lower]) / max(energy[rank], np.finfo(float).tiny)
-        return lost / ((rank - lower) * _per_rank_macs(cand.shape))
+        return lost / ((rank - lower) * cand.per_rank_macs)
 
     heap = [(s, c.name) for c in active if (s := score(c)) is not None]
     heapq.heapify(heap)
@@ -112,14 +134,14 @@ def energy_ranks(candidates: list[RankCandidate], eigenvalues: dict[str, np.ndar
                      f"is {plan.macs_before / total:.3g}x; ask for less, lower --rank-multiple or "
                      "--skip fewer layers")
         cand = by_name[heapq.heappop(heap)[1]]
-        before = _effective_macs(cand.shape, ranks[cand.name])
+        before = _effective_macs(cand, ranks[cand.name])
         ranks[cand.name] = _next_multiple_below(ranks[cand.name], multiple)
-        total -= before - _effective_macs(cand.shape, ranks[cand.name])
+        total -= before - _effective_macs(cand, ranks[cand.name])
         if (next_score := score(cand)) is not None:
             heapq.heappush(heap, (next_score, cand.name))
     total = target - _spend_slack(active, ranks, spectra, target - total, multiple)
     for cand in active:
-        if ranks[cand.name] >= break_even_rank(cand.shape):
+        if ranks[cand.name] >= cand.break_even:
             plan.skipped[cand.name] = "rank selection keeps it: its energy is worth more than its cost"
     plan.ranks = {n: r for n, r in ranks.items() if n not in plan.skipped}
     plan.macs_after = int(round(total))
@@ -131,9 +153,9 @@ def _next_multiple_below(rank: int, multiple: int) -> int | None:
     return lower if lower >= multiple else None
 
 
-def _effective_macs(shape: ConvShape, rank: int) -> int:
+def _effective_macs(cand: RankCandidate, rank: int) -> int:
     """What the layer costs at ``rank``: the original's cost once decomposing no longer saves."""
-    return shape.macs if rank >= break_even_rank(shape) else channel_decomposed_macs(shape, rank)
+    return cand.shape.macs if rank >= cand.break_even else cand.macs_at(rank)
 
 
 def _spend_slack(active, ranks, spectra, slack: float, multiple: int) -> float:
@@ -143,9 +165,9 @@ def _spend_slack(active, ranks, spectra, slack: float, multiple: int) -> float:
         best = None
         for cand in active:
             rank = ranks[cand.name]
-            if rank + multiple > cand.shape.out_channels:
+            if rank + multiple > cand.full_rank:
                 continue
-            extra = _effective_macs(cand.shape, rank + multiple) - _effective_macs(cand.shape, rank)
+            extra = _effective_macs(cand, rank + multiple) - _effective_macs(cand, rank)
             if extra > slack:
                 continue
             energy = spectra[cand.name]
@@ -182,7 +204,7 @@ def _eligible(candidates: list[RankCandidate], fixed_macs: int, speedup: float, 
         plan.skipped[active[0].name] = FIRST_LAYER_REASON
         active = active[1:]
     for cand in list(active):
-        if break_even_rank(cand.shape) <= multiple:
+        if cand.break_even <= multiple:
             plan.skipped[cand.name] = (
                 f"cannot pay off: rank {multiple} already costs as much as the original "
                 f"({cand.shape.in_channels}->{cand.shape.out_channels}, "
@@ -195,20 +217,16 @@ def _eligible(candidates: list[RankCandidate], fixed_macs: int, speedup: float, 
     return plan, active, kept_macs, plan.macs_before / speedup
 
 
-def _per_rank_macs(shape: ConvShape) -> int:
-    return channel_decomposed_macs(shape, 1)
-
-
 def _round_with_carry(active: list[RankCandidate], ratio: float, multiple: int) -> dict[str, int]:
     ranks: dict[str, int] = {}
     carry = 0.0
     for cand in active:
         wanted = max(ratio, 0.0) * cand.shape.macs + carry
-        ideal = wanted / _per_rank_macs(cand.shape)
-        ceiling = (break_even_rank(cand.shape) - 1) // multiple * multiple
+        ideal = wanted / cand.per_rank_macs
+        ceiling = (cand.break_even - 1) // multiple * multiple
         rank = min(max(multiple, round(ideal / multiple) * multiple), ceiling)
         ranks[cand.name] = rank
-        carry = wanted - channel_decomposed_macs(cand.shape, rank)
+        carry = wanted - cand.macs_at(rank)
     return ranks
 
 
@@ -221,7 +239,7 @@ def _shrink_to_target(active: list[RankCandidate], ranks: dict[str, int], kept_m
     does not cost a wide early layer a quarter of its channels.
     """
     def total() -> float:
-        return kept_macs + sum(channel_decomposed_macs(c.shape, ranks[c.name]) for c in active)
+        return kept_macs + sum(c.macs_at(ranks[c.name]) for c in active)
 
     while (overshoot := total() - target) > 0:
         lowerable = [c for c in active if ranks[c.name] - multiple >= multiple]
@@ -231,9 +249,9 @@ def _shrink_to_target(active: list[RankCandidate], ranks: dict[str, int], kept_m
                 hint=f"with every decomposable layer at the minimum rank {multiple} the conv speedup "
                      f"is {macs_before / total():.3g}x; ask for less, lower --rank-multiple or "
                      "--skip fewer layers")
-        covering = [c for c in lowerable if _per_rank_macs(c.shape) * multiple >= overshoot]
+        covering = [c for c in lowerable if c.per_rank_macs * multiple >= overshoot]
         if covering:
-            chosen = min(covering, key=lambda c: _per_rank_macs(c.shape))
+            chosen = min(covering, key=lambda c: c.per_rank_macs)
         else:
-            chosen = max(lowerable, key=lambda c: _per_rank_macs(c.shape))
+            chosen = max(lowerable, key=lambda c: c.per_rank_macs)
         ranks[chosen.name] -= multiple

@@ -16,13 +16,16 @@ class LayerReport:
     in_channels: int
     out_channels: int
     activation: str
-    rank: int | None
+    rank: int | None  # d' of the channel decomposition (r2 for Tucker-2)
     flops_before: int
     flops_after: int
+    spatial_rank: int | None = None  # d'' of the k x 1 / 1 x k split
+    input_rank: int | None = None  # r1 of Tucker-2
     energy: float | None = None
     response_error: float | None = None
     solver_iterations: list[int] | None = None  # per stage of the nonlinear solver's schedule
     skipped_reason: str | None = None
+    note: str | None = None  # e.g. why a 3d layer stayed channel-only
 
 
 @dataclass
@@ -42,9 +45,11 @@ class Report:
     timings_s: dict[str, float] = field(default_factory=dict)
     dry_run: bool = False
     symmetric: bool = True
-    # Cost of Eq. 12's re-collection, in full conv passes over the calibration set (the sub-graphs
-    # up to each layer, summed); None when every layer was solved from the original network.
+    # Cost of re-collecting the fitted inputs (Eq. 12, and the spatially split layers of asym3d), in
+    # full conv passes over the calibration set (the sub-graphs up to each layer, summed); None when
+    # every layer was solved from the original network's responses.
     asymmetric_collection_passes: float | None = None
+    channel_speedup: float | None = None  # asym3d: the channel part's share of the target
 
     def to_dict(self) -> dict:
         data = asdict(self)

@@ -115,7 +115,9 @@ def collect_responses(model: onnx.ModelProto, source, indices: Sequence[int], te
 def probe_shapes(model: onnx.ModelProto, source, tensors: Sequence[str], batch_size: int,
                  threads: int = 0) -> dict[str, tuple]:
     """Actual shapes of ``tensors`` for one calibration batch (shape inference misses dynamic dims)."""
-    session = make_session(with_outputs(model, tensors), optimize=False, threads=threads)
+    feeds = source.get(list(range(batch_size)))
+    computed = [name for name in tensors if name not in feeds]
+    session = make_session(with_outputs(model, computed), optimize=False, threads=threads)
     names = [o.name for o in session.get_outputs()]
-    outputs = session.run(names, source.get(list(range(batch_size))))
-    return {name: tuple(outputs[names.index(name)].shape) for name in tensors}
+    outputs = dict(zip(names, session.run(names, feeds)))
+    return {name: tuple(feeds[name].shape if name in feeds else outputs[name].shape) for name in tensors}

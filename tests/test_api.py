@@ -174,7 +174,7 @@ def test_energy_selection_beats_uniform_on_the_response_energy(calib_file) -> No
 
 
 def test_symmetric_needs_the_asymmetric_method(calib_file) -> None:
-    with pytest.raises(InvalidOptionError, match="is symmetric already"):
+    with pytest.raises(InvalidOptionError, match="changes the asymmetric methods"):
         compress(planted_model(), 2.0, calibration=str(calib_file), method="linear", symmetric=True)
 
 

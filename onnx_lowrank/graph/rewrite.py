@@ -36,6 +36,46 @@ def channel_decomposition(attrs: dict, weight: np.ndarray, bias: np.ndarray,
             ConvSpec(P[:, :, None, None].astype(dtype), second_bias.astype(dtype), pointwise)]
 
 
+def spatial_decomposition(attrs: dict, vertical: np.ndarray, horizontal: np.ndarray,
+                          bias: np.ndarray | None) -> list[ConvSpec]:
+    """(kh x 1, c -> d'') with ``vertical`` then (1 x kw, d'' -> d) with ``horizontal`` and the bias
+    (Jaderberg et al. 2014, scheme 2). Each conv takes its own axis of the strides, dilations and
+    pads: stride (sh, 1) then (1, sw), pads top/bottom then left/right. An ``auto_pad`` of
+    SAME_UPPER/SAME_LOWER/VALID is kept on both: along an axis with kernel 1 and stride 1 it pads
+    nothing, so each conv pads exactly the axis the original padded."""
+    vertical_attrs, horizontal_attrs = split_spatial_attrs(attrs, (vertical.shape[2], horizontal.shape[3]))
+    return [ConvSpec(vertical, None, vertical_attrs), ConvSpec(horizontal, bias, horizontal_attrs)]
+
+
+def split_spatial_attrs(attrs: dict, kernel: tuple[int, int]) -> tuple[dict, dict]:
+    """Conv attributes of the vertical (kh x 1) and horizontal (1 x kw) halves of a 2-D conv."""
+    kh, kw = kernel
+    sh, sw = attrs.get("strides", [1, 1])
+    dh, dw = attrs.get("dilations", [1, 1])
+    vertical = {"kernel_shape": [kh, 1], "strides": [sh, 1], "dilations": [dh, 1]}
+    horizontal = {"kernel_shape": [1, kw], "strides": [1, sw], "dilations": [1, dw]}
+    auto_pad = attrs.get("auto_pad", "NOTSET")
+    if isinstance(auto_pad, bytes):
+        auto_pad = auto_pad.decode()
+    if auto_pad != "NOTSET":
+        vertical["auto_pad"] = horizontal["auto_pad"] = auto_pad
+    else:
+        top, left, bottom, right = attrs.get("pads", [0, 0, 0, 0])
+        vertical["pads"] = [top, 0, bottom, 0]
+        horizontal["pads"] = [0, left, 0, right]
+    return vertical, horizontal
+
+
+def tucker2_decomposition(attrs: dict, first: np.ndarray, core: np.ndarray, last: np.ndarray,
+                          bias: np.ndarray | None) -> list[ConvSpec]:
+    """(1 x 1, c -> r1) with ``first`` at the input resolution, the (kh x kw, r1 -> r2) ``core`` with
+    the original strides/pads/dilations, then (1 x 1, r2 -> d) with ``last`` and the bias. The first
+    conv has no bias, so the zero padding of the core sees zeros, as the original did."""
+    pointwise = {"kernel_shape": [1, 1]}
+    core_attrs = {k: v for k, v in attrs.items() if k != "group"}
+    return [ConvSpec(first, None, pointwise), ConvSpec(core, None, core_attrs), ConvSpec(last, bias, pointwise)]
+
+
 def replace_convs(model: onnx.ModelProto, chains: dict[str, list[ConvSpec]]) -> onnx.ModelProto:
     """Return a copy of ``model`` with each named Conv replaced by its chain (names kept readable)."""
     graph = gs.import_onnx(model)

@@ -24,6 +24,7 @@ class ConvUnit:
     """One Conv node of the (normalised) model; ``skipped_reason`` is set when it cannot be decomposed."""
 
     name: str
+    input: str
     output: str
     weight_shape: tuple[int, ...]
     group: int
@@ -55,7 +56,7 @@ def find_conv_units(model: onnx.ModelProto) -> list[ConvUnit]:
         bias = constant_value(node.inputs[2]) if has_bias else None
         shape = tuple(weight.shape) if weight is not None else tuple(node.inputs[1].shape or ())
         group = int(node.attrs.get("group", 1))
-        unit = ConvUnit(name=node.name, output=node.outputs[0].name, weight_shape=shape,
+        unit = ConvUnit(name=node.name, input=node.inputs[0].name, output=node.outputs[0].name, weight_shape=shape,
                         group=group, attrs=dict(node.attrs))
         unit.skipped_reason = _skip_reason(weight, shape, group, has_bias and bias is None)
         if unit.decomposable:

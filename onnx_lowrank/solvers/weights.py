@@ -11,6 +11,11 @@ Pure NumPy. ``weight`` is an ONNX Conv weight ``(d, c, kh, kw)``.
   of ``W`` rearranged as a ``(c kh) x (d kw)`` matrix, so its optimum is the truncated SVD of that
   matrix (closed form, as Zhang et al. note in §3.5); Jaderberg et al.'s alternating solver
   converges to the same minimiser, more slowly.
+* :func:`tucker2`: Tucker-2 by HOSVD (Kim et al. 2016 style): the top ``r1`` input-channel and
+  ``r2`` output-channel singular vectors of the weight's two channel unfoldings and the core they
+  leave, ``(1 x 1, c -> r1) -> (kh x kw, r1 -> r2) -> (1 x 1, r2 -> d)``.
+* :func:`weight_spectrum`: the squared singular values each scheme truncates, for energy-based
+  rank selection of these data-free baselines.
 """
 
 from __future__ import annotations
@@ -25,9 +30,7 @@ def weight_svd(weight: np.ndarray, bias: np.ndarray, rank: int) -> LowRankFactor
     """``P = Q = U_r`` (top left singular vectors of the weights): the chain computes
     ``U_r U_r^T W x + b``, so the new bias is ``b - U_r U_r^T b``."""
     matrix = _validated(weight).reshape(weight.shape[0], -1).astype(np.float64)
-    rank = validate_rank(rank, min(matrix.shape))
-    left, _, _ = np.linalg.svd(matrix, full_matrices=False)
-    basis = deterministic_signs(left[:, :rank])
+    basis = _top_left_vectors(matrix, validate_rank(rank, min(matrix.shape)))
     bias = np.asarray(bias, np.float64)
     return LowRankFactors(basis, basis.copy(), bias - basis @ (basis.T @ bias))
 
@@ -46,6 +49,38 @@ def spatial_filter_reconstruction(weight: np.ndarray, rank: int) -> tuple[np.nda
     vertical = (left.T * scale).reshape(rank, c, kh, 1)
     horizontal = (right_t / scale).reshape(rank, d, kw).transpose(1, 0, 2)[:, :, None, :]
     return vertical.astype(weight.dtype), horizontal.astype(weight.dtype)
+
+
+def tucker2(weight: np.ndarray, in_rank: int, out_rank: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(first (r1, c, 1, 1), core (r2, r1, kh, kw), last (d, r2, 1, 1))`` with
+    ``W[o, i] ~ sum_{r, s} last[o, r] core[r, s] first[s, i]``."""
+    w = _validated(weight).astype(np.float64)
+    d, c = w.shape[:2]
+    in_rank, out_rank = validate_rank(in_rank, c), validate_rank(out_rank, d)
+    out_basis = _top_left_vectors(w.reshape(d, -1), out_rank)
+    in_basis = _top_left_vectors(w.transpose(1, 0, 2, 3).reshape(c, -1), in_rank)
+    core = np.einsum("oiyx,or,is->rsyx", w, out_basis, in_basis)
+    return (in_basis.T[:, :, None, None].astype(weight.dtype), core.astype(weight.dtype),
+            out_basis[:, :, None, None].astype(weight.dtype))
+
+
+def weight_spectrum(weight: np.ndarray, scheme: str) -> np.ndarray:
+    """Squared singular values (descending) of the matrix a scheme truncates: ``d x (c kh kw)`` for
+    ``channel`` (weight SVD), ``(c kh) x (d kw)`` for ``spatial`` (filter reconstruction)."""
+    w = _validated(weight).astype(np.float64)
+    d, c, kh, kw = w.shape
+    if scheme == "channel":
+        matrix = w.reshape(d, -1)
+    elif scheme == "spatial":
+        matrix = w.transpose(1, 2, 0, 3).reshape(c * kh, d * kw)
+    else:
+        raise InvalidOptionError(f"unknown factorisation scheme {scheme!r}", hint="channel or spatial")
+    return np.linalg.svd(matrix, compute_uv=False) ** 2
+
+
+def _top_left_vectors(matrix: np.ndarray, rank: int) -> np.ndarray:
+    left, _, _ = np.linalg.svd(matrix, full_matrices=False)
+    return deterministic_signs(left[:, :rank])
 
 
 def _validated(weight: np.ndarray) -> np.ndarray:

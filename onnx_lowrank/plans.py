@@ -1,0 +1,187 @@
+"""The decomposed architecture for each method: which layers change, into which chain, at which ranks.
+
+Pure arithmetic on the cost model and spectra (no ONNX). Every plan meets the target on exact
+MACs of the chains it describes, with ranks rounded to ``multiple``.
+
+* ``channel`` (methods linear, nonlinear, asymmetric, svd): (k x k, d') -> (1 x 1, d).
+* ``3d`` (asym3d, paper §3.5): rank selection of ``d'`` for a channel speedup ``r_c`` (default
+  ``sqrt(r)``), then each resulting (k x k, c -> d') layer with k > 1 is split into
+  (k x 1, c -> d'') -> (1 x k, d'' -> d') with one cost ratio for all of them (the paper's "d''
+  depending on the speedup ratio"), sized so that the whole model meets ``r``. A layer whose
+  split cannot pay off at the smallest ``d''``, or that the user keeps channel-only, stays a
+  channel decomposition.
+* ``spatial`` (jaderberg): (k x 1, c -> d'') -> (1 x k, d'' -> d) for every k x k layer, k > 1.
+* ``tucker2``: (1 x 1, c -> r1) -> (k x k, r1 -> r2) -> (1 x 1, r2 -> d), with ``r1 / c = r2 / d``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from onnx_lowrank.costs import ConvShape, decomposed_macs, tucker2_macs
+from onnx_lowrank.errors import InfeasibleTargetError, InvalidOptionError
+from onnx_lowrank.ranks import (FIRST_LAYER_REASON, RankCandidate, RankPlan, energy_ranks, uniform_ranks,
+                                validate_speedup)
+
+NO_SPATIAL_KERNEL = "1-wide kernel: nothing to split spatially"
+KEPT_CHANNEL_ONLY = "kept channel-only (--channel-only)"
+
+
+@dataclass
+class ArchitecturePlan:
+    """Per decomposed layer: ``ranks`` (d' of a channel decomposition; r2 of Tucker-2),
+    ``spatial_ranks`` (d'' of a k x 1 / 1 x k split), ``input_ranks`` (r1 of Tucker-2);
+    ``notes`` say why a layer is left alone or only partly decomposed."""
+
+    ranks: dict[str, int] = field(default_factory=dict)
+    spatial_ranks: dict[str, int] = field(default_factory=dict)
+    input_ranks: dict[str, int] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+    notes: dict[str, str] = field(default_factory=dict)
+    macs_before: int = 0
+    macs_after: int = 0
+
+    @property
+    def speedup(self) -> float:
+        return self.macs_before / self.macs_after
+
+    @property
+    def layers(self) -> set[str]:
+        return set(self.ranks) | set(self.spatial_ranks)
+
+    def layer_macs(self, name: str, shape: ConvShape) -> int:
+        """Exact MACs of the chain that replaces layer ``name``."""
+        rank, spatial = self.ranks.get(name), self.spatial_ranks.get(name)
+        if name in self.input_ranks:
+            return tucker2_macs(shape, self.input_ranks[name], rank)
+        if spatial is None:
+            return decomposed_macs(shape, rank, "channel")
+        if rank is None:
+            return decomposed_macs(shape, spatial, "spatial")
+        return decomposed_macs(shape.with_out_channels(rank), spatial, "spatial") + shape.positions * shape.out_channels * rank
+
+    @classmethod
+    def from_ranks(cls, plan: RankPlan, spatial: bool = False) -> "ArchitecturePlan":
+        return cls(ranks={} if spatial else dict(plan.ranks), spatial_ranks=dict(plan.ranks) if spatial else {},
+                   skipped=dict(plan.skipped), macs_before=plan.macs_before, macs_after=plan.macs_after)
+
+
+def has_spatial_extent(shape: ConvShape) -> bool:
+    return shape.kernel[0] > 1 and shape.kernel[1] > 1
+
+
+def channel_plan(candidates: list[RankCandidate], spectra: dict[str, np.ndarray] | None,
+                 fixed_macs: int, speedup: float, multiple: int) -> ArchitecturePlan:
+    """Channel decomposition of every candidate: energy selection (Eq. 13-14) when ``spectra`` are
+    given, one cost ratio for all otherwise."""
+    return ArchitecturePlan.from_ranks(_rank_plan(candidates, spectra, fixed_macs, speedup, multiple))
+
+
+def spatial_plan(candidates: list[RankCandidate], spectra: dict[str, np.ndarray] | None, fixed_macs: int,
+                 speedup: float, multiple: int) -> ArchitecturePlan:
+    """Jaderberg et al.'s spatial split of every k x k layer (k > 1); 1-wide kernels stay as they are."""
+    split = [RankCandidate(c.name, c.shape, "spatial") for c in candidates if has_spatial_extent(c.shape)]
+    kept = {c.name: NO_SPATIAL_KERNEL for c in candidates if not has_spatial_extent(c.shape)}
+    if not split:
+        raise InfeasibleTargetError("no conv has a k x k kernel with k > 1 to split spatially",
+                                    hint="use a channel method (--method asymmetric or svd)")
+    fixed = fixed_macs + sum(c.shape.macs for c in candidates if c.name in kept)
+    plan = ArchitecturePlan.from_ranks(_rank_plan(split, spectra, fixed, speedup, multiple), spatial=True)
+    plan.skipped.update(kept)
+    return plan
+
+
+def three_d_plan(candidates: list[RankCandidate], spectra: dict[str, np.ndarray] | None, fixed_macs: int,
+                 speedup: float, multiple: int, channel_speedup: float | None = None,
+                 channel_only: tuple[str, ...] = ()) -> ArchitecturePlan:
+    """The paper's "asymmetric (3d)" architecture (§3.5); see the module docstring."""
+    speedup = validate_speedup(speedup)
+    channel_speedup = np.sqrt(speedup) if channel_speedup is None else validate_speedup(channel_speedup)
+    if channel_speedup > speedup:
+        raise InvalidOptionError(f"the channel speedup ({channel_speedup:.3g}x) exceeds the target ({speedup:.3g}x)",
+                                 hint="give a --channel-speedup between 1 and --speedup")
+    plan = channel_plan(candidates, spectra, fixed_macs, channel_speedup, multiple)
+    target = plan.macs_before / speedup
+    shapes = {c.name: c.shape for c in candidates}
+    split = [RankCandidate(name, shapes[name].with_out_channels(rank), "spatial")
+             for name, rank in plan.ranks.items() if has_spatial_extent(shapes[name]) and name not in channel_only]
+    for name in plan.ranks:
+        if not has_spatial_extent(shapes[name]):
+            plan.notes[name] = f"channel-only: {NO_SPATIAL_KERNEL}"
+        elif name in channel_only:
+            plan.notes[name] = KEPT_CHANNEL_ONLY
+    if plan.macs_after <= target or not split:
+        return plan
+    # the k x k parts of the split layers are what the spatial step can still cut
+    fixed = plan.macs_after - sum(c.shape.macs for c in split)
+    try:
+        spatial = uniform_ranks(split, fixed, plan.macs_after / target, multiple, leave_first=False)
+    except InfeasibleTargetError as exc:
+        raise InfeasibleTargetError(
+            f"a {speedup:.4g}x conv speedup cannot be reached with a {channel_speedup:.3g}x channel part",
+            hint="ask for less, or raise --channel-speedup so the channel part does more") from exc
+    plan.spatial_ranks = dict(spatial.ranks)
+    for name, reason in spatial.skipped.items():
+        plan.notes[name] = f"channel-only: the spatial split {reason.split(':', 1)[0]}"
+    plan.macs_after = spatial.macs_after
+    return plan
+
+
+def tucker2_plan(candidates: list[RankCandidate], fixed_macs: int, speedup: float, multiple: int) -> ArchitecturePlan:
+    """One cost ratio for every layer (but the first), ``r1 / c = r2 / d``; rounding carried over."""
+    speedup = validate_speedup(speedup)
+    plan = ArchitecturePlan(macs_before=fixed_macs + sum(c.shape.macs for c in candidates))
+    active = list(candidates)
+    if len(active) > 1:
+        plan.skipped[active[0].name] = FIRST_LAYER_REASON
+        active = active[1:]
+    options = {c.name: _tucker2_options(c.shape, multiple) for c in active}
+    for cand in list(active):
+        if not options[cand.name]:
+            plan.skipped[cand.name] = f"cannot pay off: Tucker-2 at the minimum ranks {multiple} costs as much as the original"
+            active.remove(cand)
+    if not active:
+        raise InfeasibleTargetError("no layer can be decomposed profitably", hint="see the skipped layers in the report")
+    target = plan.macs_before / speedup
+    kept = plan.macs_before - sum(c.shape.macs for c in active)
+    ratio = (target - kept) / sum(c.shape.macs for c in active)
+    choice, carry = {}, 0.0
+    for cand in active:  # options are sorted by cost; take the dearest within the wanted cost
+        wanted = ratio * cand.shape.macs + carry
+        affordable = [i for i, (cost, _, _) in enumerate(options[cand.name]) if cost <= wanted]
+        choice[cand.name] = affordable[-1] if affordable else 0
+        carry = wanted - options[cand.name][choice[cand.name]][0]
+    total = kept + sum(options[n][i][0] for n, i in choice.items())
+    while total > target:
+        lowerable = [n for n, i in choice.items() if i > 0]
+        if not lowerable:
+            raise InfeasibleTargetError(f"a {speedup:.4g}x conv speedup cannot be reached with Tucker-2",
+                                        hint=f"the minimum ranks give {plan.macs_before / total:.3g}x; ask for less "
+                                             "or lower --rank-multiple")
+        name = max(lowerable, key=lambda n: options[n][choice[n]][0] - options[n][choice[n] - 1][0])
+        total -= options[name][choice[name]][0] - options[name][choice[name] - 1][0]
+        choice[name] -= 1
+    for name, index in choice.items():
+        _, plan.input_ranks[name], plan.ranks[name] = options[name][index]
+    plan.macs_after = int(total)
+    return plan
+
+
+def _tucker2_options(shape: ConvShape, multiple: int) -> list[tuple[int, int, int]]:
+    """(cost, r1, r2) below the original's cost, with r2 on multiples and r1 / c = r2 / d, cheapest first."""
+    c, d = shape.in_channels, shape.out_channels
+    options = set()
+    for out_rank in range(multiple, d + 1, multiple):
+        in_rank = min(c, max(multiple, int(round(out_rank * c / d / multiple)) * multiple))
+        cost = tucker2_macs(shape, in_rank, out_rank)
+        if cost < shape.macs:
+            options.add((cost, in_rank, out_rank))
+    return sorted(options)
+
+
+def _rank_plan(candidates, spectra, fixed_macs, speedup, multiple) -> RankPlan:
+    if spectra is None:
+        return uniform_ranks(candidates, fixed_macs, speedup, multiple)
+    return energy_ranks(candidates, spectra, fixed_macs, speedup, multiple)
