@@ -8,8 +8,8 @@ MACs of the chains it describes, with ranks rounded to ``multiple``.
   ``sqrt(r)``), then each resulting (k x k, c -> d') layer with k > 1 is split into
   (k x 1, c -> d'') -> (1 x k, d'' -> d') with one cost ratio for all of them (the paper's "d''
   depending on the speedup ratio"), sized so that the whole model meets ``r``. A layer whose
-  split cannot pay off at the smallest ``d''``, or that the user keeps channel-only, stays a
-  channel decomposition.
+  split cannot pay off at the smallest ``d''`` stays a channel decomposition at its ``d'``; a
+  layer the user keeps channel-only gets the rank channel-only selection gives it for ``r``.
 * ``spatial`` (jaderberg): (k x 1, c -> d'') -> (1 x k, d'' -> d) for every k x k layer, k > 1.
 * ``tucker2``: (1 x 1, c -> r1) -> (k x k, r1 -> r2) -> (1 x 1, r2 -> d), with ``r1 / c = r2 / d``.
 """
@@ -103,8 +103,19 @@ def three_d_plan(candidates: list[RankCandidate], spectra: dict[str, np.ndarray]
         raise InvalidOptionError(f"the channel speedup ({channel_speedup:.3g}x) exceeds the target ({speedup:.3g}x)",
                                  hint="give a --channel-speedup between 1 and --speedup")
     plan = channel_plan(candidates, spectra, fixed_macs, channel_speedup, multiple)
-    target = plan.macs_before / speedup
     shapes = {c.name: c.shape for c in candidates}
+    if channel_only:  # these get the ranks channel-only decomposition would give them for the whole target
+        alone = channel_plan(candidates, spectra, fixed_macs, speedup, multiple)
+        for name in channel_only:
+            plan.ranks.pop(name, None)
+            plan.skipped.pop(name, None)
+            if name in alone.ranks:
+                plan.ranks[name] = alone.ranks[name]
+            elif name in alone.skipped:
+                plan.skipped[name] = alone.skipped[name]
+        plan.macs_after = (fixed_macs + sum(c.shape.macs for c in candidates if c.name not in plan.ranks)
+                           + sum(decomposed_macs(shapes[n], r, "channel") for n, r in plan.ranks.items()))
+    target = plan.macs_before / speedup
     split = [RankCandidate(name, shapes[name].with_out_channels(rank), "spatial")
              for name, rank in plan.ranks.items() if has_spatial_extent(shapes[name]) and name not in channel_only]
     for name in plan.ranks:

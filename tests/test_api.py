@@ -9,6 +9,9 @@ import pytest
 from onnx_lowrank import LowRankError, compress
 from onnx_lowrank.costs import ConvShape, channel_decomposed_macs
 from onnx_lowrank.errors import InvalidOptionError, NothingToDecomposeError
+from onnx_lowrank.graph.normalise import normalise
+from onnx_lowrank.graph.units import find_conv_units
+from onnx_lowrank.solvers.weights import spatial_filter_reconstruction, tucker2, weight_svd
 from tests.builders import Layer, conv_net, relative_error, run_model
 
 
@@ -184,3 +187,111 @@ def test_few_samples_per_channel_warn_for_the_regression_methods(calib_file) -> 
     assert any("samples per channel" in w for w in few.warnings)
     linear = compress(model, 2.0, calibration=str(calib_file), bench=False, samples_per_image=4, method="linear")
     assert not any("samples per channel" in w for w in linear.report.warnings)
+
+
+def three_layer_model():
+    return conv_net([Layer(16), Layer(32), Layer(32, stride=2, pads=[1, 0, 2, 1]), Layer(32, k=(3, 5), act="none")],
+                    size=(12, 12), seed=5)
+
+
+def reconstructed_weight(method: str, unit, layer) -> tuple[np.ndarray, np.ndarray]:
+    """The weights and bias one conv would need to compute what the baseline's chain computes."""
+    if method == "svd":
+        factors = weight_svd(unit.weight, unit.bias, layer.rank)
+        matrix = unit.weight.reshape(len(unit.weight), -1)
+        return (factors.P @ (factors.Q.T @ matrix)).reshape(unit.weight.shape), unit.bias
+    if method == "jaderberg":
+        vertical, horizontal = spatial_filter_reconstruction(unit.weight, layer.spatial_rank)
+        return np.einsum("ojx,jiy->oiyx", horizontal[:, :, 0, :], vertical[:, :, :, 0]), unit.bias
+    first, core, last = tucker2(unit.weight, layer.input_rank, layer.rank)
+    return np.einsum("rsyx,or,si->oiyx", core, last[:, :, 0, 0], first[:, :, 0, 0]), unit.bias
+
+
+@pytest.mark.parametrize("method", ["svd", "jaderberg", "tucker2"])
+def test_data_free_baselines_compute_a_conv_with_the_reconstructed_weights(calib_file, method) -> None:
+    model = three_layer_model()
+    result = compress(model, 2.0, calibration=str(calib_file), bench=False, method=method, rank_multiple=4)
+    assert result.report.theoretical_conv_speedup >= 2.0 and result.report.rank_selection == "uniform"
+    assert result.report.timings_s.get("collect") is None  # data-free: no responses collected
+    reference = normalise(model)
+    layers = {layer.name: layer for layer in result.report.layers}
+    weights = {init.name: init for init in reference.graph.initializer}
+    changed = 0
+    for unit, node in zip(find_conv_units(reference), [n for n in reference.graph.node if n.op_type == "Conv"]):
+        layer = layers[unit.name]
+        if layer.rank is None and layer.spatial_rank is None:
+            continue
+        weight, bias = reconstructed_weight(method, unit, layer)
+        weights[node.input[1]].CopyFrom(onnx.numpy_helper.from_array(weight.astype(np.float32), node.input[1]))
+        weights[node.input[2]].CopyFrom(onnx.numpy_helper.from_array(bias.astype(np.float32), node.input[2]))
+        changed += 1
+    assert changed >= 2
+    x = np.random.default_rng(3).standard_normal((2, 3, 12, 12)).astype(np.float32)
+    assert relative_error(run_model(reference, {"input": x})[0], run_model(result.model, {"input": x})[0]) < 1e-4
+
+
+def counted_conv_macs(model: onnx.ModelProto, size=(12, 12)) -> dict[str, int]:
+    """MACs of every Conv node from the tensor shapes onnx infers (independent of the cost model)."""
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(model)
+    dims = fixed.graph.input[0].type.tensor_type.shape.dim
+    for dim, value in zip(dims, (1, 3, *size)):
+        dim.Clear()
+        dim.dim_value = value
+    inferred = onnx.shape_inference.infer_shapes(fixed)
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in
+              list(inferred.graph.value_info) + list(inferred.graph.output)}
+    weights = {init.name: tuple(init.dims) for init in model.graph.initializer}
+    return {n.name: int(np.prod(shapes[n.output[0]])) * int(np.prod(weights[n.input[1]][1:]))
+            for n in inferred.graph.node if n.op_type == "Conv"}
+
+
+@pytest.mark.parametrize("method", ["asym3d", "jaderberg", "svd", "tucker2", "asymmetric"])
+def test_reported_flops_are_the_flops_of_the_written_chains(calib_file, method) -> None:
+    model = three_layer_model()
+    result = compress(model, 2.5, calibration=str(calib_file), bench=False, method=method, rank_multiple=4)
+    counted = counted_conv_macs(result.model)
+    for layer in result.report.layers:
+        chain = [macs for name, macs in counted.items() if name == layer.name or name.startswith(layer.name + "_lowrank")]
+        assert 2 * sum(chain) == layer.flops_after, layer.name
+    total_before = sum(layer.flops_before for layer in result.report.layers)
+    assert total_before / (2 * sum(counted.values())) == pytest.approx(result.report.theoretical_conv_speedup)
+
+
+def test_asym3d_splits_each_kxk_layer_into_the_planned_three_convs(calib_file) -> None:
+    model = three_layer_model()
+    result = compress(model, 3.0, calibration=str(calib_file), bench=False, method="asym3d", rank_multiple=4)
+    report = result.report
+    assert report.channel_speedup == pytest.approx(np.sqrt(3.0)) and report.theoretical_conv_speedup >= 3.0
+    split = [layer for layer in report.layers if layer.spatial_rank is not None]
+    assert split
+    nodes = {n.name: n for n in result.model.graph.node}
+    weights = {init.name: tuple(init.dims) for init in result.model.graph.initializer}
+    for layer in split:
+        kh, kw = layer.kernel
+        chain = [weights[nodes[f"{layer.name}_lowrank{i}"].input[1]] for i in range(3)]
+        assert chain == [(layer.spatial_rank, layer.in_channels, kh, 1), (layer.rank, layer.spatial_rank, 1, kw),
+                         (layer.out_channels, layer.rank, 1, 1)]
+        assert layer.response_error is not None and layer.solver_iterations is not None
+
+
+def test_asym3d_is_closer_to_the_original_than_filter_reconstruction(calib_file) -> None:
+    model = conv_net([Layer(32), Layer(64), Layer(64), Layer(64)], size=(12, 12), seed=3)
+    errors = {}
+    for method in ("asym3d", "jaderberg"):
+        report = compress(model, 3.0, calibration=str(calib_file), bench=False, method=method, rank_multiple=8).report
+        assert report.theoretical_conv_speedup >= 3.0
+        errors[method] = report.fidelity.output_rel_error[model.graph.output[0].name]
+    assert errors["asym3d"] < 0.7 * errors["jaderberg"]
+
+
+def test_channel_only_layers_are_not_split(calib_file) -> None:
+    model = three_layer_model()
+    name = find_conv_units(normalise(model))[2].name
+    report = compress(model, 2.5, calibration=str(calib_file), bench=False, method="asym3d", rank_multiple=4,
+                      channel_only=(name,)).report
+    layer = next(layer for layer in report.layers if layer.name == name)
+    assert layer.spatial_rank is None and layer.rank is not None and "channel-only" in layer.note
+    assert report.theoretical_conv_speedup >= 2.5
+    with pytest.raises(InvalidOptionError, match="names no conv"):
+        compress(model, 2.5, calibration=str(calib_file), method="asym3d", channel_only=("nope",))

@@ -51,6 +51,19 @@ def test_ablation_flags_reach_the_report(tiny) -> None:
     assert [layer["rank"] is not None for layer in data["layers"]] == [False, True, True]
 
 
+@pytest.mark.parametrize("method, selection", [("asym3d", "energy"), ("jaderberg", "uniform"), ("svd", "uniform"),
+                                               ("tucker2", "uniform")])
+def test_every_method_writes_a_model_that_meets_the_target(tiny, method, selection) -> None:
+    report = tiny / "report.json"
+    result = invoke(tiny / "tiny.onnx", tiny / "fast.onnx", "--speedup", "2", "--calib", tiny / "calib.npz",
+                    "--report", report, "--no-bench", "--method", method, "--rank-multiple", "8")
+    assert result.exit_code == 0, result.output
+    data = json.loads(report.read_text())
+    assert (data["method"], data["rank_selection"]) == (method, selection)
+    assert data["theoretical_conv_speedup"] >= 2.0
+    onnx.checker.check_model(onnx.load(str(tiny / "fast.onnx")))
+
+
 def test_dry_run_writes_nothing(tiny) -> None:
     out = tiny / "fast.onnx"
     result = invoke(tiny / "tiny.onnx", out, "--speedup", "2", "--calib", tiny / "calib.npz", "--dry-run")
@@ -84,12 +97,21 @@ def bad_cases(tmp):
         "wrong-shape": ([good, tmp / "o.onnx", "--calib", tmp / "wrong.npy"], "has shape"),
         "output-is-input": ([good, good, *calib], "refusing to overwrite"),
         "bad-provider": ([good, tmp / "o.onnx", "--providers", "tpu", *calib], "unknown provider"),
+        "bad-method": ([good, tmp / "o.onnx", "--method", "cp", *calib], "unknown method"),
+        "channel-only-not-3d": ([good, tmp / "o.onnx", "--channel-only", "x", *calib], "--method asym3d"),
+        "channel-only-unknown": ([good, tmp / "o.onnx", "--method", "asym3d", "--channel-only", "nope", *calib],
+                                 "names no conv"),
+        "tucker2-energy": ([good, tmp / "o.onnx", "--method", "tucker2", "--rank-selection", "energy", *calib],
+                           "uniform"),
+        "uniform-vs-energy": ([good, tmp / "o.onnx", "--uniform", "--rank-selection", "energy", *calib],
+                              "contradicts"),
     }
 
 
 @pytest.mark.parametrize("case", ["not-onnx", "truncated", "missing-model", "no-decomposable-conv", "speedup-0.5",
                                   "speedup-1", "speedup-1000", "missing-calib", "empty-calib", "wrong-shape",
-                                  "output-is-input", "bad-provider"])
+                                  "output-is-input", "bad-provider", "bad-method", "channel-only-not-3d",
+                                  "channel-only-unknown", "tucker2-energy", "uniform-vs-energy"])
 def test_bad_input_is_one_line_and_writes_nothing(tiny, case) -> None:
     before = (tiny / "tiny.onnx").read_bytes()
     args, message = bad_cases(tiny)[case]

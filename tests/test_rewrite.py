@@ -8,10 +8,12 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_lowrank.graph.normalise import normalise
-from onnx_lowrank.graph.rewrite import channel_decomposition, replace_convs
+from onnx_lowrank.graph.rewrite import (channel_decomposition, replace_convs, spatial_decomposition,
+                                        tucker2_decomposition)
 from onnx_lowrank.graph.surgery import prefix_model
 from onnx_lowrank.graph.units import find_conv_units
 from onnx_lowrank.solvers.activations import apply_activation
+from onnx_lowrank.solvers.weights import spatial_filter_reconstruction, tucker2
 from tests.builders import IR_VERSION, Layer, conv_net, relative_error, run_model
 
 
@@ -64,6 +66,38 @@ def test_full_rank_rewrite_reproduces_outputs(name: str, batch: int) -> None:
     assert op_count(rewritten, "Conv") == op_count(model, "Conv") + len(units)
     assert op_count(rewritten, "BatchNormalization") == 0
     assert op_count(rewritten, "Mul") == 0 and op_count(rewritten, "Add") == 0
+
+
+def exact_chain(unit, scheme: str):
+    """The chain of ``scheme`` at the rank where it is exact, so the rewritten model must equal the original."""
+    d, c, kh, kw = unit.weight.shape
+    if scheme == "spatial":
+        return spatial_decomposition(unit.attrs, *spatial_filter_reconstruction(unit.weight, min(c * kh, d * kw)),
+                                     unit.bias)
+    return tucker2_decomposition(unit.attrs, *tucker2(unit.weight, c, d), unit.bias)
+
+
+@pytest.mark.parametrize("name", sorted(set(CASES) - {"k1"}))
+@pytest.mark.parametrize("scheme", ["spatial", "tucker2"])
+def test_spatial_and_tucker2_chains_split_strides_pads_and_dilations_exactly(name: str, scheme: str) -> None:
+    model = conv_net(CASES[name], size=(13, 11))
+    normalised = normalise(model)
+    units = [u for u in find_conv_units(normalised) if u.decomposable]
+    rewritten = replace_convs(normalised, {u.name: exact_chain(u, scheme) for u in units})
+    onnx.checker.check_model(rewritten)
+    x = np.random.default_rng(4).standard_normal((2, 3, 13, 11)).astype(np.float32)
+    (expected,), (actual,) = run_model(model, {"input": x}), run_model(rewritten, {"input": x})
+    assert actual.shape == expected.shape
+    assert relative_error(expected, actual) < 1e-4
+    assert op_count(rewritten, "Conv") == op_count(model, "Conv") + len(units) * (1 if scheme == "spatial" else 2)
+
+
+def test_spatial_split_gives_each_conv_its_own_axis() -> None:
+    unit = [u for u in find_conv_units(conv_net([Layer(8, k=(3, 5), stride=2, dilation=2, pads=[1, 2, 3, 4])]))][0]
+    vertical, horizontal = exact_chain(unit, "spatial")
+    assert vertical.attrs == {"kernel_shape": [3, 1], "strides": [2, 1], "dilations": [2, 1], "pads": [1, 0, 3, 0]}
+    assert horizontal.attrs == {"kernel_shape": [1, 5], "strides": [1, 2], "dilations": [1, 2], "pads": [0, 2, 0, 4]}
+    assert vertical.bias is None and horizontal.bias is not None
 
 
 def test_nhwc_model_with_transposes() -> None:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from onnx_lowrank.errors import InvalidOptionError
-from onnx_lowrank.solvers.weights import spatial_filter_reconstruction, weight_svd
+from onnx_lowrank.solvers.weights import spatial_filter_reconstruction, tucker2, weight_spectrum, weight_svd
 
 
 def test_weight_svd_is_the_eckart_young_optimum_and_keeps_the_bias() -> None:
@@ -58,3 +58,32 @@ def test_spatial_scheme2_error_is_the_truncated_svd_optimum() -> None:
 def test_bad_weights_are_refused() -> None:
     with pytest.raises(InvalidOptionError, match="conv weight"):
         weight_svd(np.zeros((4, 4)), np.zeros(4), 2)
+
+
+def test_tucker2_reproduces_a_planted_tucker_weight() -> None:
+    rng = np.random.default_rng(4)
+    core = rng.standard_normal((5, 3, 3, 3))
+    out_basis, in_basis = rng.standard_normal((12, 5)), rng.standard_normal((9, 3))
+    planted = np.einsum("rsyx,or,is->oiyx", core, out_basis, in_basis)
+    first, middle, last = tucker2(planted, 3, 5)
+    assert first.shape == (3, 9, 1, 1) and middle.shape == (5, 3, 3, 3) and last.shape == (12, 5, 1, 1)
+    rebuilt = np.einsum("rsyx,or,si->oiyx", middle, last[:, :, 0, 0], first[:, :, 0, 0])
+    np.testing.assert_allclose(rebuilt, planted, atol=1e-9)
+
+
+def test_tucker2_bases_are_the_top_singular_vectors_of_each_unfolding() -> None:
+    rng = np.random.default_rng(5)
+    weight = rng.standard_normal((10, 8, 3, 3))
+    first, _, last = tucker2(weight, 4, 6)
+    for basis, unfolding in ((last[:, :, 0, 0], weight.reshape(10, -1)),
+                             (first[:, :, 0, 0].T, weight.transpose(1, 0, 2, 3).reshape(8, -1))):
+        left = np.linalg.svd(unfolding, full_matrices=False)[0][:, :basis.shape[1]]
+        np.testing.assert_allclose(np.abs(basis.T @ left), np.eye(basis.shape[1]), atol=1e-8)
+
+
+@pytest.mark.parametrize("scheme, rows", [("channel", lambda w: w.reshape(w.shape[0], -1)),
+                                          ("spatial", lambda w: w.transpose(1, 2, 0, 3).reshape(18, 28))])
+def test_weight_spectrum_is_the_squared_singular_values_of_what_the_scheme_truncates(scheme, rows) -> None:
+    weight = np.random.default_rng(6).standard_normal((7, 6, 3, 4))
+    expected = np.linalg.svd(rows(weight), compute_uv=False) ** 2
+    np.testing.assert_allclose(weight_spectrum(weight, scheme), expected)

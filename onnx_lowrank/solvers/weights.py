@@ -59,7 +59,7 @@ def tucker2(weight: np.ndarray, in_rank: int, out_rank: int) -> tuple[np.ndarray
     in_rank, out_rank = validate_rank(in_rank, c), validate_rank(out_rank, d)
     out_basis = _top_left_vectors(w.reshape(d, -1), out_rank)
     in_basis = _top_left_vectors(w.transpose(1, 0, 2, 3).reshape(c, -1), in_rank)
-    core = np.einsum("oiyx,or,is->rsyx", w, out_basis, in_basis)
+    core = np.einsum("oiyx,or,is->rsyx", w, out_basis, in_basis, optimize=True)
     return (in_basis.T[:, :, None, None].astype(weight.dtype), core.astype(weight.dtype),
             out_basis[:, :, None, None].astype(weight.dtype))
 
