@@ -67,19 +67,29 @@ def render(report: Report, console) -> None:
     from rich.table import Table
 
     table = Table(title=f"onnx-lowrank plan ({report.method}, {report.rank_selection} ranks)")
-    for column in ("layer", "kernel", "c→d", "rank d'", "MFLOPs before", "MFLOPs after", "energy",
-                   "resp. error", "note"):
-        table.add_column(column, justify="left" if column in ("layer", "note") else "right")
+    table.add_column("layer", overflow="fold", min_width=12)
+    for column in ("k×k c→d", "ranks", "MFLOPs", "after", "energy", "error"):
+        table.add_column(column, justify="right", no_wrap=column != "ranks")
+    notes = []
     for layer in report.layers:
+        note = layer.skipped_reason or layer.note
+        marker = ""
+        if note:
+            notes.append(note)
+            marker = f" [{len(notes)}]"
         table.add_row(
-            layer.name, "×".join(map(str, layer.kernel)), f"{layer.in_channels}→{layer.out_channels}",
-            "-" if layer.rank is None else str(layer.rank), f"{layer.flops_before / 1e6:.1f}",
-            f"{layer.flops_after / 1e6:.1f}", _percent(layer.energy), _number(layer.response_error),
-            layer.skipped_reason or "")
+            layer.name + marker, f"{'×'.join(map(str, layer.kernel))} {layer.in_channels}→{layer.out_channels}",
+            _ranks(layer), f"{layer.flops_before / 1e6:.1f}", f"{layer.flops_after / 1e6:.1f}",
+            _percent(layer.energy, 1), _number(layer.response_error, 3))
     before = sum(layer.flops_before for layer in report.layers)
     after = sum(layer.flops_after for layer in report.layers)
-    table.add_row("total", "", "", "", f"{before / 1e6:.1f}", f"{after / 1e6:.1f}", "", "", "", style="bold")
+    table.add_row("total", "", "", f"{before / 1e6:.1f}", f"{after / 1e6:.1f}", "", "", style="bold")
     console.print(table)
+    for index, note in enumerate(notes, 1):
+        console.print(f"  [{index}] {note}", markup=False, highlight=False)
+    if any(layer.spatial_rank is not None for layer in report.layers):
+        console.print("  ranks: d'' = channels of the k×1 conv, d' = channels before the 1×1 conv",
+                      markup=False, highlight=False)
 
     summary = Table(title="speedup and fidelity", show_header=False)
     summary.add_column("what")
@@ -87,6 +97,8 @@ def render(report: Report, console) -> None:
     summary.add_row("target speedup", f"{report.speedup_target:.2f}×")
     summary.add_row("theoretical conv speedup", f"{report.theoretical_conv_speedup:.2f}×")
     summary.add_row("theoretical whole-model FLOP speedup", f"{report.theoretical_model_speedup:.2f}×")
+    if report.channel_speedup is not None:
+        summary.add_row("channel part of the speedup (3d)", f"{report.channel_speedup:.2f}×")
     if report.asymmetric_collection_passes is not None:
         summary.add_row("asymmetric re-collection cost", f"{report.asymmetric_collection_passes:.2f} passes")
     for provider, latency in report.latency_ms.items():
@@ -111,9 +123,20 @@ def render(report: Report, console) -> None:
     console.print(summary)
 
 
-def _percent(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.2f}%"
+def _ranks(layer: LayerReport) -> str:
+    if layer.input_rank is not None:
+        return f"r1={layer.input_rank} r2={layer.rank}"
+    parts = []
+    if layer.spatial_rank is not None:
+        parts.append(f"d''={layer.spatial_rank}")
+    if layer.rank is not None:
+        parts.append(f"d'={layer.rank}" if parts else str(layer.rank))
+    return " ".join(parts) or "-"
 
 
-def _number(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4f}"
+def _percent(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{100 * value:.{digits}f}%"
+
+
+def _number(value: float | None, digits: int = 4) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
