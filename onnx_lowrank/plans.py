@@ -30,22 +30,14 @@ KEPT_CHANNEL_ONLY = "kept channel-only (--channel-only)"
 
 
 @dataclass
-class ArchitecturePlan:
-    """Per decomposed layer: ``ranks`` (d' of a channel decomposition; r2 of Tucker-2),
-    ``spatial_ranks`` (d'' of a k x 1 / 1 x k split), ``input_ranks`` (r1 of Tucker-2);
-    ``notes`` say why a layer is left alone or only partly decomposed."""
+class ArchitecturePlan(RankPlan):
+    """A rank plan with, per decomposed layer: ``ranks`` (d' of a channel decomposition; r2 of
+    Tucker-2), ``spatial_ranks`` (d'' of a k x 1 / 1 x k split), ``input_ranks`` (r1 of Tucker-2);
+    ``notes`` say why a layer is only partly decomposed."""
 
-    ranks: dict[str, int] = field(default_factory=dict)
     spatial_ranks: dict[str, int] = field(default_factory=dict)
     input_ranks: dict[str, int] = field(default_factory=dict)
-    skipped: dict[str, str] = field(default_factory=dict)
     notes: dict[str, str] = field(default_factory=dict)
-    macs_before: int = 0
-    macs_after: int = 0
-
-    @property
-    def speedup(self) -> float:
-        return self.macs_before / self.macs_after
 
     @property
     def layers(self) -> set[str]:
@@ -60,7 +52,8 @@ class ArchitecturePlan:
             return decomposed_macs(shape, rank, "channel")
         if rank is None:
             return decomposed_macs(shape, spatial, "spatial")
-        return decomposed_macs(shape.with_out_channels(rank), spatial, "spatial") + shape.positions * shape.out_channels * rank
+        pointwise = shape.positions * shape.out_channels * rank
+        return decomposed_macs(shape.with_out_channels(rank), spatial, "spatial") + pointwise
 
     @classmethod
     def from_ranks(cls, plan: RankPlan, spatial: bool = False) -> "ArchitecturePlan":

@@ -1,9 +1,10 @@
-"""Rank selection: which rank d' each decomposable layer gets for a whole-model speedup target.
+"""Rank selection: which rank each decomposable layer gets for a whole-model speedup target.
 
-Pure arithmetic on the cost model (no ONNX). Costs are exact MACs of the factorised pair, the
-1x1 layer's ``d * d'`` included. Ranks are kept to multiples of ``multiple`` because
-onnxruntime's NCHWc CPU kernels pad channels to blocks of 8/16: unrounded ranks waste that
-padding and lose a third of the theoretical speedup.
+Pure arithmetic on the cost model (no ONNX). Costs are exact MACs of the factorised pair of the
+candidate's scheme (channel: the 1x1 layer's ``d * d'`` included; spatial: the k x 1 conv on
+every input column). Ranks are kept to multiples of ``multiple`` because onnxruntime's NCHWc CPU
+layout only takes a conv whose input channels are a multiple of its block (8 or 16): an off-grid
+rank sends the rest of the chain back to NCHW with reorders (measured in BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -103,8 +104,8 @@ def energy_ranks(candidates: list[RankCandidate], eigenvalues: dict[str, np.ndar
     step loses the least energy per MAC saved, ``(Delta E / E) / Delta C``, until the cost meets
     ``1/speedup``. A last pass spends what the final step overshot on the best rank increases.
 
-    The cost is exact, not the paper's ``d'/d C_l``: a decomposed layer costs
-    ``positions * d' * (k^2 c + d)``, the 1x1 layer's ``d d'`` included, and a layer whose rank
+    The cost is exact, not the paper's ``d'/d C_l``: a decomposed layer costs ``rank *
+    macs_per_rank`` (channel: ``positions * (k^2 c + d)``, the 1x1 layer included), and a layer whose rank
     is still at or above the break-even rank costs what the original does (it is left alone).
     Steps are scored on that linear cost, so the step across break-even is not over-penalised.
     The search only visits multiples of ``multiple``, so the result meets the target as is.

@@ -16,6 +16,7 @@ Two steps, so the timing can run on a quiet machine after the (long) solving:
         --json benchmarks/issue4/craft.json
     python tools/bench_3d.py time benchmarks/issue4/demo.json --rounds 30
     python tools/bench_3d.py time benchmarks/issue4/craft.json --rounds 10
+    python tools/bench_3d.py render benchmarks/issue4/demo.json benchmarks/issue4/craft.json
 
 The JSON is rewritten after every model, so a cut-short run keeps what it measured.
 """
@@ -115,6 +116,34 @@ def time_models(args) -> None:
               flush=True)
 
 
+def render(paths: list[str]) -> None:
+    """Markdown tables of the measurements (what BENCHMARKS.md shows)."""
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        rows = data["rows"]
+        craft = any("text_iou" in row for row in rows)
+        print(f"\n#### {data['name']}\n\nBuilt with `{data['command']}`; timed with `{data.get('timing_command')}`.\n")
+        print("| target | method | theor. conv | output err | " + ("text IoU" if craft else "accuracy (orig 98.9 %)")
+              + " | b1 1 thread: ms orig → opt, speedup (actual/theor.) | b1 default threads | b8 default threads "
+              "| CUDA |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for row in rows:
+            if "infeasible" in row:
+                print(f"| {row['speedup']:g}× | {row['method']} | infeasible: {row['infeasible']} | | | | | | |")
+                continue
+            quality = (f"{100 * row['text_iou']:.1f} %" if craft else f"{100 * row['accuracy'][1]:.1f} %")
+            cells = []
+            for setting in SETTINGS:
+                timing = row.get("latency_ms", {}).get(setting)
+                if timing is None:
+                    cells.append("not timed")
+                    continue
+                ms = f"{timing['original']:.1f} → {timing['optimized']:.1f} ms, " if setting == "b1_t1" else ""
+                cells.append(f"{ms}{timing['speedup']:.2f}× ({timing['actual_over_theoretical']:.2f})")
+            print(f"| {row['speedup']:g}× | {row['method']} | {row['theoretical_conv_speedup']:.2f}× | "
+                  f"{row['output_rel_error']:.3f} | {quality} | " + " | ".join(cells) + " | not available |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     steps = parser.add_subparsers(dest="step", required=True)
@@ -135,8 +164,15 @@ def main() -> None:
     timing = steps.add_parser("time")
     timing.add_argument("json")
     timing.add_argument("--rounds", type=int, default=30)
+    show = steps.add_parser("render")
+    show.add_argument("json", nargs="+")
     args = parser.parse_args()
-    build(args) if args.step == "build" else time_models(args)
+    if args.step == "build":
+        build(args)
+    elif args.step == "time":
+        time_models(args)
+    else:
+        render(args.json)
 
 
 if __name__ == "__main__":
