@@ -182,6 +182,10 @@ def compress(model: str | os.PathLike | onnx.ModelProto, speedup: float = 4.0, *
 
     asymmetric = opts.method in ASYMMETRIC_METHODS and not opts.symmetric
     _warn_if_few_samples(opts, responses, plan.ranks, units, warnings)
+    if opts.rank_multiple % NCHWC_BLOCK:
+        warnings.append(f"--rank-multiple {opts.rank_multiple} is not a multiple of {NCHWC_BLOCK}: onnxruntime's CPU "
+                        "NCHWc kernels only take a conv whose input channels are a multiple of their block (16 with "
+                        "AVX-512, 8 with AVX2), so off-grid ranks run as slower NCHW convs with reorders")
     solved = _Solved()
     if not opts.dry_run:
         chosen = [u for u in units if u.name in plan.layers]
@@ -355,6 +359,7 @@ def _check_names(units: list[ConvUnit], names: Sequence[str], option: str) -> No
 
 
 SAMPLES_PER_CHANNEL = 20
+NCHWC_BLOCK = 16
 
 
 def _warn_if_few_samples(opts: Options, responses, ranks, units, warnings: list[str]) -> None:

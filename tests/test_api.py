@@ -295,3 +295,10 @@ def test_channel_only_layers_are_not_split(calib_file) -> None:
     assert report.theoretical_conv_speedup >= 2.5
     with pytest.raises(InvalidOptionError, match="names no conv"):
         compress(model, 2.5, calibration=str(calib_file), method="asym3d", channel_only=("nope",))
+
+
+def test_ranks_off_the_nchwc_grid_warn(calib_file) -> None:
+    model = planted_model()
+    off = compress(model, 2.0, calibration=str(calib_file), bench=False, method="linear", rank_multiple=4).report
+    on = compress(model, 1.5, calibration=str(calib_file), bench=False, method="linear", rank_multiple=16).report
+    assert any("NCHWc" in w for w in off.warnings) and not any("NCHWc" in w for w in on.warnings)
