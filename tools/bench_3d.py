@@ -53,20 +53,22 @@ def build(args) -> None:
         eval_feeds += [source.get([i]) for i in range(len(source))]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    data = {"name": args.name, "model": args.model, "command": " ".join(sys.argv), "rows": []}
+    data = {"name": args.name, "model": args.model, "command": "python " + " ".join(sys.argv), "rows": []}
     for speedup in args.speedups:
         for method in args.methods:
-            row = {"speedup": speedup, "method": method}
+            label = method + (f" ({args.rank_selection} ranks)" if args.rank_selection else "")
+            row = {"speedup": speedup, "method": label}
             start = time.perf_counter()
             try:
                 result = compress(args.model, speedup, calibration=args.calib, evaluation=args.eval,
                                   preprocess=preprocess, method=method, num_images=args.num_images,
-                                  samples_per_image=args.samples_per_image, bench=False)
+                                  samples_per_image=args.samples_per_image, bench=False,
+                                  rank_selection=args.rank_selection)
             except InfeasibleTargetError as exc:
                 row["infeasible"] = str(exc)
             else:
                 report = result.report
-                path = out / f"{args.name}-{method}-{speedup:g}x.onnx"
+                path = out / f"{args.name}-{method}-{args.rank_selection or 'default'}-{speedup:g}x.onnx"
                 onnx.save(result.model, path)
                 row.update(path=str(path), run_s=time.perf_counter() - start,
                            theoretical_conv_speedup=report.theoretical_conv_speedup,
@@ -98,7 +100,7 @@ def time_models(args) -> None:
     original = onnx.load(data["model"]).SerializeToString()
     spec = model_inputs(onnx.load(data["model"]))[0]
     rng = np.random.default_rng(0)
-    data["timing_command"] = " ".join(sys.argv)
+    data["timing_command"] = "python " + " ".join(sys.argv)
     for row in data["rows"]:
         if "path" not in row:
             continue
@@ -157,6 +159,7 @@ def main() -> None:
     make.add_argument("--preset", default="imagenet")
     make.add_argument("--speedups", type=float, nargs="+", default=[2.0, 3.0, 4.0, 5.0])
     make.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    make.add_argument("--rank-selection", choices=("energy", "uniform"), help="default: each method's own")
     make.add_argument("--num-images", type=int, default=300)
     make.add_argument("--samples-per-image", type=int, default=32)
     make.add_argument("--out", required=True, help="folder for the built models")
