@@ -203,7 +203,8 @@ def compress(model: str | os.PathLike | onnx.ModelProto, speedup: float = 4.0, *
         theoretical_model_speedup=(conv_macs_before + dense_total) / (plan.macs_after + dense_total),
         layers=[_layer_report(u, shapes.get(u.name), plan, stats, solved) for u in units],
         warnings=warnings, timings_s=timings, dry_run=opts.dry_run, symmetric=not asymmetric,
-        asymmetric_collection_passes=solved.prefix_macs / conv_macs_before if asymmetric or solved.prefix_macs else None,
+        asymmetric_collection_passes=(solved.prefix_macs / conv_macs_before
+                                      if (asymmetric or solved.prefix_macs) and not opts.dry_run else None),
         channel_speedup=_channel_speedup(opts),
     )
     if opts.dry_run:
