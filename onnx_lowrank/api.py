@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 
 from onnx_lowrank.calibration import Preprocess, model_inputs, open_calibration
-from onnx_lowrank.costs import ConvShape
+from onnx_lowrank.costs import ConvShape, max_rank
 from onnx_lowrank.errors import CalibrationError, InvalidOptionError, LowRankError, NothingToDecomposeError
 from onnx_lowrank.evaluate import measure_fidelity, measure_latency
 from onnx_lowrank.graph.io import load_model
@@ -247,7 +247,7 @@ def _plan(opts: Options, candidates: list[RankCandidate], units: dict[str, ConvU
 
 def _padded(spectrum: np.ndarray, candidate: RankCandidate, scheme: str) -> np.ndarray:
     """A spectrum of the candidate's full rank: directions the weights do not span have energy 0."""
-    full = RankCandidate(candidate.name, candidate.shape, scheme).full_rank
+    full = max_rank(candidate.shape, scheme)
     return np.concatenate([spectrum, np.zeros(max(0, full - len(spectrum)))])[:full]
 
 
@@ -277,15 +277,18 @@ def _data_free_chains(method: str, chosen: list[ConvUnit], plan: ArchitecturePla
             factors = weight_svd(unit.weight, unit.bias, plan.ranks[unit.name])
             chain = channel_decomposition(unit.attrs, unit.weight, unit.bias, factors.P, factors.Q, factors.bias)
         elif method == "jaderberg":
-            chain = spatial_decomposition(unit.attrs, *spatial_filter_reconstruction(unit.weight,
-                                                                                     plan.spatial_ranks[unit.name]),
-                                          unit.bias)
+            chain = _spatial_pair(unit, plan.spatial_ranks[unit.name])
         else:
             chain = tucker2_decomposition(unit.attrs, *tucker2(unit.weight, plan.input_ranks[unit.name],
                                                               plan.ranks[unit.name]), unit.bias)
         solved.chains[unit.name] = chain
     solved.timings["solve"] = time.perf_counter() - clock
     return solved
+
+
+def _spatial_pair(unit: ConvUnit, rank: int) -> list[ConvSpec]:
+    """The layer's (k x 1, rank) -> (1 x k, d) filter reconstruction, bias on the second conv."""
+    return spatial_decomposition(unit.attrs, *spatial_filter_reconstruction(unit.weight, rank), unit.bias)
 
 
 def _solve_layers(method, asymmetric, normalised, chosen, plan: ArchitecturePlan, responses, stats, shapes,
@@ -299,10 +302,7 @@ def _solve_layers(method, asymmetric, normalised, chosen, plan: ArchitecturePlan
     for unit in chosen:
         y = responses.pop(unit.output)
         y_hat = y
-        spatial = None
-        if unit.name in plan.spatial_ranks:
-            spatial = spatial_decomposition(unit.attrs, *spatial_filter_reconstruction(
-                unit.weight, plan.spatial_ranks[unit.name]), unit.bias)
+        spatial = _spatial_pair(unit, plan.spatial_ranks[unit.name]) if unit.name in plan.spatial_ranks else None
         if asymmetric or spatial is not None:
             clock = time.perf_counter()
             prefix = prefix_model(normalised, [unit.output])
