@@ -6,19 +6,23 @@ responses -> solve -> rewrite -> check -> fidelity and latency. The CLI is a thi
 
 from __future__ import annotations
 
+import logging
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
+
+from onnx_lowrank.calibration import CalibrationSource
 
 import numpy as np
 import onnx
 
 from onnx_lowrank.calibration import Preprocess, model_inputs, open_calibration
 from onnx_lowrank.costs import ConvShape, max_rank
-from onnx_lowrank.errors import CalibrationError, InvalidOptionError, LowRankError, NothingToDecomposeError
+from onnx_lowrank.errors import CalibrationError, InternalError, InvalidOptionError, NothingToDecomposeError
 from onnx_lowrank.evaluate import measure_fidelity, measure_latency
-from onnx_lowrank.graph.io import load_model
+from onnx_lowrank.graph.io import check_model, load_model, model_path
 from onnx_lowrank.graph.normalise import normalise
 from onnx_lowrank.graph.rewrite import (ConvSpec, channel_decomposition, replace_convs, spatial_decomposition,
                                         tucker2_decomposition)
@@ -26,25 +30,24 @@ from onnx_lowrank.graph.units import ConvUnit, find_conv_units
 from onnx_lowrank.graph.dense import dense_ops
 from onnx_lowrank.graph.surgery import prefix_model
 from onnx_lowrank.plans import ArchitecturePlan, channel_plan, spatial_plan, three_d_plan, tucker2_plan
-from onnx_lowrank.ranks import RankCandidate, validate_multiple, validate_speedup
+from onnx_lowrank.options import Options
+from onnx_lowrank.provenance import describe_input, versions
+from onnx_lowrank.ranks import RankCandidate
 from onnx_lowrank.report import LayerReport, Report
-from onnx_lowrank.runtime import (PROVIDER_NAMES, batch_size_for, collect_responses, make_session,
-                                  probe_shapes, provider_available)
+from onnx_lowrank.runtime import batch_size_for, collect_responses, make_session, probe_shapes, provider_available
 from onnx_lowrank.solvers import LowRankFactors, ResponseStats, fit_pca
 from onnx_lowrank.solvers.activations import apply_activation, relative_error
 from onnx_lowrank.solvers.nonlinear import fit_nonlinear
 from onnx_lowrank.solvers.weights import spatial_filter_reconstruction, tucker2, weight_spectrum, weight_svd
 
-DATA_FREE_METHODS = ("jaderberg", "svd", "tucker2")
-METHODS = ("linear", "nonlinear", "asymmetric", "asym3d") + DATA_FREE_METHODS
-ASYMMETRIC_METHODS = ("asymmetric", "asym3d")
-RANK_SELECTIONS = ("energy", "uniform")
 RANDOM_CALIBRATION_WARNING = ("no calibration data given: using random inputs. The responses of random "
                               "inputs say little about real ones, so expect a poor model; pass --calib")
 
+log = logging.getLogger(__name__)
+
 
 class NullProgress:
-    """Progress sink that shows nothing; the CLI passes one backed by rich."""
+    """Progress sink that shows nothing; the CLI passes one that draws bars or logs lines."""
 
     def stage(self, description: str, total: int) -> Callable[[int], None]:
         return lambda advance=1: None
@@ -58,190 +61,229 @@ class Result:
     report: Report
 
 
-@dataclass(frozen=True)
-class Options:
-    speedup: float
-    method: str = "asymmetric"
-    symmetric: bool = False
-    rank_selection: str | None = None  # None: energy for the data-driven methods, uniform for the baselines
-    channel_speedup: float | None = None  # asym3d: None = sqrt(speedup)
-    channel_only: tuple[str, ...] = ()
-    rank_multiple: int = 16
-    num_images: int = 300
-    holdout: int = 100
-    samples_per_image: int = 32
-    seed: int = 0
-    skip: tuple[str, ...] = ()
-    providers: tuple[str, ...] = ("cpu",)
-    threads: int = 0
-    bench: bool = True
-    bench_rounds: int = 30
-    batch_size: int = 8
-    dry_run: bool = False
-    input_size: tuple[int, int] | None = None
-
-    def validated(self) -> "Options":
-        validate_speedup(self.speedup)
-        validate_multiple(self.rank_multiple)
-        _choice("method", self.method, METHODS)
-        if self.rank_selection is not None:
-            _choice("rank selection", self.rank_selection, RANK_SELECTIONS)
-        if self.method == "tucker2" and self.rank_selection == "energy":
-            raise InvalidOptionError("Tucker-2 has two ranks per layer; only uniform rank selection is built for it",
-                                     hint="drop the energy rank selection for --method tucker2")
-        if self.symmetric and self.method not in ASYMMETRIC_METHODS:
-            raise InvalidOptionError(f"--symmetric changes the asymmetric methods; --method {self.method} "
-                                     "is not one", hint="drop --symmetric, or use --method asymmetric or asym3d")
-        if self.method != "asym3d" and (self.channel_speedup is not None or self.channel_only):
-            raise InvalidOptionError(f"--channel-speedup and --channel-only shape the 3d decomposition, not "
-                                     f"--method {self.method}", hint="use them with --method asym3d")
-        if self.channel_speedup is not None:
-            validate_speedup(self.channel_speedup)
-        for provider in self.providers:
-            _choice("provider", provider, tuple(PROVIDER_NAMES))
-        for name, value in (("num_images", self.num_images), ("samples_per_image", self.samples_per_image),
-                            ("batch_size", self.batch_size)):
-            if not isinstance(value, int) or value < 1:
-                raise InvalidOptionError(f"{name} must be a positive integer, got {value!r}")
-        if self.threads < 0:
-            raise InvalidOptionError(f"threads must be >= 0 (0 = onnxruntime's default), got {self.threads}")
-        return self
-
-    @property
-    def data_free(self) -> bool:
-        return self.method in DATA_FREE_METHODS
-
-    @property
-    def selection(self) -> str:
-        return self.rank_selection or ("uniform" if self.data_free else "energy")
-
-
-def _choice(what: str, value: str, allowed: Sequence[str]) -> None:
-    if value not in allowed:
-        raise InvalidOptionError(f"unknown {what} {value!r}", hint=f"choose one of {', '.join(allowed)}")
-
-
-def compress(model: str | os.PathLike | onnx.ModelProto, speedup: float = 4.0, *,
-             calibration=None, preprocess: Preprocess | None = None, evaluation=None,
-             progress=None, **options) -> Result:
+def compress(
+    model: str | os.PathLike[str] | onnx.ModelProto | bytes,
+    speedup: float = 4.0,
+    *,
+    calibration: CalibrationSource = None,
+    evaluation: CalibrationSource = None,
+    preprocess: Preprocess | None = None,
+    progress=None,
+    method: str = "asymmetric",
+    symmetric: bool = False,
+    rank_selection: str | None = None,
+    channel_speedup: float | None = None,
+    channel_only: str | Sequence[str] = (),
+    rank_multiple: int = 16,
+    num_images: int = 300,
+    holdout: int = 100,
+    samples_per_image: int = 32,
+    seed: int = 0,
+    skip: str | Sequence[str] = (),
+    providers: str | Sequence[str] = ("cpu",),
+    threads: int = 0,
+    bench: bool = True,
+    bench_rounds: int = 30,
+    batch_size: int = 8,
+    dry_run: bool = False,
+    input_size: tuple[int, int] | None = None,
+) -> Result:
     """Make ``model`` about ``speedup`` times cheaper in conv FLOPs by low-rank decomposition.
 
-    ``calibration`` is an image folder, a .npy/.npz path, ``file.py:ReaderName``, an object with
-    ``get_next()``, or None (random inputs: a warning, and a poor result). ``evaluation`` is
-    optional labelled data (.npz with a ``labels`` array) to measure fidelity on instead of the
-    held-out part of the calibration data. Other keywords are the fields of :class:`Options`.
+    ``model`` is a path, ``os.PathLike``, ``onnx.ModelProto`` or serialized bytes. ``calibration``
+    is an image folder, a .npy/.npz path, ``file.py:ReaderName``, a NumPy array (single-input
+    models), a dict of arrays keyed by input name, an object with ``get_next()`` (onnxruntime's
+    ``CalibrationDataReader``), or None (random inputs: a warning, and a poor result).
+    ``evaluation`` takes the same forms (with ``labels`` in an .npz or dict for accuracy) and is
+    used to measure fidelity instead of the held-out part of the calibration data. The other
+    keywords are the fields of :class:`~onnx_lowrank.options.Options`; a name option (``skip``,
+    ``channel_only``, ``providers``) takes one string or a sequence of them.
     """
-    opts = Options(speedup=speedup, **options).validated()
+    opts = Options(speedup=speedup, method=method, symmetric=symmetric, rank_selection=rank_selection,
+                   channel_speedup=channel_speedup, channel_only=channel_only, rank_multiple=rank_multiple,
+                   num_images=num_images, holdout=holdout, samples_per_image=samples_per_image, seed=seed,
+                   skip=skip, providers=providers, threads=threads, bench=bench, bench_rounds=bench_rounds,
+                   batch_size=batch_size, dry_run=dry_run, input_size=input_size)
     progress = progress or NullProgress()
-    timings: dict[str, float] = {}
-    clock = time.perf_counter()
+    run = _Run()
+    # Bad input shows up here; it is told in one line, without stage lines before it.
+    with run.stage("analyse", "loading and analysing the model", logging.DEBUG):
+        original = load_model(model)
+        # Sessions of the original read the user's file where there is one: no second copy in memory.
+        reference = model_path(model) if isinstance(model, (str, os.PathLike)) else original
+        normalised = normalise(original)
+        del original
+        units = find_conv_units(normalised)
+        channel_only_names = _select_units(units, opts)
+        inputs = model_inputs(normalised)
+        data = _open_data(calibration, evaluation, preprocess, inputs, opts, run.warnings)
+        shapes, dense_total = _measure_shapes(normalised, data.source, units, inputs, opts.threads)
+    conv_macs_before = sum(s.macs for s in shapes.values())
+    candidates = [RankCandidate(u.name, shapes[u.name]) for u in units if u.decomposable]
+    fixed = conv_macs_before - sum(c.shape.macs for c in candidates)
 
-    original = load_model(model)
-    normalised = normalise(original)
-    units = find_conv_units(normalised)
-    _apply_user_skips(units, opts.skip)
-    _check_names(units, opts.channel_only, "--channel-only")
+    by_name = {u.name: u for u in units}
+    _plan(opts, candidates, by_name, {}, fixed, channel_only_names)  # an infeasible target fails before the work
+    collect = dict(source=data.source, indices=data.calib_indices, samples_per_image=opts.samples_per_image,
+                   seed=opts.seed, batch_size=data.batch, threads=opts.threads)
+    stats, responses = {}, {}
+    if not opts.data_free and (not opts.dry_run or opts.selection == "energy"):
+        with run.stage("collect", f"collecting responses of {len(candidates)} convs"):
+            decomposable = [u for u in units if u.decomposable]
+            responses = collect_responses(normalised, tensors=[u.output for u in decomposable],
+                                          progress=progress.stage("collecting responses", len(data.calib_indices)),
+                                          **collect)
+            stats = {u.name: ResponseStats.from_responses(responses[u.output]) for u in decomposable}
+    plan = _plan(opts, candidates, by_name, stats, fixed, channel_only_names)
+    log.info("plan: %d of %d convs decomposed, theoretical conv speedup %.2fx", len(plan.layers), len(units),
+             plan.speedup)
+    _warn_if_few_samples(opts, responses, plan.ranks, units, run.warnings)
+    if opts.rank_multiple % NCHWC_BLOCK:
+        _warn(run.warnings, f"--rank-multiple {opts.rank_multiple} is not a multiple of {NCHWC_BLOCK}: "
+              "onnxruntime's CPU NCHWc kernels only take a conv whose input channels are a multiple of their block "
+              "(16 with AVX-512, 8 with AVX2), so off-grid ranks run as slower NCHW convs with reorders")
+    solved = _Solved()
+    if not opts.dry_run:
+        chosen = [u for u in units if u.name in plan.layers]
+        log.info("solving %d layers (%s)", len(chosen), opts.method)
+        if opts.data_free:
+            solved = _data_free_chains(opts.method, chosen, plan)
+        else:
+            solved = _solve_layers(opts.method, opts.asymmetric, normalised, chosen, plan, responses, stats,
+                                   shapes, collect, progress.stage("solving", len(chosen)))
+        run.timings.update(solved.timings)
+
+    report = Report(
+        speedup_target=opts.speedup, method=opts.method, rank_selection=opts.selection,
+        calibration=data.source.description, calibration_samples=len(data.calib_indices),
+        theoretical_conv_speedup=plan.speedup,
+        theoretical_model_speedup=(conv_macs_before + dense_total) / (plan.macs_after + dense_total),
+        layers=[_layer_report(u, shapes.get(u.name), plan, stats, solved) for u in units],
+        warnings=run.warnings, timings_s=run.timings, dry_run=opts.dry_run, symmetric=not opts.asymmetric,
+        asymmetric_collection_passes=(solved.prefix_macs / conv_macs_before
+                                      if (opts.asymmetric or solved.prefix_macs) and not opts.dry_run else None),
+        channel_speedup=_channel_speedup(opts), options=opts.to_dict(),
+        files={"input": describe_input(model)}, versions=versions(),
+    )
+    optimized = None
+    if not opts.dry_run:
+        with run.stage("rewrite", "rewriting the graph"):
+            optimized = replace_convs(normalised, solved.chains)
+            del normalised
+            _check_rewritten(optimized)
+        with run.stage("fidelity", f"measuring fidelity on {len(data.holdout_indices)} held-out samples"):
+            report.fidelity = measure_fidelity(reference, optimized, data.eval_source, data.holdout_indices,
+                                               data.batch, labels=getattr(data.eval_source, "labels", None),
+                                               threads=opts.threads)
+        if opts.bench:
+            with run.stage("benchmark", "measuring latency, original vs optimized"):
+                feeds = data.eval_source.get(data.holdout_indices[:1] * batch_size_for(inputs, 1))
+                _benchmark(report, reference, optimized, feeds, opts, progress)
+    run.timings["total"] = time.perf_counter() - run.started
+    return Result(optimized, report)
+
+
+@dataclass
+class _Run:
+    """Wall time per stage and the warnings of one run."""
+
+    timings: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    started: float = field(default_factory=time.perf_counter)
+
+    @contextmanager
+    def stage(self, key: str, description: str, level: int = logging.INFO):
+        log.log(level, "%s", description)
+        clock = time.perf_counter()
+        yield
+        self.timings[key] = time.perf_counter() - clock
+
+
+def _select_units(units: list[ConvUnit], opts: Options) -> set[str]:
+    """Mark the user's --skip layers; return the --channel-only names; refuse a model with nothing to do."""
+    skip_names = resolve_names(units, opts.skip, "skip")
+    for unit in units:
+        if unit.name in skip_names and unit.decomposable:
+            unit.skipped_reason = "skipped by --skip"
+    channel_only = resolve_names(units, opts.channel_only, "channel_only")
     if not any(u.decomposable for u in units):
         reasons = sorted({u.skipped_reason for u in units}) or ["the model has no Conv"]
         raise NothingToDecomposeError("the model has no decomposable conv (" + "; ".join(reasons) + ")",
                                       hint="onnx-lowrank decomposes 2-D convs with constant weights and group=1")
+    log.debug("%d convs, %d decomposable", len(units), sum(u.decomposable for u in units))
+    return channel_only
 
-    inputs = model_inputs(normalised)
+
+@dataclass
+class _Data:
+    """Calibration and evaluation sources, the disjoint index sets used from them, the batch size."""
+
+    source: object
+    eval_source: object
+    calib_indices: list[int]
+    holdout_indices: list[int]
+    batch: int
+
+
+def _open_data(calibration, evaluation, preprocess, inputs, opts: Options, warnings: list[str]) -> _Data:
     source = open_calibration(calibration, inputs, preprocess=preprocess, random_count=opts.num_images,
-                              seed=opts.seed, input_size=opts.input_size)
-    warnings = [RANDOM_CALIBRATION_WARNING] if calibration is None else []
+                              seed=opts.seed, input_size=opts.input_size, limit=opts.num_images + opts.holdout)
+    if calibration is None:
+        _warn(warnings, RANDOM_CALIBRATION_WARNING)
     calib_indices, holdout_indices = _split(len(source), opts, warnings)
     eval_source = source
     if evaluation is not None:
-        eval_source = open_calibration(evaluation, inputs, input_size=opts.input_size, preprocess=preprocess)
+        eval_source = open_calibration(evaluation, inputs, input_size=opts.input_size, preprocess=preprocess,
+                                       limit=opts.num_images + opts.holdout, role="evaluation")
         holdout_indices = list(range(len(eval_source)))
+    for message in getattr(source, "warnings", []) + (getattr(eval_source, "warnings", []) if evaluation else []):
+        _warn(warnings, message)
     batch = batch_size_for(inputs, opts.batch_size)
     if batch_size_for(inputs, 0) > 1:  # a fixed batch of B > 1 can only be fed whole batches
         calib_indices, holdout_indices = (_whole_batches(calib_indices, batch),
                                           _whole_batches(holdout_indices, batch))
+    return _Data(source, eval_source, calib_indices, holdout_indices, batch)
 
-    shapes, dense_total = _measure_shapes(normalised, source, units, inputs, opts.threads)
-    conv_macs_before = sum(s.macs for s in shapes.values())
-    candidates = [RankCandidate(u.name, shapes[u.name]) for u in units if u.decomposable]
-    fixed = conv_macs_before - sum(c.shape.macs for c in candidates)
-    timings["analyse"] = time.perf_counter() - clock
 
-    collect = dict(source=source, indices=calib_indices, samples_per_image=opts.samples_per_image,
-                   seed=opts.seed, batch_size=batch, threads=opts.threads)
-    by_name = {u.name: u for u in units}
-    stats, responses = {}, {}
-    if not opts.data_free and (not opts.dry_run or opts.selection == "energy"):
-        clock = time.perf_counter()
-        decomposable = [u for u in units if u.decomposable]
-        responses = collect_responses(normalised, tensors=[u.output for u in decomposable],
-                                      progress=progress.stage("collecting responses", len(calib_indices)),
-                                      **collect)
-        stats = {u.name: ResponseStats.from_responses(responses[u.output]) for u in decomposable}
-        timings["collect"] = time.perf_counter() - clock
-    plan = _plan(opts, candidates, by_name, stats, fixed)
+def _warn(warnings: list[str], message: str) -> None:
+    """A warning goes to the log as it happens and into the report."""
+    log.warning(message)
+    warnings.append(message)
 
-    asymmetric = opts.method in ASYMMETRIC_METHODS and not opts.symmetric
-    _warn_if_few_samples(opts, responses, plan.ranks, units, warnings)
-    if opts.rank_multiple % NCHWC_BLOCK:
-        warnings.append(f"--rank-multiple {opts.rank_multiple} is not a multiple of {NCHWC_BLOCK}: onnxruntime's CPU "
-                        "NCHWc kernels only take a conv whose input channels are a multiple of their block (16 with "
-                        "AVX-512, 8 with AVX2), so off-grid ranks run as slower NCHW convs with reorders")
-    solved = _Solved()
-    if not opts.dry_run:
-        chosen = [u for u in units if u.name in plan.layers]
-        if opts.data_free:
-            solved = _data_free_chains(opts.method, chosen, plan)
-        else:
-            solved = _solve_layers(opts.method, asymmetric, normalised, chosen, plan, responses, stats, shapes,
-                                   collect, progress.stage("solving", len(chosen)))
-        timings.update(solved.timings)
 
-    report = Report(
-        speedup_target=opts.speedup, method=opts.method, rank_selection=opts.selection,
-        calibration=source.description, calibration_samples=len(calib_indices),
-        theoretical_conv_speedup=plan.speedup,
-        theoretical_model_speedup=(conv_macs_before + dense_total) / (plan.macs_after + dense_total),
-        layers=[_layer_report(u, shapes.get(u.name), plan, stats, solved) for u in units],
-        warnings=warnings, timings_s=timings, dry_run=opts.dry_run, symmetric=not asymmetric,
-        asymmetric_collection_passes=(solved.prefix_macs / conv_macs_before
-                                      if (asymmetric or solved.prefix_macs) and not opts.dry_run else None),
-        channel_speedup=_channel_speedup(opts),
-    )
-    if opts.dry_run:
-        return Result(None, report)
-
-    clock = time.perf_counter()
-    optimized = replace_convs(normalised, solved.chains)
-    _check_rewritten(optimized)
-    timings["rewrite"] = time.perf_counter() - clock
-    clock = time.perf_counter()
-    report.fidelity = measure_fidelity(original, optimized, eval_source, holdout_indices, batch,
-                                       labels=getattr(eval_source, "labels", None), threads=opts.threads)
-    timings["fidelity"] = time.perf_counter() - clock
-    if opts.bench:
-        clock = time.perf_counter()
-        feeds = eval_source.get(holdout_indices[:1] * batch_size_for(inputs, 1))
-        _benchmark(report, original, optimized, feeds, opts, progress)
-        timings["benchmark"] = time.perf_counter() - clock
-    return Result(optimized, report)
+def resolve_names(units: list[ConvUnit], values: Sequence[str], option: str) -> set[str]:
+    """Conv names given to ``option``. A value is a name as it stands (names may contain commas);
+    only a value that names no conv is read as a comma-separated list of names."""
+    known = {u.name for u in units}
+    names, unknown = set(), []
+    for value in values:
+        parts = [value] if value in known else [part for part in value.split(",") if part]
+        names.update(part for part in parts if part in known)
+        unknown.extend(part for part in parts if part not in known)
+    if unknown:
+        flag = "--" + option.replace("_", "-")
+        raise InvalidOptionError(f"{flag} names no conv in the model: {', '.join(map(repr, unknown))}",
+                                 hint="the report lists the conv names; --dry-run prints them")
+    return names
 
 
 def _plan(opts: Options, candidates: list[RankCandidate], units: dict[str, ConvUnit],
-          stats: dict[str, ResponseStats], fixed: int) -> ArchitecturePlan:
+          stats: dict[str, ResponseStats], fixed: int, channel_only: set[str]) -> ArchitecturePlan:
     """The decomposed architecture. Energy selection ranks by the PCA energy of the responses for
-    the data-driven methods, by the spectrum of the weights each baseline truncates otherwise."""
+    the data-driven methods, by the spectrum of the weights each baseline truncates otherwise;
+    before the responses are collected (no ``stats``) the ranks are uniform."""
     if opts.method == "tucker2":
         return tucker2_plan(candidates, fixed, opts.speedup, opts.rank_multiple)
     scheme = "spatial" if opts.method == "jaderberg" else "channel"
     spectra = None
-    if opts.selection == "energy":
+    if opts.selection == "energy" and (stats or opts.data_free):
         spectra = ({n: s.eigenvalues for n, s in stats.items()} if not opts.data_free else
                    {c.name: _padded(weight_spectrum(units[c.name].weight, scheme), c, scheme) for c in candidates})
     if opts.method == "jaderberg":
         return spatial_plan(candidates, spectra, fixed, opts.speedup, opts.rank_multiple)
     if opts.method == "asym3d":
         return three_d_plan(candidates, spectra, fixed, opts.speedup, opts.rank_multiple, opts.channel_speedup,
-                            opts.channel_only)
+                            tuple(sorted(channel_only)))
     return channel_plan(candidates, spectra, fixed, opts.speedup, opts.rank_multiple)
 
 
@@ -344,21 +386,6 @@ def _solve(method: str, unit: ConvUnit, stats: ResponseStats, y_hat: np.ndarray,
     return fit.factors, fit.iterations
 
 
-def _apply_user_skips(units: list[ConvUnit], skip: Sequence[str]) -> None:
-    _check_names(units, skip, "--skip")
-    for unit in units:
-        if unit.name in skip and unit.decomposable:
-            unit.skipped_reason = "skipped by --skip"
-
-
-def _check_names(units: list[ConvUnit], names: Sequence[str], option: str) -> None:
-    known = {u.name for u in units}
-    unknown = [s for s in names if s not in known]
-    if unknown:
-        raise InvalidOptionError(f"{option} names no conv in the model: {', '.join(unknown)}",
-                                 hint="the report lists the conv names; --dry-run prints them")
-
-
 SAMPLES_PER_CHANNEL = 20
 NCHWC_BLOCK = 16
 
@@ -373,7 +400,7 @@ def _warn_if_few_samples(opts: Options, responses, ranks, units, warnings: list[
         return
     count = len(responses[widest.output])
     if count < SAMPLES_PER_CHANNEL * widest.weight_shape[0]:
-        warnings.append(f"{count} response samples for {widest.weight_shape[0]} channels ({widest.name}): "
+        _warn(warnings, f"{count} response samples for {widest.weight_shape[0]} channels ({widest.name}): "
                         f"the {opts.method} fit may not generalise; aim for {SAMPLES_PER_CHANNEL} samples per "
                         "channel (more calibration images, or --samples-per-image)")
 
@@ -382,7 +409,7 @@ def _split(count: int, opts: Options, warnings: list[str]) -> tuple[list[int], l
     """Disjoint calibration and held-out index sets, drawn with the seed."""
     order = np.random.default_rng(opts.seed).permutation(count).tolist()
     if count == 1:
-        warnings.append("only one calibration sample: fidelity is measured on the sample used to calibrate")
+        _warn(warnings, "only one calibration sample: fidelity is measured on the sample used to calibrate")
         return order, order
     held = min(opts.holdout, max(1, count // 5))
     calib = order[held:][:opts.num_images]
@@ -432,14 +459,13 @@ def _layer_report(unit: ConvUnit, shape: ConvShape | None, plan: ArchitecturePla
 
 def _check_rewritten(model: onnx.ModelProto) -> None:
     try:
-        onnx.checker.check_model(model)
+        check_model(model)
+        make_session(model, optimize=False)
     except Exception as exc:
-        raise LowRankError(f"internal error: the rewritten model fails the ONNX checker: {exc}") from None
-    make_session(model, optimize=False)
+        raise InternalError(f"the rewritten model does not load: {exc}") from None
 
 
 def _benchmark(report: Report, original, optimized, feeds, opts: Options, progress) -> None:
-    original_bytes, optimized_bytes = original.SerializeToString(), optimized.SerializeToString()
     advance = progress.stage("benchmarking", len(opts.providers))
     for provider in opts.providers:
         if not provider_available(provider):
@@ -447,7 +473,7 @@ def _benchmark(report: Report, original, optimized, feeds, opts: Options, progre
                                            "status": "not available (needs onnxruntime-gpu and a CUDA device)"}
             report.actual_speedup[provider] = None
         else:
-            latency = measure_latency(original_bytes, optimized_bytes, feeds, provider=provider,
+            latency = measure_latency(original, optimized, feeds, provider=provider,
                                       threads=opts.threads, rounds=opts.bench_rounds)
             report.latency_ms[provider] = {"original": latency.original_ms, "optimized": latency.optimized_ms}
             report.actual_speedup[provider] = latency.speedup

@@ -7,14 +7,28 @@ read only when a batch needs them and calibration and held-out sets are disjoint
 from __future__ import annotations
 
 import importlib.util
+import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Protocol, Sequence, Union
 
 import numpy as np
 import onnx
 
-from onnx_lowrank.errors import CalibrationError, InvalidOptionError
+from onnx_lowrank.errors import CalibrationError, InvalidOptionError, InvalidTypeError
+
+log = logging.getLogger(__name__)
+
+
+class CalibrationDataReader(Protocol):
+    """onnxruntime's reader interface: ``get_next()`` returns ``{input_name: batch}``, then None."""
+
+    def get_next(self) -> Mapping[str, np.ndarray] | None: ...
+
+
+# What --calib and --eval accept, from the command line and the library alike.
+CalibrationSource = Union[str, os.PathLike, np.ndarray, Mapping[str, Any], CalibrationDataReader, None]
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 LABELS_KEY = "labels"
@@ -38,6 +52,14 @@ class InputSpec:
         if self.shape[3] in (1, 3):
             return "NHWC"
         return None
+
+    @property
+    def channel_axis(self) -> int:
+        return 1 if self.layout == "NCHW" else 3
+
+    @property
+    def spatial_axes(self) -> tuple[int, int]:
+        return (2, 3) if self.layout == "NCHW" else (1, 2)
 
 
 def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
@@ -103,7 +125,7 @@ class ArraySource:
         self.count = counts.pop()
         if self.count == 0:
             raise CalibrationError(f"{origin} holds no samples")
-        self.labels = labels if labels is not None and len(labels) == self.count else None
+        self.labels = None if labels is None else _checked_labels(labels, self.count, origin)
 
     def __len__(self) -> int:
         return self.count
@@ -117,6 +139,9 @@ def _checked_array(arrays: dict[str, np.ndarray], spec: InputSpec, origin: str) 
         raise CalibrationError(f"{origin} has no array for model input {spec.name!r} "
                                f"(it has {sorted(arrays)})", hint="key .npz arrays by input name")
     array = np.asarray(arrays[spec.name])
+    if array.dtype.kind not in "biuf":
+        raise CalibrationError(f"{origin}: array for input {spec.name!r} has dtype {array.dtype}, not real numbers",
+                               hint=f"the model expects {spec.dtype}")
     expected = tuple("N" if i == 0 else (d if d is not None else "?") for i, d in enumerate(spec.shape))
     fits = array.ndim == len(spec.shape) and all(
         d is None or d == a for i, (d, a) in enumerate(zip(spec.shape, array.shape)) if i > 0)
@@ -128,30 +153,51 @@ def _checked_array(arrays: dict[str, np.ndarray], spec: InputSpec, origin: str) 
     return array.astype(spec.dtype, copy=False)
 
 
+def _checked_labels(labels: Any, count: int, origin: str) -> np.ndarray:
+    """Class indices, one per sample; integral floats are accepted, one-hot rows are not guessed at."""
+    array = np.asarray(labels)
+    if array.ndim != 1:
+        raise CalibrationError(f"{origin}: labels have shape {array.shape}; expected one class index per sample, "
+                               f"shape ({count},)", hint="for one-hot labels pass labels.argmax(axis=1)")
+    if len(array) != count:
+        raise CalibrationError(f"{origin}: {len(array)} labels for {count} samples",
+                               hint="give one class index per sample")
+    if array.dtype.kind == "f" and np.all(np.isfinite(array)) and np.all(array == np.round(array)):
+        array = array.astype(np.int64)
+    if array.dtype.kind not in "iu" or (array.size and array.min() < 0):
+        raise CalibrationError(f"{origin}: labels must be non-negative class indices, got dtype {array.dtype}"
+                               + (f" with values like {array[:3].tolist()}" if array.size else ""))
+    return array
+
+
 class ImageFolderSource:
-    """Images found recursively in a folder, resized, centre-cropped and normalised on demand."""
+    """Images found recursively in a folder, resized, centre-cropped and normalised on demand.
+    Files that are not readable images (or are too large to decode safely) are left out with a warning."""
 
     def __init__(self, folder: Path, spec: InputSpec, preprocess: Preprocess,
                  input_size: tuple[int, int] | None) -> None:
         self.description = f"image folder {folder}"
-        self.files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not self.files:
-            raise CalibrationError(f"no images (jpg/png/bmp/webp) found in {folder}")
         if spec.layout is None:
             raise CalibrationError(f"input {spec.name!r} of shape {spec.shape} is not an image input",
                                    hint="pass --calib as .npy/.npz or a reader script instead")
+        candidates = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        if not candidates:
+            raise CalibrationError(f"no images (jpg/png/bmp/webp) found in {folder}")
+        self.files, unreadable = [], []
+        for path in candidates:
+            problem = _image_problem(path)
+            (unreadable.append(f"{path.name} ({problem})") if problem else self.files.append(path))
+        self.warnings = []
+        if unreadable:
+            self.warnings.append(f"{len(unreadable)} file(s) in {folder} are not usable images and were left out, "
+                                 f"e.g. {unreadable[0]}")
+        if not self.files:
+            raise CalibrationError(f"no readable images in {folder}: {unreadable[0]}")
         self.spec = spec
         self.preprocess = preprocess
         self.labels = None
-        channel_axis = 1 if spec.layout == "NCHW" else 3
-        self.channels = spec.shape[channel_axis]
-        spatial = [d for i, d in enumerate(spec.shape[1:], 1) if i != channel_axis]
-        if input_size is not None:
-            spatial = list(input_size)
-        if any(d is None for d in spatial):
-            raise CalibrationError(f"input {spec.name!r} has dynamic spatial size {spec.shape}",
-                                   hint="give the size to calibrate at with --input-size HxW")
-        self.size = (int(spatial[0]), int(spatial[1]))
+        self.channels = spec.shape[spec.channel_axis]
+        self.size = _spatial_size(spec, input_size)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -163,12 +209,13 @@ class ImageFolderSource:
         return {self.spec.name: np.ascontiguousarray(batch.astype(self.spec.dtype))}
 
     def _load(self, path: Path) -> np.ndarray:
-        from PIL import Image, UnidentifiedImageError
+        from PIL import Image
 
         try:
-            image = Image.open(path).convert("L" if self.channels == 1 else "RGB")
-        except (OSError, UnidentifiedImageError) as exc:
-            raise CalibrationError(f"cannot read image {path}: {exc}") from None
+            with Image.open(path) as opened:
+                image = opened.convert("L" if self.channels == 1 else "RGB")
+        except Exception as exc:  # PIL raises OSError, ValueError, DecompressionBombError, SyntaxError...
+            raise CalibrationError(f"cannot read image {path}: {type(exc).__name__}: {exc}") from None
         height, width = self.size
         factor = max(height / image.height, width / image.width)
         resized = image.resize((max(width, round(image.width * factor)), max(height, round(image.height * factor))),
@@ -181,6 +228,37 @@ class ImageFolderSource:
         mean = _per_channel(self.preprocess.mean, pixels.shape[-1])
         std = _per_channel(self.preprocess.std, pixels.shape[-1])
         return (pixels * self.preprocess.scale - mean) / std
+
+
+def _image_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be used as an image (read from its header only), or None."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            if image.width < 1 or image.height < 1:
+                return "empty image"
+            limit = Image.MAX_IMAGE_PIXELS
+            if limit and image.width * image.height > limit:
+                return f"{image.width}x{image.height} pixels, over Pillow's decompression-bomb limit"
+    except Exception as exc:
+        return type(exc).__name__
+    return None
+
+
+def _spatial_size(spec: InputSpec, input_size: tuple[int, int] | None) -> tuple[int, int]:
+    """The H x W to feed an image input: the model's own, or ``input_size`` where the model's is dynamic."""
+    fixed = tuple(spec.shape[axis] for axis in spec.spatial_axes)
+    if input_size is not None:
+        if all(d is not None for d in fixed) and tuple(input_size) != fixed:
+            raise CalibrationError(f"input {spec.name!r} has the fixed size {fixed[0]}x{fixed[1]}; --input-size "
+                                   f"{input_size[0]}x{input_size[1]} does not fit it",
+                                   hint="drop --input-size: it is for models with a dynamic input size")
+        return int(input_size[0]), int(input_size[1])
+    if any(d is None for d in fixed):
+        raise CalibrationError(f"input {spec.name!r} has dynamic spatial size {spec.shape}",
+                               hint="give the size to calibrate at with --input-size HxW")
+    return int(fixed[0]), int(fixed[1])
 
 
 def _per_channel(values: tuple[float, ...], channels: int) -> np.ndarray:
@@ -203,15 +281,14 @@ class RandomSource:
         self.seed = seed
         self.shapes = {}
         for spec in inputs:
-            dims = list(spec.shape[1:])
-            if input_size is not None and spec.layout is not None:
-                spatial = [1, 2] if spec.layout == "NCHW" else [0, 1]
-                for axis, size in zip(spatial, input_size):
+            dims = list(spec.shape)
+            if spec.layout is not None:
+                for axis, size in zip(spec.spatial_axes, _spatial_size(spec, input_size)):
                     dims[axis] = size
-            if any(d is None for d in dims):
+            if any(d is None for d in dims[1:]):
                 raise CalibrationError(f"input {spec.name!r} has dynamic dimensions {spec.shape}",
                                        hint="give --calib data, or --input-size HxW for images")
-            self.shapes[spec.name] = (tuple(dims), spec.dtype)
+            self.shapes[spec.name] = (tuple(dims[1:]), spec.dtype)
 
     def __len__(self) -> int:
         return self.count
@@ -224,39 +301,58 @@ class RandomSource:
         return out
 
 
-def open_calibration(calib: str | Path | object | None, inputs: list[InputSpec], *,
+def open_calibration(calib: CalibrationSource, inputs: list[InputSpec], *,
                      preprocess: Preprocess | None = None, random_count: int = 64, seed: int = 0,
-                     input_size: tuple[int, int] | None = None):
-    """Turn what the user gave as ``--calib`` into an indexable source (None means random data)."""
+                     input_size: tuple[int, int] | None = None, limit: int | None = None,
+                     role: str = "calibration"):
+    """Turn what the user gave as ``--calib`` (or ``--eval``: ``role``) into an indexable source;
+    None means random data. At most ``limit`` samples are read from a reader (one may never end)."""
     if calib is None:
         return RandomSource(inputs, random_count, seed, input_size)
     if hasattr(calib, "get_next"):
-        return _read_reader(calib, inputs, type(calib).__name__)
-    text = str(calib)
-    path = Path(text)
-    if path.is_dir():
+        return _read_reader(calib, inputs, type(calib).__name__, limit)
+    if isinstance(calib, np.ndarray):
+        return ArraySource(_single_input(calib, inputs, "a NumPy array"), inputs, f"{role} array")
+    if isinstance(calib, Mapping):
+        arrays = dict(calib)
+        labels = arrays.pop(LABELS_KEY, None)
+        return ArraySource(arrays, inputs, f"{role} arrays", labels)
+    if not isinstance(calib, (str, os.PathLike)):
+        raise InvalidTypeError(f"{role} must be a path, a NumPy array, a dict of arrays or an object with "
+                               f"get_next(), got {type(calib).__name__}")
+    text = os.fspath(calib)
+    try:
+        path = Path(text)
+        is_dir, exists = path.is_dir(), path.exists()
+    except (ValueError, OSError) as exc:
+        raise CalibrationError(f"invalid {role} path {text!r}: {exc}") from None
+    if is_dir:
         if len(inputs) != 1:
             raise CalibrationError(f"an image folder can feed a single-input model; this one has "
                                    f"{len(inputs)} inputs", hint="use an .npz keyed by input name")
         return ImageFolderSource(path, inputs[0], preprocess or PRESETS["imagenet"], input_size)
     if ":" in text and text.rsplit(":", 1)[0].endswith(".py"):
-        return _load_reader_script(text, inputs)
-    if not path.exists():
-        raise CalibrationError(f"calibration data not found: {text}",
+        return _load_reader_script(text, inputs, limit)
+    if not exists:
+        raise CalibrationError(f"{role} data not found: {text}",
                                hint="give an image folder, .npy, .npz or file.py:ReaderName")
     if path.suffix == ".npy":
-        if len(inputs) != 1:
-            raise CalibrationError(f"a .npy file can feed a single-input model; this one has {len(inputs)} inputs",
-                                   hint="use an .npz keyed by input name")
-        return ArraySource({inputs[0].name: _load_numpy(path)}, inputs, str(path))
+        return ArraySource(_single_input(_load_numpy(path), inputs, "a .npy file"), inputs, str(path))
     if path.suffix == ".npz":
         arrays = _load_numpy(path)
         labels = arrays.pop(LABELS_KEY, None)
         if len(inputs) == 1 and inputs[0].name not in arrays and len(arrays) == 1:
             arrays = {inputs[0].name: next(iter(arrays.values()))}
         return ArraySource(arrays, inputs, str(path), labels)
-    raise CalibrationError(f"unsupported calibration data {text}",
+    raise CalibrationError(f"unsupported {role} data {text}",
                            hint="give an image folder, .npy, .npz or file.py:ReaderName")
+
+
+def _single_input(array: np.ndarray, inputs: list[InputSpec], what: str) -> dict[str, np.ndarray]:
+    if len(inputs) != 1:
+        raise CalibrationError(f"{what} can feed a single-input model; this one has {len(inputs)} inputs",
+                               hint="use an .npz or a dict keyed by input name")
+    return {inputs[0].name: array}
 
 
 def _load_numpy(path: Path):
@@ -264,10 +360,10 @@ def _load_numpy(path: Path):
         loaded = np.load(path, allow_pickle=False)
         return dict(loaded) if isinstance(loaded, np.lib.npyio.NpzFile) else loaded
     except Exception as exc:
-        raise CalibrationError(f"cannot read {path}: {exc}") from None
+        raise CalibrationError(f"cannot read {path}: {type(exc).__name__}: {exc}") from None
 
 
-def _load_reader_script(text: str, inputs: list[InputSpec]):
+def _load_reader_script(text: str, inputs: list[InputSpec], limit: int | None):
     file_name, attr = text.rsplit(":", 1)
     path = Path(file_name)
     if not path.is_file():
@@ -280,32 +376,44 @@ def _load_reader_script(text: str, inputs: list[InputSpec]):
         reader = target() if isinstance(target, type) or not hasattr(target, "get_next") else target
     except AttributeError:
         raise CalibrationError(f"{path} defines no {attr!r}") from None
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:  # a user's script may even call sys.exit()
         raise CalibrationError(f"could not create the reader {text}: {type(exc).__name__}: {exc}") from None
     if not hasattr(reader, "get_next"):
         raise CalibrationError(f"{text} is not a CalibrationDataReader (it has no get_next())")
-    return _read_reader(reader, inputs, text)
+    return _read_reader(reader, inputs, text, limit)
 
 
-def _read_reader(reader, inputs: list[InputSpec], origin: str) -> ArraySource:
+def _read_reader(reader, inputs: list[InputSpec], origin: str, limit: int | None) -> ArraySource:
+    """Everything ``reader`` yields, up to ``limit`` samples (a reader that never ends is cut there)."""
     batches: dict[str, list[np.ndarray]] = {spec.name: [] for spec in inputs}
-    while True:
+    count = 0
+    while limit is None or count < limit:
         try:
             item = reader.get_next()
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:
             raise CalibrationError(f"{origin}.get_next() failed: {type(exc).__name__}: {exc}") from None
         if item is None:
             break
-        if not isinstance(item, dict):
+        if not isinstance(item, Mapping):
             raise CalibrationError(f"{origin}.get_next() returned {type(item).__name__}, expected a dict or None")
         for spec in inputs:
             if spec.name not in item:
                 raise CalibrationError(f"{origin}.get_next() gave no array for input {spec.name!r}")
             batches[spec.name].append(np.asarray(item[spec.name]))
+        first = batches[inputs[0].name][-1]
+        count += len(first) if first.ndim == len(inputs[0].shape) else 1
     if not batches[inputs[0].name]:
         raise CalibrationError(f"{origin} produced no samples")
     try:
-        arrays = {name: np.concatenate(parts) for name, parts in batches.items()}
+        arrays = {name: _as_batch(parts, spec) for (name, parts), spec in zip(batches.items(), inputs)}
     except ValueError as exc:
         raise CalibrationError(f"{origin} produced batches of inconsistent shapes: {exc}") from None
+    if limit is not None:
+        arrays = {name: array[:limit] for name, array in arrays.items()}
     return ArraySource(arrays, inputs, origin)
+
+
+def _as_batch(parts: list[np.ndarray], spec: InputSpec) -> np.ndarray:
+    """Reader items are batches (N, ...) as onnxruntime's readers give; a single sample is batch 1."""
+    parts = [part[None] if part.ndim == len(spec.shape) - 1 else part for part in parts]
+    return np.concatenate(parts)

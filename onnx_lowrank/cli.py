@@ -1,8 +1,16 @@
-"""``onnx-lowrank IN.onnx OUT.onnx --speedup S``: parses options, calls :func:`compress`, prints."""
+"""``onnx-lowrank IN.onnx OUT.onnx --speedup S``: parses options, calls :func:`compress`, writes, prints.
+
+Exit codes: 0 done, 2 bad input (one ``error:`` line), 130/143 interrupted by SIGINT/SIGTERM
+(nothing written), 3 internal error (a bug to report).
+"""
 
 from __future__ import annotations
 
+import logging
+import signal
 import sys
+import time
+from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
 from typing import Callable, List, Optional
@@ -11,6 +19,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from onnx_lowrank import __version__
 from onnx_lowrank.errors import InvalidOptionError, LowRankError
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
@@ -19,6 +28,9 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
 _CLICK_ERROR = next(cls for cls in typer.BadParameter.__mro__ if cls.__name__ == "ClickException")
 stdout = Console()
 stderr = Console(stderr=True)
+log = logging.getLogger("onnx_lowrank")
+
+EXIT_BAD_INPUT, EXIT_INTERNAL = 2, 3
 
 
 class Preset(str, Enum):
@@ -28,13 +40,112 @@ class Preset(str, Enum):
     raw = "raw"
 
 
-class RichProgress:
+class Method(str, Enum):
+    asymmetric = "asymmetric"
+    asym3d = "asym3d"
+    nonlinear = "nonlinear"
+    linear = "linear"
+    jaderberg = "jaderberg"
+    svd = "svd"
+    tucker2 = "tucker2"
+
+
+class RankSelection(str, Enum):
+    energy = "energy"
+    uniform = "uniform"
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM: like KeyboardInterrupt, not caught by ``except Exception``."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.exit_code = 128 + signum
+
+
+class Signals:
+    """SIGINT and SIGTERM interrupt the run until its outputs are committed; from the commit on they
+    are recorded and ignored, so exit 0 always means written and 130/143 means nothing written."""
+
+    HANDLED = (signal.SIGINT, signal.SIGTERM)
+
+    def __enter__(self) -> "Signals":
+        self.pending: list[int] = []
+        self.previous = {signum: signal.signal(signum, self._interrupt) for signum in self.HANDLED}
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+    @staticmethod
+    def _interrupt(signum, frame) -> None:
+        raise Interrupted(signum)
+
+    def commit(self, staging) -> None:
+        for signum in self.HANDLED:
+            signal.signal(signum, lambda received, frame: self.pending.append(received))
+        if self.pending:
+            raise Interrupted(self.pending[0])
+        staging.commit()
+
+
+class BarProgress:
+    """Progress bars on a terminal."""
+
     def __init__(self, progress: Progress) -> None:
         self.progress = progress
 
     def stage(self, description: str, total: int) -> Callable[[int], None]:
         task = self.progress.add_task(description, total=total)
         return lambda advance=1: self.progress.advance(task, advance)
+
+
+class LogProgress:
+    """Progress as log lines, for pipelines: a line when a stage starts, every ~30 s, and when it ends."""
+
+    INTERVAL_S = 30.0
+
+    def stage(self, description: str, total: int) -> Callable[[int], None]:
+        state = {"done": 0, "last": time.monotonic(), "start": time.monotonic()}
+        log.info("%s: 0/%d", description, total)
+
+        def advance(step: int = 1) -> None:
+            state["done"] += step
+            now = time.monotonic()
+            if state["done"] >= total:
+                log.info("%s: %d/%d done in %.1f s", description, state["done"], total, now - state["start"])
+            elif now - state["last"] >= self.INTERVAL_S:
+                state["last"] = now
+                log.info("%s: %d/%d", description, state["done"], total)
+        return advance
+
+
+class _ConsoleFormatter(logging.Formatter):
+    """``warning: …`` / ``error: …``; info lines timestamped when stderr is not a terminal."""
+
+    def __init__(self, timestamps: bool) -> None:
+        super().__init__("%(asctime)s %(message)s" if timestamps else "%(message)s", "%Y-%m-%d %H:%M:%S")
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.levelno >= logging.WARNING:
+            return f"{record.levelname.lower()}: {record.getMessage()}"
+        return super().format(record)
+
+
+def _configure_logging(quiet: bool, verbose: bool, log_file: Optional[Path]) -> None:
+    log.handlers.clear()
+    log.propagate = False
+    log.setLevel(logging.DEBUG)
+    console = logging.StreamHandler(sys.stderr)
+    console.setLevel(logging.ERROR if quiet else logging.DEBUG if verbose else logging.INFO)
+    console.setFormatter(_ConsoleFormatter(timestamps=not stderr.is_terminal))
+    log.addHandler(console)
+    if log_file is not None:
+        handler = logging.FileHandler(log_file, mode="a", encoding="utf-8")
+        handler.setLevel(logging.DEBUG)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        log.addHandler(handler)
 
 
 def _floats(text: Optional[str], option: str) -> Optional[list[float]]:
@@ -58,100 +169,141 @@ def _size(text: Optional[str]) -> Optional[tuple[int, int]]:
     return height, width
 
 
-def _names(values: List[str]) -> list[str]:
-    return [name for value in values for name in value.split(",") if name]
+def _selection(rank_selection: Optional[RankSelection], uniform: bool) -> Optional[str]:
+    chosen = rank_selection.value if rank_selection is not None else None
+    if uniform and chosen not in (None, "uniform"):
+        raise InvalidOptionError(f"--uniform contradicts --rank-selection {chosen}", hint="give one of them")
+    return "uniform" if uniform else chosen
 
 
-def _selection(rank_selection: Optional[str], uniform: bool) -> Optional[str]:
-    if uniform and rank_selection not in (None, "uniform"):
-        raise InvalidOptionError(f"--uniform contradicts --rank-selection {rank_selection}", hint="give one of them")
-    return "uniform" if uniform else rank_selection
+def _show_version(value: bool) -> None:
+    if value:
+        print(f"onnx-lowrank {__version__}")
+        raise typer.Exit(0)
+
+
+DATA = "Data"
+PLAN = "Plan and method"
+RUN = "Measurement and output"
+FORMS = "an image folder, a .npy file, an .npz keyed by input name (optional 'labels'), or file.py:ReaderName"
 
 
 @app.command()
 def run(
     input_model: Path = typer.Argument(..., metavar="IN.onnx", help="Model to accelerate."),
     output_model: Path = typer.Argument(..., metavar="OUT.onnx", help="Where to write the faster model."),
-    speedup: float = typer.Option(4.0, help="Target theoretical conv speedup (> 1)."),
-    calib: Optional[str] = typer.Option(None, help="Image folder, .npy, .npz (keyed by input name) or "
-                                                     "file.py:ReaderName; without it random inputs are used."),
-    eval_data: Optional[str] = typer.Option(None, "--eval", help="Labelled .npz (with 'labels') to measure "
-                                                                  "fidelity and accuracy on."),
-    preprocess: Preset = typer.Option(Preset.imagenet, help="Preprocessing of image folders."),
-    mean: Optional[str] = typer.Option(None, help="Per-channel mean, e.g. 0.485,0.456,0.406 (after --scale)."),
-    std: Optional[str] = typer.Option(None, help="Per-channel std, e.g. 0.229,0.224,0.225."),
-    scale: Optional[float] = typer.Option(None, help="Pixel multiplier applied before mean/std."),
-    bgr: Optional[bool] = typer.Option(None, "--bgr/--rgb", help="Channel order fed to the model."),
-    input_size: Optional[str] = typer.Option(None, help="HxW to calibrate at when the model's is dynamic."),
-    num_images: int = typer.Option(300, help="Calibration samples to use (capped at what there is)."),
-    samples_per_image: int = typer.Option(32, help="Spatial positions sampled per image and layer."),
-    seed: int = typer.Option(0, help="Seed for sampling and random inputs."),
-    skip: List[str] = typer.Option([], help="Conv node name to leave alone (repeat, or comma-separate)."),
-    rank_multiple: int = typer.Option(16, help="Round ranks to this multiple (1 disables)."),
-    method: str = typer.Option("asymmetric", help="asymmetric (default: nonlinear + Eq. 12), asym3d (also split k x k "
-                                                      "into k x 1 and 1 x k, paper 3.5), nonlinear, linear; data-free "
-                                                      "baselines: jaderberg, svd, tucker2."),
+    speedup: float = typer.Option(4.0, help="Target theoretical conv speedup (> 1).", rich_help_panel=PLAN),
+    calib: Optional[str] = typer.Option(None, help=f"Calibration data: {FORMS}; without it random inputs are "
+                                                   "used.", rich_help_panel=DATA),
+    eval_data: Optional[str] = typer.Option(None, "--eval", help=f"Data to measure fidelity on instead of the "
+                                            f"held-out calibration samples: {FORMS}. With labels (class indices) "
+                                            "accuracy is measured too.", rich_help_panel=DATA),
+    preprocess: Preset = typer.Option(Preset.imagenet, help="Preprocessing of image folders.", rich_help_panel=DATA),
+    mean: Optional[str] = typer.Option(None, help="Per-channel mean, e.g. 0.485,0.456,0.406 (after --scale).",
+                                       rich_help_panel=DATA),
+    std: Optional[str] = typer.Option(None, help="Per-channel std, e.g. 0.229,0.224,0.225.", rich_help_panel=DATA),
+    scale: Optional[float] = typer.Option(None, help="Pixel multiplier applied before mean/std.", rich_help_panel=DATA),
+    bgr: Optional[bool] = typer.Option(None, "--bgr/--rgb", help="Channel order fed to the model.",
+                                       rich_help_panel=DATA),
+    input_size: Optional[str] = typer.Option(None, help="HxW to calibrate at when the model's is dynamic.",
+                                             rich_help_panel=DATA),
+    num_images: int = typer.Option(300, help="Calibration samples to use (capped at what there is).",
+                                   rich_help_panel=DATA),
+    samples_per_image: int = typer.Option(32, help="Spatial positions sampled per image and layer.",
+                                          rich_help_panel=DATA),
+    seed: int = typer.Option(0, help="Seed for sampling and random inputs.", rich_help_panel=DATA),
+    method: Method = typer.Option(Method.asymmetric, help="asymmetric (default: nonlinear + Eq. 12), asym3d (also "
+                                  "split k x k into k x 1 and 1 x k, paper 3.5), nonlinear, linear; data-free "
+                                  "baselines: jaderberg, svd, tucker2.", rich_help_panel=PLAN),
+    skip: List[str] = typer.Option([], help="Conv node name to leave alone (repeat; a value naming no conv is "
+                                            "read as comma-separated names).", rich_help_panel=PLAN),
+    rank_multiple: int = typer.Option(16, help="Round ranks to this multiple (1 disables).", rich_help_panel=PLAN),
     symmetric: bool = typer.Option(False, "--symmetric", help="Ablation: solve every layer from the original "
-                                                               "network's inputs, not the approximated ones."),
-    rank_selection: Optional[str] = typer.Option(None, help="energy (Eq. 13-14; default for the data-driven "
-                                                            "methods) or uniform (default for the baselines)."),
-    uniform: bool = typer.Option(False, "--uniform", help="Same as --rank-selection uniform."),
+                                   "network's inputs, not the approximated ones.", rich_help_panel=PLAN),
+    rank_selection: Optional[RankSelection] = typer.Option(None, help="energy (Eq. 13-14; default for the "
+                                                           "data-driven methods) or uniform (default for the "
+                                                           "baselines).", rich_help_panel=PLAN),
+    uniform: bool = typer.Option(False, "--uniform", help="Same as --rank-selection uniform.", rich_help_panel=PLAN),
     channel_speedup: Optional[float] = typer.Option(None, help="asym3d: the channel part's speedup (default "
-                                                               "sqrt of --speedup); the spatial split does the rest."),
+                                                    "sqrt of --speedup); the spatial split does the rest.",
+                                                    rich_help_panel=PLAN),
     channel_only: List[str] = typer.Option([], help="asym3d: conv to decompose by channels only, without the "
-                                                    "k x 1 / 1 x k split (repeat, or comma-separate)."),
-    report: Optional[Path] = typer.Option(None, help="Write the report as JSON here."),
-    bench: bool = typer.Option(True, "--bench/--no-bench", help="Measure latency original vs optimized."),
-    providers: List[str] = typer.Option(["cpu"], help="Providers to benchmark: cpu, cuda."),
-    threads: int = typer.Option(0, help="onnxruntime intra-op threads (0 = its default)."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Analyse and print the plan; write nothing."),
-    verbose: bool = typer.Option(False, "-v", "--verbose", help="Show tracebacks of internal errors."),
+                                           "k x 1 / 1 x k split (repeat, as --skip).", rich_help_panel=PLAN),
+    report: Optional[Path] = typer.Option(None, help="Write the report as JSON here.", rich_help_panel=RUN),
+    bench: bool = typer.Option(True, "--bench/--no-bench", help="Measure latency original vs optimized.",
+                               rich_help_panel=RUN),
+    providers: List[str] = typer.Option(["cpu"], metavar="[cpu|cuda]", help="Provider to benchmark (repeat, or "
+                                        "comma-separate).", rich_help_panel=RUN),
+    threads: int = typer.Option(0, help="onnxruntime intra-op threads (0 = its default).", rich_help_panel=RUN),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Analyse and print the plan; write no model.",
+                                 rich_help_panel=RUN),
+    quiet: bool = typer.Option(False, "-q", "--quiet", help="Print errors only.", rich_help_panel=RUN),
+    verbose: bool = typer.Option(False, "-v", "--verbose", help="Debug messages, and the traceback of an "
+                                 "internal error.", rich_help_panel=RUN),
+    log_file: Optional[Path] = typer.Option(None, help="Also append every message, debug included, to this file.",
+                                            rich_help_panel=RUN),
+    version: bool = typer.Option(False, "--version", callback=_show_version, is_eager=True,
+                                 help="Print the version and exit."),
 ) -> None:
-    from onnx_lowrank.api import RANDOM_CALIBRATION_WARNING, compress
+    from onnx_lowrank.api import compress
     from onnx_lowrank.calibration import make_preprocess
-    from onnx_lowrank.graph.io import check_output_path, save_model_atomic
-    from onnx_lowrank.ranks import validate_speedup
+    from onnx_lowrank.outputs import Staging, check_outputs
     from onnx_lowrank.report import render
 
-    try:
-        validate_speedup(speedup)
-        if not dry_run:
-            check_output_path(input_model, output_model)
-        if calib is None:
-            stderr.print(f"[bold red]WARNING:[/] {RANDOM_CALIBRATION_WARNING}")
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+    code = 0
+    with Signals() as signals:
+        try:
+            paths = check_outputs(input_model, None if dry_run else output_model, report, log_file)
+            _configure_logging(quiet, verbose, log_file)
+            with _progress(quiet) as progress:
+                result = compress(
+                    input_model, speedup, calibration=calib, evaluation=eval_data, progress=progress,
+                    preprocess=make_preprocess(preprocess.value, _floats(mean, "--mean"), _floats(std, "--std"),
+                                               scale, bgr),
+                    method=method.value, symmetric=symmetric, rank_selection=_selection(rank_selection, uniform),
+                    channel_speedup=channel_speedup, channel_only=channel_only, rank_multiple=rank_multiple,
+                    num_images=num_images, samples_per_image=samples_per_image, seed=seed, skip=skip,
+                    providers=[p for value in providers for p in value.split(",") if p], threads=threads,
+                    bench=bench, dry_run=dry_run, input_size=_size(input_size))
+            with Staging(paths) as staging:
+                if result.model is not None:
+                    staging.model(result.model)
+                    result.report.files["output"] = staging.describe_model()
+                if paths.report is not None:
+                    staging.text(paths.report, result.report.to_json())
+                if not quiet:
+                    render(result.report, stdout)
+                signals.commit(staging)
+            if result.model is not None:
+                log.info("wrote %s", output_model)
+        except LowRankError as exc:
+            stderr.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+            code = EXIT_BAD_INPUT
+        except (Interrupted, KeyboardInterrupt) as exc:
+            stderr.print("interrupted; nothing was written", markup=False, highlight=False)
+            code = getattr(exc, "exit_code", 128 + signal.SIGINT)
+        except Exception as exc:
+            if verbose:
+                raise
+            stderr.print(f"internal error: {type(exc).__name__}: {exc} (a bug: please report it; -v shows the "
+                         "traceback)", markup=False, highlight=False, soft_wrap=True)
+            code = EXIT_INTERNAL
+    if code:
+        raise typer.Exit(code)
+
+
+@contextmanager
+def _progress(quiet: bool):
+    from onnx_lowrank.api import NullProgress
+
+    if quiet:
+        yield NullProgress()
+    elif not stderr.is_terminal:
+        yield LogProgress()
+    else:
+        with Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
                       TimeElapsedColumn(), console=stderr, transient=True) as bars:
-            result = compress(
-                input_model, speedup, calibration=calib, evaluation=eval_data, progress=RichProgress(bars),
-                preprocess=make_preprocess(preprocess.value, _floats(mean, "--mean"), _floats(std, "--std"),
-                                           scale, bgr),
-                method=method, symmetric=symmetric, rank_selection=_selection(rank_selection, uniform),
-                channel_speedup=channel_speedup, channel_only=tuple(_names(channel_only)),
-                rank_multiple=rank_multiple, num_images=num_images,
-                samples_per_image=samples_per_image, seed=seed, skip=tuple(_names(skip)),
-                providers=tuple(_names(providers)), threads=threads, bench=bench, dry_run=dry_run,
-                input_size=_size(input_size))
-        if not dry_run:
-            save_model_atomic(result.model, output_model)
-        if report is not None:
-            result.report.write_json(report)
-    except LowRankError as exc:
-        stderr.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
-        raise typer.Exit(2)
-    except KeyboardInterrupt:
-        stderr.print("interrupted; nothing was written")
-        raise typer.Exit(130)
-    except Exception as exc:
-        if verbose:
-            raise
-        stderr.print(f"internal error: {type(exc).__name__}: {exc} (rerun with -v for the traceback)",
-                     markup=False, highlight=False, soft_wrap=True)
-        raise typer.Exit(3)
-    render(result.report, stdout)
-    for warning in result.report.warnings:
-        stderr.print(f"[bold yellow]warning:[/] {warning}")
-    if not dry_run:
-        stdout.print(f"wrote {output_model}")
+            yield BarProgress(bars)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -162,7 +314,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     except typer.Exit as exc:
         code = exc.exit_code
     except typer.Abort:
-        code = 130
+        code = 128 + signal.SIGINT
     except _CLICK_ERROR as exc:
         stderr.print(f"error: {exc.format_message()} (see onnx-lowrank --help)", markup=False,
                      highlight=False, soft_wrap=True)

@@ -1,14 +1,16 @@
-"""One exception tree: everything the tool raises on bad input derives from LowRankError.
+"""Two exception trees. ``LowRankError`` is bad input: what the user gave cannot be used (exit 2).
+``InternalError`` is a bug of ours (exit 3) and deliberately not a ``LowRankError``, so that a
+pipeline catching bad input never mistakes a bug for it.
 
 Messages say what was given, what was expected and, where one helps, a hint; the CLI prints
-them on one line and exits non-zero.
+them on one line.
 """
 
 from __future__ import annotations
 
 
 class LowRankError(Exception):
-    """Base of every error onnx-lowrank raises deliberately."""
+    """Base of every error onnx-lowrank raises on bad input."""
 
     def __init__(self, message: str, hint: str | None = None) -> None:
         self.hint = hint
@@ -16,11 +18,19 @@ class LowRankError(Exception):
 
 
 class InvalidOptionError(LowRankError, ValueError):
-    """An option or parameter is outside what the tool accepts."""
+    """An option or parameter has a value outside what the tool accepts."""
+
+
+class InvalidTypeError(InvalidOptionError, TypeError):
+    """An option or parameter has the wrong type."""
 
 
 class ModelLoadError(LowRankError):
     """The input file is not a usable ONNX model."""
+
+
+class ModelRunError(LowRankError):
+    """onnxruntime cannot run the input model on the given data."""
 
 
 class NothingToDecomposeError(LowRankError):
@@ -36,4 +46,8 @@ class CalibrationError(LowRankError):
 
 
 class OutputPathError(LowRankError):
-    """The output path cannot be written safely."""
+    """An output path cannot be written safely."""
+
+
+class InternalError(Exception):
+    """Something the tool produced is wrong: a bug to report, not bad input."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 from onnx_lowrank.evaluate import Fidelity
 
@@ -26,6 +25,10 @@ class LayerReport:
     solver_iterations: list[int] | None = None  # per stage of the nonlinear solver's schedule
     skipped_reason: str | None = None
     note: str | None = None  # e.g. why a 3d layer stayed channel-only
+
+
+# Bumped whenever a key of the JSON report changes meaning or disappears (README: "The report").
+SCHEMA_VERSION = 2
 
 
 @dataclass
@@ -50,16 +53,18 @@ class Report:
     # every layer was solved from the original network's responses.
     asymmetric_collection_passes: float | None = None
     channel_speedup: float | None = None  # asym3d: the channel part's share of the target
+    options: dict = field(default_factory=dict)  # every resolved option, the seed included
+    versions: dict[str, str] = field(default_factory=dict)
+    # "input": path and SHA-256 of the model file and its external data; "output": the same of what was written
+    files: dict[str, dict | None] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        data = asdict(self)
+        data = {"schema_version": SCHEMA_VERSION, **asdict(self)}
         data["fidelity"] = asdict(self.fidelity) if self.fidelity is not None else None
         return data
 
-    def write_json(self, path: str | Path) -> None:
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"
 
 
 def render(report: Report, console) -> None:

@@ -9,7 +9,9 @@ count, never with the size of the feature maps.
 
 from __future__ import annotations
 
+import tempfile
 import zlib
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -17,7 +19,8 @@ import onnx
 import onnxruntime as ort
 
 from onnx_lowrank.calibration import InputSpec
-from onnx_lowrank.errors import LowRankError
+from onnx_lowrank.errors import ModelLoadError, ModelRunError
+from onnx_lowrank.graph.io import first_line, is_large, write_model
 
 PROVIDER_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
@@ -26,8 +29,10 @@ def provider_available(provider: str) -> bool:
     return PROVIDER_NAMES[provider] in ort.get_available_providers()
 
 
-def make_session(model: onnx.ModelProto | bytes, *, optimize: bool = True, threads: int = 0,
+def make_session(model: onnx.ModelProto | bytes | Path, *, optimize: bool = True, threads: int = 0,
                  provider: str = "cpu") -> ort.InferenceSession:
+    """A session of ``model``: a model file as it is (external data and all), a model too large for
+    one protobuf through a temporary copy with external data, kept as long as the session."""
     options = ort.SessionOptions()
     options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
                                         else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
@@ -36,12 +41,30 @@ def make_session(model: onnx.ModelProto | bytes, *, optimize: bool = True, threa
     # Spinning idle pools of one session steal the cores of the other in interleaved timing.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    data = model if isinstance(model, bytes) else model.SerializeToString()
+    providers = [PROVIDER_NAMES[provider]]
     try:
-        return ort.InferenceSession(data, options, providers=[PROVIDER_NAMES[provider]])
+        if isinstance(model, Path):
+            return ort.InferenceSession(str(model), options, providers=providers)
+        if isinstance(model, bytes) or not is_large(model):
+            data = model if isinstance(model, bytes) else model.SerializeToString()
+            return ort.InferenceSession(data, options, providers=providers)
+        folder = tempfile.TemporaryDirectory(prefix="onnx-lowrank-")
+        path = Path(folder.name) / "model.onnx"
+        write_model(model, path, "model.onnx.data")
+        session = ort.InferenceSession(str(path), options, providers=providers)
+        session.onnx_lowrank_folder = folder  # removed with the session
+        return session
     except Exception as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise LowRankError(f"onnxruntime cannot load the model: {first_line}") from None
+        raise ModelLoadError(f"onnxruntime cannot load the model: {first_line(exc)}") from None
+
+
+def run(session: ort.InferenceSession, names: list[str] | None, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """``session.run`` for the user's model on the user's data: a failure is bad input, one line."""
+    try:
+        return session.run(names, feeds)
+    except Exception as exc:
+        raise ModelRunError(f"onnxruntime cannot run the model on the given data: {first_line(exc)}",
+                            hint="check that the data has the shape, type and range the model expects") from None
 
 
 def with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
@@ -73,7 +96,7 @@ def run_in_batches(session: ort.InferenceSession, source, indices: Sequence[int]
                    on_batch: Callable[[list[int], dict[str, np.ndarray], list[np.ndarray]], None]) -> None:
     names = [o.name for o in session.get_outputs()]
     for chunk, feeds in iterate_batches(source, indices, batch_size):
-        on_batch(chunk, feeds, session.run(names, feeds))
+        on_batch(chunk, feeds, run(session, names, feeds))
 
 
 def sample_positions(seed: int, image_index: int, tensor: str, spatial: int, count: int) -> np.ndarray:
@@ -109,6 +132,10 @@ def collect_responses(model: onnx.ModelProto, source, indices: Sequence[int], te
             progress(len(chunk))
 
     run_in_batches(session, source, indices, batch_size, keep)
+    for name, values in responses.items():
+        if not np.all(np.isfinite(values)):
+            raise ModelRunError(f"the model's response {name!r} to the calibration data contains NaN or infinity",
+                                hint="check the data's range and preprocessing (--preprocess, --mean, --std)")
     return responses
 
 
@@ -119,5 +146,5 @@ def probe_shapes(model: onnx.ModelProto, source, tensors: Sequence[str], batch_s
     computed = [name for name in tensors if name not in feeds]
     session = make_session(with_outputs(model, computed), optimize=False, threads=threads)
     names = [o.name for o in session.get_outputs()]
-    outputs = dict(zip(names, session.run(names, feeds)))
+    outputs = dict(zip(names, run(session, names, feeds)))
     return {name: tuple(feeds[name].shape if name in feeds else outputs[name].shape) for name in tensors}

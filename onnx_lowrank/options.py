@@ -1,0 +1,162 @@
+"""The pipeline's options, validated in one declarative place (as scikit-learn's parameter constraints).
+
+Every public entry builds an :class:`Options`; a wrong type or value raises an
+``InvalidOptionError`` (an ``InvalidTypeError`` for a wrong type) naming the parameter, never a
+``TypeError`` from deep inside the pipeline.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from numbers import Integral, Real
+from typing import Any, Callable, Sequence
+
+from onnx_lowrank.errors import InvalidOptionError, InvalidTypeError
+
+DATA_FREE_METHODS = ("jaderberg", "svd", "tucker2")
+METHODS = ("asymmetric", "asym3d", "nonlinear", "linear") + DATA_FREE_METHODS
+ASYMMETRIC_METHODS = ("asymmetric", "asym3d")
+RANK_SELECTIONS = ("energy", "uniform")
+PROVIDERS = ("cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class Options:
+    speedup: float = 4.0
+    method: str = "asymmetric"
+    symmetric: bool = False
+    rank_selection: str | None = None  # None: energy for the data-driven methods, uniform for the baselines
+    channel_speedup: float | None = None  # asym3d: None = sqrt(speedup)
+    channel_only: tuple[str, ...] = ()
+    rank_multiple: int = 16
+    num_images: int = 300
+    holdout: int = 100
+    samples_per_image: int = 32
+    seed: int = 0
+    skip: tuple[str, ...] = ()
+    providers: tuple[str, ...] = ("cpu",)
+    threads: int = 0
+    bench: bool = True
+    bench_rounds: int = 30
+    batch_size: int = 8
+    dry_run: bool = False
+    input_size: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        for option in fields(self):
+            value = getattr(self, option.name)
+            object.__setattr__(self, option.name, _CONSTRAINTS[option.name](option.name, value))
+        self._check_combinations()
+
+    def _check_combinations(self) -> None:
+        if self.method == "tucker2" and self.rank_selection == "energy":
+            raise InvalidOptionError("Tucker-2 has two ranks per layer; only uniform rank selection is built for it",
+                                     hint="drop the energy rank selection for --method tucker2")
+        if self.symmetric and self.method not in ASYMMETRIC_METHODS:
+            raise InvalidOptionError(f"--symmetric changes the asymmetric methods; --method {self.method} "
+                                     "is not one", hint="drop --symmetric, or use --method asymmetric or asym3d")
+        if self.method != "asym3d" and (self.channel_speedup is not None or self.channel_only):
+            raise InvalidOptionError(f"--channel-speedup and --channel-only shape the 3d decomposition, not "
+                                     f"--method {self.method}", hint="use them with --method asym3d")
+
+    @property
+    def data_free(self) -> bool:
+        return self.method in DATA_FREE_METHODS
+
+    @property
+    def asymmetric(self) -> bool:
+        return self.method in ASYMMETRIC_METHODS and not self.symmetric
+
+    @property
+    def selection(self) -> str:
+        return self.rank_selection or ("uniform" if self.data_free else "energy")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {option.name: _plain(getattr(self, option.name)) for option in fields(self)}
+
+
+def _plain(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _integer(minimum: int) -> Callable[[str, Any], int]:
+    def check(name: str, value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, Integral):
+            raise InvalidTypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+        if value < minimum:
+            raise InvalidOptionError(f"{name} must be at least {minimum}, got {value}")
+        return int(value)
+    return check
+
+
+def _number_above_one(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise InvalidTypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    if not (math.isfinite(value) and value > 1.0):
+        raise InvalidOptionError(f"{name} must be a finite number greater than 1, got {value!r}",
+                                 hint="e.g. a speedup of 2 halves the conv FLOPs")
+    return float(value)
+
+
+def _optional(check: Callable[[str, Any], Any]) -> Callable[[str, Any], Any]:
+    return lambda name, value: None if value is None else check(name, value)
+
+
+def _flag(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise InvalidTypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _choice(allowed: Sequence[str]) -> Callable[[str, Any], str]:
+    def check(name: str, value: Any) -> str:
+        if not isinstance(value, str):
+            raise InvalidTypeError(f"{name} must be a string, got {type(value).__name__} {value!r}")
+        if value not in allowed:
+            raise InvalidOptionError(f"unknown {name.replace('_', ' ')} {value!r}",
+                                     hint=f"choose one of {', '.join(allowed)}")
+        return value
+    return check
+
+
+def _strings(name: str, value: Any) -> tuple[str, ...]:
+    """A name or a sequence of names; a single string is one name, not its characters."""
+    values = (value,) if isinstance(value, str) else value
+    if not isinstance(values, (list, tuple)) or not all(isinstance(v, str) for v in values):
+        raise InvalidTypeError(f"{name} must be a string or a sequence of strings, got {value!r}")
+    return tuple(values)
+
+
+def _choices(allowed: Sequence[str]) -> Callable[[str, Any], tuple[str, ...]]:
+    single = _choice(allowed)
+    return lambda name, value: tuple(single(name.rstrip("s"), v) for v in _strings(name, value))
+
+
+def _size(name: str, value: Any) -> tuple[int, int]:
+    if isinstance(value, str) or not isinstance(value, Sequence) or len(value) != 2:
+        raise InvalidTypeError(f"{name} must be (height, width), got {value!r}")
+    return tuple(_integer(1)(name, v) for v in value)  # type: ignore[return-value]
+
+
+_CONSTRAINTS: dict[str, Callable[[str, Any], Any]] = {
+    "speedup": _number_above_one,
+    "method": _choice(METHODS),
+    "symmetric": _flag,
+    "rank_selection": _optional(_choice(RANK_SELECTIONS)),
+    "channel_speedup": _optional(_number_above_one),
+    "channel_only": _strings,
+    "rank_multiple": _integer(1),
+    "num_images": _integer(1),
+    "holdout": _integer(1),
+    "samples_per_image": _integer(1),
+    "seed": _integer(0),
+    "skip": _strings,
+    "providers": _choices(PROVIDERS),
+    "threads": _integer(0),
+    "bench": _flag,
+    "bench_rounds": _integer(1),
+    "batch_size": _integer(1),
+    "dry_run": _flag,
+    "input_size": _optional(_size),
+}

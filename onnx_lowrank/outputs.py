@@ -1,0 +1,180 @@
+"""The files a run writes, and nothing else.
+
+Every output path (the model, its external-data file, the report) is checked before any work:
+none may be the input model or a file it references, nor another output of the same run, however
+spelled (symlinks, hard links, ``a/../b``), and each must be creatable. At the end the files are
+staged in a hidden folder beside their targets and renamed into place together, so a run leaves
+all of its outputs or none of them, and never a temporary file.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+
+from onnx_lowrank.errors import OutputPathError
+from onnx_lowrank.graph.io import external_data_files, write_model
+from onnx_lowrank.provenance import sha256_of
+
+
+@dataclass(frozen=True)
+class OutputPaths:
+    model: Path | None  # None for a dry run
+    data: Path | None  # the model's external-data file, written only for a model too large for one protobuf
+    report: Path | None = None
+    log: Path | None = None  # appended to as the run goes, so never staged
+
+    def named(self) -> list[tuple[str, Path]]:
+        named = [("OUT", self.model), ("OUT's external-data file", self.data), ("--report", self.report),
+                 ("--log-file", self.log)]
+        return [(role, path) for role, path in named if path is not None]
+
+
+def check_outputs(input_model: str | os.PathLike | None, output_model: str | os.PathLike | None,
+                  report: str | os.PathLike | None = None, log: str | os.PathLike | None = None) -> OutputPaths:
+    """The run's output paths (no model for a dry run), or OutputPathError if any could harm a file
+    or cannot be written."""
+    model = Path(output_model) if output_model is not None else None
+    if model is not None and model.suffix.lower() != ".onnx":
+        raise OutputPathError(f"output path must end in .onnx, got {model}")
+    paths = OutputPaths(model, model.with_name(model.name + ".data") if model is not None else None,
+                        Path(report) if report is not None else None, Path(log) if log is not None else None)
+    inputs = []
+    if input_model is not None and Path(input_model).is_file():
+        inputs = [("the input model", Path(input_model))]
+        inputs += [("an external-data file of the input model", f) for f in external_data_files(Path(input_model))]
+    named = paths.named()
+    for index, (role, path) in enumerate(named):
+        _check_creatable(role, path)
+        for other_role, other in inputs + named[:index]:
+            if _same_file(path, other):
+                raise OutputPathError(f"{role} {path} is {other_role} ({other}); refusing to write over it",
+                                      hint="choose another output path")
+    return paths
+
+
+def _check_creatable(role: str, path: Path) -> None:
+    try:
+        if path.is_dir():
+            raise OutputPathError(f"{role} {path} is a directory", hint="give a file path")
+        ancestor = path.parent
+        while not ancestor.exists():
+            ancestor = ancestor.parent
+        if not ancestor.is_dir():
+            raise OutputPathError(f"cannot create {role} {path}: {ancestor} is not a directory")
+        if not os.access(ancestor, os.W_OK | os.X_OK):
+            raise OutputPathError(f"cannot create {role} {path}: {ancestor} is not writable",
+                                  hint="choose a folder you can write to")
+    except (ValueError, OSError) as exc:  # NUL bytes, names too long, loops of symlinks
+        raise OutputPathError(f"invalid {role} path {str(path)!r}: {exc}") from None
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)  # hard links
+    except OSError:
+        return False
+
+
+class Staging:
+    """Outputs written to temporary files beside their targets, renamed into place by ``commit``.
+    Leaving the context without committing removes every file and folder it made."""
+
+    def __init__(self, paths: OutputPaths) -> None:
+        self.paths = paths
+        self.sha256: dict[str, str] = {}
+        self._moves: list[tuple[Path, Path]] = []
+        self._folders: dict[Path, Path] = {}
+        self._created: list[Path] = []
+        self._stale: Path | None = None
+        self._committed = False
+
+    def __enter__(self) -> "Staging":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for folder in self._folders.values():
+            shutil.rmtree(folder, ignore_errors=True)
+        if not self._committed:
+            for folder in reversed(self._created):
+                try:
+                    folder.rmdir()
+                except OSError:
+                    pass
+
+    def model(self, model: onnx.ModelProto) -> None:
+        out = self.paths.model
+        written = self._write(out, lambda tmp: write_model(model, tmp, self.paths.data.name))
+        if self.paths.data not in written and self.paths.data in _referenced_files(out):
+            self._stale = self.paths.data  # the previous OUT's data, which the new OUT does not use
+
+    def describe_model(self) -> dict:
+        """Path and SHA-256 of the staged model and of its external data, as the report gives them."""
+        model, data = str(self.paths.model), str(self.paths.data)
+        return {"path": model, "sha256": self.sha256[model],
+                "external_data": {data: self.sha256[data]} if data in self.sha256 else {}}
+
+    def text(self, path: Path, text: str) -> None:
+        def write(tmp: Path) -> list[Path]:
+            tmp.write_text(text)
+            return [tmp]
+        self._write(path, write)
+
+    def _write(self, target: Path, write) -> list[Path]:
+        try:
+            folder = self._folder(target.parent)
+            written = [Path(p) for p in write(folder / target.name)]
+            for tmp in written:
+                final = target.parent / tmp.name
+                os.chmod(tmp, _mode_for(final))
+                with open(tmp, "rb") as handle:
+                    os.fsync(handle.fileno())
+                self.sha256[str(final)] = sha256_of(tmp)
+                self._moves.append((tmp, final))
+            return [target.parent / tmp.name for tmp in written]
+        except OSError as exc:
+            raise OutputPathError(f"could not write {target}: {exc.strerror or exc}") from None
+
+    def _folder(self, parent: Path) -> Path:
+        if parent not in self._folders:
+            missing = []
+            ancestor = parent
+            while not ancestor.exists():
+                missing.append(ancestor)
+                ancestor = ancestor.parent
+            for folder in reversed(missing):
+                folder.mkdir()
+                self._created.append(folder)
+            self._folders[parent] = Path(tempfile.mkdtemp(prefix=".onnx-lowrank-", suffix=".tmp", dir=parent))
+        return self._folders[parent]
+
+    def commit(self) -> None:
+        """Rename every staged file into place: data files first, so the model never names missing data."""
+        try:
+            for tmp, final in sorted(self._moves, key=lambda move: move[1] == self.paths.model):
+                os.replace(tmp, final)
+            if self._stale is not None:
+                self._stale.unlink(missing_ok=True)
+        except OSError as exc:
+            raise OutputPathError(f"could not write {exc.filename}: {exc.strerror or exc}") from None
+        self._committed = True
+
+
+def _referenced_files(model_path: Path) -> list[Path]:
+    return external_data_files(model_path) if model_path.is_file() else []
+
+
+def _mode_for(path: Path) -> int:
+    """A replaced file keeps its mode; a new one gets the umask's, as ``cp`` and ``onnx.save`` do."""
+    if path.is_file():
+        return path.stat().st_mode & 0o7777
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
