@@ -427,6 +427,7 @@ def _measure_shapes(model, source, units, inputs, threads) -> tuple[dict[str, Co
     """Per-sample ConvShape of every conv, and the MACs of the dense layers, from one probe run."""
     dense = dense_ops(model)
     probe_batch = batch_size_for(inputs, 1)
+    units = [u for u in units if not u.in_subgraph]
     shapes = probe_shapes(model, source, [u.output for u in units] + [u.input for u in units]
                           + [name for name, _ in dense], probe_batch, threads)
     convs = {}

@@ -245,14 +245,14 @@ def run(
     version: bool = typer.Option(False, "--version", callback=_show_version, is_eager=True,
                                  help="Print the version and exit."),
 ) -> None:
-    from onnx_lowrank.api import compress
-    from onnx_lowrank.calibration import make_preprocess
-    from onnx_lowrank.outputs import Staging, check_outputs
-    from onnx_lowrank.report import render
-
     code = 0
     with Signals() as signals:
         try:
+            from onnx_lowrank.api import compress
+            from onnx_lowrank.calibration import make_preprocess
+            from onnx_lowrank.outputs import Staging, check_outputs
+            from onnx_lowrank.report import render
+
             paths = check_outputs(input_model, None if dry_run else output_model, report, log_file)
             _configure_logging(quiet, verbose, log_file)
             with _progress(quiet) as progress:

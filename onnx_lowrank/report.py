@@ -69,6 +69,7 @@ class Report:
 
 def render(report: Report, console) -> None:
     """Print the report as rich tables on ``console``."""
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title=f"onnx-lowrank plan ({report.method}, {report.rank_selection} ranks)")
@@ -83,7 +84,7 @@ def render(report: Report, console) -> None:
             notes.append(note)
             marker = f" [{len(notes)}]"
         table.add_row(
-            layer.name + marker, f"{'×'.join(map(str, layer.kernel))} {layer.in_channels}→{layer.out_channels}",
+            escape(layer.name + marker), f"{'×'.join(map(str, layer.kernel))} {layer.in_channels}→{layer.out_channels}",
             _ranks(layer), f"{layer.flops_before / 1e6:.1f}", f"{layer.flops_after / 1e6:.1f}",
             _percent(layer.energy, 1), _number(layer.response_error, 3))
     before = sum(layer.flops_before for layer in report.layers)
@@ -108,7 +109,7 @@ def render(report: Report, console) -> None:
         summary.add_row("asymmetric re-collection cost", f"{report.asymmetric_collection_passes:.2f} passes")
     for provider, latency in report.latency_ms.items():
         if latency.get("original") is None:
-            summary.add_row(f"latency {provider}", latency.get("status", "not measured"))
+            summary.add_row(escape(f"latency {provider}"), escape(latency.get("status", "not measured")))
             continue
         summary.add_row(f"latency {provider} original / optimized",
                         f"{latency['original']:.2f} ms / {latency['optimized']:.2f} ms")
@@ -116,7 +117,7 @@ def render(report: Report, console) -> None:
     fidelity = report.fidelity
     if fidelity is not None:
         for name, error in fidelity.output_rel_error.items():
-            summary.add_row(f"relative L2 error of output {name!r}", f"{error:.4f}")
+            summary.add_row(escape(f"relative L2 error of output {name!r}"), f"{error:.4f}")
         if fidelity.top1_agreement is not None:
             summary.add_row("top-1 agreement with original", _percent(fidelity.top1_agreement))
         if fidelity.top5_overlap is not None:

@@ -37,7 +37,7 @@ def make_session(model: onnx.ModelProto | bytes | Path, *, optimize: bool = True
     options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
                                         else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     options.intra_op_num_threads = threads
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # failures surface as exceptions, told in one line
     # Spinning idle pools of one session steal the cores of the other in interleaved timing.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.add_session_config_entry("session.inter_op.allow_spinning", "0")

@@ -33,6 +33,7 @@ class ConvUnit:
     bias: np.ndarray | None = None
     activation: Activation = field(default_factory=Activation)
     skipped_reason: str | None = None
+    in_subgraph: bool = False  # in an If/Loop/Scan body: listed, never measured or decomposed
 
     @property
     def kernel(self) -> tuple[int, ...]:
@@ -64,7 +65,26 @@ def find_conv_units(model: onnx.ModelProto) -> list[ConvUnit]:
             unit.bias = bias if bias is not None else np.zeros(weight.shape[0], weight.dtype)
             unit.activation = _activation_after(graph, node.outputs[0])
         units.append(unit)
+    units.extend(_subgraph_convs(graph))
     return units
+
+
+SUBGRAPH_REASON = "inside an If/Loop/Scan body: only convs of the main graph are decomposed"
+
+
+def _subgraph_convs(graph: gs.Graph) -> list[ConvUnit]:
+    """Convs in control-flow bodies, listed with the reason they stay as they are."""
+    found = []
+    for node in graph.nodes:
+        for attr in node.attrs.values():
+            for body in attr if isinstance(attr, list) else [attr]:
+                if isinstance(body, gs.Graph):
+                    found += [ConvUnit(name=n.name or f"{node.name}/Conv", input=n.inputs[0].name,
+                                       output=n.outputs[0].name, weight_shape=tuple(n.inputs[1].shape or ()),
+                                       group=int(n.attrs.get("group", 1)), attrs=dict(n.attrs),
+                                       skipped_reason=SUBGRAPH_REASON, in_subgraph=True) for n in body.nodes if n.op == "Conv"]
+                    found += _subgraph_convs(body)
+    return found
 
 
 def _skip_reason(weight: np.ndarray | None, shape: tuple, group: int, computed_bias: bool) -> str | None:
