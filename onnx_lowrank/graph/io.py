@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnx import numpy_helper
-from onnx.external_data_helper import set_external_data, uses_external_data
+from onnx.external_data_helper import uses_external_data
 
 from onnx_lowrank.errors import InvalidTypeError, ModelLoadError
 
@@ -150,8 +150,9 @@ def _with_external_tensors(model: onnx.ModelProto, data, location: str) -> onnx.
         data.write(np.ascontiguousarray(values).astype(values.dtype.newbyteorder("<"), copy=False).tobytes())
         reference = onnx.TensorProto(name=tensor.name, dims=tensor.dims, data_type=tensor.data_type,
                                      doc_string=tensor.doc_string)
-        set_external_data(reference, location, offset=offset, length=values.nbytes)
         reference.data_location = onnx.TensorProto.EXTERNAL
+        for key, value in (("location", location), ("offset", offset), ("length", values.nbytes)):
+            reference.external_data.add(key=key, value=str(value))
         graph.initializer.append(reference)
     light = onnx.ModelProto()
     for field, value in model.ListFields():

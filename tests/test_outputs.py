@@ -1,0 +1,203 @@
+"""A user's files are sacred: the tool writes OUT (and its data file) and the report, atomically,
+never over an input, and nothing at all when it fails or is interrupted."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from onnx_lowrank.graph import io as model_io
+from onnx_lowrank.provenance import sha256_of
+from tests.builders import Layer, conv_net, relative_error, run_model
+from tests.test_cli import invoke
+
+RUN = ["--speedup", "1.5", "--no-bench", "--threads", "1"]
+
+
+@pytest.fixture
+def folder(tmp_path):
+    onnx.save(conv_net([Layer(16), Layer(32), Layer(32)], size=(10, 10), classifier=5), tmp_path / "in.onnx")
+    np.savez(tmp_path / "calib.npz", input=np.random.default_rng(0).standard_normal((40, 3, 10, 10)).astype(np.float32))
+    return tmp_path
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else b"<dir>"
+            for p in sorted(folder.rglob("*"))}
+
+
+def assert_refused(folder: Path, args: list, message: str) -> None:
+    before = snapshot(folder)
+    result = invoke(*args, "--calib", folder / "calib.npz", *RUN)
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.output
+    assert snapshot(folder) == before
+
+
+@pytest.mark.parametrize("case", ["report-is-input", "report-is-out", "out-symlink-to-input", "out-hard-link",
+                                  "out-dotdot-spelling", "report-symlink-to-input", "log-is-input", "report-is-log"])
+def test_no_output_may_be_the_input_or_another_output(folder, case) -> None:
+    inp, out = folder / "in.onnx", folder / "out.onnx"
+    (folder / "sub").mkdir()
+    os.symlink(inp, folder / "link.onnx")
+    os.link(inp, folder / "hard.onnx")
+    args = {
+        "report-is-input": ([inp, out, "--report", inp], "is the input model"),
+        "report-is-out": ([inp, out, "--report", out], "is OUT"),
+        "out-symlink-to-input": ([inp, folder / "link.onnx"], "is the input model"),
+        "out-hard-link": ([inp, folder / "hard.onnx"], "is the input model"),
+        "out-dotdot-spelling": ([inp, folder / "sub" / ".." / "in.onnx"], "is the input model"),
+        "report-symlink-to-input": ([inp, out, "--report", folder / "link.onnx"], "is the input model"),
+        "log-is-input": ([inp, out, "--log-file", folder / "sub" / ".." / "in.onnx"], "is the input model"),
+        "report-is-log": ([inp, out, "--report", folder / "r.txt", "--log-file", folder / "r.txt"], "is --report"),
+    }[case]
+    assert_refused(folder, *args)
+
+
+def external_input(folder: Path, data_name: str) -> Path:
+    model = onnx.load(str(folder / "in.onnx"))
+    onnx.save(model, str(folder / "ext.onnx"), save_as_external_data=True, location=data_name, size_threshold=0)
+    return folder / "ext.onnx"
+
+
+def test_out_data_file_may_not_be_an_input_data_file(folder) -> None:
+    model = external_input(folder, "out.onnx.data")
+    assert_refused(folder, [model, folder / "out.onnx"], "is an external-data file of the input model")
+
+
+def test_report_may_not_be_an_input_data_file(folder) -> None:
+    model = external_input(folder, "weights.bin")
+    assert_refused(folder, [model, folder / "out.onnx", "--report", folder / "weights.bin"],
+                   "external-data file of the input model")
+
+
+@pytest.mark.parametrize("case", ["parent-is-file", "report-is-directory", "not-writable", "not-onnx-suffix"])
+def test_unwritable_outputs_are_refused_before_any_work(folder, case, monkeypatch) -> None:
+    inp = folder / "in.onnx"
+    (folder / "dir").mkdir()
+    if case == "not-writable":  # the tests run as root, whom permission bits do not stop
+        real_access = os.access
+        monkeypatch.setattr(os, "access", lambda path, mode: False if Path(path) == folder / "dir"
+                            else real_access(path, mode))
+    args = {
+        "parent-is-file": ([inp, folder / "in.onnx" / "out.onnx"], "is not a directory"),
+        "report-is-directory": ([inp, folder / "out.onnx", "--report", folder / "dir"], "is a directory"),
+        "not-writable": ([inp, folder / "dir" / "out.onnx"], "is not writable"),
+        "not-onnx-suffix": ([inp, folder / "out.txt"], "must end in .onnx"),
+    }[case]
+    assert_refused(folder, *args)
+
+
+def test_outputs_get_the_umask_mode_and_a_replaced_file_keeps_its_own(folder) -> None:
+    old = os.umask(0o022)
+    try:
+        assert invoke(folder / "in.onnx", folder / "out.onnx", "--calib", folder / "calib.npz",
+                      "--report", folder / "r.json", *RUN).exit_code == 0
+        assert (folder / "out.onnx").stat().st_mode & 0o777 == 0o644
+        assert (folder / "r.json").stat().st_mode & 0o777 == 0o644
+        os.chmod(folder / "out.onnx", 0o640)
+        os.umask(0o077)
+        assert invoke(folder / "in.onnx", folder / "out.onnx", "--calib", folder / "calib.npz", *RUN).exit_code == 0
+        assert (folder / "out.onnx").stat().st_mode & 0o777 == 0o640
+    finally:
+        os.umask(old)
+
+
+def test_missing_output_folders_are_created_and_removed_again_on_failure(folder, monkeypatch) -> None:
+    out = folder / "a" / "b" / "out.onnx"
+    assert invoke(folder / "in.onnx", out, "--calib", folder / "calib.npz", *RUN).exit_code == 0
+    assert out.is_file()
+    monkeypatch.setattr("onnx_lowrank.outputs.write_model", _disk_full)
+    result = invoke(folder / "in.onnx", folder / "c" / "d" / "out.onnx", "--calib", folder / "calib.npz", *RUN)
+    assert result.exit_code == 2 and "No space left" in result.stderr
+    assert not (folder / "c").exists()
+
+
+def _disk_full(model, path, data_name):
+    (path.parent / data_name).write_bytes(b"partial")
+    path.write_bytes(b"partial")
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_a_full_disk_leaves_nothing_and_the_next_run_succeeds(folder, monkeypatch) -> None:
+    monkeypatch.setattr(model_io, "EXTERNAL_DATA_THRESHOLD", 1024)
+    before = snapshot(folder)
+    monkeypatch.setattr("onnx_lowrank.outputs.write_model", _disk_full)
+    result = invoke(folder / "in.onnx", folder / "out.onnx", "--calib", folder / "calib.npz", *RUN)
+    assert result.exit_code == 2 and "error: could not write" in result.stderr
+    assert snapshot(folder) == before
+    monkeypatch.undo()
+    monkeypatch.setattr(model_io, "EXTERNAL_DATA_THRESHOLD", 1024)
+    assert invoke(folder / "in.onnx", folder / "out.onnx", "--calib", folder / "calib.npz", *RUN).exit_code == 0
+    assert sorted(set(snapshot(folder)) - set(before)) == ["out.onnx", "out.onnx.data"]
+
+
+def test_large_models_go_through_external_data_end_to_end(folder, monkeypatch) -> None:
+    """The > 2 GiB path (sessions from files with external data, the output as a model + data pair),
+    exercised with a low threshold. The written pair is the same model as an in-memory run's."""
+    x = np.random.default_rng(3).standard_normal((4, 3, 10, 10)).astype(np.float32)
+    args = [folder / "out.onnx", "--calib", folder / "calib.npz", "--report", folder / "r.json", *RUN]
+    assert invoke(folder / "in.onnx", *args).exit_code == 0
+    small = run_model(onnx.load(str(folder / "out.onnx")), {"input": x})[0]
+    monkeypatch.setattr(model_io, "EXTERNAL_DATA_THRESHOLD", 1024)
+    external_input(folder, "in.weights")
+    result = invoke(folder / "ext.onnx", *args)
+    assert result.exit_code == 0, result.output
+    assert (folder / "out.onnx.data").is_file() and (folder / "out.onnx").stat().st_size < 4096
+    large = run_model(onnx.load(str(folder / "out.onnx")), {"input": x})[0]
+    assert relative_error(small, large) < 1e-5
+    files = json.loads((folder / "r.json").read_text())["files"]
+    assert files["output"]["sha256"] == sha256_of(folder / "out.onnx")
+    assert files["output"]["external_data"] == {str(folder / "out.onnx.data"): sha256_of(folder / "out.onnx.data")}
+    assert files["input"]["external_data"] == {str(folder / "in.weights"): sha256_of(folder / "in.weights")}
+    monkeypatch.undo()  # a small model replacing the large OUT takes its stale data file with it
+    assert invoke(folder / "in.onnx", folder / "out.onnx", "--calib", folder / "calib.npz", *RUN).exit_code == 0
+    assert not (folder / "out.onnx.data").exists()
+    assert not [p for p in folder.iterdir() if "tmp" in p.name]
+
+
+@pytest.mark.parametrize("where", ["compress", "staging-model", "staging-report", "render"])
+def test_an_interrupt_at_any_stage_writes_nothing(folder, monkeypatch, where) -> None:
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    target = {"compress": "onnx_lowrank.api._benchmark", "staging-model": "onnx_lowrank.outputs.write_model",
+              "staging-report": "onnx_lowrank.report.Report.to_json", "render": "onnx_lowrank.report.render"}[where]
+    monkeypatch.setattr(target, interrupt)
+    before = snapshot(folder)
+    result = invoke(folder / "in.onnx", folder / "out.onnx", "--calib", folder / "calib.npz",
+                    "--report", folder / "r.json", "--speedup", "1.5", "--threads", "1")
+    assert result.exit_code == 130, result.output
+    assert "nothing was written" in result.stderr
+    assert snapshot(folder) == before
+
+
+def test_sigterm_during_the_run_exits_143_and_writes_nothing(folder, monkeypatch) -> None:
+    monkeypatch.setattr("onnx_lowrank.api._check_rewritten", lambda model: os.kill(os.getpid(), signal.SIGTERM))
+    before = snapshot(folder)
+    result = invoke(folder / "in.onnx", folder / "out.onnx", "--calib", folder / "calib.npz", *RUN)
+    assert result.exit_code == 143 and snapshot(folder) == before
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_real_signal_to_the_command_mid_run(folder, signum) -> None:
+    process = subprocess.Popen([sys.executable, "-m", "onnx_lowrank", folder / "in.onnx", folder / "out.onnx",
+                                "--calib", folder / "calib.npz", "--report", folder / "r.json", "--speedup", "1.5"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    for line in process.stderr:
+        if "collecting responses" in line:
+            process.send_signal(signum)
+            break
+    process.wait(timeout=60)
+    assert process.returncode == 128 + signum
+    assert sorted(p.name for p in folder.iterdir()) == ["calib.npz", "in.onnx"]
