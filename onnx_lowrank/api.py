@@ -11,7 +11,7 @@ import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Protocol, Sequence
 
 from onnx_lowrank.calibration import CalibrationSource
 
@@ -46,6 +46,12 @@ RANDOM_CALIBRATION_WARNING = ("no calibration data given: using random inputs. T
 log = logging.getLogger(__name__)
 
 
+class ProgressSink(Protocol):
+    """Where a run reports its progress: ``stage(description, total)`` returns ``advance(n=1)``."""
+
+    def stage(self, description: str, total: int) -> Callable[[int], None]: ...
+
+
 class NullProgress:
     """Progress sink that shows nothing; the CLI passes one that draws bars or logs lines."""
 
@@ -68,7 +74,7 @@ def compress(
     calibration: CalibrationSource = None,
     evaluation: CalibrationSource = None,
     preprocess: Preprocess | None = None,
-    progress=None,
+    progress: ProgressSink | None = None,
     method: str = "asymmetric",
     symmetric: bool = False,
     rank_selection: str | None = None,

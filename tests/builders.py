@@ -15,10 +15,10 @@ IR_VERSION = 8  # what this onnxruntime reads; onnx.helper would stamp a newer o
 class Layer:
     out: int
     k: int | tuple[int, int] = 3
-    stride: int = 1
+    stride: int | tuple[int, int] = 1
     pads: list[int] | None = None  # None: "same" symmetric padding
     auto_pad: str | None = None
-    dilation: int = 1
+    dilation: int | tuple[int, int] = 1
     bias: bool = True
     bn: bool = False
     mul_add: bool = False
@@ -47,7 +47,8 @@ class NetBuilder:
         return out
 
     def conv_layer(self, x: str, c: int, layer: Layer) -> str:
-        kh, kw = (layer.k, layer.k) if isinstance(layer.k, int) else layer.k
+        kh, kw = _pair(layer.k)
+        (sh, sw), (dh, dw) = _pair(layer.stride), _pair(layer.dilation)
         fan_in = c // layer.group * kh * kw
         if layer.weight_rank:
             left = self.rng.standard_normal((layer.out, layer.weight_rank))
@@ -58,13 +59,13 @@ class NetBuilder:
         inputs = [x, self.const("w", weight)]
         if layer.bias:
             inputs.append(self.const("b", self.rng.standard_normal(layer.out) * 0.1))
-        attrs = {"kernel_shape": [kh, kw], "strides": [layer.stride] * 2, "dilations": [layer.dilation] * 2}
+        attrs = {"kernel_shape": [kh, kw], "strides": [sh, sw], "dilations": [dh, dw]}
         if layer.group != 1:
             attrs["group"] = layer.group
         if layer.auto_pad:
             attrs["auto_pad"] = layer.auto_pad
         else:
-            pads = layer.pads if layer.pads is not None else [layer.dilation * (kh // 2), layer.dilation * (kw // 2)] * 2
+            pads = layer.pads if layer.pads is not None else [dh * (kh // 2), dw * (kw // 2)] * 2
             attrs["pads"] = pads
         y = self.node("Conv", inputs, **attrs)
         if layer.bn:
@@ -91,6 +92,10 @@ class NetBuilder:
         elif layer.act in ("hard_swish", "tanh", "sigmoid"):
             y = self.node({"hard_swish": "HardSwish", "tanh": "Tanh", "sigmoid": "Sigmoid"}[layer.act], [y])
         return y
+
+
+def _pair(value: int | tuple[int, int]) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else tuple(value)
 
 
 def conv_net(layers: list[Layer], in_channels: int = 3, size: tuple[int, int] = (12, 12), *,

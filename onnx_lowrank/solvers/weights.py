@@ -45,7 +45,8 @@ def spatial_filter_reconstruction(weight: np.ndarray, rank: int) -> tuple[np.nda
     left, values, _ = np.linalg.svd(matrix, full_matrices=False)
     left = deterministic_signs(left[:, :rank])
     right_t = left.T @ matrix  # diag(s_r) V_r^T, with the signs chosen for left
-    scale = np.sqrt(values[:rank])[:, None]
+    # A direction with no energy (rank above the weights' own) gets unit scale, not a division by zero.
+    scale = np.sqrt(np.where(values[:rank] > 0, values[:rank], 1.0))[:, None]
     vertical = (left.T * scale).reshape(rank, c, kh, 1)
     horizontal = (right_t / scale).reshape(rank, d, kw).transpose(1, 0, 2)[:, :, None, :]
     return vertical.astype(weight.dtype), horizontal.astype(weight.dtype)
