@@ -22,7 +22,7 @@ from onnx_lowrank.calibration import Preprocess, model_inputs, open_calibration
 from onnx_lowrank.costs import ConvShape, max_rank
 from onnx_lowrank.errors import CalibrationError, InternalError, InvalidOptionError, NothingToDecomposeError
 from onnx_lowrank.evaluate import measure_fidelity, measure_latency
-from onnx_lowrank.graph.io import check_model, load_model, model_path
+from onnx_lowrank.graph.io import WeightStore, check_model, is_large, load_model, model_path
 from onnx_lowrank.graph.normalise import normalise
 from onnx_lowrank.graph.rewrite import (ConvSpec, channel_decomposition, replace_convs, spatial_decomposition,
                                         tucker2_decomposition)
@@ -61,10 +61,24 @@ class NullProgress:
 
 @dataclass
 class Result:
-    """The optimized model (None for a dry run) and the report of what was done and measured."""
+    """The optimized model (None for a dry run) and the report of what was done and measured.
+
+    The model of a run on a model too large for one protobuf is a light proto whose weights stay
+    in a temporary store as long as this Result lives: write it with :meth:`save`."""
 
     model: onnx.ModelProto | None
     report: Report
+    store: WeightStore | None = field(default=None, repr=False)
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the model atomically to ``path`` (.onnx; large models with ``path.data`` beside it)."""
+        from onnx_lowrank.outputs import Staging, check_outputs
+
+        if self.model is None:
+            raise InvalidOptionError("a dry run has no model to save")
+        with Staging(check_outputs(None, path)) as staging:
+            staging.model(self.model)
+            staging.commit()
 
 
 def compress(
@@ -119,6 +133,9 @@ def compress(
         reference = model_path(model) if isinstance(model, (str, os.PathLike)) else original
         normalised = normalise(original)
         del original
+        store = WeightStore() if is_large(normalised) else None
+        if store is not None:  # from here on the weights are on disk, read as memory maps
+            normalised = store.keep(normalised)
         units = find_conv_units(normalised)
         channel_only_names = _select_units(units, opts)
         inputs = model_inputs(normalised)
@@ -186,7 +203,7 @@ def compress(
                 feeds = data.eval_source.get(data.holdout_indices[:1] * batch_size_for(inputs, 1))
                 _benchmark(report, reference, optimized, feeds, opts, progress)
     run.timings["total"] = time.perf_counter() - run.started
-    return Result(optimized, report)
+    return Result(optimized, report, store)
 
 
 @dataclass

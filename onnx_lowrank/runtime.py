@@ -9,7 +9,6 @@ count, never with the size of the feature maps.
 
 from __future__ import annotations
 
-import tempfile
 import zlib
 from pathlib import Path
 from typing import Callable, Sequence
@@ -20,7 +19,7 @@ import onnxruntime as ort
 
 from onnx_lowrank.calibration import InputSpec
 from onnx_lowrank.errors import ModelLoadError, ModelRunError
-from onnx_lowrank.graph.io import first_line, is_large, write_model
+from onnx_lowrank.graph.io import first_line, is_large, model_file
 
 PROVIDER_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
@@ -32,7 +31,7 @@ def provider_available(provider: str) -> bool:
 def make_session(model: onnx.ModelProto | bytes | Path, *, optimize: bool = True, threads: int = 0,
                  provider: str = "cpu") -> ort.InferenceSession:
     """A session of ``model``: a model file as it is (external data and all), a model too large for
-    one protobuf through a temporary copy with external data, kept as long as the session."""
+    one protobuf through a file with external data (see ``graph.io.model_file``)."""
     options = ort.SessionOptions()
     options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
                                         else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
@@ -48,12 +47,8 @@ def make_session(model: onnx.ModelProto | bytes | Path, *, optimize: bool = True
         if isinstance(model, bytes) or not is_large(model):
             data = model if isinstance(model, bytes) else model.SerializeToString()
             return ort.InferenceSession(data, options, providers=providers)
-        folder = tempfile.TemporaryDirectory(prefix="onnx-lowrank-")
-        path = Path(folder.name) / "model.onnx"
-        write_model(model, path, "model.onnx.data")
-        session = ort.InferenceSession(str(path), options, providers=providers)
-        session.onnx_lowrank_folder = folder  # removed with the session
-        return session
+        with model_file(model) as path:  # onnxruntime has read the weights once the session exists
+            return ort.InferenceSession(str(path), options, providers=providers)
     except Exception as exc:
         raise ModelLoadError(f"onnxruntime cannot load the model: {first_line(exc)}") from None
 

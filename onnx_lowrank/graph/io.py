@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import tempfile
+import weakref
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -103,10 +105,10 @@ def _all_tensors(model: onnx.ModelProto):
 
 
 def tensor_bytes(model: onnx.ModelProto) -> int:
-    """Bytes of the tensor data held inside the proto (what protobuf would have to serialise)."""
+    """Bytes of tensor data a write of ``model`` carries: what the proto holds, and what it keeps in a WeightStore."""
     total = 0
     for tensor in _all_tensors(model):
-        if not uses_external_data(tensor):
+        if not uses_external_data(tensor) or WeightStore.of(tensor) is not None:
             itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize \
                 if tensor.data_type != onnx.TensorProto.STRING else 1
             total += int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
@@ -118,48 +120,124 @@ def is_large(model: onnx.ModelProto) -> bool:
 
 
 def write_model(model: onnx.ModelProto, path: Path, data_name: str) -> list[Path]:
-    """Write ``model`` to ``path``; a model too large for one protobuf gets its tensors in
-    ``data_name`` beside it. ``model`` itself is not changed. Returns the files written."""
+    """Write ``model`` to ``path``, self-contained; a model too large for one protobuf gets its
+    tensors in ``data_name`` beside it. ``model`` itself is not changed. Returns the files written."""
     if not is_large(model):
-        path.write_bytes(model.SerializeToString())
+        path.write_bytes(_rebuilt(model, lambda tensor, values: _inline(tensor, values)).SerializeToString()
+                         if _has_stored(model) else model.SerializeToString())
         return [path]
     data_path = path.parent / data_name
     with open(data_path, "wb") as data:
-        light = _with_external_tensors(model, data, data_name)
+        light = _rebuilt(model, lambda tensor, values: _append(data, data_name, tensor, values))
     path.write_bytes(light.SerializeToString())
     return [path, data_path]
 
 
-def _with_external_tensors(model: onnx.ModelProto, data, location: str) -> onnx.ModelProto:
-    """A copy of ``model`` whose large initializers are written to ``data`` and referenced from it.
-    Built field by field so that the tensors are never copied as a whole."""
+def _has_stored(model: onnx.ModelProto) -> bool:
+    return any(WeightStore.of(tensor) is not None for tensor in model.graph.initializer)
+
+
+def _rebuilt(model: onnx.ModelProto, place, everything: bool = True) -> onnx.ModelProto:
+    """A copy of ``model`` in which each initializer of at least 1 KiB (``everything``), or each one
+    held inline (not ``everything``), is replaced by ``place(tensor, values)``. Built field by field,
+    so the tensors themselves are never copied as a whole."""
     graph = onnx.GraphProto()
     for field, value in model.graph.ListFields():
         if field.name != "initializer":
             _copy_field(graph, field, value)
     for tensor in model.graph.initializer:
-        if uses_external_data(tensor) or tensor.data_type == onnx.TensorProto.STRING:
+        store = WeightStore.of(tensor)
+        if tensor.data_type == onnx.TensorProto.STRING or (uses_external_data(tensor) and store is None) \
+                or (store is not None and not everything):
             graph.initializer.append(tensor)
             continue
-        values = numpy_helper.to_array(tensor)
-        if values.nbytes < _INLINE_BYTES:
-            graph.initializer.append(tensor)
-            continue
-        offset = -data.tell() % _ALIGNMENT + data.tell()
-        data.seek(offset)
-        data.write(np.ascontiguousarray(values).astype(values.dtype.newbyteorder("<"), copy=False).tobytes())
-        reference = onnx.TensorProto(name=tensor.name, dims=tensor.dims, data_type=tensor.data_type,
-                                     doc_string=tensor.doc_string)
-        reference.data_location = onnx.TensorProto.EXTERNAL
-        for key, value in (("location", location), ("offset", offset), ("length", values.nbytes)):
-            reference.external_data.add(key=key, value=str(value))
-        graph.initializer.append(reference)
+        values = store.array(tensor) if store is not None else numpy_helper.to_array(tensor)
+        graph.initializer.append(place(tensor, values) if values.nbytes >= _INLINE_BYTES else tensor)
     light = onnx.ModelProto()
     for field, value in model.ListFields():
         if field.name != "graph":
             _copy_field(light, field, value)
     light.graph.CopyFrom(graph)
     return light
+
+
+def _inline(tensor: onnx.TensorProto, values: np.ndarray) -> onnx.TensorProto:
+    inline = numpy_helper.from_array(np.asarray(values), tensor.name)
+    inline.data_type = tensor.data_type  # from_array cannot tell bfloat16 and friends from their storage type
+    return inline
+
+
+def _append(data, location: str, tensor: onnx.TensorProto, values: np.ndarray) -> onnx.TensorProto:
+    """Write ``values`` to the open data file at the next page-aligned offset; the reference to them."""
+    offset = -data.tell() % _ALIGNMENT + data.tell()
+    data.seek(offset)
+    data.write(np.ascontiguousarray(values).astype(values.dtype.newbyteorder("<"), copy=False).tobytes())
+    reference = onnx.TensorProto(name=tensor.name, dims=tensor.dims, data_type=tensor.data_type,
+                                 doc_string=tensor.doc_string)
+    reference.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", offset), ("length", values.nbytes)):
+        reference.external_data.add(key=key, value=str(value))
+    return reference
+
+
+class WeightStore:
+    """The large tensors of the models one run derives from a large input, in one data file of a
+    private temporary folder. Models that reference it are light protos: copying them, cutting
+    sub-graphs or exposing outputs costs no weight copies, their weights are read as memory maps,
+    and onnxruntime sessions load them from a model file written beside the data. The folder is
+    removed with the store. ``write_model`` writes such a model out self-contained."""
+
+    _open: "weakref.WeakValueDictionary[str, WeightStore]" = weakref.WeakValueDictionary()  # by data-file name
+
+    def __init__(self) -> None:
+        self._folder = tempfile.TemporaryDirectory(prefix="onnx-lowrank-")
+        self.folder = Path(self._folder.name)
+        self.location = f"{self.folder.name}.data"
+        self._data = open(self.folder / self.location, "wb")
+        self._sessions = 0
+        WeightStore._open[self.location] = self
+
+    @classmethod
+    def of(cls, tensor: onnx.TensorProto) -> "WeightStore | None":
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            return None
+        location = next((entry.value for entry in tensor.external_data if entry.key == "location"), None)
+        return cls._open.get(location)
+
+    @classmethod
+    def holding(cls, model: onnx.ModelProto) -> "WeightStore | None":
+        return next((store for store in map(cls.of, model.graph.initializer) if store is not None), None)
+
+    def keep(self, model: onnx.ModelProto) -> onnx.ModelProto:
+        """A light copy of ``model`` whose large inline tensors now live in this store."""
+        light = _rebuilt(model, lambda tensor, values: _append(self._data, self.location, tensor, values),
+                         everything=False)
+        self._data.flush()
+        return light
+
+    def array(self, tensor: onnx.TensorProto) -> np.ndarray:
+        info = {entry.key: entry.value for entry in tensor.external_data}
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).newbyteorder("<")
+        return np.memmap(self.folder / self.location, dtype=dtype, mode="r", offset=int(info.get("offset", 0)),
+                         shape=tuple(tensor.dims))
+
+    def model_file(self, model: onnx.ModelProto) -> Path:
+        """A model file beside the data, for onnxruntime or the checker; the caller removes it."""
+        self._sessions += 1
+        path = self.folder / f"model-{self._sessions}.onnx"
+        light = self.keep(model) if tensor_bytes(model) - _stored_bytes(model) >= EXTERNAL_DATA_THRESHOLD else model
+        path.write_bytes(light.SerializeToString())
+        return path
+
+
+def _stored_bytes(model: onnx.ModelProto) -> int:
+    return sum(WeightStore.of(t).array(t).nbytes for t in model.graph.initializer if WeightStore.of(t) is not None)
+
+
+def stored_array(tensor: onnx.TensorProto) -> np.ndarray | None:
+    """The values of a tensor kept in a WeightStore (a read-only memory map), else None."""
+    store = WeightStore.of(tensor)
+    return store.array(tensor) if store is not None else None
 
 
 def _copy_field(target, field, value) -> None:
@@ -174,11 +252,26 @@ def _copy_field(target, field, value) -> None:
 
 
 def check_model(model: onnx.ModelProto) -> None:
-    """``onnx.checker`` on the model, through a temporary file with external data when it is large."""
+    """``onnx.checker`` on the model, through a file with external data when it is large."""
     if not is_large(model):
         onnx.checker.check_model(model)
+        return
+    with model_file(model) as path:
+        onnx.checker.check_model(str(path))
+
+
+@contextmanager
+def model_file(model: onnx.ModelProto):
+    """A file of ``model`` with its data reachable, for tools that take a path; removed afterwards."""
+    store = WeightStore.holding(model)
+    if store is not None:
+        path = store.model_file(model)
+        try:
+            yield path
+        finally:
+            path.unlink(missing_ok=True)
         return
     with tempfile.TemporaryDirectory(prefix="onnx-lowrank-") as folder:
         path = Path(folder) / "model.onnx"
         write_model(model, path, "model.onnx.data")
-        onnx.checker.check_model(str(path))
+        yield path

@@ -6,13 +6,17 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from onnx_lowrank.graph.io import stored_array
+
 
 def constant_value(tensor: gs.Tensor | None) -> np.ndarray | None:
     """The value of an initializer or of a Constant node's output; None for anything computed."""
     if tensor is None:
         return None
     if isinstance(tensor, gs.Constant):
-        return np.asarray(tensor.values)
+        lazy = tensor._values  # graphsurgeon keeps an initializer's TensorProto here until its values are read
+        stored = stored_array(lazy.tensor) if isinstance(lazy, gs.ir.tensor.LazyValues) else None
+        return stored if stored is not None else np.asarray(tensor.values)
     if len(tensor.inputs) == 1 and tensor.inputs[0].op == "Constant":
         value = tensor.inputs[0].attrs.get("value")
         if isinstance(value, gs.Constant):
