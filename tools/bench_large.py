@@ -37,7 +37,8 @@ def build(channels: int, layers: int, kernel: int, size: int, seed: int = 0) -> 
                   helper.make_node("Relu", [f"conv{index}"], [f"relu{index}"], name=f"relu{index}")]
         x, c = f"relu{index}", channels
     nodes += [helper.make_node("GlobalAveragePool", [x], ["pooled"]), helper.make_node("Flatten", ["pooled"], ["flat"])]
-    inits.append(numpy_helper.from_array(rng.standard_normal((c, 100), dtype=np.float32) / np.sqrt(c), "fc.weight"))
+    inits.append(numpy_helper.from_array(rng.standard_normal((c, 100), dtype=np.float32) / np.float32(np.sqrt(c)),
+                                         "fc.weight"))
     nodes.append(helper.make_node("MatMul", ["flat", "fc.weight"], ["logits"], name="fc"))
     graph = helper.make_graph(nodes, "wide-vgg", [helper.make_tensor_value_info("image", TensorProto.FLOAT,
                                                                                  ["N", 3, size, size])],

@@ -37,7 +37,9 @@ def load_model(source) -> onnx.ModelProto:
         path = model_path(source)
         where = str(path)
         try:
-            model = onnx.load(str(path))
+            model = _load_file(path)
+        except ModelLoadError:
+            raise
         except Exception as exc:  # protobuf, onnx and the OS raise many unrelated types on bad files
             raise ModelLoadError(f"{path} is not a readable ONNX model ({type(exc).__name__}: {first_line(exc)})",
                                  hint="is the file truncated, of another format, or missing its external data?"
@@ -56,6 +58,56 @@ def load_model(source) -> onnx.ModelProto:
     except Exception as exc:
         raise ModelLoadError(f"{where} fails the ONNX checker: {first_line(exc)}") from None
     return model
+
+
+def _load_file(path: Path) -> onnx.ModelProto:
+    """The model in ``path`` with its external data: loaded, or, for a model too large for one
+    protobuf, left in the user's files (read in place as memory maps, never written)."""
+    model = onnx.load(str(path), load_external_data=False)
+    external = [t for t in model.graph.initializer if uses_external_data(t)]
+    if not external:
+        return model
+    if tensor_bytes(model) + sum(_nbytes(t) for t in external) < EXTERNAL_DATA_THRESHOLD:
+        onnx.load_external_data_for_model(model, str(path.parent))
+        return model
+    folder = path.parent.resolve()
+    for tensor in external:
+        entry = next(entry for entry in tensor.external_data if entry.key == "location")
+        data = (folder / entry.value).resolve()
+        if folder not in data.parents or not data.is_file():
+            raise ModelLoadError(f"{path}: external data {entry.value!r} of tensor {tensor.name!r} is not a file "
+                                 f"in the model's folder")
+        entry.value = str(data)
+        _INPUT_FILES.add(str(data))
+    for tensor in _all_tensors(model):  # tensors of If/Loop bodies, usually small, are loaded
+        if uses_external_data(tensor) and WeightStore.of(tensor) is None:
+            onnx.external_data_helper.load_external_data_for_tensor(tensor, str(path.parent))
+    return model
+
+
+def _nbytes(tensor: onnx.TensorProto) -> int:
+    if tensor.data_type == onnx.TensorProto.STRING:
+        return 0
+    itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+    return int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
+
+
+def _memmap(path: Path, tensor: onnx.TensorProto) -> np.ndarray:
+    info = {entry.key: entry.value for entry in tensor.external_data}
+    dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).newbyteorder("<")
+    return np.memmap(path, dtype=dtype, mode="r", offset=int(info.get("offset", 0)), shape=tuple(tensor.dims))
+
+
+class _InputData:
+    """The external-data files of a large input model, read in place."""
+
+    @staticmethod
+    def array(tensor: onnx.TensorProto) -> np.ndarray:
+        location = next(entry.value for entry in tensor.external_data if entry.key == "location")
+        return _memmap(Path(location), tensor)
+
+
+_INPUT_FILES: set[str] = set()  # absolute paths of the data files large input models reference
 
 
 def model_path(source: str | os.PathLike) -> Path:
@@ -106,13 +158,7 @@ def _all_tensors(model: onnx.ModelProto):
 
 def tensor_bytes(model: onnx.ModelProto) -> int:
     """Bytes of tensor data a write of ``model`` carries: what the proto holds, and what it keeps in a WeightStore."""
-    total = 0
-    for tensor in _all_tensors(model):
-        if not uses_external_data(tensor) or WeightStore.of(tensor) is not None:
-            itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize \
-                if tensor.data_type != onnx.TensorProto.STRING else 1
-            total += int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
-    return total
+    return sum(_nbytes(t) for t in _all_tensors(model) if not uses_external_data(t) or WeightStore.of(t) is not None)
 
 
 def is_large(model: onnx.ModelProto) -> bool:
@@ -137,10 +183,14 @@ def _has_stored(model: onnx.ModelProto) -> bool:
     return any(WeightStore.of(tensor) is not None for tensor in model.graph.initializer)
 
 
-def _rebuilt(model: onnx.ModelProto, place, everything: bool = True) -> onnx.ModelProto:
-    """A copy of ``model`` in which each initializer of at least 1 KiB (``everything``), or each one
-    held inline (not ``everything``), is replaced by ``place(tensor, values)``. Built field by field,
-    so the tensors themselves are never copied as a whole."""
+def _has_input_data(model: onnx.ModelProto) -> bool:
+    return any(isinstance(WeightStore.of(tensor), _InputData) for tensor in model.graph.initializer)
+
+
+def _rebuilt(model: onnx.ModelProto, place, keep_in=None) -> onnx.ModelProto:
+    """A copy of ``model`` in which each initializer of at least 1 KiB, except those held in the store
+    ``keep_in``, is replaced by ``place(tensor, values)``. Built field by field, so the tensors
+    themselves are never copied as a whole."""
     graph = onnx.GraphProto()
     for field, value in model.graph.ListFields():
         if field.name != "initializer":
@@ -148,11 +198,14 @@ def _rebuilt(model: onnx.ModelProto, place, everything: bool = True) -> onnx.Mod
     for tensor in model.graph.initializer:
         store = WeightStore.of(tensor)
         if tensor.data_type == onnx.TensorProto.STRING or (uses_external_data(tensor) and store is None) \
-                or (store is not None and not everything):
+                or (store is not None and store is keep_in):
             graph.initializer.append(tensor)
             continue
         values = store.array(tensor) if store is not None else numpy_helper.to_array(tensor)
-        graph.initializer.append(place(tensor, values) if values.nbytes >= _INLINE_BYTES else tensor)
+        if values.nbytes >= _INLINE_BYTES:
+            graph.initializer.append(place(tensor, values))
+        else:
+            graph.initializer.append(_inline(tensor, values) if store is not None else tensor)
     light = onnx.ModelProto()
     for field, value in model.ListFields():
         if field.name != "graph":
@@ -198,40 +251,39 @@ class WeightStore:
         WeightStore._open[self.location] = self
 
     @classmethod
-    def of(cls, tensor: onnx.TensorProto) -> "WeightStore | None":
+    def of(cls, tensor: onnx.TensorProto) -> "WeightStore | _InputData | None":
+        """Where a tensor's values are kept: a store, a large input's own data file, or None (inline)."""
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             return None
         location = next((entry.value for entry in tensor.external_data if entry.key == "location"), None)
-        return cls._open.get(location)
+        return _InputData() if location in _INPUT_FILES else cls._open.get(location)
 
     @classmethod
     def holding(cls, model: onnx.ModelProto) -> "WeightStore | None":
-        return next((store for store in map(cls.of, model.graph.initializer) if store is not None), None)
+        return next((store for store in map(cls.of, model.graph.initializer) if isinstance(store, cls)), None)
 
     def keep(self, model: onnx.ModelProto) -> onnx.ModelProto:
         """A light copy of ``model`` whose large inline tensors now live in this store."""
         light = _rebuilt(model, lambda tensor, values: _append(self._data, self.location, tensor, values),
-                         everything=False)
+                         keep_in=self)
         self._data.flush()
         return light
 
     def array(self, tensor: onnx.TensorProto) -> np.ndarray:
-        info = {entry.key: entry.value for entry in tensor.external_data}
-        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).newbyteorder("<")
-        return np.memmap(self.folder / self.location, dtype=dtype, mode="r", offset=int(info.get("offset", 0)),
-                         shape=tuple(tensor.dims))
+        return _memmap(self.folder / self.location, tensor)
 
     def model_file(self, model: onnx.ModelProto) -> Path:
         """A model file beside the data, for onnxruntime or the checker; the caller removes it."""
         self._sessions += 1
         path = self.folder / f"model-{self._sessions}.onnx"
-        light = self.keep(model) if tensor_bytes(model) - _stored_bytes(model) >= EXTERNAL_DATA_THRESHOLD else model
+        inline = tensor_bytes(model) - _stored_bytes(model)
+        light = self.keep(model) if inline >= EXTERNAL_DATA_THRESHOLD or _has_input_data(model) else model
         path.write_bytes(light.SerializeToString())
         return path
 
 
 def _stored_bytes(model: onnx.ModelProto) -> int:
-    return sum(WeightStore.of(t).array(t).nbytes for t in model.graph.initializer if WeightStore.of(t) is not None)
+    return sum(_nbytes(t) for t in model.graph.initializer if WeightStore.of(t) is not None)
 
 
 def stored_array(tensor: onnx.TensorProto) -> np.ndarray | None:
