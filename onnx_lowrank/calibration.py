@@ -16,7 +16,7 @@ from typing import Any, Mapping, Protocol, Sequence, Union
 import numpy as np
 import onnx
 
-from onnx_lowrank.errors import CalibrationError, InvalidOptionError, InvalidTypeError
+from onnx_lowrank.errors import CalibrationError, InvalidOptionError, InvalidTypeError, ModelLoadError
 
 log = logging.getLogger(__name__)
 
@@ -69,10 +69,21 @@ def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
         if value.name in initializers:
             continue
         tensor_type = value.type.tensor_type
+        dtype = None
+        if value.type.HasField("tensor_type") and tensor_type.elem_type != onnx.TensorProto.STRING:
+            try:
+                dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
+            except (KeyError, TypeError, ValueError):
+                pass
+        if dtype is None or dtype.kind not in "biuf":
+            kind = value.type.WhichOneof("value") or "untyped value"
+            raise ModelLoadError(f"model input {value.name!r} is a {kind} of element type {tensor_type.elem_type}: "
+                                 "onnx-lowrank feeds numeric tensor inputs only")
         dims = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
                      for d in tensor_type.shape.dim)
-        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
         specs.append(InputSpec(value.name, dims, dtype))
+    if not specs:
+        raise ModelLoadError("the model has no inputs to feed calibration data to")
     return specs
 
 

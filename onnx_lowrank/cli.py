@@ -7,6 +7,7 @@ Exit codes: 0 done, 2 bad input (one ``error:`` line), 130/143 interrupted by SI
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import time
@@ -253,7 +254,8 @@ def run(
             from onnx_lowrank.outputs import Staging, check_outputs
             from onnx_lowrank.report import render
 
-            paths = check_outputs(input_model, None if dry_run else output_model, report, log_file)
+            paths = check_outputs(input_model, None if dry_run else output_model, report, log_file,
+                                  data=(calib, eval_data))
             _configure_logging(quiet, verbose, log_file)
             with _progress(quiet) as progress:
                 result = compress(
@@ -271,13 +273,14 @@ def run(
                     result.report.files["output"] = staging.describe_model()
                 if paths.report is not None:
                     staging.text(paths.report, result.report.to_json())
-                if not quiet:
-                    render(result.report, stdout)
                 signals.commit(staging)
+            # From the commit on the run has succeeded: a reader gone from stdout does not change that.
+            if not quiet:
+                _print_quietly_on_broken_pipe(lambda: render(result.report, stdout))
             if result.model is not None:
                 log.info("wrote %s", output_model)
         except LowRankError as exc:
-            stderr.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+            stderr.print(f"error: {_one_line(str(exc))}", markup=False, highlight=False, soft_wrap=True)
             code = EXIT_BAD_INPUT
         except (Interrupted, KeyboardInterrupt) as exc:
             stderr.print("interrupted; nothing was written", markup=False, highlight=False)
@@ -285,11 +288,24 @@ def run(
         except Exception as exc:
             if verbose:
                 raise
-            stderr.print(f"internal error: {type(exc).__name__}: {exc} (a bug: please report it; -v shows the "
-                         "traceback)", markup=False, highlight=False, soft_wrap=True)
+            stderr.print(f"internal error: {type(exc).__name__}: {_one_line(str(exc))} (a bug: please report it; "
+                         "-v shows the traceback)", markup=False, highlight=False, soft_wrap=True)
             code = EXIT_INTERNAL
     if code:
         raise typer.Exit(code)
+
+
+def _one_line(text: str) -> str:
+    """Names and paths may hold line breaks; an error stays one line."""
+    return text.replace("\r", "\\r").replace("\n", "\\n")
+
+
+def _print_quietly_on_broken_pipe(print_report: Callable[[], None]) -> None:
+    try:
+        print_report()
+    except BrokenPipeError:
+        # Point stdout at /dev/null so that the interpreter's final flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 @contextmanager

@@ -36,18 +36,28 @@ class OutputPaths:
 
 
 def check_outputs(input_model: str | os.PathLike | None, output_model: str | os.PathLike | None,
-                  report: str | os.PathLike | None = None, log: str | os.PathLike | None = None) -> OutputPaths:
+                  report: str | os.PathLike | None = None, log: str | os.PathLike | None = None,
+                  data: tuple[str | None, ...] = ()) -> OutputPaths:
     """The run's output paths (no model for a dry run), or OutputPathError if any could harm a file
-    or cannot be written."""
+    or cannot be written. ``data`` are the --calib/--eval arguments: their files (a reader script
+    too) and the files inside their folders are inputs as much as the model is."""
     model = Path(output_model) if output_model is not None else None
     if model is not None and model.suffix.lower() != ".onnx":
         raise OutputPathError(f"output path must end in .onnx, got {model}")
     paths = OutputPaths(model, model.with_name(model.name + ".data") if model is not None else None,
                         Path(report) if report is not None else None, Path(log) if log is not None else None)
-    inputs = []
+    inputs, folders = [], []
     if input_model is not None and Path(input_model).is_file():
         inputs = [("the input model", Path(input_model))]
         inputs += [("an external-data file of the input model", f) for f in external_data_files(Path(input_model))]
+    for argument in (a for a in data if a is not None):
+        text = os.fspath(argument)
+        if ":" in text and text.rsplit(":", 1)[0].endswith(".py"):
+            text = text.rsplit(":", 1)[0]
+        if os.path.isdir(text):
+            folders.append(Path(text))
+        else:
+            inputs.append(("input data", Path(text)))
     named = paths.named()
     for index, (role, path) in enumerate(named):
         _check_creatable(role, path)
@@ -55,6 +65,10 @@ def check_outputs(input_model: str | os.PathLike | None, output_model: str | os.
             if _same_file(path, other):
                 raise OutputPathError(f"{role} {path} is {other_role} ({other}); refusing to write over it",
                                       hint="choose another output path")
+        for folder in folders:
+            if path.exists() and Path(os.path.realpath(folder)) in Path(os.path.realpath(path)).parents:
+                raise OutputPathError(f"{role} {path} is a file of the data folder {folder}; refusing to write "
+                                      "over it", hint="choose another output path")
     return paths
 
 

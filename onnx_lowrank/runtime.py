@@ -19,7 +19,7 @@ import onnxruntime as ort
 
 from onnx_lowrank.calibration import InputSpec
 from onnx_lowrank.errors import ModelLoadError, ModelRunError
-from onnx_lowrank.graph.io import first_line, is_large, model_file
+from onnx_lowrank.graph.io import first_line, model_file, needs_file
 
 PROVIDER_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
@@ -44,7 +44,7 @@ def make_session(model: onnx.ModelProto | bytes | Path, *, optimize: bool = True
     try:
         if isinstance(model, Path):
             return ort.InferenceSession(str(model), options, providers=providers)
-        if isinstance(model, bytes) or not is_large(model):
+        if isinstance(model, bytes) or not needs_file(model):
             data = model if isinstance(model, bytes) else model.SerializeToString()
             return ort.InferenceSession(data, options, providers=providers)
         with model_file(model) as path:  # onnxruntime has read the weights once the session exists

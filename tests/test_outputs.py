@@ -64,6 +64,23 @@ def test_no_output_may_be_the_input_or_another_output(folder, case) -> None:
     assert_refused(folder, *args)
 
 
+def test_no_output_may_be_a_data_file_or_a_file_in_a_data_folder(folder) -> None:
+    from PIL import Image
+
+    (folder / "photos").mkdir()
+    Image.new("RGB", (12, 12)).save(folder / "photos" / "a.png")
+    (folder / "reader.py").write_text("class R:\n    def get_next(self):\n        return None\n")
+    assert_refused(folder, [folder / "in.onnx", folder / "out.onnx", "--report", folder / "calib.npz"], "input data")
+    before = snapshot(folder)
+    for args in ([folder / "in.onnx", folder / "out.onnx", "--calib", folder / "photos", "--report",
+                  folder / "photos" / "a.png"],
+                 [folder / "in.onnx", folder / "out.onnx", "--calib", f"{folder / 'reader.py'}:R", "--log-file",
+                  folder / "reader.py"]):
+        result = invoke(*args, *RUN)
+        assert result.exit_code == 2 and "refusing to write over" in result.stderr, result.output
+    assert snapshot(folder) == before
+
+
 def external_input(folder: Path, data_name: str) -> Path:
     model = onnx.load(str(folder / "in.onnx"))
     onnx.save(model, str(folder / "ext.onnx"), save_as_external_data=True, location=data_name, size_threshold=0)
@@ -142,37 +159,42 @@ def test_a_full_disk_leaves_nothing_and_the_next_run_succeeds(folder, monkeypatc
     assert sorted(set(snapshot(folder)) - set(before)) == ["out.onnx", "out.onnx.data"]
 
 
-def test_large_models_go_through_external_data_end_to_end(folder, monkeypatch) -> None:
-    """The > 2 GiB path (sessions from files with external data, the output as a model + data pair),
-    exercised with a low threshold. The written pair is the same model as an in-memory run's."""
+@pytest.mark.parametrize("threshold", [40_000, 1024])
+def test_large_models_go_through_external_data_end_to_end(folder, monkeypatch, threshold) -> None:
+    """The > 2 GiB path (weights kept on disk, sessions from files with external data, the output as
+    a model + data pair), exercised with a low threshold: at 40 kB the model is "large" but its
+    sub-graphs and its output are not. The written model is the same as an in-memory run's."""
     x = np.random.default_rng(3).standard_normal((4, 3, 10, 10)).astype(np.float32)
     args = [folder / "out.onnx", "--calib", folder / "calib.npz", "--report", folder / "r.json", *RUN]
     assert invoke(folder / "in.onnx", *args).exit_code == 0
     small = run_model(onnx.load(str(folder / "out.onnx")), {"input": x})[0]
-    monkeypatch.setattr(model_io, "EXTERNAL_DATA_THRESHOLD", 1024)
+    monkeypatch.setattr(model_io, "EXTERNAL_DATA_THRESHOLD", threshold)
     external_input(folder, "in.weights")
     result = invoke(folder / "ext.onnx", *args)
     assert result.exit_code == 0, result.output
-    assert (folder / "out.onnx.data").is_file() and (folder / "out.onnx").stat().st_size < 4096
     large = run_model(onnx.load(str(folder / "out.onnx")), {"input": x})[0]
     assert relative_error(small, large) < 1e-5
     files = json.loads((folder / "r.json").read_text())["files"]
     assert files["output"]["sha256"] == sha256_of(folder / "out.onnx")
-    assert files["output"]["external_data"] == {str(folder / "out.onnx.data"): sha256_of(folder / "out.onnx.data")}
     assert files["input"]["external_data"] == {str(folder / "in.weights"): sha256_of(folder / "in.weights")}
+    if threshold > 1024:
+        assert not (folder / "out.onnx.data").exists()
+        return
+    assert (folder / "out.onnx.data").is_file() and (folder / "out.onnx").stat().st_size < 4096
+    assert files["output"]["external_data"] == {str(folder / "out.onnx.data"): sha256_of(folder / "out.onnx.data")}
     monkeypatch.undo()  # a small model replacing the large OUT takes its stale data file with it
     assert invoke(folder / "in.onnx", folder / "out.onnx", "--calib", folder / "calib.npz", *RUN).exit_code == 0
     assert not (folder / "out.onnx.data").exists()
     assert not [p for p in folder.iterdir() if "tmp" in p.name]
 
 
-@pytest.mark.parametrize("where", ["compress", "staging-model", "staging-report", "render"])
+@pytest.mark.parametrize("where", ["compress", "staging-model", "staging-report"])
 def test_an_interrupt_at_any_stage_writes_nothing(folder, monkeypatch, where) -> None:
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
     target = {"compress": "onnx_lowrank.api._benchmark", "staging-model": "onnx_lowrank.outputs.write_model",
-              "staging-report": "onnx_lowrank.report.Report.to_json", "render": "onnx_lowrank.report.render"}[where]
+              "staging-report": "onnx_lowrank.report.Report.to_json"}[where]
     monkeypatch.setattr(target, interrupt)
     before = snapshot(folder)
     result = invoke(folder / "in.onnx", folder / "out.onnx", "--calib", folder / "calib.npz",
@@ -180,6 +202,12 @@ def test_an_interrupt_at_any_stage_writes_nothing(folder, monkeypatch, where) ->
     assert result.exit_code == 130, result.output
     assert "nothing was written" in result.stderr
     assert snapshot(folder) == before
+
+
+def test_a_signal_after_the_outputs_are_committed_is_ignored(folder, monkeypatch) -> None:
+    monkeypatch.setattr("onnx_lowrank.report.render", lambda report, console: os.kill(os.getpid(), signal.SIGINT))
+    result = invoke(folder / "in.onnx", folder / "out.onnx", "--calib", folder / "calib.npz", *RUN)
+    assert result.exit_code == 0 and (folder / "out.onnx").is_file()
 
 
 def test_sigterm_during_the_run_exits_143_and_writes_nothing(folder, monkeypatch) -> None:

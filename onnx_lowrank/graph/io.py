@@ -303,9 +303,14 @@ def _copy_field(target, field, value) -> None:
         setattr(target, field.name, value)
 
 
+def needs_file(model: onnx.ModelProto) -> bool:
+    """Whether ``model`` can only be read from a file: too large for one protobuf, or weights kept on disk."""
+    return is_large(model) or _has_stored(model)
+
+
 def check_model(model: onnx.ModelProto) -> None:
-    """``onnx.checker`` on the model, through a file with external data when it is large."""
-    if not is_large(model):
+    """``onnx.checker`` on the model, through a file with external data when it needs one."""
+    if not needs_file(model):
         onnx.checker.check_model(model)
         return
     with model_file(model) as path:
