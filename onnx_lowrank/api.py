@@ -192,7 +192,10 @@ def compress(
     if not opts.dry_run:
         with run.stage("rewrite", "rewriting the graph"):
             optimized = replace_convs(normalised, solved.chains)
-            del normalised
+            # Only the sessions below hold weights from here on: a large model's go to disk too.
+            del normalised, solved, units, by_name
+            if store is not None:
+                optimized = store.keep(optimized)
             _check_rewritten(optimized)
         with run.stage("fidelity", f"measuring fidelity on {len(data.holdout_indices)} held-out samples"):
             report.fidelity = measure_fidelity(reference, optimized, data.eval_source, data.holdout_indices,

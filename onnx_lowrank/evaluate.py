@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -30,17 +31,24 @@ def looks_like_class_scores(array: np.ndarray) -> bool:
     return array.ndim >= 2 and array.shape[1] >= 2 and squeezed_tail
 
 
-def measure_fidelity(original: onnx.ModelProto, optimized: onnx.ModelProto, source,
+def measure_fidelity(original: onnx.ModelProto | Path, optimized: onnx.ModelProto, source,
                      indices: Sequence[int], batch_size: int, labels: np.ndarray | None = None,
                      threads: int = 0) -> Fidelity:
-    sessions = [make_session(m, threads=threads) for m in (original, optimized)]
-    names = [o.name for o in sessions[0].get_outputs()]
+    # One session at a time: the original's outputs are kept (they are small next to the weights of
+    # a large model), then the optimized model runs on the same batches.
+    reference = make_session(original, threads=threads)
+    names = [o.name for o in reference.get_outputs()]
+    kept: list[list[np.ndarray]] = []
+    run_in_batches(reference, source, indices, batch_size, lambda chunk, feeds, outputs: kept.append(outputs))
+    del reference
+    session = make_session(optimized, threads=threads)
+    references = iter(kept)
     squared_error = {n: 0.0 for n in names}
     squared_norm = {n: 0.0 for n in names}
     top1, top5, correct = [], [], [[], []]
 
-    def compare(chunk: list[int], feeds: dict[str, np.ndarray], reference: list[np.ndarray]) -> None:
-        approx = sessions[1].run(names, feeds)
+    def compare(chunk: list[int], feeds: dict[str, np.ndarray], approx: list[np.ndarray]) -> None:
+        reference = next(references)
         for name, ref, out in zip(names, reference, approx):
             ref64, out64 = ref.astype(np.float64), out.astype(np.float64)
             squared_error[name] += float(np.sum((ref64 - out64) ** 2))
@@ -59,7 +67,7 @@ def measure_fidelity(original: onnx.ModelProto, optimized: onnx.ModelProto, sour
                 correct[0].extend(scores_ref.argmax(1) == truth)
                 correct[1].extend(scores_out.argmax(1) == truth)
 
-    run_in_batches(sessions[0], source, indices, batch_size, compare)
+    run_in_batches(session, source, indices, batch_size, compare, names)
     fidelity = Fidelity(samples=len(indices))
     fidelity.output_rel_error = {
         n: (np.sqrt(squared_error[n] / squared_norm[n]) if squared_norm[n] > 0 else float(squared_error[n] > 0))
@@ -84,7 +92,7 @@ class Latency:
         return self.original_ms / self.optimized_ms
 
 
-def measure_latency(original: onnx.ModelProto | bytes, optimized: onnx.ModelProto | bytes,
+def measure_latency(original: onnx.ModelProto | Path, optimized: onnx.ModelProto,
                     feeds: dict[str, np.ndarray], *, provider: str = "cpu", threads: int = 0,
                     rounds: int = 30, warmup: int = 5) -> Latency:
     """Median latency of both models, timed interleaved in this process after warm-up.

@@ -88,8 +88,9 @@ def iterate_batches(source, indices: Sequence[int], batch_size: int):
 
 
 def run_in_batches(session: ort.InferenceSession, source, indices: Sequence[int], batch_size: int,
-                   on_batch: Callable[[list[int], dict[str, np.ndarray], list[np.ndarray]], None]) -> None:
-    names = [o.name for o in session.get_outputs()]
+                   on_batch: Callable[[list[int], dict[str, np.ndarray], list[np.ndarray]], None],
+                   names: list[str] | None = None) -> None:
+    names = names or [o.name for o in session.get_outputs()]
     for chunk, feeds in iterate_batches(source, indices, batch_size):
         on_batch(chunk, feeds, run(session, names, feeds))
 

@@ -2,7 +2,7 @@
 7x7 layers (weights saved as external data), run the command on it, and report wall time and the
 peak RSS of the run next to the model's size.
 
-    python tools/bench_large.py out/large --channels 1536 --layers 6
+    python tools/bench_large.py out/large --channels 1536 --layers 8 --speedup 1.25
 
 The weights are random (He-initialised) and the calibration inputs random normal: the point is the
 path (sessions from files with external data, the output written as a model + data pair) and its
@@ -50,11 +50,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folder", type=Path)
     parser.add_argument("--channels", type=int, default=1536)
-    parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--kernel", type=int, default=7)
     parser.add_argument("--size", type=int, default=4)
     parser.add_argument("--images", type=int, default=48)
-    parser.add_argument("--speedup", type=float, default=2.0)
+    parser.add_argument("--speedup", type=float, default=1.25)
     parser.add_argument("--method", default="asymmetric")
     args = parser.parse_args()
     args.folder.mkdir(parents=True, exist_ok=True)
