@@ -157,3 +157,54 @@ def test_module_entry_point_shows_help() -> None:
 
     out = subprocess.run([sys.executable, "-m", "onnx_lowrank", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "--speedup" in out.stdout
+
+
+def test_report_says_what_produced_it(tiny) -> None:
+    from onnx_lowrank.provenance import sha256_of
+
+    out, report = tiny / "fast.onnx", tiny / "report.json"
+    assert invoke(tiny / "tiny.onnx", out, "--speedup", "2", "--calib", tiny / "calib.npz", "--report", report,
+                  "--no-bench", "--seed", "7").exit_code == 0
+    data = json.loads(report.read_text())
+    assert data["schema_version"] == 2
+    assert set(data["versions"]) == {"onnx-lowrank", "onnx", "onnxruntime", "numpy", "scipy"}
+    assert data["options"]["seed"] == 7 and data["options"]["speedup"] == 2.0 and data["options"]["bench"] is False
+    assert data["files"]["input"]["sha256"] == sha256_of(tiny / "tiny.onnx")
+    assert data["files"]["output"]["sha256"] == sha256_of(out)
+    assert {"analyse", "collect", "solve", "rewrite", "fidelity", "total"} <= set(data["timings_s"])
+
+
+def test_quiet_verbose_log_file_and_plain_progress(tiny) -> None:
+    args = [tiny / "tiny.onnx", tiny / "fast.onnx", "--speedup", "2", "--calib", tiny / "calib.npz", "--no-bench"]
+    quiet = invoke(*args, "-q")
+    assert quiet.exit_code == 0 and quiet.stdout == "" and quiet.stderr == ""
+    logged = invoke(*args, "--log-file", tiny / "run.log")
+    assert logged.exit_code == 0 and "plan (asymmetric" in logged.stdout
+    # stderr is not a terminal here: progress is plain timestamped lines, a start and an end per stage
+    assert any(line[:4].isdigit() and "collecting responses: 0/" in line for line in logged.stderr.splitlines())
+    assert any("solving:" in line and "done in" in line for line in logged.stderr.splitlines())
+    text = (tiny / "run.log").read_text()
+    assert "DEBUG" in text and "INFO" in text and "wrote" in text
+    verbose = invoke(*args, "-v")
+    assert "loading and analysing the model" in verbose.stderr
+
+
+def test_version() -> None:
+    from onnx_lowrank import __version__
+
+    result = invoke("--version")
+    assert result.exit_code == 0 and result.stdout.strip() == f"onnx-lowrank {__version__}"
+
+
+def test_internal_errors_exit_3_and_are_not_lowrank_errors(tiny, monkeypatch) -> None:
+    from onnx_lowrank.errors import InternalError, LowRankError
+
+    assert not issubclass(InternalError, LowRankError)
+
+    def broken(model):
+        raise InternalError("the rewritten model does not load")
+
+    monkeypatch.setattr("onnx_lowrank.api._check_rewritten", broken)
+    result = invoke(tiny / "tiny.onnx", tiny / "fast.onnx", "--speedup", "2", "--calib", tiny / "calib.npz")
+    assert result.exit_code == 3 and result.stderr.strip().splitlines()[-1].startswith("internal error: ")
+    assert not (tiny / "fast.onnx").exists()
