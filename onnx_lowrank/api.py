@@ -6,6 +6,7 @@ responses -> solve -> rewrite -> check -> fidelity and latency. The CLI is a thi
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import time
@@ -136,6 +137,7 @@ def compress(
         store = WeightStore() if is_large(normalised) else None
         if store is not None:  # from here on the weights are on disk, read as memory maps
             normalised = store.keep(normalised)
+            gc.collect()
         units = find_conv_units(normalised)
         channel_only_names = _select_units(units, opts)
         inputs = model_inputs(normalised)
@@ -196,6 +198,7 @@ def compress(
             del normalised, solved, units, by_name
             if store is not None:
                 optimized = store.keep(optimized)
+            gc.collect()  # graphsurgeon graphs are reference cycles that hold the factors' arrays
             _check_rewritten(optimized)
         with run.stage("fidelity", f"measuring fidelity on {len(data.holdout_indices)} held-out samples"):
             report.fidelity = measure_fidelity(reference, optimized, data.eval_source, data.holdout_indices,

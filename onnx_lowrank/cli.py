@@ -282,6 +282,10 @@ def run(
         except LowRankError as exc:
             stderr.print(f"error: {_one_line(str(exc))}", markup=False, highlight=False, soft_wrap=True)
             code = EXIT_BAD_INPUT
+        except MemoryError:
+            stderr.print("error: out of memory (hint: lower --num-images, --samples-per-image or --input-size)",
+                         markup=False, highlight=False)
+            code = EXIT_BAD_INPUT
         except (Interrupted, KeyboardInterrupt) as exc:
             stderr.print("interrupted; nothing was written", markup=False, highlight=False)
             code = getattr(exc, "exit_code", 128 + signal.SIGINT)

@@ -76,6 +76,9 @@ def _check_creatable(role: str, path: Path) -> None:
     try:
         if path.is_dir():
             raise OutputPathError(f"{role} {path} is a directory", hint="give a file path")
+        # Renaming over a device, pipe or socket would replace it with a file; the log is appended to, so it may be one.
+        if role != "--log-file" and path.exists() and not path.is_file():
+            raise OutputPathError(f"{role} {path} exists and is not a regular file", hint="give a file path")
         ancestor = path.parent
         while not ancestor.exists():
             ancestor = ancestor.parent

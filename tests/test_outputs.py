@@ -229,3 +229,22 @@ def test_a_real_signal_to_the_command_mid_run(folder, signum) -> None:
     process.wait(timeout=60)
     assert process.returncode == 128 + signum
     assert sorted(p.name for p in folder.iterdir()) == ["calib.npz", "in.onnx"]
+
+
+def test_a_device_is_never_replaced_by_an_output(folder) -> None:
+    result = invoke(folder / "in.onnx", folder / "out.onnx", "--calib", folder / "calib.npz", "--report", "/dev/null",
+                    *RUN)
+    assert result.exit_code == 2 and "not a regular file" in result.stderr
+    assert Path("/dev/null").is_char_device()
+    logged = invoke(folder / "in.onnx", folder / "out.onnx", "--calib", folder / "calib.npz", "--log-file",
+                    "/dev/null", *RUN)
+    assert logged.exit_code == 0 and Path("/dev/null").is_char_device()
+
+
+def test_running_out_of_memory_is_bad_input_not_a_bug(folder, monkeypatch) -> None:
+    def exhausted(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr("onnx_lowrank.api.collect_responses", exhausted)
+    result = invoke(folder / "in.onnx", folder / "out.onnx", "--calib", folder / "calib.npz", *RUN)
+    assert result.exit_code == 2 and "out of memory" in result.stderr and not (folder / "out.onnx").exists()
