@@ -200,6 +200,9 @@ def compress(
                 optimized = store.keep(optimized)
             gc.collect()  # graphsurgeon graphs are reference cycles that hold the factors' arrays
             _check_rewritten(optimized)
+        if len(data.holdout_indices) < FEW_HELD_OUT:
+            _warn(run.warnings, f"fidelity is measured on only {len(data.holdout_indices)} held-out samples: its "
+                  f"figures are rough (aim for {FEW_HELD_OUT} or more: more calibration data, or --eval)")
         with run.stage("fidelity", f"measuring fidelity on {len(data.holdout_indices)} held-out samples"):
             report.fidelity = measure_fidelity(reference, optimized, data.eval_source, data.holdout_indices,
                                                data.batch, labels=getattr(data.eval_source, "labels", None),
@@ -259,7 +262,7 @@ def _open_data(calibration, evaluation, preprocess, inputs, opts: Options, warni
                               seed=opts.seed, input_size=opts.input_size, limit=opts.num_images + opts.holdout)
     if calibration is None:
         _warn(warnings, RANDOM_CALIBRATION_WARNING)
-    calib_indices, holdout_indices = _split(len(source), opts, warnings)
+    calib_indices, holdout_indices = _split(source, opts, warnings)
     eval_source = source
     if evaluation is not None:
         eval_source = open_calibration(evaluation, inputs, input_size=opts.input_size, preprocess=preprocess,
@@ -416,6 +419,7 @@ def _solve(method: str, unit: ConvUnit, stats: ResponseStats, y_hat: np.ndarray,
 
 
 SAMPLES_PER_CHANNEL = 20
+FEW_HELD_OUT = 50
 NCHWC_BLOCK = 16
 
 
@@ -434,15 +438,23 @@ def _warn_if_few_samples(opts: Options, responses, ranks, units, warnings: list[
                         "channel (more calibration images, or --samples-per-image)")
 
 
-def _split(count: int, opts: Options, warnings: list[str]) -> tuple[list[int], list[int]]:
-    """Disjoint calibration and held-out index sets, drawn with the seed."""
-    order = np.random.default_rng(opts.seed).permutation(count).tolist()
+def _split(source, opts: Options, warnings: list[str]) -> tuple[list[int], list[int]]:
+    """Calibration and held-out index sets, disjoint by source: the held-out part of an image folder
+    is files drawn with the seed (a file is one picture); of arrays and readers, the contiguous block
+    at the end, since views made of one picture (crops, flips) usually sit next to each other there
+    and random rows would put them on both sides."""
+    count = len(source)
     if count == 1:
         _warn(warnings, "only one calibration sample: fidelity is measured on the sample used to calibrate")
-        return order, order
+        return [0], [0]
     held = min(opts.holdout, max(1, count // 5))
-    calib = order[held:][:opts.num_images]
-    return sorted(calib), sorted(order[:held])
+    rng = np.random.default_rng(opts.seed)
+    if getattr(source, "views_together", False):
+        holdout, pool = list(range(count - held, count)), rng.permutation(count - held).tolist()
+    else:
+        order = rng.permutation(count).tolist()
+        holdout, pool = order[:held], order[held:]
+    return sorted(pool[:opts.num_images]), sorted(holdout)
 
 
 def _whole_batches(indices: list[int], batch: int) -> list[int]:

@@ -126,6 +126,8 @@ def make_preprocess(preset: str = "imagenet", mean: Sequence[float] | None = Non
 class ArraySource:
     """Calibration samples already in memory (from .npy, .npz or a reader script)."""
 
+    views_together = True  # rows made from one picture usually sit next to each other
+
     def __init__(self, arrays: dict[str, np.ndarray], inputs: list[InputSpec], origin: str,
                  labels: np.ndarray | None = None) -> None:
         self.description = origin

@@ -128,16 +128,16 @@ def render(report: Report, console) -> None:
         summary.add_row(f"measured speedup {provider}", f"{report.actual_speedup[provider]:.2f}×")
     fidelity = report.fidelity
     if fidelity is not None:
+        on = f" (n={fidelity.samples})"  # every figure says how many held-out samples back it
         for name, error in fidelity.output_rel_error.items():
-            summary.add_row(escape(f"relative L2 error of output {name!r}"), f"{error:.4f}")
+            summary.add_row(escape(f"relative L2 error of output {name!r}"), f"{error:.4f}{on}")
         if fidelity.top1_agreement is not None:
-            summary.add_row("top-1 agreement with original", _percent(fidelity.top1_agreement))
+            summary.add_row("top-1 agreement with original", _percent(fidelity.top1_agreement) + on)
         if fidelity.top5_overlap is not None:
-            summary.add_row("top-5 overlap with original", _percent(fidelity.top5_overlap))
+            summary.add_row("top-5 overlap with original", _percent(fidelity.top5_overlap) + on)
         if fidelity.accuracy_original is not None:
             summary.add_row("accuracy original → optimized",
-                            f"{_percent(fidelity.accuracy_original)} → {_percent(fidelity.accuracy_optimized)}")
-        summary.add_row("held-out samples", str(fidelity.samples))
+                            f"{_percent(fidelity.accuracy_original)} → {_percent(fidelity.accuracy_optimized)}{on}")
     console.print(summary)
 
 
