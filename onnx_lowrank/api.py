@@ -35,6 +35,7 @@ from onnx_lowrank.options import Options
 from onnx_lowrank.provenance import describe_input, versions
 from onnx_lowrank.ranks import RankCandidate
 from onnx_lowrank.report import LayerReport, Report
+from onnx_lowrank.sampling import ResponseShape, positions_per_image
 from onnx_lowrank.runtime import batch_size_for, collect_responses, make_session, probe_shapes, provider_available
 from onnx_lowrank.solvers import LowRankFactors, ResponseStats, fit_pca
 from onnx_lowrank.solvers.activations import apply_activation, relative_error
@@ -98,7 +99,8 @@ def compress(
     rank_multiple: int = 16,
     num_images: int = 300,
     holdout: int = 100,
-    samples_per_image: int = 32,
+    samples_per_image: int | None = None,
+    sample_memory_mb: int = 2048,
     seed: int = 0,
     skip: str | Sequence[str] = (),
     providers: str | Sequence[str] = ("cpu",),
@@ -122,7 +124,8 @@ def compress(
     """
     opts = Options(speedup=speedup, method=method, symmetric=symmetric, rank_selection=rank_selection,
                    channel_speedup=channel_speedup, channel_only=channel_only, rank_multiple=rank_multiple,
-                   num_images=num_images, holdout=holdout, samples_per_image=samples_per_image, seed=seed,
+                   num_images=num_images, holdout=holdout, samples_per_image=samples_per_image,
+                   sample_memory_mb=sample_memory_mb, seed=seed,
                    skip=skip, providers=providers, threads=threads, bench=bench, bench_rounds=bench_rounds,
                    batch_size=batch_size, dry_run=dry_run, input_size=input_size)
     progress = progress or NullProgress()
@@ -149,9 +152,10 @@ def compress(
 
     by_name = {u.name: u for u in units}
     _plan(opts, candidates, by_name, {}, fixed, channel_only_names)  # an infeasible target fails before the work
-    collect = dict(source=data.source, indices=data.calib_indices, samples_per_image=opts.samples_per_image,
+    collect = dict(source=data.source, indices=data.calib_indices,
+                   samples_per_image=_positions(opts, units, shapes, len(data.calib_indices)),
                    seed=opts.seed, batch_size=data.batch, threads=opts.threads)
-    stats, responses = {}, {}
+    stats, responses, samples = {}, {}, {}
     if not opts.data_free and (not opts.dry_run or opts.selection == "energy"):
         with run.stage("collect", f"collecting responses of {len(candidates)} convs"):
             decomposable = [u for u in units if u.decomposable]
@@ -159,6 +163,7 @@ def compress(
                                           progress=progress.stage("collecting responses", len(data.calib_indices)),
                                           **collect)
             stats = {u.name: ResponseStats.from_responses(responses[u.output]) for u in decomposable}
+            samples = {u.name: len(responses[u.output]) for u in decomposable}
     plan = _plan(opts, candidates, by_name, stats, fixed, channel_only_names)
     log.info("plan: %d of %d convs decomposed, theoretical conv speedup %.2fx", len(plan.layers), len(units),
              plan.speedup)
@@ -183,7 +188,7 @@ def compress(
         calibration=data.source.description, calibration_samples=len(data.calib_indices),
         theoretical_conv_speedup=plan.speedup,
         theoretical_model_speedup=(conv_macs_before + dense_total) / (plan.macs_after + dense_total),
-        layers=[_layer_report(u, shapes.get(u.name), plan, stats, solved) for u in units],
+        layers=[_layer_report(u, shapes.get(u.name), plan, stats, solved, samples.get(u.name)) for u in units],
         warnings=run.warnings, timings_s=run.timings, dry_run=opts.dry_run, symmetric=not opts.asymmetric,
         asymmetric_collection_passes=(solved.prefix_macs / conv_macs_before
                                       if (opts.asymmetric or solved.prefix_macs) and not opts.dry_run else None),
@@ -423,6 +428,16 @@ FEW_HELD_OUT = 50
 NCHWC_BLOCK = 16
 
 
+def _positions(opts: Options, units: list[ConvUnit], shapes: dict[str, ConvShape], images: int) -> dict[str, int]:
+    """Positions sampled per image for each decomposable conv's output: --samples-per-image for all,
+    or sized per layer for its width (``sampling.positions_per_image``)."""
+    layers = {u.output: ResponseShape(shapes[u.name].out_channels, shapes[u.name].positions)
+              for u in units if u.decomposable}
+    if opts.samples_per_image is not None:
+        return {name: opts.samples_per_image for name in layers}
+    return positions_per_image(layers, max(1, images), opts.sample_memory_mb * 2**20)
+
+
 def _warn_if_few_samples(opts: Options, responses, ranks, units, warnings: list[str]) -> None:
     """The nonlinear and asymmetric fits regress d outputs on d inputs; with few samples per channel
     they fit the calibration set better than new inputs (measured on CRAFT: BENCHMARKS.md)."""
@@ -435,7 +450,7 @@ def _warn_if_few_samples(opts: Options, responses, ranks, units, warnings: list[
     if count < SAMPLES_PER_CHANNEL * widest.weight_shape[0]:
         _warn(warnings, f"{count} response samples for {widest.weight_shape[0]} channels ({widest.name}): "
                         f"the {opts.method} fit may not generalise; aim for {SAMPLES_PER_CHANNEL} samples per "
-                        "channel (more calibration images, or --samples-per-image)")
+                        "channel (more calibration images; a larger --sample-memory or --samples-per-image if set)")
 
 
 def _split(source, opts: Options, warnings: list[str]) -> tuple[list[int], list[int]]:
@@ -485,7 +500,7 @@ def _measure_shapes(model, source, units, inputs, threads) -> tuple[dict[str, Co
 
 
 def _layer_report(unit: ConvUnit, shape: ConvShape | None, plan: ArchitecturePlan, stats,
-                  solved: _Solved) -> LayerReport:
+                  solved: _Solved, samples: int | None) -> LayerReport:
     before = shape.macs if shape else 0
     decomposed = unit.name in plan.layers
     return LayerReport(
@@ -494,9 +509,11 @@ def _layer_report(unit: ConvUnit, shape: ConvShape | None, plan: ArchitecturePla
         rank=plan.ranks.get(unit.name), spatial_rank=plan.spatial_ranks.get(unit.name),
         input_rank=plan.input_ranks.get(unit.name), flops_before=2 * before,
         flops_after=2 * (plan.layer_macs(unit.name, shape) if decomposed else before),
-        energy=stats[unit.name].energy(plan.ranks[unit.name]) if unit.name in stats and unit.name in plan.ranks else None,
+        energy=(stats[unit.name].energy(plan.ranks[unit.name]) if unit.name in stats and unit.name in plan.ranks
+                else None),
         response_error=solved.errors.get(unit.name), solver_iterations=solved.iterations.get(unit.name),
-        skipped_reason=unit.skipped_reason or plan.skipped.get(unit.name), note=plan.notes.get(unit.name))
+        skipped_reason=unit.skipped_reason or plan.skipped.get(unit.name), note=plan.notes.get(unit.name),
+        samples=samples)
 
 
 def _check_rewritten(model: onnx.ModelProto) -> None:

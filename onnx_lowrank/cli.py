@@ -210,8 +210,12 @@ def run(
                                              rich_help_panel=DATA),
     num_images: int = typer.Option(300, help="Calibration samples to use (capped at what there is).",
                                    rich_help_panel=DATA),
-    samples_per_image: int = typer.Option(32, help="Spatial positions sampled per image and layer.",
-                                          rich_help_panel=DATA),
+    samples_per_image: Optional[int] = typer.Option(None, help="Spatial positions sampled per image, the same "
+                                                    "for every layer (default: sized per layer, at least 40 "
+                                                    "samples per channel where the data allows).",
+                                                    rich_help_panel=DATA),
+    sample_memory: int = typer.Option(2048, metavar="MB", help="Bound on the memory of all sampled responses.",
+                                      rich_help_panel=DATA),
     seed: int = typer.Option(0, help="Seed for sampling and random inputs.", rich_help_panel=DATA),
     method: Method = typer.Option(Method.asymmetric, help="asymmetric (default: nonlinear + Eq. 12), asym3d (also "
                                   "split k x k into k x 1 and 1 x k, paper 3.5), nonlinear, linear; data-free "
@@ -264,7 +268,8 @@ def run(
                                                scale, bgr),
                     method=method.value, symmetric=symmetric, rank_selection=_selection(rank_selection, uniform),
                     channel_speedup=channel_speedup, channel_only=channel_only, rank_multiple=rank_multiple,
-                    num_images=num_images, samples_per_image=samples_per_image, seed=seed, skip=skip,
+                    num_images=num_images, samples_per_image=samples_per_image, sample_memory_mb=sample_memory,
+                    seed=seed, skip=skip,
                     providers=[p for value in providers for p in value.split(",") if p], threads=threads,
                     bench=bench, dry_run=dry_run, input_size=_size(input_size))
             with Staging(paths) as staging:

@@ -32,7 +32,8 @@ class Options:
     rank_multiple: int = 16
     num_images: int = 300
     holdout: int = 100
-    samples_per_image: int = 32
+    samples_per_image: int | None = None  # None: sized per layer (onnx_lowrank.sampling)
+    sample_memory_mb: int = 2048  # bound on the memory of all sampled responses
     seed: int = 0
     skip: tuple[str, ...] = ()
     providers: tuple[str, ...] = ("cpu",)
@@ -149,7 +150,8 @@ _CONSTRAINTS: dict[str, Callable[[str, Any], Any]] = {
     "rank_multiple": _integer(1),
     "num_images": _integer(1),
     "holdout": _integer(1),
-    "samples_per_image": _integer(1),
+    "samples_per_image": _optional(_integer(1)),
+    "sample_memory_mb": _integer(1),
     "seed": _integer(0),
     "skip": _strings,
     "providers": _choices(PROVIDERS),

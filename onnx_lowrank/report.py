@@ -26,6 +26,7 @@ class LayerReport:
     solver_iterations: list[int] | None = None  # per stage of the nonlinear solver's schedule
     skipped_reason: str | None = None
     note: str | None = None  # e.g. why a 3d layer stayed channel-only
+    samples: int | None = None  # response samples collected for the layer
 
 
 # Bumped whenever a key of the JSON report changes meaning or disappears (README: "The report").

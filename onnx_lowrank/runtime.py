@@ -103,9 +103,10 @@ def sample_positions(seed: int, image_index: int, tensor: str, spatial: int, cou
 
 
 def collect_responses(model: onnx.ModelProto, source, indices: Sequence[int], tensors: Sequence[str], *,
-                      samples_per_image: int, seed: int, batch_size: int, threads: int = 0,
+                      samples_per_image: int | dict[str, int], seed: int, batch_size: int, threads: int = 0,
                       progress: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
-    """Sampled responses ``(len(indices) * positions, channels)`` of each NCHW tensor in ``tensors``."""
+    """Sampled responses ``(len(indices) * positions, channels)`` of each NCHW tensor in ``tensors``;
+    ``samples_per_image`` is one count for all tensors or a count per tensor."""
     session = make_session(with_outputs(model, tensors), threads=threads)
     output_names = [o.name for o in session.get_outputs()]
     wanted = {name: output_names.index(name) for name in tensors}
@@ -117,11 +118,12 @@ def collect_responses(model: onnx.ModelProto, source, indices: Sequence[int], te
         for name, position in wanted.items():
             maps = outputs[position]
             flat = maps.reshape(maps.shape[0], maps.shape[1], -1)
-            per_image = min(samples_per_image, flat.shape[2])
+            count = samples_per_image[name] if isinstance(samples_per_image, dict) else samples_per_image
+            per_image = min(count, flat.shape[2])
             if name not in responses:
                 responses[name] = np.empty((len(indices) * per_image, flat.shape[1]), np.float32)
             for row, image_index in enumerate(chunk):
-                picked = sample_positions(seed, image_index, name, flat.shape[2], samples_per_image)
+                picked = sample_positions(seed, image_index, name, flat.shape[2], count)
                 responses[name][filled[name]:filled[name] + per_image] = flat[row][:, picked].T
                 filled[name] += per_image
         if progress is not None:

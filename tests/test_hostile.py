@@ -56,8 +56,8 @@ def test_bad_data_is_one_line(folder, case) -> None:
     args, message = {
         "strings": (["--calib", folder / "strings.npy"], "not real numbers"),
         "complex": (["--calib", folder / "complex.npy"], "not real numbers"),
-        "one-hot-labels": (["--calib", calib_with(folder, "onehot.npz", input=images(), labels=np.eye(5)[np.arange(40) % 5])],
-                           "argmax"),
+        "one-hot-labels": (["--calib", calib_with(folder, "onehot.npz", input=images(),
+                                                  labels=np.eye(5)[np.arange(40) % 5])], "argmax"),
         "labels-wrong-length": (["--calib", calib_with(folder, "short.npz", input=images(), labels=np.arange(30) % 5)],
                                 "30 labels for 40 samples"),
         "negative-labels": (["--calib", calib_with(folder, "negative.npz", input=images(), labels=-np.ones(40))],

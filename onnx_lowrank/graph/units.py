@@ -82,7 +82,8 @@ def _subgraph_convs(graph: gs.Graph) -> list[ConvUnit]:
                     found += [ConvUnit(name=n.name or f"{node.name}/Conv", input=n.inputs[0].name,
                                        output=n.outputs[0].name, weight_shape=tuple(n.inputs[1].shape or ()),
                                        group=int(n.attrs.get("group", 1)), attrs=dict(n.attrs),
-                                       skipped_reason=SUBGRAPH_REASON, in_subgraph=True) for n in body.nodes if n.op == "Conv"]
+                                       skipped_reason=SUBGRAPH_REASON, in_subgraph=True)
+                              for n in body.nodes if n.op == "Conv"]
                     found += _subgraph_convs(body)
     return found
 
