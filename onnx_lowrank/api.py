@@ -14,33 +14,29 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence
 
-from onnx_lowrank.calibration import CalibrationSource
-
 import numpy as np
 import onnx
 
-from onnx_lowrank.calibration import Preprocess, model_inputs, open_calibration
+from onnx_lowrank.calibration import CalibrationSource, Preprocess, model_inputs, open_calibration
 from onnx_lowrank.costs import ConvShape, max_rank
 from onnx_lowrank.errors import CalibrationError, InternalError, InvalidOptionError, NothingToDecomposeError
 from onnx_lowrank.evaluate import measure_fidelity, measure_latency
 from onnx_lowrank.graph.io import WeightStore, check_model, is_large, load_model, model_path
 from onnx_lowrank.graph.normalise import normalise
-from onnx_lowrank.graph.rewrite import (ConvSpec, channel_decomposition, replace_convs, spatial_decomposition,
-                                        tucker2_decomposition)
+from onnx_lowrank.graph.rewrite import replace_convs
 from onnx_lowrank.graph.units import ConvUnit, find_conv_units
 from onnx_lowrank.graph.dense import dense_ops
-from onnx_lowrank.graph.surgery import prefix_model
 from onnx_lowrank.plans import ArchitecturePlan, channel_plan, spatial_plan, three_d_plan, tucker2_plan
 from onnx_lowrank.options import Options
 from onnx_lowrank.provenance import describe_input, versions
 from onnx_lowrank.ranks import RankCandidate
 from onnx_lowrank.report import LayerReport, Report
 from onnx_lowrank.sampling import ResponseShape, positions_per_image
+from onnx_lowrank.layers import Solved, data_free_chains, solve_layers
 from onnx_lowrank.runtime import batch_size_for, collect_responses, make_session, probe_shapes, provider_available
-from onnx_lowrank.solvers import LowRankFactors, ResponseStats, fit_pca
-from onnx_lowrank.solvers.activations import apply_activation, relative_error
-from onnx_lowrank.solvers.nonlinear import fit_nonlinear
-from onnx_lowrank.solvers.weights import spatial_filter_reconstruction, tucker2, weight_spectrum, weight_svd
+from onnx_lowrank.solvers import ResponseStats
+from onnx_lowrank.solvers.nonlinear import PAPER_SCHEDULE
+from onnx_lowrank.solvers.weights import weight_spectrum
 
 RANDOM_CALIBRATION_WARNING = ("no calibration data given: using random inputs. The responses of random "
                               "inputs say little about real ones, so expect a poor model; pass --calib")
@@ -128,8 +124,60 @@ def compress(
                    sample_memory_mb=sample_memory_mb, seed=seed,
                    skip=skip, providers=providers, threads=threads, bench=bench, bench_rounds=bench_rounds,
                    batch_size=batch_size, dry_run=dry_run, input_size=input_size)
+    analysis = analyse(model, opts, calibration, evaluation, preprocess, progress)
+    plan = plan_for(analysis, opts)
+    solved = solve(analysis, plan, opts) if not opts.dry_run else Solved()
+    report = report_for(analysis, plan, solved, opts)
+    if opts.dry_run:
+        return analysis.finish(None, report)
+    optimized = rewrite(analysis, solved, final=True)
+    del solved
+    measure(analysis, optimized, report, opts)
+    return analysis.finish(optimized, report)
+
+
+@dataclass
+class Analysis:
+    """What a run computes once per model and data, before any plan: the normalised model, its
+    convs and their shapes, the calibration and held-out sets, the sampled responses."""
+
+    model_source: object
+    reference: object  # the original model for sessions: its file where there is one
+    normalised: onnx.ModelProto
+    store: WeightStore | None
+    units: list[ConvUnit]
+    channel_only: set[str]
+    inputs: list
+    data: "_Data"
+    shapes: dict[str, ConvShape]
+    dense_total: int
+    candidates: list[RankCandidate]
+    fixed: int
+    collect: dict
+    stats: dict[str, ResponseStats]
+    responses: dict[str, np.ndarray]
+    samples: dict[str, int]
+    run: "Run"
+    progress: "ProgressSink"
+
+    @property
+    def by_name(self) -> dict[str, ConvUnit]:
+        return {u.name: u for u in self.units}
+
+    @property
+    def conv_macs(self) -> int:
+        return sum(s.macs for s in self.shapes.values())
+
+    def finish(self, optimized: onnx.ModelProto | None, report: Report) -> "Result":
+        self.run.timings["total"] = time.perf_counter() - self.run.started
+        return Result(optimized, report, self.store)
+
+
+def analyse(model, opts: Options, calibration: CalibrationSource = None, evaluation: CalibrationSource = None,
+            preprocess: Preprocess | None = None, progress: "ProgressSink | None" = None) -> Analysis:
+    """Load, normalise, find the convs, open the data, measure shapes and collect the responses."""
     progress = progress or NullProgress()
-    run = _Run()
+    run = Run()
     # Bad input shows up here; it is told in one line, without stage lines before it.
     with run.stage("analyse", "loading and analysing the model", logging.DEBUG):
         original = load_model(model)
@@ -144,14 +192,11 @@ def compress(
         units = find_conv_units(normalised)
         channel_only_names = _select_units(units, opts)
         inputs = model_inputs(normalised)
-        data = _open_data(calibration, evaluation, preprocess, inputs, opts, run.warnings)
+        data = _open_data(calibration, evaluation, preprocess, inputs, opts, run)
         shapes, dense_total = _measure_shapes(normalised, data.source, units, inputs, opts.threads)
-    conv_macs_before = sum(s.macs for s in shapes.values())
     candidates = [RankCandidate(u.name, shapes[u.name]) for u in units if u.decomposable]
-    fixed = conv_macs_before - sum(c.shape.macs for c in candidates)
-
-    by_name = {u.name: u for u in units}
-    _plan(opts, candidates, by_name, {}, fixed, channel_only_names)  # an infeasible target fails before the work
+    fixed = sum(s.macs for s in shapes.values()) - sum(c.shape.macs for c in candidates)
+    _plan(opts, candidates, {u.name: u for u in units}, {}, fixed, channel_only_names)  # infeasible: fail early
     collect = dict(source=data.source, indices=data.calib_indices,
                    samples_per_image=_positions(opts, units, shapes, len(data.calib_indices)),
                    seed=opts.seed, batch_size=data.batch, threads=opts.threads)
@@ -164,65 +209,90 @@ def compress(
                                           **collect)
             stats = {u.name: ResponseStats.from_responses(responses[u.output]) for u in decomposable}
             samples = {u.name: len(responses[u.output]) for u in decomposable}
-    plan = _plan(opts, candidates, by_name, stats, fixed, channel_only_names)
-    log.info("plan: %d of %d convs decomposed, theoretical conv speedup %.2fx", len(plan.layers), len(units),
-             plan.speedup)
-    _warn_if_few_samples(opts, responses, plan.ranks, units, run.warnings)
     if opts.rank_multiple % NCHWC_BLOCK:
-        _warn(run.warnings, f"--rank-multiple {opts.rank_multiple} is not a multiple of {NCHWC_BLOCK}: "
-              "onnxruntime's CPU NCHWc kernels only take a conv whose input channels are a multiple of their block "
-              "(16 with AVX-512, 8 with AVX2), so off-grid ranks run as slower NCHW convs with reorders")
-    solved = _Solved()
-    if not opts.dry_run:
-        chosen = [u for u in units if u.name in plan.layers]
-        log.info("solving %d layers (%s)", len(chosen), opts.method)
-        if opts.data_free:
-            solved = _data_free_chains(opts.method, chosen, plan)
-        else:
-            solved = _solve_layers(opts.method, opts.asymmetric, normalised, chosen, plan, responses, stats,
-                                   shapes, collect, progress.stage("solving", len(chosen)))
-        run.timings.update(solved.timings)
+        run.warn(f"--rank-multiple {opts.rank_multiple} is not a multiple of {NCHWC_BLOCK}: onnxruntime's CPU "
+                 "NCHWc kernels only take a conv whose input channels are a multiple of their block (16 with "
+                 "AVX-512, 8 with AVX2), so off-grid ranks run as slower NCHW convs with reorders")
+    return Analysis(model, reference, normalised, store, units, channel_only_names, inputs, data, shapes,
+                    dense_total, candidates, fixed, collect, stats, responses, samples, run, progress)
 
-    report = Report(
+
+def plan_for(analysis: Analysis, opts: Options) -> ArchitecturePlan:
+    """The decomposed architecture for ``opts`` (its speedup and method) on the analysed model."""
+    plan = _plan(opts, analysis.candidates, analysis.by_name, analysis.stats, analysis.fixed, analysis.channel_only)
+    log.info("plan: %d of %d convs decomposed, theoretical conv speedup %.2fx", len(plan.layers),
+             len(analysis.units), plan.speedup)
+    return plan
+
+
+def solve(analysis: Analysis, plan: ArchitecturePlan, opts: Options, cache: dict | None = None,
+          schedule=PAPER_SCHEDULE) -> Solved:
+    """The replacement chain of every layer the plan decomposes (paper §3.1-3.5, or a baseline);
+    ``cache`` and ``schedule`` as for ``layers.solve_layers``."""
+    _warn_if_few_samples(opts, analysis.samples, plan.ranks, analysis.units, analysis.run)
+    chosen = [u for u in analysis.units if u.name in plan.layers]
+    log.info("solving %d layers (%s%s)", len(chosen), opts.method, ", symmetric" if not opts.asymmetric else "")
+    if opts.data_free:
+        solved = data_free_chains(opts.method, chosen, plan)
+    else:
+        solved = solve_layers(opts.method, opts.asymmetric, analysis.normalised, chosen, plan, analysis.responses,
+                              analysis.stats, analysis.shapes, analysis.collect,
+                              analysis.progress.stage("solving", len(chosen)), cache, schedule)
+    for key, seconds in solved.timings.items():
+        analysis.run.timings[key] = analysis.run.timings.get(key, 0.0) + seconds
+    return solved
+
+
+def report_for(analysis: Analysis, plan: ArchitecturePlan, solved: Solved, opts: Options) -> Report:
+    conv_macs, dense = analysis.conv_macs, analysis.dense_total
+    return Report(
         speedup_target=opts.speedup, method=opts.method, rank_selection=opts.selection,
-        calibration=data.source.description, calibration_samples=len(data.calib_indices),
+        calibration=analysis.data.source.description, calibration_samples=len(analysis.data.calib_indices),
         theoretical_conv_speedup=plan.speedup,
-        theoretical_model_speedup=(conv_macs_before + dense_total) / (plan.macs_after + dense_total),
-        layers=[_layer_report(u, shapes.get(u.name), plan, stats, solved, samples.get(u.name)) for u in units],
-        warnings=run.warnings, timings_s=run.timings, dry_run=opts.dry_run, symmetric=not opts.asymmetric,
-        asymmetric_collection_passes=(solved.prefix_macs / conv_macs_before
+        theoretical_model_speedup=(conv_macs + dense) / (plan.macs_after + dense),
+        layers=[_layer_report(u, analysis.shapes.get(u.name), plan, analysis.stats, solved,
+                              analysis.samples.get(u.name)) for u in analysis.units],
+        warnings=analysis.run.warnings, timings_s=analysis.run.timings, dry_run=opts.dry_run,
+        symmetric=not opts.asymmetric,
+        asymmetric_collection_passes=(solved.prefix_macs / conv_macs
                                       if (opts.asymmetric or solved.prefix_macs) and not opts.dry_run else None),
         channel_speedup=_channel_speedup(opts), options=opts.to_dict(),
-        files={"input": describe_input(model)}, versions=versions(),
-    )
-    optimized = None
-    if not opts.dry_run:
-        with run.stage("rewrite", "rewriting the graph"):
-            optimized = replace_convs(normalised, solved.chains)
-            # Only the sessions below hold weights from here on: a large model's go to disk too.
-            del normalised, solved, units, by_name
-            if store is not None:
-                optimized = store.keep(optimized)
-            gc.collect()  # graphsurgeon graphs are reference cycles that hold the factors' arrays
-            _check_rewritten(optimized)
-        if len(data.holdout_indices) < FEW_HELD_OUT:
-            _warn(run.warnings, f"fidelity is measured on only {len(data.holdout_indices)} held-out samples: its "
-                  f"figures are rough (aim for {FEW_HELD_OUT} or more: more calibration data, or --eval)")
-        with run.stage("fidelity", f"measuring fidelity on {len(data.holdout_indices)} held-out samples"):
-            report.fidelity = measure_fidelity(reference, optimized, data.eval_source, data.holdout_indices,
-                                               data.batch, labels=getattr(data.eval_source, "labels", None),
-                                               threads=opts.threads)
-        if opts.bench:
-            with run.stage("benchmark", "measuring latency, original vs optimized"):
-                feeds = data.eval_source.get(data.holdout_indices[:1] * batch_size_for(inputs, 1))
-                _benchmark(report, reference, optimized, feeds, opts, progress)
-    run.timings["total"] = time.perf_counter() - run.started
-    return Result(optimized, report, store)
+        files={"input": describe_input(analysis.model_source)}, versions=versions())
+
+
+def rewrite(analysis: Analysis, solved: Solved, final: bool = False) -> onnx.ModelProto:
+    """The model with the solved chains in place, checked. ``final``: nothing else will be built
+    from the analysis, so its graph and weights are let go before the measurements."""
+    with analysis.run.stage("rewrite", "rewriting the graph", logging.INFO if final else logging.DEBUG):
+        optimized = replace_convs(analysis.normalised, solved.chains)
+        if final:  # only the sessions below hold weights from here on: a large model's go to disk too
+            analysis.units, analysis.responses = [], {}
+        if analysis.store is not None:
+            optimized = analysis.store.keep(optimized)
+        gc.collect()  # graphsurgeon graphs are reference cycles that hold the factors' arrays
+        _check_rewritten(optimized)
+    return optimized
+
+
+def measure(analysis: Analysis, optimized: onnx.ModelProto, report: Report, opts: Options) -> None:
+    """Fidelity on the held-out set and, with ``bench``, latency original vs optimized."""
+    data, run = analysis.data, analysis.run
+    if len(data.holdout_indices) < FEW_HELD_OUT:
+        run.warn(f"fidelity is measured on only {len(data.holdout_indices)} held-out samples: its figures are "
+                 f"rough (aim for {FEW_HELD_OUT} or more: more calibration data, or --eval)")
+    with run.stage("fidelity", f"measuring fidelity on {len(data.holdout_indices)} held-out samples"):
+        report.fidelity = measure_fidelity(analysis.reference, optimized, data.eval_source, data.holdout_indices,
+                                           data.batch, labels=getattr(data.eval_source, "labels", None),
+                                           threads=opts.threads)
+    if opts.bench:
+        with run.stage("benchmark", "measuring latency, original vs optimized"):
+            feeds = data.eval_source.get(data.holdout_indices[:1] * batch_size_for(analysis.inputs, 1))
+            _benchmark(report, analysis.reference, optimized, feeds, opts, analysis.progress)
 
 
 @dataclass
-class _Run:
-    """Wall time per stage and the warnings of one run."""
+class Run:
+    """Wall time per stage and the warnings of one run; a warning is logged as it happens."""
 
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
@@ -233,7 +303,12 @@ class _Run:
         log.log(level, "%s", description)
         clock = time.perf_counter()
         yield
-        self.timings[key] = time.perf_counter() - clock
+        self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - clock
+
+    def warn(self, message: str) -> None:
+        if message not in self.warnings:
+            log.warning(message)
+            self.warnings.append(message)
 
 
 def _select_units(units: list[ConvUnit], opts: Options) -> set[str]:
@@ -262,30 +337,24 @@ class _Data:
     batch: int
 
 
-def _open_data(calibration, evaluation, preprocess, inputs, opts: Options, warnings: list[str]) -> _Data:
+def _open_data(calibration, evaluation, preprocess, inputs, opts: Options, run: Run) -> _Data:
     source = open_calibration(calibration, inputs, preprocess=preprocess, random_count=opts.num_images,
                               seed=opts.seed, input_size=opts.input_size, limit=opts.num_images + opts.holdout)
     if calibration is None:
-        _warn(warnings, RANDOM_CALIBRATION_WARNING)
-    calib_indices, holdout_indices = _split(source, opts, warnings)
+        run.warn(RANDOM_CALIBRATION_WARNING)
+    calib_indices, holdout_indices = _split(source, opts, run)
     eval_source = source
     if evaluation is not None:
         eval_source = open_calibration(evaluation, inputs, input_size=opts.input_size, preprocess=preprocess,
                                        limit=opts.num_images + opts.holdout, role="evaluation")
         holdout_indices = list(range(len(eval_source)))
     for message in getattr(source, "warnings", []) + (getattr(eval_source, "warnings", []) if evaluation else []):
-        _warn(warnings, message)
+        run.warn(message)
     batch = batch_size_for(inputs, opts.batch_size)
     if batch_size_for(inputs, 0) > 1:  # a fixed batch of B > 1 can only be fed whole batches
         calib_indices, holdout_indices = (_whole_batches(calib_indices, batch),
                                           _whole_batches(holdout_indices, batch))
     return _Data(source, eval_source, calib_indices, holdout_indices, batch)
-
-
-def _warn(warnings: list[str], message: str) -> None:
-    """A warning goes to the log as it happens and into the report."""
-    log.warning(message)
-    warnings.append(message)
 
 
 def resolve_names(units: list[ConvUnit], values: Sequence[str], option: str) -> set[str]:
@@ -336,93 +405,6 @@ def _channel_speedup(opts: Options) -> float | None:
     return opts.channel_speedup or float(np.sqrt(opts.speedup))
 
 
-@dataclass
-class _Solved:
-    """What solving the chosen layers produced, per layer name."""
-
-    chains: dict[str, list[ConvSpec]] = field(default_factory=dict)
-    errors: dict[str, float] = field(default_factory=dict)
-    iterations: dict[str, list[int] | None] = field(default_factory=dict)
-    prefix_macs: int = 0  # conv MACs per sample of the sub-graphs re-run for Eq. 12
-    timings: dict[str, float] = field(default_factory=dict)
-
-
-def _data_free_chains(method: str, chosen: list[ConvUnit], plan: ArchitecturePlan) -> _Solved:
-    """The baselines: each layer's chain from its weights alone."""
-    solved = _Solved()
-    clock = time.perf_counter()
-    for unit in chosen:
-        if method == "svd":
-            factors = weight_svd(unit.weight, unit.bias, plan.ranks[unit.name])
-            chain = channel_decomposition(unit.attrs, unit.weight, unit.bias, factors.P, factors.Q, factors.bias)
-        elif method == "jaderberg":
-            chain = _spatial_pair(unit, plan.spatial_ranks[unit.name])
-        else:
-            chain = tucker2_decomposition(unit.attrs, *tucker2(unit.weight, plan.input_ranks[unit.name],
-                                                              plan.ranks[unit.name]), unit.bias)
-        solved.chains[unit.name] = chain
-    solved.timings["solve"] = time.perf_counter() - clock
-    return solved
-
-
-def _spatial_pair(unit: ConvUnit, rank: int) -> list[ConvSpec]:
-    """The layer's (k x 1, rank) -> (1 x k, d) filter reconstruction, bias on the second conv."""
-    return spatial_decomposition(unit.attrs, *spatial_filter_reconstruction(unit.weight, rank), unit.bias)
-
-
-def _solve_layers(method, asymmetric, normalised, chosen, plan: ArchitecturePlan, responses, stats, shapes,
-                  collect, advance) -> _Solved:
-    """Solve the chosen layers shallow to deep. The fitted input ``W x-hat`` is the output of the
-    layer in a network where (with ``asymmetric``, Eq. 12) the earlier layers are already replaced
-    and (for a 3d layer, §3.5) the layer itself is split spatially; the target is always the
-    original network's response. Only the sub-graph up to the layer is re-run, and only when
-    something in it is replaced."""
-    solved = _Solved(timings={"collect_asymmetric": 0.0, "solve": 0.0})
-    for unit in chosen:
-        y = responses.pop(unit.output)
-        y_hat = y
-        spatial = _spatial_pair(unit, plan.spatial_ranks[unit.name]) if unit.name in plan.spatial_ranks else None
-        if asymmetric or spatial is not None:
-            clock = time.perf_counter()
-            prefix = prefix_model(normalised, [unit.output])
-            replaced = {n.name: solved.chains[n.name] for n in prefix.graph.node
-                        if asymmetric and n.name in solved.chains}
-            if spatial is not None:
-                replaced[unit.name] = spatial
-            if replaced:
-                solved.prefix_macs += sum(shapes[n.name].macs for n in prefix.graph.node if n.name in shapes)
-                y_hat = collect_responses(replace_convs(prefix, replaced), tensors=[unit.output],
-                                          **collect)[unit.output]
-            solved.timings["collect_asymmetric"] += time.perf_counter() - clock
-        clock = time.perf_counter()
-        factors, solved.iterations[unit.name] = _solve(method, unit, stats[unit.name], y_hat, y, plan.ranks[unit.name])
-        act = unit.activation
-        solved.errors[unit.name] = relative_error(apply_activation(act.kind, act.params, y),
-                                                  apply_activation(act.kind, act.params, factors.apply(y_hat)))
-        if spatial is None:
-            solved.chains[unit.name] = channel_decomposition(unit.attrs, unit.weight, unit.bias,
-                                                             factors.P, factors.Q, factors.bias)
-        else:
-            vertical, horizontal = spatial
-            solved.chains[unit.name] = [vertical] + channel_decomposition(
-                horizontal.attrs, horizontal.weight, horizontal.bias, factors.P, factors.Q, factors.bias)
-        solved.timings["solve"] += time.perf_counter() - clock
-        advance(1)
-    return solved
-
-
-def _solve(method: str, unit: ConvUnit, stats: ResponseStats, y_hat: np.ndarray, y: np.ndarray,
-           rank: int) -> tuple[LowRankFactors, list[int] | None]:
-    """PCA (Eq. 4) for ``linear``; the alternating solver of Eq. 6 for the layer's activation
-    otherwise, asymmetric (Eq. 12) when ``y_hat`` differs from ``y``. Also returns the solver's
-    iterations per stage (None for PCA)."""
-    if method == "linear":
-        return fit_pca(stats, rank), None
-    act = unit.activation
-    fit = fit_nonlinear(y_hat, y, rank, act.kind, act.params)
-    return fit.factors, fit.iterations
-
-
 SAMPLES_PER_CHANNEL = 20
 FEW_HELD_OUT = 50
 NCHWC_BLOCK = 16
@@ -438,29 +420,29 @@ def _positions(opts: Options, units: list[ConvUnit], shapes: dict[str, ConvShape
     return positions_per_image(layers, max(1, images), opts.sample_memory_mb * 2**20)
 
 
-def _warn_if_few_samples(opts: Options, responses, ranks, units, warnings: list[str]) -> None:
+def _warn_if_few_samples(opts: Options, samples: dict[str, int], ranks, units, run: Run) -> None:
     """The nonlinear and asymmetric fits regress d outputs on d inputs; with few samples per channel
     they fit the calibration set better than new inputs (measured on CRAFT: BENCHMARKS.md)."""
-    if opts.method == "linear" or not responses:
+    if opts.method == "linear" or not samples:
         return
     widest = max((u for u in units if u.name in ranks), key=lambda u: u.weight_shape[0], default=None)
     if widest is None:
         return
-    count = len(responses[widest.output])
+    count = samples[widest.name]
     if count < SAMPLES_PER_CHANNEL * widest.weight_shape[0]:
-        _warn(warnings, f"{count} response samples for {widest.weight_shape[0]} channels ({widest.name}): "
+        run.warn(f"{count} response samples for {widest.weight_shape[0]} channels ({widest.name}): "
                         f"the {opts.method} fit may not generalise; aim for {SAMPLES_PER_CHANNEL} samples per "
                         "channel (more calibration images; a larger --sample-memory or --samples-per-image if set)")
 
 
-def _split(source, opts: Options, warnings: list[str]) -> tuple[list[int], list[int]]:
+def _split(source, opts: Options, run: Run) -> tuple[list[int], list[int]]:
     """Calibration and held-out index sets, disjoint by source: the held-out part of an image folder
     is files drawn with the seed (a file is one picture); of arrays and readers, the contiguous block
     at the end, since views made of one picture (crops, flips) usually sit next to each other there
     and random rows would put them on both sides."""
     count = len(source)
     if count == 1:
-        _warn(warnings, "only one calibration sample: fidelity is measured on the sample used to calibrate")
+        run.warn("only one calibration sample: fidelity is measured on the sample used to calibrate")
         return [0], [0]
     held = min(opts.holdout, max(1, count // 5))
     rng = np.random.default_rng(opts.seed)
@@ -500,7 +482,7 @@ def _measure_shapes(model, source, units, inputs, threads) -> tuple[dict[str, Co
 
 
 def _layer_report(unit: ConvUnit, shape: ConvShape | None, plan: ArchitecturePlan, stats,
-                  solved: _Solved, samples: int | None) -> LayerReport:
+                  solved: Solved, samples: int | None) -> LayerReport:
     before = shape.macs if shape else 0
     decomposed = unit.name in plan.layers
     return LayerReport(

@@ -6,7 +6,6 @@ read only when a batch needs them and calibration and held-out sets are disjoint
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ import numpy as np
 import onnx
 
 from onnx_lowrank.errors import CalibrationError, InvalidOptionError, InvalidTypeError, ModelLoadError
+from onnx_lowrank.userfiles import load_from_file, names_file
 
 log = logging.getLogger(__name__)
 
@@ -344,7 +344,7 @@ def open_calibration(calib: CalibrationSource, inputs: list[InputSpec], *,
             raise CalibrationError(f"an image folder can feed a single-input model; this one has "
                                    f"{len(inputs)} inputs", hint="use an .npz keyed by input name")
         return ImageFolderSource(path, inputs[0], preprocess or PRESETS["imagenet"], input_size)
-    if ":" in text and text.rsplit(":", 1)[0].endswith(".py"):
+    if names_file(text):
         return _load_reader_script(text, inputs, limit)
     if not exists:
         raise CalibrationError(f"{role} data not found: {text}",
@@ -377,19 +377,10 @@ def _load_numpy(path: Path):
 
 
 def _load_reader_script(text: str, inputs: list[InputSpec], limit: int | None):
-    file_name, attr = text.rsplit(":", 1)
-    path = Path(file_name)
-    if not path.is_file():
-        raise CalibrationError(f"reader script not found: {path}")
+    target = load_from_file(text, CalibrationError, "reader")
     try:
-        spec = importlib.util.spec_from_file_location(f"onnx_lowrank_reader_{path.stem}", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        target = getattr(module, attr)
         reader = target() if isinstance(target, type) or not hasattr(target, "get_next") else target
-    except AttributeError:
-        raise CalibrationError(f"{path} defines no {attr!r}") from None
-    except (Exception, SystemExit) as exc:  # a user's script may even call sys.exit()
+    except (Exception, SystemExit) as exc:
         raise CalibrationError(f"could not create the reader {text}: {type(exc).__name__}: {exc}") from None
     if not hasattr(reader, "get_next"):
         raise CalibrationError(f"{text} is not a CalibrationDataReader (it has no get_next())")

@@ -177,6 +177,31 @@ def _selection(rank_selection: Optional[RankSelection], uniform: bool) -> Option
     return "uniform" if uniform else chosen
 
 
+def _budget(max_error, min_agreement, max_drop, metric, min_metric, speedup, plot):
+    """The accuracy budget asked for, if any: exactly one, and then --speedup only as the search's start."""
+    from onnx_lowrank.search import Budget
+
+    given = {"--max-error": max_error, "--min-agreement": min_agreement, "--max-drop": max_drop, "--metric": metric}
+    chosen = [flag for flag, value in given.items() if value is not None]
+    if len(chosen) > 1:
+        raise InvalidOptionError(f"give one budget, not {' and '.join(chosen)}")
+    if (metric is None) != (min_metric is None):
+        raise InvalidOptionError("--metric and --min-metric go together", hint="give both, or neither")
+    if plot is not None:
+        if not chosen:
+            raise InvalidOptionError("--plot draws the frontier of a budget search", hint="give a budget too")
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise InvalidOptionError("--plot needs matplotlib", hint="pip install 'onnx-lowrank[plots]'") from None
+    if not chosen:
+        return None
+    if metric is not None:
+        return Budget.from_file(metric, min_metric)
+    kind = {"--max-error": "error", "--min-agreement": "agreement", "--max-drop": "drop"}[chosen[0]]
+    return Budget(kind, given[chosen[0]])
+
+
 def _show_version(value: bool) -> None:
     if value:
         print(f"onnx-lowrank {__version__}")
@@ -185,6 +210,7 @@ def _show_version(value: bool) -> None:
 
 DATA = "Data"
 PLAN = "Plan and method"
+BUDGET = "Accuracy budget (instead of --speedup)"
 RUN = "Measurement and output"
 FORMS = "an image folder, a .npy file, an .npz keyed by input name (optional 'labels'), or file.py:ReaderName"
 
@@ -193,7 +219,22 @@ FORMS = "an image folder, a .npy file, an .npz keyed by input name (optional 'la
 def run(
     input_model: Path = typer.Argument(..., metavar="IN.onnx", help="Model to accelerate."),
     output_model: Path = typer.Argument(..., metavar="OUT.onnx", help="Where to write the faster model."),
-    speedup: float = typer.Option(4.0, help="Target theoretical conv speedup (> 1).", rich_help_panel=PLAN),
+    speedup: Optional[float] = typer.Option(None, help="Target theoretical conv speedup (> 1; default 4), or, with "
+                                            "a budget, where the search starts (default 2).", rich_help_panel=PLAN),
+    max_error: Optional[float] = typer.Option(None, help="Budget: the fastest plan whose relative output error on "
+                                              "held-out data is at most this.", rich_help_panel=BUDGET),
+    min_agreement: Optional[float] = typer.Option(None, help="Budget (classifiers): top-1 agreement with the "
+                                                  "original of at least this fraction, e.g. 0.99.",
+                                                  rich_help_panel=BUDGET),
+    max_drop: Optional[float] = typer.Option(None, help="Budget: accuracy loss of at most this many points "
+                                             "(needs labels).", rich_help_panel=BUDGET),
+    metric: Optional[str] = typer.Option(None, metavar="FILE.py:FN", help="Budget: your fn(original_outputs, "
+                                         "candidate_outputs, labels) -> float (higher is better; outputs are "
+                                         "dicts by output name), with --min-metric.", rich_help_panel=BUDGET),
+    min_metric: Optional[float] = typer.Option(None, help="The least value of --metric to accept.",
+                                               rich_help_panel=BUDGET),
+    plot: Optional[Path] = typer.Option(None, help="Budget search: draw the explored frontier to this PNG "
+                                        "(pip install onnx-lowrank[plots]).", rich_help_panel=BUDGET),
     calib: Optional[str] = typer.Option(None, help=f"Calibration data: {FORMS}; without it random inputs are "
                                                    "used.", rich_help_panel=DATA),
     eval_data: Optional[str] = typer.Option(None, "--eval", help=f"Data to measure fidelity on instead of the "
@@ -258,26 +299,37 @@ def run(
             from onnx_lowrank.outputs import Staging, check_outputs
             from onnx_lowrank.report import render
 
+            budget = _budget(max_error, min_agreement, max_drop, metric, min_metric, speedup, plot)
             paths = check_outputs(input_model, None if dry_run else output_model, report, log_file,
-                                  data=(calib, eval_data))
+                                  data=(calib, eval_data), plot=plot)
             _configure_logging(quiet, verbose, log_file)
+            options = dict(
+                calibration=calib, evaluation=eval_data,
+                preprocess=make_preprocess(preprocess.value, _floats(mean, "--mean"), _floats(std, "--std"),
+                                           scale, bgr),
+                method=method.value, symmetric=symmetric, rank_selection=_selection(rank_selection, uniform),
+                channel_speedup=channel_speedup, channel_only=channel_only, rank_multiple=rank_multiple,
+                num_images=num_images, samples_per_image=samples_per_image, sample_memory_mb=sample_memory,
+                seed=seed, skip=skip, providers=[p for value in providers for p in value.split(",") if p],
+                threads=threads, bench=bench, dry_run=dry_run, input_size=_size(input_size))
             with _progress(quiet) as progress:
-                result = compress(
-                    input_model, speedup, calibration=calib, evaluation=eval_data, progress=progress,
-                    preprocess=make_preprocess(preprocess.value, _floats(mean, "--mean"), _floats(std, "--std"),
-                                               scale, bgr),
-                    method=method.value, symmetric=symmetric, rank_selection=_selection(rank_selection, uniform),
-                    channel_speedup=channel_speedup, channel_only=channel_only, rank_multiple=rank_multiple,
-                    num_images=num_images, samples_per_image=samples_per_image, sample_memory_mb=sample_memory,
-                    seed=seed, skip=skip,
-                    providers=[p for value in providers for p in value.split(",") if p], threads=threads,
-                    bench=bench, dry_run=dry_run, input_size=_size(input_size))
+                if budget is None:
+                    result = compress(input_model, 4.0 if speedup is None else speedup, progress=progress, **options)
+                else:
+                    from onnx_lowrank.search import compress_to_budget
+
+                    result = compress_to_budget(input_model, budget, progress=progress,
+                                                **({} if speedup is None else {"speedup": speedup}), **options)
             with Staging(paths) as staging:
                 if result.model is not None:
                     staging.model(result.model)
                     result.report.files["output"] = staging.describe_model()
                 if paths.report is not None:
                     staging.text(paths.report, result.report.to_json())
+                if paths.plot is not None:
+                    from onnx_lowrank.plot import draw_frontier
+
+                    staging.file(paths.plot, lambda path: draw_frontier(result.report, path))
                 signals.commit(staging)
             # From the commit on the run has succeeded: a reader gone from stdout does not change that.
             if not quiet:

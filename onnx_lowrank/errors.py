@@ -41,6 +41,10 @@ class InfeasibleTargetError(LowRankError):
     """The requested speedup cannot be reached with the decomposable layers."""
 
 
+class BudgetNotMetError(LowRankError):
+    """No decomposition meets the accuracy budget on the held-out data."""
+
+
 class CalibrationError(LowRankError):
     """The calibration data is missing, empty or does not fit the model."""
 

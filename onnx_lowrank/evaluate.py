@@ -31,54 +31,49 @@ def looks_like_class_scores(array: np.ndarray) -> bool:
     return array.ndim >= 2 and array.shape[1] >= 2 and squeezed_tail
 
 
+def model_outputs(model: onnx.ModelProto | Path, source, indices: Sequence[int], batch_size: int,
+                  threads: int = 0) -> dict[str, np.ndarray]:
+    """Every output of ``model`` on the samples ``indices``, by output name (rows in index order)."""
+    session = make_session(model, threads=threads)
+    names = [o.name for o in session.get_outputs()]
+    parts: list[list[np.ndarray]] = []
+    run_in_batches(session, source, indices, batch_size, lambda chunk, feeds, outputs: parts.append(outputs))
+    return {name: np.concatenate([batch[i] for batch in parts]) for i, name in enumerate(names)}
+
+
 def measure_fidelity(original: onnx.ModelProto | Path, optimized: onnx.ModelProto, source,
                      indices: Sequence[int], batch_size: int, labels: np.ndarray | None = None,
                      threads: int = 0) -> Fidelity:
     # One session at a time: the original's outputs are kept (they are small next to the weights of
-    # a large model), then the optimized model runs on the same batches.
-    reference = make_session(original, threads=threads)
-    names = [o.name for o in reference.get_outputs()]
-    kept: list[list[np.ndarray]] = []
-    run_in_batches(reference, source, indices, batch_size, lambda chunk, feeds, outputs: kept.append(outputs))
-    del reference
-    session = make_session(optimized, threads=threads)
-    references = iter(kept)
-    squared_error = {n: 0.0 for n in names}
-    squared_norm = {n: 0.0 for n in names}
-    top1, top5, correct = [], [], [[], []]
+    # a large model), then the optimized model runs on the same samples.
+    reference = model_outputs(original, source, indices, batch_size, threads)
+    return compare_outputs(reference, model_outputs(optimized, source, indices, batch_size, threads),
+                           None if labels is None else labels[list(indices)])
 
-    def compare(chunk: list[int], feeds: dict[str, np.ndarray], approx: list[np.ndarray]) -> None:
-        reference = next(references)
-        for name, ref, out in zip(names, reference, approx):
-            ref64, out64 = ref.astype(np.float64), out.astype(np.float64)
-            squared_error[name] += float(np.sum((ref64 - out64) ** 2))
-            squared_norm[name] += float(np.sum(ref64 ** 2))
-        scores_ref, scores_out = reference[0], approx[0]
-        if looks_like_class_scores(scores_ref):
-            scores_ref = scores_ref.reshape(len(chunk), -1)
-            scores_out = scores_out.reshape(len(chunk), -1)
-            top1.extend(scores_ref.argmax(1) == scores_out.argmax(1))
-            if scores_ref.shape[1] >= 5:
-                best_ref = np.argsort(-scores_ref, axis=1)[:, :5]
-                best_out = np.argsort(-scores_out, axis=1)[:, :5]
-                top5.extend(len(set(a) & set(b)) / 5 for a, b in zip(best_ref, best_out))
-            if labels is not None:
-                truth = labels[chunk]
-                correct[0].extend(scores_ref.argmax(1) == truth)
-                correct[1].extend(scores_out.argmax(1) == truth)
 
-    run_in_batches(session, source, indices, batch_size, compare, names)
-    fidelity = Fidelity(samples=len(indices))
-    fidelity.output_rel_error = {
-        n: (np.sqrt(squared_error[n] / squared_norm[n]) if squared_norm[n] > 0 else float(squared_error[n] > 0))
-        for n in names}
-    if top1:
-        fidelity.top1_agreement = float(np.mean(top1))
-    if top5:
-        fidelity.top5_overlap = float(np.mean(top5))
-    if correct[0]:
-        fidelity.accuracy_original = float(np.mean(correct[0]))
-        fidelity.accuracy_optimized = float(np.mean(correct[1]))
+def compare_outputs(reference: dict[str, np.ndarray], approx: dict[str, np.ndarray],
+                    labels: np.ndarray | None = None) -> Fidelity:
+    """Fidelity of ``approx`` to ``reference`` (outputs by name, as from ``model_outputs``);
+    ``labels`` are the samples' class indices, for accuracy."""
+    names = list(reference)
+    fidelity = Fidelity(samples=len(next(iter(reference.values()))))
+    for name in names:
+        ref64, out64 = reference[name].astype(np.float64), approx[name].astype(np.float64)
+        squared_norm, squared_error = float(np.sum(ref64 ** 2)), float(np.sum((ref64 - out64) ** 2))
+        fidelity.output_rel_error[name] = (np.sqrt(squared_error / squared_norm) if squared_norm > 0
+                                           else float(squared_error > 0))
+    scores_ref, scores_out = reference[names[0]], approx[names[0]]
+    if looks_like_class_scores(scores_ref):
+        scores_ref = scores_ref.reshape(len(scores_ref), -1)
+        scores_out = scores_out.reshape(len(scores_out), -1)
+        fidelity.top1_agreement = float(np.mean(scores_ref.argmax(1) == scores_out.argmax(1)))
+        if scores_ref.shape[1] >= 5:
+            best_ref = np.argsort(-scores_ref, axis=1)[:, :5]
+            best_out = np.argsort(-scores_out, axis=1)[:, :5]
+            fidelity.top5_overlap = float(np.mean([len(set(a) & set(b)) / 5 for a, b in zip(best_ref, best_out)]))
+        if labels is not None:
+            fidelity.accuracy_original = float(np.mean(scores_ref.argmax(1) == labels))
+            fidelity.accuracy_optimized = float(np.mean(scores_out.argmax(1) == labels))
     return fidelity
 
 

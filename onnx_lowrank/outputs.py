@@ -14,12 +14,14 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import onnx
 
 from onnx_lowrank.errors import OutputPathError
 from onnx_lowrank.graph.io import external_data_files, write_model
 from onnx_lowrank.provenance import sha256_of
+from onnx_lowrank.userfiles import names_file
 
 
 @dataclass(frozen=True)
@@ -28,16 +30,17 @@ class OutputPaths:
     data: Path | None  # the model's external-data file, written only for a model too large for one protobuf
     report: Path | None = None
     log: Path | None = None  # appended to as the run goes, so never staged
+    plot: Path | None = None
 
     def named(self) -> list[tuple[str, Path]]:
         named = [("OUT", self.model), ("OUT's external-data file", self.data), ("--report", self.report),
-                 ("--log-file", self.log)]
+                 ("--log-file", self.log), ("--plot", self.plot)]
         return [(role, path) for role, path in named if path is not None]
 
 
 def check_outputs(input_model: str | os.PathLike | None, output_model: str | os.PathLike | None,
                   report: str | os.PathLike | None = None, log: str | os.PathLike | None = None,
-                  data: tuple[str | None, ...] = ()) -> OutputPaths:
+                  data: tuple[str | None, ...] = (), plot: str | os.PathLike | None = None) -> OutputPaths:
     """The run's output paths (no model for a dry run), or OutputPathError if any could harm a file
     or cannot be written. ``data`` are the --calib/--eval arguments: their files (a reader script
     too) and the files inside their folders are inputs as much as the model is."""
@@ -45,14 +48,15 @@ def check_outputs(input_model: str | os.PathLike | None, output_model: str | os.
     if model is not None and model.suffix.lower() != ".onnx":
         raise OutputPathError(f"output path must end in .onnx, got {model}")
     paths = OutputPaths(model, model.with_name(model.name + ".data") if model is not None else None,
-                        Path(report) if report is not None else None, Path(log) if log is not None else None)
+                        Path(report) if report is not None else None, Path(log) if log is not None else None,
+                        Path(plot) if plot is not None else None)
     inputs, folders = [], []
     if input_model is not None and Path(input_model).is_file():
         inputs = [("the input model", Path(input_model))]
         inputs += [("an external-data file of the input model", f) for f in external_data_files(Path(input_model))]
     for argument in (a for a in data if a is not None):
         text = os.fspath(argument)
-        if ":" in text and text.rsplit(":", 1)[0].endswith(".py"):
+        if names_file(text):
             text = text.rsplit(":", 1)[0]
         if os.path.isdir(text):
             folders.append(Path(text))
@@ -139,10 +143,14 @@ class Staging:
                 "external_data": {data: self.sha256[data]} if data in self.sha256 else {}}
 
     def text(self, path: Path, text: str) -> None:
-        def write(tmp: Path) -> list[Path]:
-            tmp.write_text(text)
+        self.file(path, lambda tmp: tmp.write_text(text))
+
+    def file(self, path: Path, write: Callable[[Path], object]) -> None:
+        """Stage the file that ``write(temporary_path)`` makes, to become ``path``."""
+        def staged(tmp: Path) -> list[Path]:
+            write(tmp)
             return [tmp]
-        self._write(path, write)
+        self._write(path, staged)
 
     def _write(self, target: Path, write) -> list[Path]:
         try:

@@ -29,6 +29,19 @@ class LayerReport:
     samples: int | None = None  # response samples collected for the layer
 
 
+@dataclass
+class FrontierPoint:
+    """One plan a budget search measured: the speedup asked for, the theoretical conv speedup of the
+    plan (None: infeasible), the budget's metric on the held-out set, whether it met the budget,
+    and what solved it (a symmetric probe, or the method itself)."""
+
+    speedup_target: float
+    theoretical_speedup: float | None
+    value: float | None
+    met: bool
+    solver: str
+
+
 # Bumped whenever a key of the JSON report changes meaning or disappears (README: "The report").
 SCHEMA_VERSION = 2
 
@@ -59,6 +72,8 @@ class Report:
     versions: dict[str, str] = field(default_factory=dict)
     # "input": path and SHA-256 of the model file and its external data; "output": the same of what was written
     files: dict[str, dict | None] = field(default_factory=dict)
+    budget: dict | None = None  # a budget search: the target, the figure measured, the search's time
+    frontier: list[FrontierPoint] = field(default_factory=list)  # every plan a budget search measured
 
     def to_dict(self) -> dict:
         data = {"schema_version": SCHEMA_VERSION, **asdict(self)}
@@ -140,6 +155,24 @@ def render(report: Report, console) -> None:
             summary.add_row("accuracy original → optimized",
                             f"{_percent(fidelity.accuracy_original)} → {_percent(fidelity.accuracy_optimized)}{on}")
     console.print(summary)
+    if report.frontier:
+        _render_frontier(report, console)
+
+
+def _render_frontier(report: Report, console) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"budget search: {report.budget['target']}")
+    for column in ("speedup asked", "theoretical", report.budget["kind"], "met", "solved by"):
+        table.add_column(column, justify="right" if column != "solved by" else "left")
+    for point in report.frontier:
+        table.add_row(f"{point.speedup_target:.2f}×", "-" if point.theoretical_speedup is None
+                      else f"{point.theoretical_speedup:.2f}×", "-" if point.value is None else f"{point.value:.4g}",
+                      "yes" if point.met else "no", point.solver)
+    console.print(table)
+    console.print(f"  chosen: {report.theoretical_conv_speedup:.2f}× with {report.budget['kind']} "
+                  f"{report.budget['measured']:.4g} on {report.budget['held_out_samples']} held-out samples; "
+                  f"search {report.budget['search_s']:.1f} s", markup=False, highlight=False)
 
 
 def _ranks(layer: LayerReport) -> str:

@@ -1,0 +1,117 @@
+"""Solving the chosen layers: the data-driven chains shallow to deep (with the Eq. 12 re-collection
+of each layer's input in the already-approximated network), and the data-free baselines."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from onnx_lowrank.graph.rewrite import (ConvSpec, channel_decomposition, replace_convs, spatial_decomposition,
+                                        tucker2_decomposition)
+from onnx_lowrank.graph.surgery import prefix_model
+from onnx_lowrank.graph.units import ConvUnit
+from onnx_lowrank.plans import ArchitecturePlan
+from onnx_lowrank.runtime import collect_responses
+from onnx_lowrank.solvers import LowRankFactors, ResponseStats, fit_pca
+from onnx_lowrank.solvers.activations import apply_activation, relative_error
+from onnx_lowrank.solvers.nonlinear import PAPER_SCHEDULE, fit_nonlinear
+from onnx_lowrank.solvers.weights import spatial_filter_reconstruction, tucker2, weight_svd
+
+
+@dataclass
+class Solved:
+    """What solving the chosen layers produced, per layer name."""
+
+    chains: dict[str, list[ConvSpec]] = field(default_factory=dict)
+    errors: dict[str, float] = field(default_factory=dict)
+    iterations: dict[str, list[int] | None] = field(default_factory=dict)
+    prefix_macs: int = 0  # conv MACs per sample of the sub-graphs re-run for Eq. 12
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def data_free_chains(method: str, chosen: list[ConvUnit], plan: ArchitecturePlan) -> Solved:
+    """The baselines: each layer's chain from its weights alone."""
+    solved = Solved()
+    clock = time.perf_counter()
+    for unit in chosen:
+        if method == "svd":
+            factors = weight_svd(unit.weight, unit.bias, plan.ranks[unit.name])
+            chain = channel_decomposition(unit.attrs, unit.weight, unit.bias, factors.P, factors.Q, factors.bias)
+        elif method == "jaderberg":
+            chain = spatial_pair(unit, plan.spatial_ranks[unit.name])
+        else:
+            chain = tucker2_decomposition(unit.attrs, *tucker2(unit.weight, plan.input_ranks[unit.name],
+                                                              plan.ranks[unit.name]), unit.bias)
+        solved.chains[unit.name] = chain
+    solved.timings["solve"] = time.perf_counter() - clock
+    return solved
+
+
+def spatial_pair(unit: ConvUnit, rank: int) -> list[ConvSpec]:
+    """The layer's (k x 1, rank) -> (1 x k, d) filter reconstruction, bias on the second conv."""
+    return spatial_decomposition(unit.attrs, *spatial_filter_reconstruction(unit.weight, rank), unit.bias)
+
+
+def solve_layers(method, asymmetric, normalised, chosen, plan: ArchitecturePlan, responses, stats, shapes,
+                 collect, advance, cache: dict | None = None, schedule=PAPER_SCHEDULE) -> Solved:
+    """Solve the chosen layers shallow to deep. The fitted input ``W x-hat`` is the output of the
+    layer in a network where (with ``asymmetric``, Eq. 12) the earlier layers are already replaced
+    and (for a 3d layer, §3.5) the layer itself is split spatially; the target is always the
+    original network's response. Only the sub-graph up to the layer is re-run, and only when
+    something in it is replaced. ``responses`` are consumed, unless a ``cache`` is given: then
+    they are kept, and the chains of symmetric, channel-only layers are kept in it by
+    (layer, rank, solver schedule), so that plans sharing a layer's rank solve it once."""
+    solved = Solved(timings={"collect_asymmetric": 0.0, "solve": 0.0})
+    for unit in chosen:
+        y = responses[unit.output] if cache is not None else responses.pop(unit.output)
+        y_hat = y
+        spatial = spatial_pair(unit, plan.spatial_ranks[unit.name]) if unit.name in plan.spatial_ranks else None
+        key = (unit.name, plan.ranks[unit.name], schedule)
+        if cache is not None and not asymmetric and spatial is None and key in cache:
+            solved.chains[unit.name], solved.errors[unit.name], solved.iterations[unit.name] = cache[key]
+            advance(1)
+            continue
+        if asymmetric or spatial is not None:
+            clock = time.perf_counter()
+            prefix = prefix_model(normalised, [unit.output])
+            replaced = {n.name: solved.chains[n.name] for n in prefix.graph.node
+                        if asymmetric and n.name in solved.chains}
+            if spatial is not None:
+                replaced[unit.name] = spatial
+            if replaced:
+                solved.prefix_macs += sum(shapes[n.name].macs for n in prefix.graph.node if n.name in shapes)
+                y_hat = collect_responses(replace_convs(prefix, replaced), tensors=[unit.output],
+                                          **collect)[unit.output]
+            solved.timings["collect_asymmetric"] += time.perf_counter() - clock
+        clock = time.perf_counter()
+        factors, solved.iterations[unit.name] = _solve(method, unit, stats[unit.name], y_hat, y, plan.ranks[unit.name],
+                                                       schedule)
+        act = unit.activation
+        solved.errors[unit.name] = relative_error(apply_activation(act.kind, act.params, y),
+                                                  apply_activation(act.kind, act.params, factors.apply(y_hat)))
+        if spatial is None:
+            solved.chains[unit.name] = channel_decomposition(unit.attrs, unit.weight, unit.bias,
+                                                             factors.P, factors.Q, factors.bias)
+        else:
+            vertical, horizontal = spatial
+            solved.chains[unit.name] = [vertical] + channel_decomposition(
+                horizontal.attrs, horizontal.weight, horizontal.bias, factors.P, factors.Q, factors.bias)
+        if cache is not None and not asymmetric and spatial is None:
+            cache[key] = solved.chains[unit.name], solved.errors[unit.name], solved.iterations[unit.name]
+        solved.timings["solve"] += time.perf_counter() - clock
+        advance(1)
+    return solved
+
+
+def _solve(method: str, unit: ConvUnit, stats: ResponseStats, y_hat: np.ndarray, y: np.ndarray,
+           rank: int, schedule=PAPER_SCHEDULE) -> tuple[LowRankFactors, list[int] | None]:
+    """PCA (Eq. 4) for ``linear``; the alternating solver of Eq. 6 for the layer's activation
+    otherwise, asymmetric (Eq. 12) when ``y_hat`` differs from ``y``. Also returns the solver's
+    iterations per stage (None for PCA)."""
+    if method == "linear":
+        return fit_pca(stats, rank), None
+    act = unit.activation
+    fit = fit_nonlinear(y_hat, y, rank, act.kind, act.params, schedule=schedule)
+    return fit.factors, fit.iterations
