@@ -1,0 +1,105 @@
+"""The accuracy budget: the fastest plan whose fidelity on held-out data meets it, measured with
+the method itself; never a plan that misses it."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from onnx_lowrank.errors import BudgetNotMetError, InvalidOptionError
+from onnx_lowrank.search import Budget, compress_to_budget
+from tests.builders import Layer, conv_net, run_model
+from tests.test_cli import invoke
+
+
+@pytest.fixture(scope="module")
+def model() -> onnx.ModelProto:
+    return conv_net([Layer(16), Layer(64), Layer(64), Layer(32)], size=(10, 10), classifier=10, seed=3)
+
+
+@pytest.fixture(scope="module")
+def data() -> np.ndarray:
+    return np.random.default_rng(0).standard_normal((100, 3, 10, 10)).astype(np.float32)
+
+
+def held_out_error(model, optimized, data) -> float:
+    """The output error on the held-out block (the last 20 rows of an array), computed here."""
+    x = data[80:]
+    reference, approx = run_model(model, {"input": x})[0], run_model(optimized, {"input": x})[0]
+    return float(np.linalg.norm(reference - approx) / np.linalg.norm(reference))
+
+
+@pytest.mark.parametrize("limit", [0.02, 0.1])
+def test_the_answer_meets_the_budget_and_is_the_fastest_that_did(model, data, limit) -> None:
+    result = compress_to_budget(model, Budget("error", limit), calibration=data, bench=False, rank_multiple=8,
+                                threads=1)
+    report = result.report
+    measured = held_out_error(model, result.model, data)
+    assert measured <= limit and report.budget["measured"] == pytest.approx(measured, rel=1e-4)
+    method_points = [p for p in report.frontier if p.solver == "asymmetric"]
+    assert all(p.met == (p.value <= limit) for p in report.frontier if p.value is not None)
+    chosen = report.theoretical_conv_speedup
+    assert any(p.met and p.theoretical_speedup == pytest.approx(chosen) for p in method_points)
+    assert not any(p.met and p.theoretical_speedup > chosen for p in method_points)
+    assert any(not p.met for p in report.frontier)  # the search looked past what it chose
+
+
+def test_a_looser_budget_buys_more_speed(model, data) -> None:
+    speeds = [compress_to_budget(model, Budget("error", limit), calibration=data, bench=False, rank_multiple=8,
+                                 threads=1).report.theoretical_conv_speedup for limit in (0.02, 0.2)]
+    assert speeds[1] > speeds[0]
+
+
+def test_agreement_and_drop_budgets(model, data) -> None:
+    labels = run_model(model, {"input": data})[0].argmax(1)  # the original is always right
+    evaluation = {"input": data[80:], "labels": labels[80:]}
+    result = compress_to_budget(model, Budget("drop", 5.0), calibration=data[:80], evaluation=evaluation,
+                                bench=False, rank_multiple=8, threads=1)
+    fidelity = result.report.fidelity
+    assert 100 * (fidelity.accuracy_original - fidelity.accuracy_optimized) <= 5.0
+    agreement = compress_to_budget(model, Budget("agreement", 0.95), calibration=data, bench=False,
+                                   rank_multiple=8, threads=1).report
+    assert agreement.fidelity.top1_agreement >= 0.95 and agreement.budget["measured"] >= 0.95
+
+
+def test_an_unmeetable_budget_says_so_with_the_best_figure(model, data) -> None:
+    with pytest.raises(BudgetNotMetError, match="no decomposition meets relative output error <= 1e-09"):
+        compress_to_budget(model, Budget("error", 1e-9), calibration=data, bench=False, rank_multiple=8, threads=1)
+
+
+def test_a_user_metric(model, data, tmp_path) -> None:
+    (tmp_path / "metric.py").write_text(
+        "import numpy as np\n"
+        "def cosine(original, candidate, labels):\n"
+        "    a, b = next(iter(original.values())).ravel(), next(iter(candidate.values())).ravel()\n"
+        "    return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))\n")
+    result = compress_to_budget(model, Budget.from_file(f"{tmp_path / 'metric.py'}:cosine", 0.999),
+                                calibration=data, bench=False, rank_multiple=8, threads=1)
+    assert result.report.budget["measured"] >= 0.999
+
+
+@pytest.mark.parametrize("kind, limit", [("error", -1.0), ("agreement", 1.5), ("speed", 1.0), ("error", float("nan"))])
+def test_bad_budgets(kind, limit) -> None:
+    with pytest.raises(InvalidOptionError):
+        Budget(kind, limit)
+
+
+def test_the_command_line_search_with_report_and_plot(model, data, tmp_path) -> None:
+    onnx.save(model, tmp_path / "m.onnx")
+    np.save(tmp_path / "x.npy", data)
+    args = [tmp_path / "m.onnx", tmp_path / "o.onnx", "--calib", tmp_path / "x.npy", "--no-bench", "--rank-multiple",
+            "8", "--threads", "1"]
+    result = invoke(*args, "--max-error", "0.05", "--report", tmp_path / "r.json", "--plot", tmp_path / "f.png")
+    assert result.exit_code == 0, result.output
+    assert "budget search: relative output error <= 0.05" in result.stdout
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["budget"]["met"] and report["budget"]["measured"] <= 0.05 and report["frontier"]
+    assert (tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for bad, message in ((["--max-error", "0.1", "--max-drop", "1"], "give one budget"),
+                         (["--metric", "m.py:f"], "go together"), (["--plot", tmp_path / "p.png"], "give a budget"),
+                         (["--max-drop", "1"], "needs labels"), (["--max-error", "0.1", "--dry-run"], "no dry run")):
+        outcome = invoke(*args, *bad)
+        assert outcome.exit_code == 2 and message in outcome.stderr, outcome.output
