@@ -8,7 +8,7 @@ The pipeline is imported lazily so that ``onnx_lowrank.solvers`` stays free of o
 from onnx_lowrank.errors import LowRankError
 
 __version__ = "0.1.0"
-__all__ = ["LowRankError", "compress", "Result", "Report", "__version__"]
+__all__ = ["LowRankError", "compress", "compress_to_budget", "Budget", "Result", "Report", "__version__"]
 
 
 def __getattr__(name: str):
@@ -16,6 +16,10 @@ def __getattr__(name: str):
         from onnx_lowrank import api
 
         return getattr(api, name)
+    if name in ("compress_to_budget", "Budget"):
+        from onnx_lowrank import search
+
+        return getattr(search, name)
     if name == "Report":
         from onnx_lowrank.report import Report
 
