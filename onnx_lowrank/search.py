@@ -99,6 +99,11 @@ class Budget:
     def met(self, value: float) -> bool:
         return value >= self.limit if self.higher_is_better else value <= self.limit
 
+    def loss(self, value: float) -> float | None:
+        """What the budget limits, as a loss that is 0 for a perfect copy (None for a user metric,
+        whose scale is unknown)."""
+        return {"error": value, "drop": value, "agreement": 1 - value}.get(self.kind)
+
 
 PROBES = 7  # symmetric probes: bracketing steps and bisection
 # Probes rank plans, they are not the answer: a fifth of the paper's schedule comes within a few
@@ -151,15 +156,21 @@ class _Searcher:
         self.frontier: list[FrontierPoint] = []
         self.plans: dict[float, object] = {}
         self.cache: dict = {}  # (layer, rank) -> chain of a symmetric solve, shared by all plans
+        self.probes: dict[float, float] = {}  # speedup -> the probe's measured value
+        self.infeasible: set[float] = set()
 
     def run(self, start: float):
         passing, failing = self._probe_bracket(start)
         # The method itself is usually better than its symmetric probe: first where the probes just
         # missed, then where they met; only then halfway down, twice.
+        best = None
         for speedup in (s for s in (failing, passing) if s is not None):
             result = self._evaluate(speedup, self.opts, proxy=False)
             if result is not None and result[0].met:
-                return result
+                best = result
+                break
+        if best is not None:
+            return self._beyond(best)
         high = passing or start
         for _ in range(2):
             high = 1 + (high - 1) / 2
@@ -168,13 +179,33 @@ class _Searcher:
                 return result
         return None
 
-    def _probe_bracket(self, start: float) -> tuple[float | None, float | None]:
-        """The fastest probed speedup that meets the budget and the slowest that does not."""
+    def _beyond(self, best):
+        """Where the method beats its probes by a factor k in loss (error, points, disagreement),
+        probes whose loss times k meets the budget point to a faster plan: one more run of the
+        method there, kept if it meets the budget itself."""
+        point = best[0]
+        probe_loss, method_loss = self.budget.loss(self.probes.get(point.speedup_target, math.nan)), \
+            self.budget.loss(point.value)
+        if probe_loss is None or not probe_loss > 0 or not 0 < method_loss < probe_loss:
+            return best
+        passing, _ = self._probe_bracket(point.speedup_target, scale=method_loss / probe_loss)
+        if passing is None or passing <= point.speedup_target * (1 + PRECISION):
+            return best
+        result = self._evaluate(passing, self.opts, proxy=False)
+        return result if result is not None and result[0].met else best
+
+    def _probe_bracket(self, start: float, scale: float = 1.0) -> tuple[float | None, float | None]:
+        """The fastest probed speedup that meets the budget and the slowest that does not; with
+        ``scale``, a probe meets it when its loss times ``scale`` does."""
         probe = self._probe_options()
         passing, failing, speedup = None, None, start
         for _ in range(PROBES):
-            result = self._evaluate(speedup, probe, proxy=True)
-            if result is not None and result[0].met:
+            if speedup in self.probes or speedup in self.infeasible:  # measured before: not again
+                value = self.probes.get(speedup)
+            else:
+                result = self._evaluate(speedup, probe, proxy=True)
+                value = None if result is None else result[0].value
+            if value is not None and self._probe_met(value, scale):
                 passing = speedup
             else:
                 failing = speedup
@@ -190,6 +221,12 @@ class _Searcher:
                 speedup = math.sqrt(passing * failing)
         return passing, failing
 
+    def _probe_met(self, value: float, scale: float) -> bool:
+        if scale == 1.0:
+            return self.budget.met(value)
+        loss = self.budget.loss(value)
+        return loss * scale <= self.budget.loss(self.budget.limit) if loss is not None else self.budget.met(value)
+
     def _probe_options(self) -> Options:
         """The method solved symmetrically (so layers are independent and cached); data-free methods as they are."""
         if self.opts.data_free or self.opts.method == "linear":
@@ -204,6 +241,7 @@ class _Searcher:
             plan = plan_for(self.analysis, opts)
         except InfeasibleTargetError:
             self.frontier.append(FrontierPoint(speedup, None, None, False, "infeasible"))
+            self.infeasible.add(speedup)
             return None
         # The cache also keeps the responses for the next plan.
         solved = solve(self.analysis, plan, opts, cache=self.cache, schedule=PROBE_SCHEDULE if proxy else PAPER_SCHEDULE)
@@ -216,6 +254,8 @@ class _Searcher:
                               "probe (symmetric)" if proxy and opts != self.opts else opts.method)
         self.frontier.append(point)
         self.plans[speedup] = plan
+        if proxy:
+            self.probes[speedup] = value
         log.info("%s at %.2fx: %s = %.4g (%s)", point.solver, plan.speedup, self.budget.kind, value,
                  "met" if point.met else "missed")
         return point, solved, optimized
