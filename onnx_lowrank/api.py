@@ -174,8 +174,10 @@ class Analysis:
 
 
 def analyse(model, opts: Options, calibration: CalibrationSource = None, evaluation: CalibrationSource = None,
-            preprocess: Preprocess | None = None, progress: "ProgressSink | None" = None) -> Analysis:
-    """Load, normalise, find the convs, open the data, measure shapes and collect the responses."""
+            preprocess: Preprocess | None = None, progress: "ProgressSink | None" = None,
+            fixed_target: bool = True) -> Analysis:
+    """Load, normalise, find the convs, open the data, measure shapes and collect the responses.
+    With a ``fixed_target`` (not a search) an infeasible speedup is refused before the collection."""
     progress = progress or NullProgress()
     run = Run()
     # Bad input shows up here; it is told in one line, without stage lines before it.
@@ -196,7 +198,8 @@ def analyse(model, opts: Options, calibration: CalibrationSource = None, evaluat
         shapes, dense_total = _measure_shapes(normalised, data.source, units, inputs, opts.threads)
     candidates = [RankCandidate(u.name, shapes[u.name]) for u in units if u.decomposable]
     fixed = sum(s.macs for s in shapes.values()) - sum(c.shape.macs for c in candidates)
-    _plan(opts, candidates, {u.name: u for u in units}, {}, fixed, channel_only_names)  # infeasible: fail early
+    if fixed_target:
+        _plan(opts, candidates, {u.name: u for u in units}, {}, fixed, channel_only_names)  # fail before the work
     collect = dict(source=data.source, indices=data.calib_indices,
                    samples_per_image=_positions(opts, units, shapes, len(data.calib_indices)),
                    seed=opts.seed, batch_size=data.batch, threads=opts.threads)

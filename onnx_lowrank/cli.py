@@ -341,7 +341,7 @@ def run(
             code = EXIT_BAD_INPUT
         except MemoryError:
             stderr.print("error: out of memory (hint: lower --num-images, --samples-per-image or --input-size)",
-                         markup=False, highlight=False)
+                         markup=False, highlight=False, soft_wrap=True)
             code = EXIT_BAD_INPUT
         except (Interrupted, KeyboardInterrupt) as exc:
             stderr.print("interrupted; nothing was written", markup=False, highlight=False)

@@ -19,6 +19,7 @@ METHODS = ("asymmetric", "asym3d", "nonlinear", "linear") + DATA_FREE_METHODS
 ASYMMETRIC_METHODS = ("asymmetric", "asym3d")
 RANK_SELECTIONS = ("energy", "uniform")
 PROVIDERS = ("cpu", "cuda")
+MAX_THREADS = 256  # onnxruntime starts every thread it is given; thousands take minutes and gain nothing
 
 
 @dataclass(frozen=True)
@@ -81,12 +82,14 @@ def _plain(value):
     return list(value) if isinstance(value, tuple) else value
 
 
-def _integer(minimum: int) -> Callable[[str, Any], int]:
+def _integer(minimum: int, maximum: int | None = None) -> Callable[[str, Any], int]:
     def check(name: str, value: Any) -> int:
         if isinstance(value, bool) or not isinstance(value, Integral):
             raise InvalidTypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
         if value < minimum:
             raise InvalidOptionError(f"{name} must be at least {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise InvalidOptionError(f"{name} must be at most {maximum}, got {value}")
         return int(value)
     return check
 
@@ -155,7 +158,7 @@ _CONSTRAINTS: dict[str, Callable[[str, Any], Any]] = {
     "seed": _integer(0),
     "skip": _strings,
     "providers": _choices(PROVIDERS),
-    "threads": _integer(0),
+    "threads": _integer(0, MAX_THREADS),
     "bench": _flag,
     "bench_rounds": _integer(1),
     "batch_size": _integer(1),

@@ -122,7 +122,7 @@ def compress_to_budget(model, budget: Budget, *, calibration=None, evaluation=No
     if opts.dry_run:
         raise InvalidOptionError("a budget search measures models; it has no dry run", hint="drop --dry-run")
     clock = time.perf_counter()
-    analysis = analyse(model, opts, calibration, evaluation, preprocess, progress)
+    analysis = analyse(model, opts, calibration, evaluation, preprocess, progress, fixed_target=False)
     data = analysis.data
     labels = getattr(data.eval_source, "labels", None)
     if budget.kind == "drop" and labels is None:

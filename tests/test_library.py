@@ -100,3 +100,8 @@ def test_the_package_is_typed() -> None:
     signature = inspect.signature(compress)
     assert all(p.annotation is not inspect.Parameter.empty for p in signature.parameters.values())
     assert signature.return_annotation is not inspect.Signature.empty
+
+
+def test_absurd_thread_counts_are_refused(model, samples) -> None:
+    with pytest.raises(LowRankError, match="threads must be at most 256"):
+        compress(model, calibration=samples, **{**FAST, "threads": 10_000})

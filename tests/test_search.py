@@ -103,3 +103,9 @@ def test_the_command_line_search_with_report_and_plot(model, data, tmp_path) -> 
                          (["--max-drop", "1"], "needs labels"), (["--max-error", "0.1", "--dry-run"], "no dry run")):
         outcome = invoke(*args, *bad)
         assert outcome.exit_code == 2 and message in outcome.stderr, outcome.output
+
+
+def test_an_infeasible_start_is_where_the_search_begins_not_an_error(model, data) -> None:
+    result = compress_to_budget(model, Budget("error", 0.2), speedup=50.0, calibration=data, bench=False,
+                                rank_multiple=8, threads=1)
+    assert result.report.budget["met"] and any(p.solver == "infeasible" for p in result.report.frontier)

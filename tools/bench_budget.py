@@ -43,10 +43,12 @@ def on_test_set(original: Path, optimized: Path, test: Path) -> dict:
     return result
 
 
-def run(command: list[str]) -> float:
+def run(command: list[str]) -> tuple[float, str | None]:
+    """Wall time of one command, and its error line if it failed (a budget no plan meets, say)."""
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "onnx_lowrank", *command, "-q"], check=True)
-    return time.perf_counter() - start
+    done = subprocess.run([sys.executable, "-m", "onnx_lowrank", *command, "-q"], capture_output=True, text=True)
+    error = done.stderr.strip().splitlines()[-1] if done.returncode else None
+    return time.perf_counter() - start, error
 
 
 def main() -> None:
@@ -64,11 +66,15 @@ def main() -> None:
             flag, limit = budget.split("=")
             out, report = Path(folder) / "budget.onnx", Path(folder) / "budget.json"
             common = [str(args.model), "--calib", args.calib, *args.extra.split()]
-            search_s = run([common[0], str(out), *common[1:], f"--{flag}", limit, "--report", str(report)])
+            search_s, error = run([common[0], str(out), *common[1:], f"--{flag}", limit, "--report", str(report)])
+            if error is not None:
+                rows.append({"budget": budget, "met": False, "error": error, "search_s": search_s})
+                print(json.dumps(rows[-1]))
+                continue
             data = json.loads(report.read_text())
             speedup = data["theoretical_conv_speedup"]
-            single_s = run([common[0], str(Path(folder) / "single.onnx"), *common[1:], "--speedup",
-                            str(data["speedup_target"]), "--report", str(Path(folder) / "single.json")])
+            single_s, _ = run([common[0], str(Path(folder) / "single.onnx"), *common[1:], "--speedup",
+                               str(data["speedup_target"]), "--report", str(Path(folder) / "single.json")])
             rows.append({"budget": data["budget"]["target"], "theoretical_conv_speedup": speedup,
                          "measured_speedup_cpu": data["actual_speedup"].get("cpu"),
                          "held_out": {"samples": data["budget"]["held_out_samples"],
