@@ -29,9 +29,10 @@ from onnx_lowrank.graph.dense import dense_ops
 from onnx_lowrank.plans import ArchitecturePlan, channel_plan, spatial_plan, three_d_plan, tucker2_plan
 from onnx_lowrank.options import Options
 from onnx_lowrank.provenance import describe_input, versions
-from onnx_lowrank.ranks import RankCandidate
+from onnx_lowrank.ranks import RankCandidate, measured_ranks
 from onnx_lowrank.report import LayerReport, Report
 from onnx_lowrank.sampling import ResponseShape, positions_per_image
+from onnx_lowrank.sensitivity import measure_sensitivity
 from onnx_lowrank.layers import Solved, data_free_chains, solve_layers
 from onnx_lowrank.runtime import batch_size_for, collect_responses, make_session, probe_shapes, provider_available
 from onnx_lowrank.solvers import ResponseStats
@@ -159,6 +160,7 @@ class Analysis:
     samples: dict[str, int]
     run: "Run"
     progress: "ProgressSink"
+    sensitivity: dict[str, dict[int, float]] | None = None  # measured once, when a plan asks for it
 
     @property
     def by_name(self) -> dict[str, ConvUnit]:
@@ -204,7 +206,7 @@ def analyse(model, opts: Options, calibration: CalibrationSource = None, evaluat
                    samples_per_image=_positions(opts, units, shapes, len(data.calib_indices)),
                    seed=opts.seed, batch_size=data.batch, threads=opts.threads)
     stats, responses, samples = {}, {}, {}
-    if not opts.data_free and (not opts.dry_run or opts.selection == "energy"):
+    if not opts.data_free and (not opts.dry_run or opts.selection != "uniform"):
         with run.stage("collect", f"collecting responses of {len(candidates)} convs"):
             decomposable = [u for u in units if u.decomposable]
             responses = collect_responses(normalised, tensors=[u.output for u in decomposable],
@@ -222,7 +224,10 @@ def analyse(model, opts: Options, calibration: CalibrationSource = None, evaluat
 
 def plan_for(analysis: Analysis, opts: Options) -> ArchitecturePlan:
     """The decomposed architecture for ``opts`` (its speedup and method) on the analysed model."""
-    plan = _plan(opts, analysis.candidates, analysis.by_name, analysis.stats, analysis.fixed, analysis.channel_only)
+    if opts.selection == "sensitivity" and analysis.sensitivity is None:
+        analysis.sensitivity = measure_sensitivity(analysis, opts)
+    plan = _plan(opts, analysis.candidates, analysis.by_name, analysis.stats, analysis.fixed, analysis.channel_only,
+                 analysis.sensitivity)
     log.info("plan: %d of %d convs decomposed, theoretical conv speedup %.2fx", len(plan.layers),
              len(analysis.units), plan.speedup)
     return plan
@@ -377,12 +382,16 @@ def resolve_names(units: list[ConvUnit], values: Sequence[str], option: str) -> 
 
 
 def _plan(opts: Options, candidates: list[RankCandidate], units: dict[str, ConvUnit],
-          stats: dict[str, ResponseStats], fixed: int, channel_only: set[str]) -> ArchitecturePlan:
+          stats: dict[str, ResponseStats], fixed: int, channel_only: set[str],
+          sensitivity: dict[str, dict[int, float]] | None = None) -> ArchitecturePlan:
     """The decomposed architecture. Energy selection ranks by the PCA energy of the responses for
     the data-driven methods, by the spectrum of the weights each baseline truncates otherwise;
     before the responses are collected (no ``stats``) the ranks are uniform."""
     if opts.method == "tucker2":
         return tucker2_plan(candidates, fixed, opts.speedup, opts.rank_multiple)
+    if opts.selection == "sensitivity" and sensitivity is not None:
+        return ArchitecturePlan.from_ranks(measured_ranks(candidates, sensitivity, fixed, opts.speedup,
+                                                          opts.rank_multiple))
     scheme = "spatial" if opts.method == "jaderberg" else "channel"
     spectra = None
     if opts.selection == "energy" and (stats or opts.data_free):

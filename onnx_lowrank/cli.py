@@ -53,6 +53,7 @@ class Method(str, Enum):
 
 class RankSelection(str, Enum):
     energy = "energy"
+    sensitivity = "sensitivity"
     uniform = "uniform"
 
 
@@ -267,8 +268,9 @@ def run(
     symmetric: bool = typer.Option(False, "--symmetric", help="Ablation: solve every layer from the original "
                                    "network's inputs, not the approximated ones.", rich_help_panel=PLAN),
     rank_selection: Optional[RankSelection] = typer.Option(None, help="energy (Eq. 13-14; default for the "
-                                                           "data-driven methods) or uniform (default for the "
-                                                           "baselines).", rich_help_panel=PLAN),
+                                                           "data-driven methods), sensitivity (measured end-to-end "
+                                                           "loss per layer and rank; channel methods) or uniform "
+                                                           "(default for the baselines).", rich_help_panel=PLAN),
     uniform: bool = typer.Option(False, "--uniform", help="Same as --rank-selection uniform.", rich_help_panel=PLAN),
     channel_speedup: Optional[float] = typer.Option(None, help="asym3d: the channel part's speedup (default "
                                                     "sqrt of --speedup); the spatial split does the rest.",

@@ -17,7 +17,8 @@ from onnx_lowrank.errors import InvalidOptionError, InvalidTypeError
 DATA_FREE_METHODS = ("jaderberg", "svd", "tucker2")
 METHODS = ("asymmetric", "asym3d", "nonlinear", "linear") + DATA_FREE_METHODS
 ASYMMETRIC_METHODS = ("asymmetric", "asym3d")
-RANK_SELECTIONS = ("energy", "uniform")
+RANK_SELECTIONS = ("energy", "sensitivity", "uniform")
+CHANNEL_METHODS = ("asymmetric", "nonlinear", "linear")
 PROVIDERS = ("cpu", "cuda")
 MAX_THREADS = 256  # onnxruntime starts every thread it is given; thousands take minutes and gain nothing
 
@@ -55,6 +56,10 @@ class Options:
         if self.method == "tucker2" and self.rank_selection == "energy":
             raise InvalidOptionError("Tucker-2 has two ranks per layer; only uniform rank selection is built for it",
                                      hint="drop the energy rank selection for --method tucker2")
+        if self.rank_selection == "sensitivity" and self.method not in CHANNEL_METHODS:
+            raise InvalidOptionError(f"sensitivity rank selection is built for the channel methods "
+                                     f"({', '.join(CHANNEL_METHODS)}), not --method {self.method}",
+                                     hint="use --rank-selection energy with this method")
         if self.symmetric and self.method not in ASYMMETRIC_METHODS:
             raise InvalidOptionError(f"--symmetric changes the asymmetric methods; --method {self.method} "
                                      "is not one", hint="drop --symmetric, or use --method asymmetric or asym3d")

@@ -256,3 +256,98 @@ def _shrink_to_target(active: list[RankCandidate], ranks: dict[str, int], kept_m
         else:
             chosen = max(lowerable, key=lambda c: c.per_rank_macs)
         ranks[chosen.name] -= multiple
+
+
+def measured_ranks(candidates: list[RankCandidate], losses: dict[str, dict[int, float]], fixed_macs: int,
+                   speedup: float, multiple: int = 16, leave_first: bool = True,
+                   hopeless: float = 0.5) -> RankPlan:
+    """Whole-model rank selection from measured sensitivity (AIMET's greedy ratio selection, ASVD).
+
+    ``losses[name][rank]`` is the end-to-end output degradation measured with only that layer
+    decomposed at ``rank`` (any non-negative loss; 0 at full rank). Between measured ranks the loss
+    is interpolated linearly, and it never falls as the rank falls. Greedy as Eq. 13-14: each step
+    lowers by ``multiple`` the rank of the layer that adds the least loss per MAC saved, until the
+    conv cost meets ``1/speedup``. A layer whose smallest loss already exceeds ``hopeless`` is left
+    whole.
+    """
+    plan, active, kept_macs, target = _eligible(candidates, fixed_macs, speedup, multiple, leave_first)
+    for cand in list(active):
+        measured = losses.get(cand.name) or {}
+        if not measured or min(measured.values()) > hopeless:
+            plan.skipped[cand.name] = (f"measured sensitivity: every candidate rank degrades the output by more than "
+                                       f"{hopeless:g}" if measured else "no sensitivity measured")
+            active.remove(cand)
+            kept_macs += cand.shape.macs
+    curves = {c.name: _loss_curve(losses[c.name], c.full_rank) for c in active}
+    ranks = {c.name: c.full_rank for c in active}
+    by_name = {c.name: c for c in active}
+
+    def score(cand: RankCandidate) -> float | None:
+        rank = ranks[cand.name]
+        lower = _next_multiple_below(rank, multiple)
+        if lower is None:
+            return None
+        curve = curves[cand.name]
+        return (curve[lower] - curve[rank]) / ((rank - lower) * cand.per_rank_macs)
+
+    heap = [(s, c.name) for c in active if (s := score(c)) is not None]
+    heapq.heapify(heap)
+    total = kept_macs + sum(c.shape.macs for c in active)
+    while total > target:
+        if not heap:
+            raise InfeasibleTargetError(
+                f"a {speedup:.4g}x conv speedup cannot be reached with the layers sensitivity lets go",
+                hint=f"at most {plan.macs_before / total:.3g}x; ask for less or lower --rank-multiple")
+        cand = by_name[heapq.heappop(heap)[1]]
+        before = _effective_macs(cand, ranks[cand.name])
+        ranks[cand.name] = _next_multiple_below(ranks[cand.name], multiple)
+        total -= before - _effective_macs(cand, ranks[cand.name])
+        if (next_score := score(cand)) is not None:
+            heapq.heappush(heap, (next_score, cand.name))
+    total = target - _spend_loss_slack(active, ranks, curves, target - total, multiple)
+    for cand in active:
+        if ranks[cand.name] >= cand.break_even:
+            plan.skipped[cand.name] = "rank selection keeps it: its measured loss is worth more than its cost"
+    plan.ranks = {n: r for n, r in ranks.items() if n not in plan.skipped}
+    plan.macs_after = int(round(total))
+    return plan
+
+
+def _spend_loss_slack(active, ranks, curves, slack: float, multiple: int) -> float:
+    """Raise ranks by ``multiple`` (up to whole), the most loss removed per MAC first, while the
+    cost stays within ``slack``; returns the slack left."""
+    while True:
+        best = None
+        for cand in active:
+            rank = ranks[cand.name]
+            if rank >= cand.full_rank:
+                continue
+            higher = min(rank + multiple, cand.full_rank)
+            extra = _effective_macs(cand, higher) - _effective_macs(cand, rank)
+            gain = curves[cand.name][rank] - curves[cand.name][higher]
+            if extra > slack or gain <= 0:
+                continue
+            if best is None or gain / max(extra, 1) > best[0]:
+                best = (gain / max(extra, 1), cand, higher, extra)
+        if best is None:
+            return slack
+        _, cand, higher, extra = best
+        ranks[cand.name] = higher
+        slack -= extra
+
+
+def _loss_curve(measured: dict[int, float], full_rank: int) -> np.ndarray:
+    """``curve[r]`` for r = 0..full_rank: the measured losses with 0 at full rank, interpolated, and
+    made non-increasing in r (a lower rank never loses less)."""
+    points = sorted({**{int(r): max(float(v), 0.0) for r, v in measured.items() if 0 < r <= full_rank},
+                     full_rank: 0.0}.items())
+    ranks, values = np.array([p[0] for p in points], float), np.array([p[1] for p in points])
+    curve = np.interp(np.arange(full_rank + 1), ranks, values)  # below the lowest measured rank: its loss
+    return np.maximum.accumulate(curve[::-1])[::-1]
+
+
+def rank_ladder(candidate: RankCandidate, multiple: int) -> list[int]:
+    """Ranks to measure a layer's sensitivity at: fractions of its useful range, on the grid."""
+    top = min(candidate.full_rank, candidate.break_even)
+    ladder = {int(top * f) // multiple * multiple for f in (0.75, 0.5, 0.35, 0.25, 0.18, 0.125, 0.09)}
+    return sorted((r for r in ladder if multiple <= r < top), reverse=True)

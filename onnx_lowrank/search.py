@@ -32,6 +32,7 @@ from onnx_lowrank.errors import BudgetNotMetError, InfeasibleTargetError, Invali
 from onnx_lowrank.evaluate import compare_outputs, model_outputs
 from onnx_lowrank.options import Options
 from onnx_lowrank.report import FrontierPoint
+from onnx_lowrank.layers import PROBE_SCHEDULE
 from onnx_lowrank.solvers.nonlinear import PAPER_SCHEDULE
 from onnx_lowrank.userfiles import load_from_file
 
@@ -106,9 +107,6 @@ class Budget:
 
 
 PROBES = 7  # symmetric probes: bracketing steps and bisection
-# Probes rank plans, they are not the answer: a fifth of the paper's schedule comes within a few
-# per cent of its error (the alternating solver gains most in its first iterations).
-PROBE_SCHEDULE = ((0.01, 5), (1.0, 5))
 PRECISION = 0.05  # stop bisecting when the bracket is within 5 % in speedup
 
 

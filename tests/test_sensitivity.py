@@ -1,0 +1,78 @@
+"""Rank selection from measured sensitivity: the greedy allocation against a brute-force optimum,
+the loss curve, the ladder, and the pipeline picking a planted rank."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from onnx_lowrank.costs import ConvShape
+from onnx_lowrank.errors import InvalidOptionError
+from onnx_lowrank.ranks import RankCandidate, _loss_curve, measured_ranks, rank_ladder  # noqa: F401
+
+SHAPE = ConvShape(64, 64, (3, 3), (8, 8))
+
+
+def convex_losses(scale: float, full: int = 64) -> dict[int, float]:
+    return {r: scale * (1 - r / full) ** 2 for r in range(8, full, 8)}
+
+
+def test_greedy_allocation_matches_brute_force_on_convex_losses() -> None:
+    candidates = [RankCandidate(f"l{i}", SHAPE) for i in range(4)]
+    scales = [0.0, 1.0, 4.0, 0.25]  # l0 is left whole as the first layer
+    losses = {c.name: convex_losses(s) for c, s in zip(candidates, scales)}
+    plan = measured_ranks(candidates, losses, 0, 1.6, multiple=8)
+    assert plan.speedup >= 1.6
+    curves = {n: _loss_curve(losses[n], 64) for n in losses}
+
+    def cost(name, rank):
+        candidate = next(c for c in candidates if c.name == name)
+        return candidate.shape.macs if rank >= candidate.break_even else candidate.macs_at(rank)
+
+    target = plan.macs_before / 1.6
+    best = min((sum(curves[n][r] for n, r in zip(("l1", "l2", "l3"), combo)), combo)
+               for combo in itertools.product(range(8, 65, 8), repeat=3)
+               if SHAPE.macs + sum(cost(n, r) for n, r in zip(("l1", "l2", "l3"), combo)) <= target)
+    greedy = sum(curves[n][plan.ranks.get(n, 64)] for n in ("l1", "l2", "l3"))
+    assert greedy <= best[0] * 1.05 + 1e-12
+    assert plan.ranks["l3"] < plan.ranks["l1"] < plan.ranks.get("l2", 64)  # cut where it hurts least
+
+
+def test_hopeless_layers_stay_whole() -> None:
+    candidates = [RankCandidate(f"l{i}", SHAPE) for i in range(3)]
+    losses = {"l1": {r: 0.9 for r in range(8, 64, 8)}, "l2": convex_losses(0.5)}
+    plan = measured_ranks(candidates, losses, 0, 1.3, multiple=8)
+    assert "l1" not in plan.ranks and "more than 0.5" in plan.skipped["l1"] and plan.speedup >= 1.3
+
+
+def test_loss_curve_interpolates_and_never_falls_with_the_rank() -> None:
+    curve = _loss_curve({16: 0.4, 32: 0.5, 48: 0.1}, 64)  # a noisy measurement at 32
+    assert curve[64] == 0 and curve[56] == pytest.approx(0.05) and curve[48] == pytest.approx(0.1)
+    assert np.all(np.diff(curve) <= 0) and curve[16] >= 0.5 and curve[0] == curve[16]
+
+
+def test_the_ladder_is_on_the_grid_and_below_what_pays() -> None:
+    candidate = RankCandidate("c", ConvShape(256, 256, (3, 3), (14, 14)))
+    ladder = rank_ladder(candidate, 16)
+    assert ladder == sorted(set(ladder), reverse=True) and all(r % 16 == 0 for r in ladder)
+    assert max(ladder) < min(candidate.full_rank, candidate.break_even) and len(ladder) >= 5
+
+
+def test_the_pipeline_finds_a_planted_rank(tmp_path) -> None:
+    from onnx_lowrank import compress
+    from tests.test_api import planted_model, speedup_for_rank
+
+    data = np.random.default_rng(0).standard_normal((60, 3, 12, 12)).astype(np.float32)
+    report = compress(planted_model(), speedup_for_rank(16), calibration=data, bench=False,
+                      rank_selection="sensitivity").report
+    assert report.layers[1].rank == 16 and report.layers[1].response_error < 1e-3
+    assert report.timings_s["sensitivity"] > 0
+
+
+def test_sensitivity_needs_a_channel_method() -> None:
+    from onnx_lowrank.options import Options
+
+    with pytest.raises(InvalidOptionError, match="channel methods"):
+        Options(method="asym3d", rank_selection="sensitivity")
