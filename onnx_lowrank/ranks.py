@@ -113,33 +113,19 @@ def energy_ranks(candidates: list[RankCandidate], eigenvalues: dict[str, np.ndar
     plan, active, kept_macs, target = _eligible(candidates, fixed_macs, speedup, multiple, leave_first)
     spectra = {c.name: _energy_curve(eigenvalues[c.name], c.full_rank) for c in active}
     ranks = {c.name: c.full_rank for c in active}
-    by_name = {c.name: c for c in active}
 
-    def score(cand: RankCandidate) -> float | None:
-        rank = ranks[cand.name]
-        lower = _next_multiple_below(rank, multiple)
-        if lower is None:
-            return None
+    def energy_lost(cand: RankCandidate, rank: int, lower: int) -> float:
         energy = spectra[cand.name]
-        lost = (energy[rank] - energy[lower]) / max(energy[rank], np.finfo(float).tiny)
-        return lost / ((rank - lower) * cand.per_rank_macs)
+        return (energy[rank] - energy[lower]) / max(energy[rank], np.finfo(float).tiny)
 
-    heap = [(s, c.name) for c in active if (s := score(c)) is not None]
-    heapq.heapify(heap)
-    total = kept_macs + sum(c.shape.macs for c in active)
-    while total > target:
-        if not heap:
-            raise InfeasibleTargetError(
-                f"a {speedup:.4g}x conv speedup cannot be reached",
-                hint=f"with every decomposable layer at the minimum rank {multiple} the conv speedup "
-                     f"is {plan.macs_before / total:.3g}x; ask for less, lower --rank-multiple or "
-                     "--skip fewer layers")
-        cand = by_name[heapq.heappop(heap)[1]]
-        before = _effective_macs(cand, ranks[cand.name])
-        ranks[cand.name] = _next_multiple_below(ranks[cand.name], multiple)
-        total -= before - _effective_macs(cand, ranks[cand.name])
-        if (next_score := score(cand)) is not None:
-            heapq.heappush(heap, (next_score, cand.name))
+    def infeasible(total: float) -> InfeasibleTargetError:
+        return InfeasibleTargetError(
+            f"a {speedup:.4g}x conv speedup cannot be reached",
+            hint=f"with every decomposable layer at the minimum rank {multiple} the conv speedup "
+                 f"is {plan.macs_before / total:.3g}x; ask for less, lower --rank-multiple or "
+                 "--skip fewer layers")
+
+    total = _lower_greedily(active, ranks, energy_lost, kept_macs, target, multiple, infeasible)
     total = target - _spend_slack(active, ranks, spectra, target - total, multiple)
     for cand in active:
         if ranks[cand.name] >= cand.break_even:
@@ -147,6 +133,36 @@ def energy_ranks(candidates: list[RankCandidate], eigenvalues: dict[str, np.ndar
     plan.ranks = {n: r for n, r in ranks.items() if n not in plan.skipped}
     plan.macs_after = int(round(total))
     return plan
+
+
+def _lower_greedily(active: list[RankCandidate], ranks: dict[str, int], step_loss, kept_macs: int, target: float,
+                    multiple: int, infeasible) -> float:
+    """Lower ranks in steps of ``multiple``, each time the layer whose step loses the least
+    (``step_loss(candidate, rank, lower)``) per MAC saved, until the conv cost meets ``target``;
+    returns the cost. Steps are scored on the linear cost, so the step across break-even is not
+    over-penalised; ``infeasible(cost)`` is raised when every layer is at the smallest rank."""
+    by_name = {c.name: c for c in active}
+
+    def score(cand: RankCandidate) -> float | None:
+        rank = ranks[cand.name]
+        lower = _next_multiple_below(rank, multiple)
+        if lower is None:
+            return None
+        return step_loss(cand, rank, lower) / ((rank - lower) * cand.per_rank_macs)
+
+    heap = [(s, c.name) for c in active if (s := score(c)) is not None]
+    heapq.heapify(heap)
+    total = kept_macs + sum(c.shape.macs for c in active)
+    while total > target:
+        if not heap:
+            raise infeasible(total)
+        cand = by_name[heapq.heappop(heap)[1]]
+        before = _effective_macs(cand, ranks[cand.name])
+        ranks[cand.name] = _next_multiple_below(ranks[cand.name], multiple)
+        total -= before - _effective_macs(cand, ranks[cand.name])
+        if (next_score := score(cand)) is not None:
+            heapq.heappush(heap, (next_score, cand.name))
+    return total
 
 
 def _next_multiple_below(rank: int, multiple: int) -> int | None:
@@ -280,30 +296,16 @@ def measured_ranks(candidates: list[RankCandidate], losses: dict[str, dict[int, 
             kept_macs += cand.shape.macs
     curves = {c.name: _loss_curve(losses[c.name], c.full_rank) for c in active}
     ranks = {c.name: c.full_rank for c in active}
-    by_name = {c.name: c for c in active}
 
-    def score(cand: RankCandidate) -> float | None:
-        rank = ranks[cand.name]
-        lower = _next_multiple_below(rank, multiple)
-        if lower is None:
-            return None
-        curve = curves[cand.name]
-        return (curve[lower] - curve[rank]) / ((rank - lower) * cand.per_rank_macs)
+    def loss_added(cand: RankCandidate, rank: int, lower: int) -> float:
+        return curves[cand.name][lower] - curves[cand.name][rank]
 
-    heap = [(s, c.name) for c in active if (s := score(c)) is not None]
-    heapq.heapify(heap)
-    total = kept_macs + sum(c.shape.macs for c in active)
-    while total > target:
-        if not heap:
-            raise InfeasibleTargetError(
-                f"a {speedup:.4g}x conv speedup cannot be reached with the layers sensitivity lets go",
-                hint=f"at most {plan.macs_before / total:.3g}x; ask for less or lower --rank-multiple")
-        cand = by_name[heapq.heappop(heap)[1]]
-        before = _effective_macs(cand, ranks[cand.name])
-        ranks[cand.name] = _next_multiple_below(ranks[cand.name], multiple)
-        total -= before - _effective_macs(cand, ranks[cand.name])
-        if (next_score := score(cand)) is not None:
-            heapq.heappush(heap, (next_score, cand.name))
+    def infeasible(total: float) -> InfeasibleTargetError:
+        return InfeasibleTargetError(
+            f"a {speedup:.4g}x conv speedup cannot be reached with the layers sensitivity lets go",
+            hint=f"at most {plan.macs_before / total:.3g}x; ask for less or lower --rank-multiple")
+
+    total = _lower_greedily(active, ranks, loss_added, kept_macs, target, multiple, infeasible)
     total = target - _spend_loss_slack(active, ranks, curves, target - total, multiple)
     for cand in active:
         if ranks[cand.name] >= cand.break_even:
