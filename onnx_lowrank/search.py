@@ -160,7 +160,7 @@ class _Searcher:
     def run(self, start: float):
         passing, failing = self._probe_bracket(start)
         # The method itself is usually better than its symmetric probe: first where the probes just
-        # missed, then where they met; only then halfway down, twice.
+        # missed, then where they met; only then halfway down, twice (never when no probe met it).
         best = None
         for speedup in (s for s in (failing, passing) if s is not None):
             result = self._evaluate(speedup, self.opts, proxy=False)
@@ -169,7 +169,9 @@ class _Searcher:
                 break
         if best is not None:
             return self._beyond(best)
-        high = passing or start
+        if passing is None:  # even the slowest probe missed, and the method there too: no plan will do
+            return None
+        high = passing
         for _ in range(2):
             high = 1 + (high - 1) / 2
             result = self._evaluate(high, self.opts, proxy=False)
