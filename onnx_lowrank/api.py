@@ -1,7 +1,10 @@
-"""The library API: ``compress(model, speedup=...)`` runs the whole pipeline and returns a Result.
+"""The library API: ``compress(model, speedup=...)`` runs the paper's pipeline and returns a Result.
 
-load -> normalise (fold BN) -> find convs -> calibration -> shapes and FLOPs -> ranks -> collect
-responses -> solve -> rewrite -> check -> fidelity and latency. The CLI is a thin layer over this.
+Its stages, each a function a search can repeat: ``analyse`` (load, normalise (fold BN), find the
+convs, calibration data, shapes and FLOPs, collect responses) -> ``plan_for`` (ranks, Eq. 13-14)
+-> ``solve`` (Eq. 4-12, per layer in ``layers.py``) -> ``report_for`` -> ``rewrite`` (and check)
+-> ``measure`` (fidelity and latency). The accuracy budget (``search.py``) sits above them; the
+CLI is a thin layer over both.
 """
 
 from __future__ import annotations
