@@ -180,9 +180,10 @@ class Analysis:
 
 def analyse(model, opts: Options, calibration: CalibrationSource = None, evaluation: CalibrationSource = None,
             preprocess: Preprocess | None = None, progress: "ProgressSink | None" = None,
-            fixed_target: bool = True) -> Analysis:
+            fixed_target: bool = True, needs_labels: str | None = None) -> Analysis:
     """Load, normalise, find the convs, open the data, measure shapes and collect the responses.
-    With a ``fixed_target`` (not a search) an infeasible speedup is refused before the collection."""
+    With a ``fixed_target`` (not a search) an infeasible speedup is refused before the collection;
+    ``needs_labels`` names the option that makes labels necessary, refused without them."""
     progress = progress or NullProgress()
     run = Run()
     # Bad input shows up here; it is told in one line, without stage lines before it.
@@ -200,6 +201,9 @@ def analyse(model, opts: Options, calibration: CalibrationSource = None, evaluat
         channel_only_names = _select_units(units, opts)
         inputs = model_inputs(normalised)
         data = _open_data(calibration, evaluation, preprocess, inputs, opts, run)
+        if needs_labels and getattr(data.eval_source, "labels", None) is None:
+            raise InvalidOptionError(f"{needs_labels} needs labels",
+                                     hint="pass --eval (or --calib) data with 'labels'")
         shapes, dense_total = _measure_shapes(normalised, data.source, units, inputs, opts.threads)
     candidates = [RankCandidate(u.name, shapes[u.name]) for u in units if u.decomposable]
     fixed = sum(s.macs for s in shapes.values()) - sum(c.shape.macs for c in candidates)

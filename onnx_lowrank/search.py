@@ -120,11 +120,10 @@ def compress_to_budget(model, budget: Budget, *, calibration=None, evaluation=No
     if opts.dry_run:
         raise InvalidOptionError("a budget search measures models; it has no dry run", hint="drop --dry-run")
     clock = time.perf_counter()
-    analysis = analyse(model, opts, calibration, evaluation, preprocess, progress, fixed_target=False)
+    analysis = analyse(model, opts, calibration, evaluation, preprocess, progress, fixed_target=False,
+                       needs_labels="--max-drop" if budget.kind == "drop" else None)
     data = analysis.data
     labels = getattr(data.eval_source, "labels", None)
-    if budget.kind == "drop" and labels is None:
-        raise InvalidOptionError("--max-drop needs labels", hint="pass --eval (or --calib) data with 'labels'")
     labels = None if labels is None else labels[data.holdout_indices]
     with analysis.run.stage("reference", "running the original on the held-out set"):
         reference = model_outputs(analysis.reference, data.eval_source, data.holdout_indices, data.batch, opts.threads)
