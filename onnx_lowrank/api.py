@@ -20,7 +20,8 @@ from typing import Callable, Protocol, Sequence
 import numpy as np
 import onnx
 
-from onnx_lowrank.calibration import CalibrationSource, Preprocess, model_inputs, open_calibration
+from onnx_lowrank.calibration import (AugmentedViews, CalibrationSource, ImageFolderSource, Preprocess, model_inputs,
+                                      open_calibration)
 from onnx_lowrank.costs import ConvShape, max_rank
 from onnx_lowrank.errors import CalibrationError, InternalError, InvalidOptionError, NothingToDecomposeError
 from onnx_lowrank.evaluate import measure_fidelity, measure_latency
@@ -110,6 +111,7 @@ def compress(
     batch_size: int = 8,
     dry_run: bool = False,
     input_size: tuple[int, int] | None = None,
+    augment: int = 0,
 ) -> Result:
     """Make ``model`` about ``speedup`` times cheaper in conv FLOPs by low-rank decomposition.
 
@@ -127,7 +129,7 @@ def compress(
                    num_images=num_images, holdout=holdout, samples_per_image=samples_per_image,
                    sample_memory_mb=sample_memory_mb, seed=seed,
                    skip=skip, providers=providers, threads=threads, bench=bench, bench_rounds=bench_rounds,
-                   batch_size=batch_size, dry_run=dry_run, input_size=input_size)
+                   batch_size=batch_size, dry_run=dry_run, input_size=input_size, augment=augment)
     analysis = analyse(model, opts, calibration, evaluation, preprocess, progress)
     plan = plan_for(analysis, opts)
     solved = solve(analysis, plan, opts) if not opts.dry_run else Solved()
@@ -365,6 +367,12 @@ def _open_data(calibration, evaluation, preprocess, inputs, opts: Options, run: 
         holdout_indices = list(range(len(eval_source)))
     for message in getattr(source, "warnings", []) + (getattr(eval_source, "warnings", []) if evaluation else []):
         run.warn(message)
+    if opts.augment:
+        if not isinstance(source, ImageFolderSource):
+            raise InvalidOptionError("--augment makes views of the pictures of an image folder",
+                                     hint="give --calib an image folder, or drop --augment")
+        source = AugmentedViews(source, calib_indices, opts.augment, opts.seed)
+        calib_indices = list(range(len(source)))
     batch = batch_size_for(inputs, opts.batch_size)
     if batch_size_for(inputs, 0) > 1:  # a fixed batch of B > 1 can only be fed whole batches
         calib_indices, holdout_indices = (_whole_batches(calib_indices, batch),

@@ -221,14 +221,26 @@ class ImageFolderSource:
             batch = batch.transpose(0, 3, 1, 2)
         return {self.spec.name: np.ascontiguousarray(batch.astype(self.spec.dtype))}
 
-    def _load(self, path: Path) -> np.ndarray:
-        from PIL import Image
+    def view(self, index: int, rng: np.random.Generator | None, mirror: bool) -> np.ndarray:
+        """One file as an augmented view: mirrored, and/or a crop of 80-100 % of each side at a
+        random place (``rng``), before the usual resize and centre crop; layout as ``get``."""
+        pixels = self._load(self.files[index], rng, mirror)
+        return pixels.transpose(2, 0, 1) if self.spec.layout == "NCHW" else pixels
+
+    def _load(self, path: Path, rng: np.random.Generator | None = None, mirror: bool = False) -> np.ndarray:
+        from PIL import Image, ImageOps
 
         try:
             with Image.open(path) as opened:
                 image = opened.convert("L" if self.channels == 1 else "RGB")
         except Exception as exc:  # PIL raises OSError, ValueError, DecompressionBombError, SyntaxError...
             raise CalibrationError(f"cannot read image {path}: {type(exc).__name__}: {exc}") from None
+        if mirror:
+            image = ImageOps.mirror(image)
+        if rng is not None:
+            width, height = (max(1, round(side * rng.uniform(0.8, 1.0))) for side in image.size)
+            left, top = int(rng.integers(0, image.width - width + 1)), int(rng.integers(0, image.height - height + 1))
+            image = image.crop((left, top, left + width, top + height))
         height, width = self.size
         factor = max(height / image.height, width / image.width)
         resized = image.resize((max(width, round(image.width * factor)), max(height, round(image.height * factor))),
@@ -241,6 +253,29 @@ class ImageFolderSource:
         mean = _per_channel(self.preprocess.mean, pixels.shape[-1])
         std = _per_channel(self.preprocess.std, pixels.shape[-1])
         return (pixels * self.preprocess.scale - mean) / std
+
+
+class AugmentedViews:
+    """``views`` views of each calibration picture (the picture, its mirror image, and random crops
+    of 80-100 % of each side, mirrored every other one), made on demand. View ``v`` is view
+    ``v % views`` of picture ``pictures[v // views]``: the views of a picture are all on the
+    calibration side, never in the held-out part."""
+
+    def __init__(self, source: ImageFolderSource, pictures: Sequence[int], views: int, seed: int) -> None:
+        self.source, self.pictures, self.views, self.seed = source, list(pictures), views, seed
+        self.description = f"{source.description}, {views} views per picture"
+        self.labels = None
+
+    def __len__(self) -> int:
+        return len(self.pictures) * self.views
+
+    def get(self, indices: Sequence[int]) -> dict[str, np.ndarray]:
+        batch = []
+        for index in indices:
+            picture, view = self.pictures[index // self.views], index % self.views
+            rng = np.random.default_rng([self.seed, picture, view]) if view >= 2 else None
+            batch.append(self.source.view(picture, rng, mirror=view % 2 == 1))
+        return {self.source.spec.name: np.ascontiguousarray(np.stack(batch).astype(self.source.spec.dtype))}
 
 
 def _image_problem(path: Path) -> str | None:

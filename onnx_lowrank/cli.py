@@ -259,6 +259,9 @@ def run(
     sample_memory: int = typer.Option(2048, metavar="MB", help="Bound on the memory of all sampled responses.",
                                       rich_help_panel=DATA),
     seed: int = typer.Option(0, help="Seed for sampling and random inputs.", rich_help_panel=DATA),
+    augment: int = typer.Option(0, metavar="VIEWS", help="Image folders: calibrate on this many views of each "
+                                "calibration picture (itself, mirrored, random 80-100 % crops; 0 = off).",
+                                rich_help_panel=DATA),
     method: Method = typer.Option(Method.asymmetric, help="asymmetric (default: nonlinear + Eq. 12), asym3d (also "
                                   "split k x k into k x 1 and 1 x k, paper 3.5), nonlinear, linear; data-free "
                                   "baselines: jaderberg, svd, tucker2.", rich_help_panel=PLAN),
@@ -313,7 +316,7 @@ def run(
                 channel_speedup=channel_speedup, channel_only=channel_only, rank_multiple=rank_multiple,
                 num_images=num_images, samples_per_image=samples_per_image, sample_memory_mb=sample_memory,
                 seed=seed, skip=skip, providers=[p for value in providers for p in value.split(",") if p],
-                threads=threads, bench=bench, dry_run=dry_run, input_size=_size(input_size))
+                threads=threads, bench=bench, dry_run=dry_run, input_size=_size(input_size), augment=augment)
             with _progress(quiet) as progress:
                 if budget is None:
                     result = compress(input_model, 4.0 if speedup is None else speedup, progress=progress, **options)

@@ -45,6 +45,7 @@ class Options:
     batch_size: int = 8
     dry_run: bool = False
     input_size: tuple[int, int] | None = None
+    augment: int = 0  # views per calibration picture of an image folder (0: none)
 
     def __post_init__(self) -> None:
         for option in fields(self):
@@ -169,4 +170,5 @@ _CONSTRAINTS: dict[str, Callable[[str, Any], Any]] = {
     "batch_size": _integer(1),
     "dry_run": _flag,
     "input_size": _optional(_size),
+    "augment": _integer(0, 16),
 }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from onnx_lowrank.api import _split
 from onnx_lowrank.calibration import ArraySource, InputSpec, RandomSource
@@ -45,3 +46,27 @@ def test_few_held_out_samples_warn_and_every_figure_gives_its_count() -> None:
     render(report.report, console)
     rows = [line for line in console.file.getvalue().splitlines() if "agreement" in line or "L2 error" in line]
     assert rows and all("(n=8)" in row for row in rows)
+
+
+def test_augmented_views_stay_on_the_calibration_side(tmp_path) -> None:
+    from PIL import Image
+
+    from onnx_lowrank import compress
+    from onnx_lowrank.calibration import AugmentedViews, ImageFolderSource, PRESETS
+    from tests.builders import Layer, conv_net
+
+    for index in range(15):
+        pixels = (np.random.default_rng(index).random((20, 24, 3)) * 255).astype(np.uint8)
+        Image.fromarray(pixels).save(tmp_path / f"p{index:02d}.png")
+    spec = InputSpec("input", (None, 3, 10, 10), np.dtype(np.float32))
+    folder = ImageFolderSource(tmp_path, spec, PRESETS["raw"], None)
+    views = AugmentedViews(folder, [0, 5], 4, seed=0).get(range(8))["input"]
+    plain = folder.get([0])["input"][0]
+    assert np.allclose(views[0], plain) and np.allclose(views[1], plain[:, :, ::-1], atol=0.05)
+    assert not np.allclose(views[2], plain) and not np.allclose(views[2], views[3])
+    report = compress(conv_net([Layer(16), Layer(32), Layer(32)], size=(10, 10), classifier=5), 1.5,
+                      calibration=str(tmp_path), bench=False, augment=4, preprocess=PRESETS["raw"]).report
+    assert report.calibration_samples == 4 * 12 and report.fidelity.samples == 3
+    with pytest.raises(Exception, match="image folder"):
+        compress(conv_net([Layer(16), Layer(32)], size=(10, 10)), 1.5, calibration=folder.get(range(15))["input"],
+                 bench=False, augment=2)
