@@ -342,23 +342,31 @@ def run(
             if result.model is not None:
                 log.info("wrote %s", output_model)
         except LowRankError as exc:
-            stderr.print(f"error: {_one_line(str(exc))}", markup=False, highlight=False, soft_wrap=True)
+            _tell(f"error: {_one_line(str(exc))}")
             code = EXIT_BAD_INPUT
         except MemoryError:
-            stderr.print("error: out of memory (hint: lower --num-images, --samples-per-image or --input-size)",
-                         markup=False, highlight=False, soft_wrap=True)
+            _tell("error: out of memory (hint: lower --num-images, --samples-per-image or --input-size)")
             code = EXIT_BAD_INPUT
         except (Interrupted, KeyboardInterrupt) as exc:
-            stderr.print("interrupted; nothing was written", markup=False, highlight=False)
+            _tell("interrupted; nothing was written")
             code = getattr(exc, "exit_code", 128 + signal.SIGINT)
         except Exception as exc:
             if verbose:
                 raise
-            stderr.print(f"internal error: {type(exc).__name__}: {_one_line(str(exc))} (a bug: please report it; "
-                         "-v shows the traceback)", markup=False, highlight=False, soft_wrap=True)
+            log.debug("internal error", exc_info=True)  # the traceback, for the --log-file
+            _tell(f"internal error: {type(exc).__name__}: {_one_line(str(exc))} (a bug: please report it; "
+                  "-v shows the traceback)")
             code = EXIT_INTERNAL
     if code:
         raise typer.Exit(code)
+
+
+def _tell(line: str) -> None:
+    """The run's last word: one line on stderr, and in the --log-file when there is one."""
+    stderr.print(line, markup=False, highlight=False, soft_wrap=True)
+    for handler in log.handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(log.makeRecord(log.name, logging.ERROR, __file__, 0, line, None, None))
 
 
 def _one_line(text: str) -> str:

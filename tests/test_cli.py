@@ -208,3 +208,10 @@ def test_internal_errors_exit_3_and_are_not_lowrank_errors(tiny, monkeypatch) ->
     result = invoke(tiny / "tiny.onnx", tiny / "fast.onnx", "--speedup", "2", "--calib", tiny / "calib.npz")
     assert result.exit_code == 3 and result.stderr.strip().splitlines()[-1].startswith("internal error: ")
     assert not (tiny / "fast.onnx").exists()
+
+
+def test_the_error_line_is_in_the_log_file_too(tiny) -> None:
+    result = invoke(tiny / "tiny.onnx", tiny / "fast.onnx", "--speedup", "1000", "--calib", tiny / "calib.npz",
+                    "--log-file", tiny / "run.log")
+    assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert "error: a 1000x conv speedup cannot be reached" in (tiny / "run.log").read_text()
