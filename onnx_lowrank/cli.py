@@ -6,6 +6,7 @@ Exit codes: 0 done, 2 bad input (one ``error:`` line), 130/143 interrupted by SI
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import signal
@@ -191,10 +192,8 @@ def _budget(max_error, min_agreement, max_drop, metric, min_metric, speedup, plo
     if plot is not None:
         if not chosen:
             raise InvalidOptionError("--plot draws the frontier of a budget search", hint="give a budget too")
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            raise InvalidOptionError("--plot needs matplotlib", hint="pip install 'onnx-lowrank[plots]'") from None
+        if importlib.util.find_spec("matplotlib") is None:
+            raise InvalidOptionError("--plot needs matplotlib", hint="pip install 'onnx-lowrank[plots]'")
     if not chosen:
         return None
     if metric is not None:

@@ -127,9 +127,15 @@ def energy_ranks(candidates: list[RankCandidate], eigenvalues: dict[str, np.ndar
 
     total = _lower_greedily(active, ranks, energy_lost, kept_macs, target, multiple, infeasible)
     total = target - _spend_slack(active, ranks, spectra, target - total, multiple)
+    return _finished(plan, active, ranks, total, "its energy")
+
+
+def _finished(plan: RankPlan, active: list[RankCandidate], ranks: dict[str, int], total: float,
+              worth: str) -> RankPlan:
+    """The plan with the chosen ranks; a layer left at or above break-even stays whole."""
     for cand in active:
         if ranks[cand.name] >= cand.break_even:
-            plan.skipped[cand.name] = "rank selection keeps it: its energy is worth more than its cost"
+            plan.skipped[cand.name] = f"rank selection keeps it: {worth} is worth more than its cost"
     plan.ranks = {n: r for n, r in ranks.items() if n not in plan.skipped}
     plan.macs_after = int(round(total))
     return plan
@@ -307,12 +313,7 @@ def measured_ranks(candidates: list[RankCandidate], losses: dict[str, dict[int, 
 
     total = _lower_greedily(active, ranks, loss_added, kept_macs, target, multiple, infeasible)
     total = target - _spend_loss_slack(active, ranks, curves, target - total, multiple)
-    for cand in active:
-        if ranks[cand.name] >= cand.break_even:
-            plan.skipped[cand.name] = "rank selection keeps it: its measured loss is worth more than its cost"
-    plan.ranks = {n: r for n, r in ranks.items() if n not in plan.skipped}
-    plan.macs_after = int(round(total))
-    return plan
+    return _finished(plan, active, ranks, total, "its measured loss")
 
 
 def _spend_loss_slack(active, ranks, curves, slack: float, multiple: int) -> float:
