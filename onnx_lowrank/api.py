@@ -33,7 +33,8 @@ from onnx_lowrank.graph.dense import dense_ops
 from onnx_lowrank.plans import ArchitecturePlan, channel_plan, spatial_plan, three_d_plan, tucker2_plan
 from onnx_lowrank.options import Options
 from onnx_lowrank.provenance import describe_input, versions
-from onnx_lowrank.ranks import RankCandidate, measured_ranks
+from onnx_lowrank.quantize import add_int8
+from onnx_lowrank.ranks import RankCandidate
 from onnx_lowrank.report import LayerReport, Report
 from onnx_lowrank.sampling import ResponseShape, positions_per_image
 from onnx_lowrank.sensitivity import measure_sensitivity
@@ -112,6 +113,8 @@ def compress(
     dry_run: bool = False,
     input_size: tuple[int, int] | None = None,
     augment: int = 0,
+    quantize: str | None = None,
+    int8_calibration: str = "minmax",
 ) -> Result:
     """Make ``model`` about ``speedup`` times cheaper in conv FLOPs by low-rank decomposition.
 
@@ -129,7 +132,8 @@ def compress(
                    num_images=num_images, holdout=holdout, samples_per_image=samples_per_image,
                    sample_memory_mb=sample_memory_mb, seed=seed,
                    skip=skip, providers=providers, threads=threads, bench=bench, bench_rounds=bench_rounds,
-                   batch_size=batch_size, dry_run=dry_run, input_size=input_size, augment=augment)
+                   batch_size=batch_size, dry_run=dry_run, input_size=input_size, augment=augment,
+                   quantize=quantize, int8_calibration=int8_calibration)
     analysis = analyse(model, opts, calibration, evaluation, preprocess, progress)
     plan = plan_for(analysis, opts)
     solved = solve(analysis, plan, opts) if not opts.dry_run else Solved()
@@ -139,6 +143,8 @@ def compress(
     optimized = rewrite(analysis, solved, final=True)
     del solved
     measure(analysis, optimized, report, opts)
+    if opts.quantize:
+        optimized = add_int8(analysis, optimized, report, opts)
     return analysis.finish(optimized, report)
 
 
@@ -196,6 +202,8 @@ def analyse(model, opts: Options, calibration: CalibrationSource = None, evaluat
         normalised = normalise(original)
         del original
         store = WeightStore() if is_large(normalised) else None
+        if store is not None and opts.quantize:
+            raise InvalidOptionError("--quantize is not built for models over 2 GiB yet", hint="drop --quantize")
         if store is not None:  # from here on the weights are on disk, read as memory maps
             normalised = store.keep(normalised)
             gc.collect()
@@ -273,7 +281,7 @@ def report_for(analysis: Analysis, plan: ArchitecturePlan, solved: Solved, opts:
         symmetric=not opts.asymmetric,
         asymmetric_collection_passes=(solved.prefix_macs / conv_macs
                                       if (opts.asymmetric or solved.prefix_macs) and not opts.dry_run else None),
-        channel_speedup=_channel_speedup(opts), options=opts.to_dict(),
+        channel_speedup=plan.channel_speedup, options=opts.to_dict(),
         files={"input": describe_input(analysis.model_source)}, versions=versions())
 
 
@@ -365,7 +373,8 @@ def _open_data(calibration, evaluation, preprocess, inputs, opts: Options, run: 
         eval_source = open_calibration(evaluation, inputs, input_size=opts.input_size, preprocess=preprocess,
                                        limit=opts.num_images + opts.holdout, role="evaluation")
         holdout_indices = list(range(len(eval_source)))
-    for message in getattr(source, "warnings", []) + (getattr(eval_source, "warnings", []) if evaluation else []):
+    eval_warnings = getattr(eval_source, "warnings", []) if evaluation is not None else []
+    for message in getattr(source, "warnings", []) + eval_warnings:
         run.warn(message)
     if opts.augment:
         if not isinstance(source, ImageFolderSource):
@@ -404,9 +413,7 @@ def _plan(opts: Options, candidates: list[RankCandidate], units: dict[str, ConvU
     before the responses are collected (no ``stats``) the ranks are uniform."""
     if opts.method == "tucker2":
         return tucker2_plan(candidates, fixed, opts.speedup, opts.rank_multiple)
-    if opts.selection == "sensitivity" and sensitivity is not None:
-        return ArchitecturePlan.from_ranks(measured_ranks(candidates, sensitivity, fixed, opts.speedup,
-                                                          opts.rank_multiple))
+    losses = sensitivity if opts.selection == "sensitivity" else None
     scheme = "spatial" if opts.method == "jaderberg" else "channel"
     spectra = None
     if opts.selection == "energy" and (stats or opts.data_free):
@@ -416,20 +423,14 @@ def _plan(opts: Options, candidates: list[RankCandidate], units: dict[str, ConvU
         return spatial_plan(candidates, spectra, fixed, opts.speedup, opts.rank_multiple)
     if opts.method == "asym3d":
         return three_d_plan(candidates, spectra, fixed, opts.speedup, opts.rank_multiple, opts.channel_speedup,
-                            tuple(sorted(channel_only)))
-    return channel_plan(candidates, spectra, fixed, opts.speedup, opts.rank_multiple)
+                            tuple(sorted(channel_only)), losses)
+    return channel_plan(candidates, spectra, fixed, opts.speedup, opts.rank_multiple, losses)
 
 
 def _padded(spectrum: np.ndarray, candidate: RankCandidate, scheme: str) -> np.ndarray:
     """A spectrum of the candidate's full rank: directions the weights do not span have energy 0."""
     full = max_rank(candidate.shape, scheme)
     return np.concatenate([spectrum, np.zeros(max(0, full - len(spectrum)))])[:full]
-
-
-def _channel_speedup(opts: Options) -> float | None:
-    if opts.method != "asym3d":
-        return None
-    return opts.channel_speedup or float(np.sqrt(opts.speedup))
 
 
 SAMPLES_PER_CHANNEL = 20

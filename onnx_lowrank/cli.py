@@ -58,6 +58,16 @@ class RankSelection(str, Enum):
     uniform = "uniform"
 
 
+class Quantization(str, Enum):
+    int8 = "int8"
+
+
+class Int8Calibration(str, Enum):
+    minmax = "minmax"
+    entropy = "entropy"
+    percentile = "percentile"
+
+
 class Interrupted(BaseException):
     """SIGINT or SIGTERM: like KeyboardInterrupt, not caught by ``except Exception``."""
 
@@ -211,6 +221,7 @@ def _show_version(value: bool) -> None:
 DATA = "Data"
 PLAN = "Plan and method"
 BUDGET = "Accuracy budget (instead of --speedup)"
+QUANTIZE = "INT8 on top"
 RUN = "Measurement and output"
 FORMS = "an image folder, a .npy file, an .npz keyed by input name (optional 'labels'), or file.py:ReaderName"
 
@@ -271,14 +282,21 @@ def run(
                                    "network's inputs, not the approximated ones.", rich_help_panel=PLAN),
     rank_selection: Optional[RankSelection] = typer.Option(None, help="energy (Eq. 13-14; default for the "
                                                            "data-driven methods), sensitivity (measured end-to-end "
-                                                           "loss per layer and rank; channel methods) or uniform "
+                                                           "loss per layer and rank; data-driven methods) or uniform "
                                                            "(default for the baselines).", rich_help_panel=PLAN),
     uniform: bool = typer.Option(False, "--uniform", help="Same as --rank-selection uniform.", rich_help_panel=PLAN),
     channel_speedup: Optional[float] = typer.Option(None, help="asym3d: the channel part's speedup (default "
-                                                    "sqrt of --speedup); the spatial split does the rest.",
+                                                    "sqrt of --speedup, more where the split cannot make up the "
+                                                    "rest); the spatial split does the rest.",
                                                     rich_help_panel=PLAN),
     channel_only: List[str] = typer.Option([], help="asym3d: conv to decompose by channels only, without the "
                                            "k x 1 / 1 x k split (repeat, as --skip).", rich_help_panel=PLAN),
+    quantize: Optional[Quantization] = typer.Option(None, help="int8: then quantize the low-rank model with "
+                                                    "onnxruntime's static quantizer (QDQ, per-channel weights, the "
+                                                    "calibration data); the report compares original, low-rank, "
+                                                    "low-rank + int8 and int8 alone.", rich_help_panel=QUANTIZE),
+    int8_calibration: Int8Calibration = typer.Option(Int8Calibration.minmax, help="How INT8 activation ranges are "
+                                                     "calibrated.", rich_help_panel=QUANTIZE),
     report: Optional[Path] = typer.Option(None, help="Write the report as JSON here.", rich_help_panel=RUN),
     bench: bool = typer.Option(True, "--bench/--no-bench", help="Measure latency original vs optimized.",
                                rich_help_panel=RUN),
@@ -315,7 +333,8 @@ def run(
                 channel_speedup=channel_speedup, channel_only=channel_only, rank_multiple=rank_multiple,
                 num_images=num_images, samples_per_image=samples_per_image, sample_memory_mb=sample_memory,
                 seed=seed, skip=skip, providers=[p for value in providers for p in value.split(",") if p],
-                threads=threads, bench=bench, dry_run=dry_run, input_size=_size(input_size), augment=augment)
+                threads=threads, bench=bench, dry_run=dry_run, input_size=_size(input_size), augment=augment,
+                quantize=None if quantize is None else quantize.value, int8_calibration=int8_calibration.value)
             with _progress(quiet) as progress:
                 if budget is None:
                     result = compress(input_model, 4.0 if speedup is None else speedup, progress=progress, **options)

@@ -90,19 +90,25 @@ class Latency:
 def measure_latency(original: onnx.ModelProto | Path, optimized: onnx.ModelProto,
                     feeds: dict[str, np.ndarray], *, provider: str = "cpu", threads: int = 0,
                     rounds: int = 30, warmup: int = 5) -> Latency:
-    """Median latency of both models, timed interleaved in this process after warm-up.
+    """Median latency of both models, timed interleaved in this process after warm-up."""
+    first, second = interleaved_times([original, optimized], feeds, provider=provider, threads=threads,
+                                      rounds=rounds, warmup=warmup)
+    return Latency(float(np.median(first)), float(np.median(second)))
 
-    Each round runs both, alternating which goes first, so drifts in machine load hit both alike.
-    """
-    sessions = [make_session(m, optimize=True, threads=threads, provider=provider) for m in (original, optimized)]
+
+def interleaved_times(models: Sequence[onnx.ModelProto | Path], feeds: dict[str, np.ndarray], *,
+                      provider: str = "cpu", threads: int = 0, rounds: int = 30, warmup: int = 5) -> list[np.ndarray]:
+    """Run times (ms) of each model, timed interleaved in this process after warm-up. Each round
+    runs every model, rotating which goes first, so drifts in machine load hit all alike."""
+    sessions = [make_session(m, optimize=True, threads=threads, provider=provider) for m in models]
     for session in sessions:
         for _ in range(warmup):
             session.run(None, feeds)
-    times: list[list[float]] = [[], []]
+    times: list[list[float]] = [[] for _ in sessions]
     for round_index in range(max(rounds, 15)):
-        order = (0, 1) if round_index % 2 == 0 else (1, 0)
-        for which in order:
+        for offset in range(len(sessions)):
+            which = (round_index + offset) % len(sessions)
             start = time.perf_counter()
             sessions[which].run(None, feeds)
             times[which].append((time.perf_counter() - start) * 1e3)
-    return Latency(float(np.median(times[0])), float(np.median(times[1])))
+    return [np.asarray(t) for t in times]

@@ -18,8 +18,10 @@ DATA_FREE_METHODS = ("jaderberg", "svd", "tucker2")
 METHODS = ("asymmetric", "asym3d", "nonlinear", "linear") + DATA_FREE_METHODS
 ASYMMETRIC_METHODS = ("asymmetric", "asym3d")
 RANK_SELECTIONS = ("energy", "sensitivity", "uniform")
-CHANNEL_METHODS = ("asymmetric", "nonlinear", "linear")
+SENSITIVITY_METHODS = ("asymmetric", "asym3d", "nonlinear", "linear")  # the data-driven ones
 PROVIDERS = ("cpu", "cuda")
+QUANTIZATIONS = ("int8",)
+INT8_CALIBRATIONS = ("minmax", "entropy", "percentile")
 MAX_THREADS = 256  # onnxruntime starts every thread it is given; thousands take minutes and gain nothing
 
 
@@ -46,6 +48,8 @@ class Options:
     dry_run: bool = False
     input_size: tuple[int, int] | None = None
     augment: int = 0  # views per calibration picture of an image folder (0: none)
+    quantize: str | None = None  # "int8": onnxruntime's static quantizer on the low-rank model
+    int8_calibration: str = "minmax"
 
     def __post_init__(self) -> None:
         for option in fields(self):
@@ -57,9 +61,9 @@ class Options:
         if self.method == "tucker2" and self.rank_selection == "energy":
             raise InvalidOptionError("Tucker-2 has two ranks per layer; only uniform rank selection is built for it",
                                      hint="drop the energy rank selection for --method tucker2")
-        if self.rank_selection == "sensitivity" and self.method not in CHANNEL_METHODS:
-            raise InvalidOptionError(f"sensitivity rank selection is built for the channel methods "
-                                     f"({', '.join(CHANNEL_METHODS)}), not --method {self.method}",
+        if self.rank_selection == "sensitivity" and self.method not in SENSITIVITY_METHODS:
+            raise InvalidOptionError(f"sensitivity rank selection is built for the data-driven methods "
+                                     f"({', '.join(SENSITIVITY_METHODS)}), not --method {self.method}",
                                      hint="use --rank-selection energy with this method")
         if self.symmetric and self.method not in ASYMMETRIC_METHODS:
             raise InvalidOptionError(f"--symmetric changes the asymmetric methods; --method {self.method} "
@@ -171,4 +175,6 @@ _CONSTRAINTS: dict[str, Callable[[str, Any], Any]] = {
     "dry_run": _flag,
     "input_size": _optional(_size),
     "augment": _integer(0, 16),
+    "quantize": _optional(_choice(QUANTIZATIONS)),
+    "int8_calibration": _choice(INT8_CALIBRATIONS),
 }

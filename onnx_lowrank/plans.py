@@ -22,8 +22,8 @@ import numpy as np
 
 from onnx_lowrank.costs import ConvShape, decomposed_macs, tucker2_macs
 from onnx_lowrank.errors import InfeasibleTargetError, InvalidOptionError
-from onnx_lowrank.ranks import (FIRST_LAYER_REASON, RankCandidate, RankPlan, energy_ranks, uniform_ranks,
-                                validate_speedup)
+from onnx_lowrank.ranks import (FIRST_LAYER_REASON, RankCandidate, RankPlan, energy_ranks, measured_ranks,
+                                uniform_ranks, validate_speedup)
 
 NO_SPATIAL_KERNEL = "1-wide kernel: nothing to split spatially"
 KEPT_CHANNEL_ONLY = "kept channel-only (--channel-only)"
@@ -38,6 +38,7 @@ class ArchitecturePlan(RankPlan):
     spatial_ranks: dict[str, int] = field(default_factory=dict)
     input_ranks: dict[str, int] = field(default_factory=dict)
     notes: dict[str, str] = field(default_factory=dict)
+    channel_speedup: float | None = None  # 3d: what the channel part was planned for
 
     @property
     def layers(self) -> set[str]:
@@ -66,10 +67,11 @@ def has_spatial_extent(shape: ConvShape) -> bool:
 
 
 def channel_plan(candidates: list[RankCandidate], spectra: dict[str, np.ndarray] | None,
-                 fixed_macs: int, speedup: float, multiple: int) -> ArchitecturePlan:
-    """Channel decomposition of every candidate: energy selection (Eq. 13-14) when ``spectra`` are
-    given, one cost ratio for all otherwise."""
-    return ArchitecturePlan.from_ranks(_rank_plan(candidates, spectra, fixed_macs, speedup, multiple))
+                 fixed_macs: int, speedup: float, multiple: int,
+                 losses: dict[str, dict[int, float]] | None = None) -> ArchitecturePlan:
+    """Channel decomposition of every candidate: ranks from measured ``losses`` (sensitivity) when
+    given, else energy selection (Eq. 13-14) when ``spectra`` are, else one cost ratio for all."""
+    return ArchitecturePlan.from_ranks(_rank_plan(candidates, spectra, fixed_macs, speedup, multiple, losses))
 
 
 def spatial_plan(candidates: list[RankCandidate], spectra: dict[str, np.ndarray] | None, fixed_macs: int,
@@ -88,17 +90,37 @@ def spatial_plan(candidates: list[RankCandidate], spectra: dict[str, np.ndarray]
 
 def three_d_plan(candidates: list[RankCandidate], spectra: dict[str, np.ndarray] | None, fixed_macs: int,
                  speedup: float, multiple: int, channel_speedup: float | None = None,
-                 channel_only: tuple[str, ...] = ()) -> ArchitecturePlan:
-    """The paper's "asymmetric (3d)" architecture (§3.5); see the module docstring."""
+                 channel_only: tuple[str, ...] = (),
+                 losses: dict[str, dict[int, float]] | None = None) -> ArchitecturePlan:
+    """The paper's "asymmetric (3d)" architecture (§3.5); see the module docstring. The channel
+    ranks are selected as by ``channel_plan``. Without a given ``channel_speedup`` the channel part
+    starts at sqrt(r) and does more where the split alone cannot make up the rest (a selection that
+    keeps many layers whole leaves the split too little to cut)."""
     speedup = validate_speedup(speedup)
-    channel_speedup = np.sqrt(speedup) if channel_speedup is None else validate_speedup(channel_speedup)
-    if channel_speedup > speedup:
-        raise InvalidOptionError(f"the channel speedup ({channel_speedup:.3g}x) exceeds the target ({speedup:.3g}x)",
-                                 hint="give a --channel-speedup between 1 and --speedup")
-    plan = channel_plan(candidates, spectra, fixed_macs, channel_speedup, multiple)
+    if channel_speedup is not None:
+        channel_speedup = validate_speedup(channel_speedup)
+        if channel_speedup > speedup:
+            raise InvalidOptionError(f"the channel speedup ({channel_speedup:.3g}x) exceeds the target "
+                                     f"({speedup:.3g}x)", hint="give a --channel-speedup between 1 and --speedup")
+        return _three_d_at(candidates, spectra, fixed_macs, speedup, multiple, channel_speedup, channel_only, losses)
+    *shares, last = np.linspace(0.5, 1.0, 6)  # the channel part's share of log(r), from the paper's sqrt(r) up
+    for share in shares:
+        try:
+            return _three_d_at(candidates, spectra, fixed_macs, speedup, multiple, float(speedup ** share),
+                               channel_only, losses)
+        except InfeasibleTargetError:
+            continue
+    return _three_d_at(candidates, spectra, fixed_macs, speedup, multiple, float(speedup ** last), channel_only,
+                       losses)
+
+
+def _three_d_at(candidates, spectra, fixed_macs, speedup, multiple, channel_speedup, channel_only,
+                losses) -> ArchitecturePlan:
+    plan = channel_plan(candidates, spectra, fixed_macs, channel_speedup, multiple, losses)
+    plan.channel_speedup = channel_speedup
     shapes = {c.name: c.shape for c in candidates}
     if channel_only:  # these get the ranks channel-only decomposition would give them for the whole target
-        alone = channel_plan(candidates, spectra, fixed_macs, speedup, multiple)
+        alone = channel_plan(candidates, spectra, fixed_macs, speedup, multiple, losses)
         for name in channel_only:
             plan.ranks.pop(name, None)
             plan.skipped.pop(name, None)
@@ -185,7 +207,9 @@ def _tucker2_options(shape: ConvShape, multiple: int) -> list[tuple[int, int, in
     return sorted(options)
 
 
-def _rank_plan(candidates, spectra, fixed_macs, speedup, multiple) -> RankPlan:
+def _rank_plan(candidates, spectra, fixed_macs, speedup, multiple, losses=None) -> RankPlan:
+    if losses is not None:
+        return measured_ranks(candidates, losses, fixed_macs, speedup, multiple)
     if spectra is None:
         return uniform_ranks(candidates, fixed_macs, speedup, multiple)
     return energy_ranks(candidates, spectra, fixed_macs, speedup, multiple)

@@ -74,6 +74,9 @@ class Report:
     files: dict[str, dict | None] = field(default_factory=dict)
     budget: dict | None = None  # a budget search: the target, the figure measured, the search's time
     frontier: list[FrontierPoint] = field(default_factory=list)  # every plan a budget search measured
+    # --quantize: original, low-rank, low-rank + int8 and int8 alone, each with its fidelity and latency
+    stages: list[dict] = field(default_factory=list)
+    int8: dict | None = None  # how INT8 was applied, and the nodes it kept in float
 
     def to_dict(self) -> dict:
         data = {"schema_version": SCHEMA_VERSION, **asdict(self)}
@@ -155,8 +158,35 @@ def render(report: Report, console) -> None:
             summary.add_row("accuracy original → optimized",
                             f"{_percent(fidelity.accuracy_original)} → {_percent(fidelity.accuracy_optimized)}{on}")
     console.print(summary)
+    if report.stages:
+        _render_stages(report, console)
     if report.frontier:
         _render_frontier(report, console)
+
+
+def _render_stages(report: Report, console) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    providers = list(dict.fromkeys(p for stage in report.stages for p in stage["latency_ms"]))
+    samples = report.stages[0]["fidelity"]["samples"]
+    table = Table(title=f"stages (fidelity on {samples} held-out samples; latency p50 / p90)")
+    for column in ("stage", "output error", "top-1 agreement", "accuracy", *(f"{p} ms" for p in providers),
+                   *(f"{p} speedup" for p in providers)):
+        table.add_column(escape(column), justify="left" if column == "stage" else "right", no_wrap=column == "stage")
+    base = report.stages[0]["latency_ms"]
+    for stage in report.stages:
+        fidelity = stage["fidelity"] or {}
+        error = fidelity.get("output_rel_error") or {}
+        latency = stage["latency_ms"]
+        table.add_row(stage["stage"], _number(next(iter(error.values()), None), 4),
+                      _percent(fidelity.get("top1_agreement")), _percent(fidelity.get("accuracy_optimized")),
+                      *(f"{latency[p]['p50']:.2f} / {latency[p]['p90']:.2f}" for p in providers),
+                      *(f"{base[p]['p50'] / latency[p]['p50']:.2f}×" for p in providers))
+    console.print(table)
+    if report.int8 and report.int8["kept_float"]:
+        console.print(f"  kept in float by INT8: {', '.join(sorted(report.int8['kept_float']))}", markup=False,
+                      highlight=False)
 
 
 def _render_frontier(report: Report, console) -> None:

@@ -215,3 +215,19 @@ def test_the_error_line_is_in_the_log_file_too(tiny) -> None:
                     "--log-file", tiny / "run.log")
     assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1
     assert "error: a 1000x conv speedup cannot be reached" in (tiny / "run.log").read_text()
+
+
+def test_quantize_int8_writes_a_qdq_model_with_the_four_stages(tiny) -> None:
+    out, report = tiny / "fast.onnx", tiny / "report.json"
+    result = invoke(tiny / "tiny.onnx", out, "--speedup", "2", "--calib", tiny / "calib.npz", "--report", report,
+                    "--quantize", "int8", "--int8-calibration", "percentile", "--threads", "1")
+    assert result.exit_code == 0, result.output
+    assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in onnx.load(out).graph.node}
+    data = json.loads(report.read_text())
+    assert [s["stage"] for s in data["stages"]] == ["original", "low-rank", "low-rank + int8", "int8"]
+    assert data["int8"]["calibration"] == "percentile" and "stages" in result.stdout
+    assert "Collecting tensor data" not in result.output  # onnxruntime's calibrator prints, captured
+    # and the INT8 model it wrote is refused as an input, in one line
+    again = invoke(out, tiny / "again.onnx", "--calib", tiny / "calib.npz")
+    assert again.exit_code == 2 and not (tiny / "again.onnx").exists()
+    assert again.stderr.startswith("error: the model is already quantized") and again.stderr.count("\n") == 1

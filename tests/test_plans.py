@@ -66,6 +66,33 @@ def test_three_d_plan_meets_the_target_with_each_part_near_sqrt_r(speedup: float
     assert plan.skipped["conv0"] == FIRST_LAYER_REASON
 
 
+def test_three_d_plan_takes_its_channel_ranks_from_measured_losses() -> None:
+    """With sensitivity the channel part is the measured-loss plan for sqrt(r): conv5, whose
+    losses are flat (any rank is free), gets the smallest rank on the grid."""
+    candidates = vgg_like()
+    losses = {c.name: {r: (0.0 if c.name == "conv5" else (1 - r / c.shape.out_channels) ** 2)
+                       for r in range(16, c.shape.out_channels + 1, 16)} for c in candidates[1:]}
+    plan = three_d_plan(candidates, None, 0, 3.0, 16, losses=losses)
+    assert plan.speedup >= 3.0 and planned_total(plan, candidates) == plan.macs_after
+    assert plan.ranks == channel_plan(candidates, None, 0, np.sqrt(3.0), 16, losses=losses).ranks
+    assert plan.ranks["conv5"] == 16 and plan.spatial_ranks
+
+
+def test_three_d_plan_lets_the_channel_part_do_more_when_the_split_cannot_make_up_the_rest() -> None:
+    """Free ranks in conv5 and steep losses elsewhere keep conv1, conv2 and conv4 whole at a
+    sqrt(4) = 2x channel part; the split of the rest cannot reach 4x from there, so the channel
+    part does more."""
+    candidates = vgg_like()
+    losses = {c.name: {r: (0.0 if c.name == "conv5" else 1.0 / r) for r in range(16, c.shape.out_channels + 1, 16)}
+              for c in candidates[1:]}
+    with pytest.raises(InfeasibleTargetError):
+        three_d_plan(candidates, None, 0, 4.0, 16, channel_speedup=2.0, losses=losses)
+    plan = three_d_plan(candidates, None, 0, 4.0, 16, losses=losses)
+    assert plan.speedup >= 4.0 and planned_total(plan, candidates) == plan.macs_after
+    assert 2.0 < plan.channel_speedup <= 4.0
+    assert plan.ranks == channel_plan(candidates, None, 0, plan.channel_speedup, 16, losses=losses).ranks
+
+
 def test_three_d_plan_keeps_named_layers_channel_only_and_still_meets_the_target() -> None:
     candidates = vgg_like()
     plan = three_d_plan(candidates, None, 0, 3.0, 16, channel_only=("conv5", "conv6"))

@@ -71,8 +71,8 @@ def test_the_pipeline_finds_a_planted_rank(tmp_path) -> None:
     assert report.timings_s["sensitivity"] > 0
 
 
-def test_sensitivity_needs_a_channel_method() -> None:
+def test_sensitivity_needs_a_data_driven_method() -> None:
     from onnx_lowrank.options import Options
 
-    with pytest.raises(InvalidOptionError, match="channel methods"):
-        Options(method="asym3d", rank_selection="sensitivity")
+    with pytest.raises(InvalidOptionError, match="data-driven methods"):
+        Options(method="svd", rank_selection="sensitivity")

@@ -10,10 +10,16 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from onnx_lowrank.errors import ModelLoadError
 from onnx_lowrank.graph.surgery import constant_value, export_like, name_all_nodes, sole_consumer
 
 
+QUANTIZED_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger",
+                           "MatMulInteger", "DynamicQuantizeLinear"})
+
+
 def normalise(model: onnx.ModelProto) -> onnx.ModelProto:
+    refuse_quantized_or_half(model)
     graph = gs.import_onnx(model)
     name_all_nodes(graph)
     for conv in [n for n in graph.nodes if n.op == "Conv"]:
@@ -85,3 +91,17 @@ def _set_conv_params(conv: gs.Node, weight: np.ndarray, bias: np.ndarray) -> Non
         conv.inputs[2] = bias_tensor
     else:
         conv.inputs.append(bias_tensor)
+
+
+def refuse_quantized_or_half(model: onnx.ModelProto) -> None:
+    """The decomposition needs float32 weights it can read: a model that is already quantized or in
+    float16 is refused rather than decomposed into something silently broken."""
+    ops = {n.op_type for n in model.graph.node} & QUANTIZED_OPS
+    if ops:
+        raise ModelLoadError(f"the model is already quantized ({', '.join(sorted(ops))} nodes)",
+                             hint="decompose the float model, then quantize it with --quantize int8")
+    half = [i.name for i in model.graph.initializer if i.data_type in (onnx.TensorProto.FLOAT16,
+                                                                      onnx.TensorProto.BFLOAT16)]
+    if half:
+        raise ModelLoadError(f"the model has 16-bit float weights ({half[0]!r} and {len(half) - 1} more)",
+                             hint="decompose the float32 model, then convert the result to float16")
