@@ -30,7 +30,9 @@ from onnx_lowrank.graph.normalise import normalise
 from onnx_lowrank.graph.rewrite import replace_convs
 from onnx_lowrank.graph.units import ConvUnit, find_conv_units
 from onnx_lowrank.graph.dense import dense_ops
-from onnx_lowrank.plans import ArchitecturePlan, channel_plan, spatial_plan, three_d_plan, tucker2_plan
+from onnx_lowrank.plans import (ArchitecturePlan, channel_plan, latency_plan, spatial_plan, three_d_plan,
+                                tucker2_plan)
+from onnx_lowrank.profile import LayerLatency, measure_layer_latency
 from onnx_lowrank.options import Options
 from onnx_lowrank.provenance import describe_input, versions
 from onnx_lowrank.quantize import add_int8
@@ -113,6 +115,9 @@ def compress(
     dry_run: bool = False,
     input_size: tuple[int, int] | None = None,
     augment: int = 0,
+    objective: str = "flops",
+    latency_cache: str | os.PathLike[str] | None = None,
+    bench_batch: int = 1,
     quantize: str | None = None,
     int8_calibration: str = "minmax",
 ) -> Result:
@@ -133,7 +138,8 @@ def compress(
                    sample_memory_mb=sample_memory_mb, seed=seed,
                    skip=skip, providers=providers, threads=threads, bench=bench, bench_rounds=bench_rounds,
                    batch_size=batch_size, dry_run=dry_run, input_size=input_size, augment=augment,
-                   quantize=quantize, int8_calibration=int8_calibration)
+                   objective=objective, latency_cache=latency_cache, bench_batch=bench_batch, quantize=quantize,
+                   int8_calibration=int8_calibration)
     analysis = analyse(model, opts, calibration, evaluation, preprocess, progress)
     plan = plan_for(analysis, opts)
     solved = solve(analysis, plan, opts) if not opts.dry_run else Solved()
@@ -172,6 +178,7 @@ class Analysis:
     run: "Run"
     progress: "ProgressSink"
     sensitivity: dict[str, dict[int, float]] | None = None  # measured once, when a plan asks for it
+    latency: LayerLatency | None = None  # --objective latency: measured once
 
     @property
     def by_name(self) -> dict[str, ConvUnit]:
@@ -217,7 +224,7 @@ def analyse(model, opts: Options, calibration: CalibrationSource = None, evaluat
         shapes, dense_total = _measure_shapes(normalised, data.source, units, inputs, opts.threads)
     candidates = [RankCandidate(u.name, shapes[u.name]) for u in units if u.decomposable]
     fixed = sum(s.macs for s in shapes.values()) - sum(c.shape.macs for c in candidates)
-    if fixed_target:
+    if fixed_target and opts.objective == "flops":
         _plan(opts, candidates, {u.name: u for u in units}, {}, fixed, channel_only_names)  # fail before the work
     collect = dict(source=data.source, indices=data.calib_indices,
                    samples_per_image=_positions(opts, units, shapes, len(data.calib_indices)),
@@ -243,8 +250,10 @@ def plan_for(analysis: Analysis, opts: Options) -> ArchitecturePlan:
     """The decomposed architecture for ``opts`` (its speedup and method) on the analysed model."""
     if opts.selection == "sensitivity" and analysis.sensitivity is None:
         analysis.sensitivity = measure_sensitivity(analysis, opts)
+    if opts.objective == "latency" and analysis.latency is None:
+        analysis.latency = measure_layer_latency(analysis, opts)
     plan = _plan(opts, analysis.candidates, analysis.by_name, analysis.stats, analysis.fixed, analysis.channel_only,
-                 analysis.sensitivity)
+                 analysis.sensitivity, analysis.latency if opts.objective == "latency" else None)
     log.info("plan: %d of %d convs decomposed, theoretical conv speedup %.2fx", len(plan.layers),
              len(analysis.units), plan.speedup)
     return plan
@@ -282,6 +291,8 @@ def report_for(analysis: Analysis, plan: ArchitecturePlan, solved: Solved, opts:
         asymmetric_collection_passes=(solved.prefix_macs / conv_macs
                                       if (opts.asymmetric or solved.prefix_macs) and not opts.dry_run else None),
         channel_speedup=plan.channel_speedup, options=opts.to_dict(),
+        latency_plan=None if plan.predicted_ms is None else {**analysis.latency.describe(),
+                                                             "predicted_ms": list(plan.predicted_ms)},
         files={"input": describe_input(analysis.model_source)}, versions=versions())
 
 
@@ -311,7 +322,7 @@ def measure(analysis: Analysis, optimized: onnx.ModelProto, report: Report, opts
                                            threads=opts.threads)
     if opts.bench:
         with run.stage("benchmark", "measuring latency, original vs optimized"):
-            feeds = data.eval_source.get(data.holdout_indices[:1] * batch_size_for(analysis.inputs, 1))
+            feeds = data.eval_source.get(data.holdout_indices[:1] * batch_size_for(analysis.inputs, opts.bench_batch))
             _benchmark(report, analysis.reference, optimized, feeds, opts, analysis.progress)
 
 
@@ -407,7 +418,8 @@ def resolve_names(units: list[ConvUnit], values: Sequence[str], option: str) -> 
 
 def _plan(opts: Options, candidates: list[RankCandidate], units: dict[str, ConvUnit],
           stats: dict[str, ResponseStats], fixed: int, channel_only: set[str],
-          sensitivity: dict[str, dict[int, float]] | None = None) -> ArchitecturePlan:
+          sensitivity: dict[str, dict[int, float]] | None = None,
+          latency: LayerLatency | None = None) -> ArchitecturePlan:
     """The decomposed architecture. Energy selection ranks by the PCA energy of the responses for
     the data-driven methods, by the spectrum of the weights each baseline truncates otherwise;
     before the responses are collected (no ``stats``) the ranks are uniform."""
@@ -419,6 +431,8 @@ def _plan(opts: Options, candidates: list[RankCandidate], units: dict[str, ConvU
     if opts.selection == "energy" and (stats or opts.data_free):
         spectra = ({n: s.eigenvalues for n, s in stats.items()} if not opts.data_free else
                    {c.name: _padded(weight_spectrum(units[c.name].weight, scheme), c, scheme) for c in candidates})
+    if latency is not None and spectra is not None:
+        return latency_plan(candidates, spectra, latency.table, latency.fixed_ms, fixed, opts.speedup)
     if opts.method == "jaderberg":
         return spatial_plan(candidates, spectra, fixed, opts.speedup, opts.rank_multiple)
     if opts.method == "asym3d":

@@ -58,6 +58,11 @@ class RankSelection(str, Enum):
     uniform = "uniform"
 
 
+class Objective(str, Enum):
+    flops = "flops"
+    latency = "latency"
+
+
 class Quantization(str, Enum):
     int8 = "int8"
 
@@ -297,12 +302,20 @@ def run(
                                                     "low-rank + int8 and int8 alone.", rich_help_panel=QUANTIZE),
     int8_calibration: Int8Calibration = typer.Option(Int8Calibration.minmax, help="How INT8 activation ranges are "
                                                      "calibrated.", rich_help_panel=QUANTIZE),
+    objective: Objective = typer.Option(Objective.flops, help="What --speedup counts: conv FLOPs, or conv latency "
+                                        "measured on the first --providers entry (each layer's candidate forms "
+                                        "timed alone at --bench-batch; channel methods).", rich_help_panel=PLAN),
+    latency_cache: Optional[Path] = typer.Option(None, help="--objective latency: keep the layer timings in this "
+                                                 "JSON file, so the next run on this machine reuses them.",
+                                                 rich_help_panel=PLAN),
     report: Optional[Path] = typer.Option(None, help="Write the report as JSON here.", rich_help_panel=RUN),
     bench: bool = typer.Option(True, "--bench/--no-bench", help="Measure latency original vs optimized.",
                                rich_help_panel=RUN),
     providers: List[str] = typer.Option(["cpu"], metavar="[cpu|cuda]", help="Provider to benchmark (repeat, or "
                                         "comma-separate).", rich_help_panel=RUN),
     threads: int = typer.Option(0, help="onnxruntime intra-op threads (0 = its default).", rich_help_panel=RUN),
+    bench_batch: int = typer.Option(1, help="Batch size latency is measured at (and planned at, with --objective "
+                                    "latency).", rich_help_panel=RUN),
     dry_run: bool = typer.Option(False, "--dry-run", help="Analyse and print the plan; write no model.",
                                  rich_help_panel=RUN),
     quiet: bool = typer.Option(False, "-q", "--quiet", help="Print errors only.", rich_help_panel=RUN),
@@ -323,7 +336,7 @@ def run(
 
             budget = _budget(max_error, min_agreement, max_drop, metric, min_metric, speedup, plot)
             paths = check_outputs(input_model, None if dry_run else output_model, report, log_file,
-                                  data=(calib, eval_data), plot=plot)
+                                  data=(calib, eval_data), plot=plot, latency_cache=latency_cache)
             _configure_logging(quiet, verbose, log_file)
             options = dict(
                 calibration=calib, evaluation=eval_data,
@@ -334,7 +347,8 @@ def run(
                 num_images=num_images, samples_per_image=samples_per_image, sample_memory_mb=sample_memory,
                 seed=seed, skip=skip, providers=[p for value in providers for p in value.split(",") if p],
                 threads=threads, bench=bench, dry_run=dry_run, input_size=_size(input_size), augment=augment,
-                quantize=None if quantize is None else quantize.value, int8_calibration=int8_calibration.value)
+                quantize=None if quantize is None else quantize.value, int8_calibration=int8_calibration.value,
+                objective=objective.value, latency_cache=latency_cache, bench_batch=bench_batch)
             with _progress(quiet) as progress:
                 if budget is None:
                     result = compress(input_model, 4.0 if speedup is None else speedup, progress=progress, **options)

@@ -8,6 +8,7 @@ Every public entry builds an :class:`Options`; a wrong type or value raises an
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, fields
 from numbers import Integral, Real
 from typing import Any, Callable, Sequence
@@ -21,6 +22,8 @@ RANK_SELECTIONS = ("energy", "sensitivity", "uniform")
 SENSITIVITY_METHODS = ("asymmetric", "asym3d", "nonlinear", "linear")  # the data-driven ones
 PROVIDERS = ("cpu", "cuda")
 QUANTIZATIONS = ("int8",)
+OBJECTIVES = ("flops", "latency")
+LATENCY_METHODS = ("asymmetric", "nonlinear", "linear")  # channel decompositions; 3d is not profiled yet
 INT8_CALIBRATIONS = ("minmax", "entropy", "percentile")
 MAX_THREADS = 256  # onnxruntime starts every thread it is given; thousands take minutes and gain nothing
 
@@ -48,6 +51,9 @@ class Options:
     dry_run: bool = False
     input_size: tuple[int, int] | None = None
     augment: int = 0  # views per calibration picture of an image folder (0: none)
+    objective: str = "flops"  # what --speedup counts: conv MACs, or conv latency measured on the provider
+    latency_cache: str | None = None  # JSON file keeping measured layer latencies between runs
+    bench_batch: int = 1  # batch the latency is measured (and, for --objective latency, planned) at
     quantize: str | None = None  # "int8": onnxruntime's static quantizer on the low-rank model
     int8_calibration: str = "minmax"
 
@@ -65,6 +71,10 @@ class Options:
             raise InvalidOptionError(f"sensitivity rank selection is built for the data-driven methods "
                                      f"({', '.join(SENSITIVITY_METHODS)}), not --method {self.method}",
                                      hint="use --rank-selection energy with this method")
+        if self.objective == "latency" and (self.method not in LATENCY_METHODS or self.selection != "energy"):
+            raise InvalidOptionError(f"--objective latency plans channel decompositions by energy; not --method "
+                                     f"{self.method} with {self.selection} ranks",
+                                     hint=f"use --method {' or '.join(LATENCY_METHODS)} with energy rank selection")
         if self.symmetric and self.method not in ASYMMETRIC_METHODS:
             raise InvalidOptionError(f"--symmetric changes the asymmetric methods; --method {self.method} "
                                      "is not one", hint="drop --symmetric, or use --method asymmetric or asym3d")
@@ -147,6 +157,12 @@ def _choices(allowed: Sequence[str]) -> Callable[[str, Any], tuple[str, ...]]:
     return lambda name, value: tuple(single(name.rstrip("s"), v) for v in _strings(name, value))
 
 
+def _path_text(name: str, value: Any) -> str:
+    if not isinstance(value, (str, os.PathLike)):
+        raise InvalidTypeError(f"{name} must be a path, got {type(value).__name__} {value!r}")
+    return os.fspath(value)
+
+
 def _size(name: str, value: Any) -> tuple[int, int]:
     if isinstance(value, str) or not isinstance(value, Sequence) or len(value) != 2:
         raise InvalidTypeError(f"{name} must be (height, width), got {value!r}")
@@ -175,6 +191,9 @@ _CONSTRAINTS: dict[str, Callable[[str, Any], Any]] = {
     "dry_run": _flag,
     "input_size": _optional(_size),
     "augment": _integer(0, 16),
+    "objective": _choice(OBJECTIVES),
+    "latency_cache": _optional(_path_text),
+    "bench_batch": _integer(1),
     "quantize": _optional(_choice(QUANTIZATIONS)),
     "int8_calibration": _choice(INT8_CALIBRATIONS),
 }

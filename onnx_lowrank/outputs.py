@@ -31,16 +31,18 @@ class OutputPaths:
     report: Path | None = None
     log: Path | None = None  # appended to as the run goes, so never staged
     plot: Path | None = None
+    latency_cache: Path | None = None  # read, then replaced whole by the profiling, never staged
 
     def named(self) -> list[tuple[str, Path]]:
         named = [("OUT", self.model), ("OUT's external-data file", self.data), ("--report", self.report),
-                 ("--log-file", self.log), ("--plot", self.plot)]
+                 ("--log-file", self.log), ("--plot", self.plot), ("--latency-cache", self.latency_cache)]
         return [(role, path) for role, path in named if path is not None]
 
 
 def check_outputs(input_model: str | os.PathLike | None, output_model: str | os.PathLike | None,
                   report: str | os.PathLike | None = None, log: str | os.PathLike | None = None,
-                  data: tuple[str | None, ...] = (), plot: str | os.PathLike | None = None) -> OutputPaths:
+                  data: tuple[str | None, ...] = (), plot: str | os.PathLike | None = None,
+                  latency_cache: str | os.PathLike | None = None) -> OutputPaths:
     """The run's output paths (no model for a dry run), or OutputPathError if any could harm a file
     or cannot be written. ``data`` are the --calib/--eval arguments: their files (a reader script
     too) and the files inside their folders are inputs as much as the model is."""
@@ -49,7 +51,8 @@ def check_outputs(input_model: str | os.PathLike | None, output_model: str | os.
         raise OutputPathError(f"output path must end in .onnx, got {model}")
     paths = OutputPaths(model, model.with_name(model.name + ".data") if model is not None else None,
                         Path(report) if report is not None else None, Path(log) if log is not None else None,
-                        Path(plot) if plot is not None else None)
+                        Path(plot) if plot is not None else None,
+                        Path(latency_cache) if latency_cache is not None else None)
     inputs, folders = [], []
     if input_model is not None and Path(input_model).is_file():
         inputs = [("the input model", Path(input_model))]

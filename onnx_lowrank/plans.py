@@ -22,8 +22,8 @@ import numpy as np
 
 from onnx_lowrank.costs import ConvShape, decomposed_macs, tucker2_macs
 from onnx_lowrank.errors import InfeasibleTargetError, InvalidOptionError
-from onnx_lowrank.ranks import (FIRST_LAYER_REASON, RankCandidate, RankPlan, energy_ranks, measured_ranks,
-                                uniform_ranks, validate_speedup)
+from onnx_lowrank.ranks import (FIRST_LAYER_REASON, RankCandidate, RankPlan, energy_ranks, latency_ranks,
+                                measured_ranks, uniform_ranks, validate_speedup)
 
 NO_SPATIAL_KERNEL = "1-wide kernel: nothing to split spatially"
 KEPT_CHANNEL_ONLY = "kept channel-only (--channel-only)"
@@ -39,6 +39,7 @@ class ArchitecturePlan(RankPlan):
     input_ranks: dict[str, int] = field(default_factory=dict)
     notes: dict[str, str] = field(default_factory=dict)
     channel_speedup: float | None = None  # 3d: what the channel part was planned for
+    predicted_ms: tuple[float, float] | None = None  # latency plans: conv time before and after, layers timed alone
 
     @property
     def layers(self) -> set[str]:
@@ -72,6 +73,20 @@ def channel_plan(candidates: list[RankCandidate], spectra: dict[str, np.ndarray]
     """Channel decomposition of every candidate: ranks from measured ``losses`` (sensitivity) when
     given, else energy selection (Eq. 13-14) when ``spectra`` are, else one cost ratio for all."""
     return ArchitecturePlan.from_ranks(_rank_plan(candidates, spectra, fixed_macs, speedup, multiple, losses))
+
+
+def latency_plan(candidates: list[RankCandidate], spectra: dict[str, np.ndarray],
+                 latency: dict[str, dict[int, float]], fixed_ms: float, fixed_macs: int,
+                 speedup: float) -> ArchitecturePlan:
+    """Channel decomposition with ranks chosen on measured latency (``ranks.latency_ranks``); the
+    MACs of the result are filled in as for every plan."""
+    ranks, before, after = latency_ranks(candidates, spectra, latency, fixed_ms, speedup)
+    plan = ArchitecturePlan.from_ranks(ranks)
+    plan.macs_before = fixed_macs + sum(c.shape.macs for c in candidates)
+    plan.macs_after = plan.macs_before - sum(c.shape.macs - decomposed_macs(c.shape, plan.ranks[c.name], "channel")
+                                             for c in candidates if c.name in plan.ranks)
+    plan.predicted_ms = (before, after)
+    return plan
 
 
 def spatial_plan(candidates: list[RankCandidate], spectra: dict[str, np.ndarray] | None, fixed_macs: int,

@@ -180,7 +180,7 @@ def add_int8(analysis, lowrank: onnx.ModelProto, report, opts) -> onnx.ModelProt
                    "latency_ms": {}} for name, model in models.items()]
     if opts.bench:
         with run.stage("benchmark", "measuring the latency of every stage"):
-            feeds = data.eval_source.get(data.holdout_indices[:1] * batch_size_for(analysis.inputs, 1))
+            feeds = data.eval_source.get(data.holdout_indices[:1] * batch_size_for(analysis.inputs, opts.bench_batch))
             for provider in [p for p in opts.providers if provider_available(p)]:
                 times = interleaved_times(list(models.values()), feeds, provider=provider, threads=opts.threads,
                                           rounds=opts.bench_rounds)

@@ -354,3 +354,76 @@ def rank_ladder(candidate: RankCandidate, multiple: int) -> list[int]:
     top = min(candidate.full_rank, candidate.break_even)
     ladder = {int(top * f) // multiple * multiple for f in (0.75, 0.5, 0.35, 0.25, 0.18, 0.125, 0.09)}
     return sorted((r for r in ladder if multiple <= r < top), reverse=True)
+
+
+def latency_ranks(candidates: list[RankCandidate], eigenvalues: dict[str, np.ndarray],
+                  latency: dict[str, dict[int, float]], fixed_ms: float, speedup: float,
+                  leave_first: bool = True) -> tuple[RankPlan, float, float]:
+    """Rank selection on measured time instead of MACs: Eq. 13-14's product of kept PCA energy,
+    maximised subject to the summed latency of the layers measured alone, ``latency[name][rank]``
+    (rank 0: the original layer), meeting ``1/speedup`` of the original's.
+
+    A layer's options are its measured forms on their Pareto front (no option both slower and
+    keeping less energy than another), so an off-grid rank or a chain no faster than the original
+    is never chosen. Greedy: every layer starts whole; each step moves the layer whose next faster
+    option loses the least log-energy per millisecond saved, until the target is met; then the
+    time the last step overshot is spent back on the best moves up. Returns the plan (MACs
+    filled in by the caller) and the predicted latency before and after, in ms."""
+    validate_speedup(speedup)
+    plan = RankPlan()
+    active = list(candidates)
+    if leave_first and len(active) > 1:
+        plan.skipped[active[0].name] = FIRST_LAYER_REASON
+        active = active[1:]
+    fronts: dict[str, list[tuple[float, float, int]]] = {}
+    for cand in active:
+        energy = _energy_curve(eigenvalues[cand.name], cand.full_rank)
+        options = sorted((ms, 1.0 if rank == 0 else float(energy[rank]), rank)
+                         for rank, ms in latency[cand.name].items() if rank == 0 or rank < cand.full_rank)
+        front: list[tuple[float, float, int]] = []
+        for option in options:  # fastest first; keep an option only if it keeps more energy than all faster ones
+            if not front or option[1] > front[-1][1]:
+                front.append(option)
+        fronts[cand.name] = front
+    before = fixed_ms + sum(latency[c.name][0] for c in candidates)
+    target = before / speedup
+    position = {name: len(front) - 1 for name, front in fronts.items()}  # the most energy: the whole layer
+
+    def total() -> float:
+        return (fixed_ms + sum(latency[n][0] for n in plan.skipped if n in latency)
+                + sum(fronts[n][i][0] for n, i in position.items()))
+
+    def step_score(name: str, down: bool) -> float | None:
+        i = position[name]
+        j = i - 1 if down else i + 1
+        if not 0 <= j < len(fronts[name]):
+            return None
+        (ms_i, e_i, _), (ms_j, e_j, _) = fronts[name][i], fronts[name][j]
+        lost = abs(np.log(max(e_i, 1e-300)) - np.log(max(e_j, 1e-300)))
+        return lost / max(abs(ms_i - ms_j), 1e-9)
+
+    heap = [(s, n) for n in fronts if (s := step_score(n, True)) is not None]
+    heapq.heapify(heap)
+    while total() > target:
+        if not heap:
+            raise InfeasibleTargetError(f"a {speedup:.4g}x measured conv speedup cannot be reached",
+                                        hint=f"at most {before / total():.3g}x on this provider; ask for less")
+        name = heapq.heappop(heap)[1]
+        position[name] -= 1
+        if (score := step_score(name, True)) is not None:
+            heapq.heappush(heap, (score, name))
+    while True:  # spend the overshoot of the last step on the moves up that buy the most energy
+        slack = target - total()
+        ups = [(s, n) for n in fronts if (s := step_score(n, False)) is not None
+               and fronts[n][position[n] + 1][0] - fronts[n][position[n]][0] <= slack]
+        if not ups:
+            break
+        position[max(ups)[1]] += 1
+    after = total()
+    for name, i in position.items():
+        rank = fronts[name][i][2]
+        if rank == 0:
+            plan.skipped[name] = "measured latency: no faster form of it is worth its energy"
+        else:
+            plan.ranks[name] = rank
+    return plan, before, after

@@ -76,6 +76,8 @@ class Report:
     frontier: list[FrontierPoint] = field(default_factory=list)  # every plan a budget search measured
     # --quantize: original, low-rank, low-rank + int8 and int8 alone, each with its fidelity and latency
     stages: list[dict] = field(default_factory=list)
+    # --objective latency: where the layers were timed, and the conv time (ms) before / after they predict
+    latency_plan: dict | None = None
     int8: dict | None = None  # how INT8 was applied, and the nodes it kept in float
 
     def to_dict(self) -> dict:
@@ -138,6 +140,10 @@ def render(report: Report, console) -> None:
         summary.add_row("channel part of the speedup (3d)", f"{report.channel_speedup:.2f}×")
     if report.asymmetric_collection_passes is not None:
         summary.add_row("asymmetric re-collection cost", f"{report.asymmetric_collection_passes:.2f} passes")
+    if report.latency_plan is not None:
+        before, after = report.latency_plan["predicted_ms"]
+        summary.add_row(f"predicted conv speedup ({report.latency_plan['provider']}, layers timed alone)",
+                        f"{before / after:.2f}×")
     for provider, latency in report.latency_ms.items():
         if latency.get("original") is None:
             summary.add_row(escape(f"latency {provider}"), escape(latency.get("status", "not measured")))

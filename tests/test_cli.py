@@ -231,3 +231,15 @@ def test_quantize_int8_writes_a_qdq_model_with_the_four_stages(tiny) -> None:
     again = invoke(out, tiny / "again.onnx", "--calib", tiny / "calib.npz")
     assert again.exit_code == 2 and not (tiny / "again.onnx").exists()
     assert again.stderr.startswith("error: the model is already quantized") and again.stderr.count("\n") == 1
+
+
+def test_objective_latency_keeps_its_cache_where_asked_and_never_over_an_input(tiny) -> None:
+    refused = invoke(tiny / "tiny.onnx", tiny / "fast.onnx", "--calib", tiny / "calib.npz", "--objective", "latency",
+                     "--latency-cache", tiny / "calib.npz")
+    assert refused.exit_code == 2 and "--latency-cache" in refused.stderr and not (tiny / "fast.onnx").exists()
+    result = invoke(tiny / "tiny.onnx", tiny / "fast.onnx", "--speedup", "1.3", "--calib", tiny / "calib.npz",
+                    "--objective", "latency", "--latency-cache", tiny / "latency.json", "--threads", "1",
+                    "--no-bench")
+    assert result.exit_code == 0, result.output
+    assert "predicted conv speedup" in result.stdout
+    assert sorted(p.name for p in tiny.iterdir()) == ["calib.npz", "fast.onnx", "latency.json", "tiny.onnx"]

@@ -82,7 +82,7 @@ def selected_ranks(data: dict) -> list[str]:
     uniform, selection = _rows(data, "asymmetric"), _rows(data, "selection")
     lines = []
     for speedup in sorted(set(uniform) & set(selection)):
-        lines += [f"", f"{speedup:g}×: rank (energy kept) per decomposed layer, uniform vs selection", "",
+        lines += ["", f"{speedup:g}×: rank (energy kept) per decomposed layer, uniform vs selection", "",
                   "| layer | c→d k×k | uniform | selection |", "|---|---|---|---|"]
         for a, b in zip(uniform[speedup]["layers"], selection[speedup]["layers"]):
             if a["rank"] is None and b["rank"] is None:

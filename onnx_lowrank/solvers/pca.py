@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
-
 from onnx_lowrank.solvers.factors import LowRankFactors, ResponseStats, validate_rank
 
 

@@ -1,0 +1,110 @@
+"""--objective latency: layer candidates timed alone, cached, and ranks chosen on measured time."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+
+from onnx_lowrank import compress
+from onnx_lowrank.costs import ConvShape
+from onnx_lowrank.errors import InfeasibleTargetError, InvalidOptionError
+from onnx_lowrank.graph.units import find_conv_units
+from onnx_lowrank.profile import WHOLE, Device, LatencyCache, layer_model, profile_layers
+from onnx_lowrank.ranks import RankCandidate, _energy_curve, latency_ranks
+from tests.builders import Layer, conv_net, run_model
+
+
+def candidates_and_spectra():
+    candidates = [RankCandidate(f"conv{i}", ConvShape(64, 64, (3, 3), (8, 8))) for i in range(4)]
+    rng = np.random.default_rng(0)
+    spectra = {c.name: np.sort(rng.exponential(size=64) ** (2 + i))[::-1] for i, c in enumerate(candidates)}
+    return candidates, spectra
+
+
+def brute_force(candidates, spectra, latency, target):
+    """Most log-energy kept over every combination of measured forms within the time target."""
+    best = -np.inf
+    options = []
+    for cand in candidates[1:]:
+        curve = _energy_curve(spectra[cand.name], cand.full_rank)
+        options.append([(ms, 0.0 if rank == WHOLE else np.log(curve[rank])) for rank, ms in latency[cand.name].items()])
+    first = latency[candidates[0].name][WHOLE]
+    for combo in itertools.product(*options):
+        if first + sum(ms for ms, _ in combo) <= target:
+            best = max(best, sum(e for _, e in combo))
+    return best
+
+
+def kept_log_energy(plan, candidates, spectra):
+    return sum(np.log(_energy_curve(spectra[c.name], c.full_rank)[plan.ranks[c.name]])
+               for c in candidates if c.name in plan.ranks)
+
+
+@pytest.mark.parametrize("speedup", [1.3, 1.5, 2.0, 2.2])
+def test_latency_ranks_match_brute_force_when_time_is_linear_in_the_rank(speedup: float) -> None:
+    candidates, spectra = candidates_and_spectra()
+    latency = {c.name: {WHOLE: 10.0, **{r: 0.5 + r * 0.12 for r in (16, 32, 48)}} for c in candidates}
+    plan, before, after = latency_ranks(candidates, spectra, latency, 0.0, speedup)
+    assert before == 40.0 and after <= before / speedup
+    assert kept_log_energy(plan, candidates, spectra) == pytest.approx(
+        brute_force(candidates, spectra, latency, before / speedup), abs=1e-9)
+
+
+def test_a_form_no_faster_than_a_higher_rank_or_the_layer_is_never_chosen() -> None:
+    candidates, spectra = candidates_and_spectra()
+    # conv2's rank-32 chain is slower than its rank 48 (off the kernels' grid), conv3's chains are all slower than it
+    latency = {c.name: {WHOLE: 10.0, 16: 3.0, 32: 5.0, 48: 7.0} for c in candidates}
+    latency["conv2"][32] = 9.0
+    latency["conv3"] = {WHOLE: 10.0, 16: 11.0, 32: 12.0, 48: 13.0}
+    plan, before, after = latency_ranks(candidates, spectra, latency, 0.0, 1.5)
+    assert plan.ranks.get("conv2") != 32 and "conv3" in plan.skipped and after <= before / 1.5
+    with pytest.raises(InfeasibleTargetError, match="measured conv speedup"):
+        latency_ranks(candidates, spectra, latency, 0.0, 4.0)
+
+
+def test_layer_models_compute_the_layer_and_a_second_profile_comes_from_the_cache(tmp_path) -> None:
+    model = conv_net([Layer(16), Layer(32, stride=2), Layer(32, k=(3, 5), dilation=2)], size=(12, 12))
+    units = find_conv_units(model)
+    shapes = {units[1].name: ConvShape(16, 32, (3, 3), (6, 6), in_hw=(12, 12)),
+              units[2].name: ConvShape(32, 32, (3, 5), (6, 6), in_hw=(6, 6))}
+    x = {"x": np.random.default_rng(0).standard_normal((2, 16, 12, 12)).astype(np.float32)}
+    whole = run_model(layer_model(units[1], shapes[units[1].name], WHOLE, 2), x)[0]
+    full_rank = run_model(layer_model(units[1], shapes[units[1].name], 32, 2), x)[0]
+    assert whole.shape == (2, 32, 6, 6) and np.allclose(whole, full_rank, atol=1e-4)  # an orthonormal basis of R^32
+
+    ladders = {units[1].name: [16], units[2].name: [16]}
+    cache = LatencyCache.open(tmp_path / "latency.json")
+    first = profile_layers(units, shapes, ladders, Device(threads=1), cache, rounds=3)
+    assert set(first) == set(ladders) and all(set(t) == {WHOLE, 16} and min(t.values()) > 0 for t in first.values())
+    cache.save()
+    again = LatencyCache.open(tmp_path / "latency.json")
+    assert profile_layers(units, shapes, ladders, Device(threads=1), again, rounds=3) == first and again.hits == 4
+    assert list(tmp_path.iterdir()) == [tmp_path / "latency.json"]  # no temporary file left beside it
+    other_batch = profile_layers(units, shapes, ladders, Device(threads=1, batch=2), again, rounds=3)
+    assert again.hits == 4 and set(other_batch) == set(first)  # another batch is measured, not reused
+
+    (tmp_path / "broken.json").write_text("{not json")
+    with pytest.raises(InvalidOptionError, match="not a latency cache"):
+        LatencyCache.open(tmp_path / "broken.json")
+
+
+def test_compress_plans_on_measured_latency_and_reports_the_prediction(tmp_path) -> None:
+    model = conv_net([Layer(16), Layer(64), Layer(64), Layer(64)], size=(16, 16), classifier=5)
+    data = np.random.default_rng(0).standard_normal((64, 3, 16, 16)).astype(np.float32)
+    cache = tmp_path / "latency.json"
+    report = compress(model, 1.5, calibration=data, objective="latency", latency_cache=cache, threads=1,
+                      bench_rounds=15).report
+    plan = report.latency_plan
+    before, after = plan["predicted_ms"]
+    assert before / after >= 1.5 and plan["provider"] == "cpu" and plan["batch"] == 1
+    # conv2 and conv3 have conv1's shape: timed once, reused within the run
+    assert plan["candidates_measured"] > 0 and plan["cache_hits"] > 0
+    assert json.loads(cache.read_text())["entries"] and report.timings_s["profile"] > 0
+    again = compress(model, 1.5, calibration=data, objective="latency", latency_cache=cache, threads=1,
+                     bench=False).report
+    assert again.latency_plan["candidates_measured"] == 0 and again.latency_plan["cache_hits"] > 0
+    with pytest.raises(InvalidOptionError, match="--objective latency"):
+        compress(model, 1.5, calibration=data, objective="latency", method="asym3d")
