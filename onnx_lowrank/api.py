@@ -24,7 +24,7 @@ from onnx_lowrank.calibration import (AugmentedViews, CalibrationSource, ImageFo
                                       open_calibration)
 from onnx_lowrank.costs import ConvShape, max_rank
 from onnx_lowrank.errors import CalibrationError, InternalError, InvalidOptionError, NothingToDecomposeError
-from onnx_lowrank.evaluate import measure_fidelity, measure_latency
+from onnx_lowrank.evaluate import benchmark_providers, measure_fidelity
 from onnx_lowrank.graph.io import WeightStore, check_model, is_large, load_model, model_path
 from onnx_lowrank.graph.normalise import normalise
 from onnx_lowrank.graph.rewrite import replace_convs
@@ -41,7 +41,7 @@ from onnx_lowrank.report import LayerReport, Report
 from onnx_lowrank.sampling import ResponseShape, positions_per_image
 from onnx_lowrank.sensitivity import measure_sensitivity
 from onnx_lowrank.layers import Solved, data_free_chains, solve_layers
-from onnx_lowrank.runtime import batch_size_for, collect_responses, make_session, probe_shapes, provider_available
+from onnx_lowrank.runtime import batch_size_for, collect_responses, make_session, probe_shapes
 from onnx_lowrank.solvers import ResponseStats
 from onnx_lowrank.solvers.nonlinear import PAPER_SCHEDULE
 from onnx_lowrank.solvers.weights import weight_spectrum
@@ -323,7 +323,9 @@ def measure(analysis: Analysis, optimized: onnx.ModelProto, report: Report, opts
     if opts.bench:
         with run.stage("benchmark", "measuring latency, original vs optimized"):
             feeds = data.eval_source.get(data.holdout_indices[:1] * batch_size_for(analysis.inputs, opts.bench_batch))
-            _benchmark(report, analysis.reference, optimized, feeds, opts, analysis.progress)
+            report.latency_ms, report.actual_speedup = benchmark_providers(
+                analysis.reference, optimized, feeds, opts.providers, threads=opts.threads, rounds=opts.bench_rounds,
+                advance=analysis.progress.stage("benchmarking", len(opts.providers)))
 
 
 @dataclass
@@ -546,18 +548,3 @@ def _check_rewritten(model: onnx.ModelProto) -> None:
         make_session(model, optimize=False)
     except Exception as exc:
         raise InternalError(f"the rewritten model does not load: {exc}") from None
-
-
-def _benchmark(report: Report, original, optimized, feeds, opts: Options, progress) -> None:
-    advance = progress.stage("benchmarking", len(opts.providers))
-    for provider in opts.providers:
-        if not provider_available(provider):
-            report.latency_ms[provider] = {"original": None, "optimized": None,
-                                           "status": "not available (needs onnxruntime-gpu and a CUDA device)"}
-            report.actual_speedup[provider] = None
-        else:
-            latency = measure_latency(original, optimized, feeds, provider=provider,
-                                      threads=opts.threads, rounds=opts.bench_rounds)
-            report.latency_ms[provider] = {"original": latency.original_ms, "optimized": latency.optimized_ms}
-            report.actual_speedup[provider] = latency.speedup
-        advance(1)

@@ -311,7 +311,7 @@ def run(
     report: Optional[Path] = typer.Option(None, help="Write the report as JSON here.", rich_help_panel=RUN),
     bench: bool = typer.Option(True, "--bench/--no-bench", help="Measure latency original vs optimized.",
                                rich_help_panel=RUN),
-    providers: List[str] = typer.Option(["cpu"], metavar="[cpu|cuda]", help="Provider to benchmark (repeat, or "
+    providers: List[str] = typer.Option(["cpu"], metavar="[cpu|cuda|tensorrt|openvino]", help="Provider to benchmark (repeat, or "
                                         "comma-separate).", rich_help_panel=RUN),
     threads: int = typer.Option(0, help="onnxruntime intra-op threads (0 = its default).", rich_help_panel=RUN),
     bench_batch: int = typer.Option(1, help="Batch size latency is measured at (and planned at, with --objective "

@@ -53,5 +53,9 @@ class OutputPathError(LowRankError):
     """An output path cannot be written safely."""
 
 
+class ProviderError(LowRankError):
+    """An execution provider asked for is not installed or cannot start here."""
+
+
 class InternalError(Exception):
     """Something the tool produced is wrong: a bug to report, not bad input."""

@@ -10,7 +10,8 @@ from typing import Sequence
 import numpy as np
 import onnx
 
-from onnx_lowrank.runtime import make_session, run_in_batches
+from onnx_lowrank.errors import ProviderError
+from onnx_lowrank.runtime import PROVIDER_NEEDS, make_session, provider_available, run_in_batches
 
 
 @dataclass
@@ -112,3 +113,31 @@ def interleaved_times(models: Sequence[onnx.ModelProto | Path], feeds: dict[str,
             sessions[which].run(None, feeds)
             times[which].append((time.perf_counter() - start) * 1e3)
     return [np.asarray(t) for t in times]
+
+
+def benchmark_providers(original, optimized, feeds: dict[str, np.ndarray], providers: Sequence[str], *,
+                        threads: int = 0, rounds: int = 30,
+                        advance=lambda step=1: None) -> tuple[dict[str, dict], dict[str, float | None]]:
+    """Latency (p50, p90 in ms; throughput in samples/s) of both models on each provider, and the
+    speedup of the medians; a provider that is not installed or cannot start is reported as such."""
+    batch = len(next(iter(feeds.values())))
+    latency: dict[str, dict] = {}
+    speedup: dict[str, float | None] = {}
+    for provider in providers:
+        try:
+            if not provider_available(provider):
+                raise ProviderError(f"not available (needs {PROVIDER_NEEDS[provider]})")
+            times = interleaved_times([original, optimized], feeds, provider=provider, threads=threads, rounds=rounds)
+        except ProviderError as exc:
+            latency[provider] = {"original": None, "optimized": None, "status": str(exc)}
+            speedup[provider] = None
+        else:
+            medians = [float(np.median(t)) for t in times]
+            latency[provider] = {"original": medians[0], "optimized": medians[1],
+                                 "p90": {"original": float(np.percentile(times[0], 90)),
+                                         "optimized": float(np.percentile(times[1], 90))},
+                                 "throughput": {"original": 1e3 * batch / medians[0],
+                                                "optimized": 1e3 * batch / medians[1]}, "batch": batch}
+            speedup[provider] = medians[0] / medians[1]
+        advance(1)
+    return latency, speedup

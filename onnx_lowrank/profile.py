@@ -31,6 +31,8 @@ from onnx_lowrank.errors import InvalidOptionError
 from onnx_lowrank.evaluate import interleaved_times
 from onnx_lowrank.graph.rewrite import channel_decomposition, replace_convs
 from onnx_lowrank.graph.units import ConvUnit
+from onnx_lowrank.ranks import rank_ladder
+from onnx_lowrank.runtime import batch_size_for, provider_available
 
 log = logging.getLogger(__name__)
 
@@ -187,9 +189,6 @@ class LayerLatency:
 
 def measure_layer_latency(analysis, opts) -> LayerLatency:
     """Profile every decomposable layer's candidates (and the other convs whole) for ``opts``."""
-    from onnx_lowrank.ranks import rank_ladder
-    from onnx_lowrank.runtime import batch_size_for, provider_available
-
     available = [p for p in opts.providers if provider_available(p)]
     if not available:
         raise InvalidOptionError(f"--objective latency measures on a provider, and none of "

@@ -150,6 +150,11 @@ def render(report: Report, console) -> None:
             continue
         summary.add_row(f"latency {provider} original / optimized",
                         f"{latency['original']:.2f} ms / {latency['optimized']:.2f} ms")
+        if "p90" in latency:
+            summary.add_row(f"latency {provider} p90, original / optimized",
+                            f"{latency['p90']['original']:.2f} ms / {latency['p90']['optimized']:.2f} ms")
+            summary.add_row(f"throughput {provider} (batch {latency['batch']}), original / optimized",
+                            f"{latency['throughput']['original']:.0f} / {latency['throughput']['optimized']:.0f} /s")
         summary.add_row(f"measured speedup {provider}", f"{report.actual_speedup[provider]:.2f}×")
     fidelity = report.fidelity
     if fidelity is not None:

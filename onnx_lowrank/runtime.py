@@ -18,10 +18,17 @@ import onnx
 import onnxruntime as ort
 
 from onnx_lowrank.calibration import InputSpec
-from onnx_lowrank.errors import ModelLoadError, ModelRunError
+from onnx_lowrank.errors import ModelLoadError, ModelRunError, ProviderError
 from onnx_lowrank.graph.io import first_line, model_file, needs_file
 
-PROVIDER_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+PROVIDER_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
+                  "tensorrt": "TensorrtExecutionProvider", "openvino": "OpenVINOExecutionProvider"}
+# What each provider needs; onnxruntime's packages are alternatives (each installs the module
+# ``onnxruntime``), so a provider comes from swapping the package, not from adding one.
+PROVIDER_NEEDS = {"cpu": "onnxruntime",
+                  "cuda": "onnxruntime-gpu in place of onnxruntime, and a CUDA device",
+                  "tensorrt": "onnxruntime-gpu in place of onnxruntime, TensorRT's libraries and a CUDA device",
+                  "openvino": "onnxruntime-openvino in place of onnxruntime"}
 
 
 def provider_available(provider: str) -> bool:
@@ -43,14 +50,21 @@ def make_session(model: onnx.ModelProto | bytes | Path, *, optimize: bool = True
     providers = [PROVIDER_NAMES[provider]]
     try:
         if isinstance(model, Path):
-            return ort.InferenceSession(str(model), options, providers=providers)
-        if isinstance(model, bytes) or not needs_file(model):
+            session = ort.InferenceSession(str(model), options, providers=providers)
+        elif isinstance(model, bytes) or not needs_file(model):
             data = model if isinstance(model, bytes) else model.SerializeToString()
-            return ort.InferenceSession(data, options, providers=providers)
-        with model_file(model) as path:  # onnxruntime has read the weights once the session exists
-            return ort.InferenceSession(str(path), options, providers=providers)
+            session = ort.InferenceSession(data, options, providers=providers)
+        else:
+            with model_file(model) as path:  # onnxruntime has read the weights once the session exists
+                session = ort.InferenceSession(str(path), options, providers=providers)
     except Exception as exc:
         raise ModelLoadError(f"onnxruntime cannot load the model: {first_line(exc)}") from None
+    # onnxruntime falls back to CPU without a word when a provider cannot start (no device, a
+    # missing library): a CPU figure must never be reported as another provider's.
+    if providers[0] not in session.get_providers():
+        raise ProviderError(f"onnxruntime could not start {providers[0]} (it fell back to "
+                            f"{', '.join(session.get_providers())})", hint=f"{provider} needs {PROVIDER_NEEDS[provider]}")
+    return session
 
 
 def run(session: ort.InferenceSession, names: list[str] | None, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:

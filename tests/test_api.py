@@ -83,6 +83,25 @@ def test_unavailable_cuda_is_reported_not_measured(calib_file) -> None:
     assert report.latency_ms["cuda"]["original"] is None
     assert "not available" in report.latency_ms["cuda"]["status"]
     assert report.actual_speedup["cuda"] is None
+    cpu = report.latency_ms["cpu"]
+    assert cpu["original"] <= cpu["p90"]["original"] and cpu["optimized"] <= cpu["p90"]["optimized"]
+    assert cpu["throughput"]["optimized"] == pytest.approx(1e3 * cpu["batch"] / cpu["optimized"])
+
+
+def test_a_provider_that_falls_back_to_cpu_is_never_reported_as_itself(calib_file, monkeypatch) -> None:
+    """onnxruntime starts a CPU session when it cannot start the provider asked for; here it is
+    told the provider is there (as when its package is installed but its device or libraries are not)."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("a CUDA provider is present")
+    monkeypatch.setattr("onnx_lowrank.evaluate.provider_available", lambda provider: True)
+    report = compress(planted_model(), 2.0, calibration=str(calib_file), providers=("cpu", "cuda", "openvino"),
+                      bench_rounds=15).report
+    for provider in ("cuda", "openvino"):
+        assert report.actual_speedup[provider] is None
+        assert "fell back to CPUExecutionProvider" in report.latency_ms[provider]["status"]
+    assert report.actual_speedup["cpu"] > 0
 
 
 def test_dry_run_plans_without_solving(calib_file) -> None:

@@ -193,7 +193,7 @@ def test_an_interrupt_at_any_stage_writes_nothing(folder, monkeypatch, where) ->
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    target = {"compress": "onnx_lowrank.api._benchmark", "staging-model": "onnx_lowrank.outputs.write_model",
+    target = {"compress": "onnx_lowrank.api.benchmark_providers", "staging-model": "onnx_lowrank.outputs.write_model",
               "staging-report": "onnx_lowrank.report.Report.to_json"}[where]
     monkeypatch.setattr(target, interrupt)
     before = snapshot(folder)
