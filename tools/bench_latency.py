@@ -1,0 +1,88 @@
+"""FLOP-planned vs latency-planned plans, and INT8 on top, measured as whole-model latency.
+
+For each target speedup the model is compressed twice (``--objective flops`` and ``latency``,
+layers profiled at 1 thread, batch 1) and once with ``--quantize int8`` on the FLOP plan. Every
+model is then timed interleaved with the original on the CPU provider at 1 thread / default
+threads and batch 1 / 8 (medians of ``--rounds``); the models are saved to ``--keep`` so that
+``tools/bench_providers.py`` can time them on another provider (OpenVINO, CUDA) in its own venv.
+
+    python tools/bench_latency.py models/digits-vgg.onnx --calib models/digits-calib.npz \\
+        --eval models/digits-test.npz --speedups 2 3 4 --keep /tmp/lat-demo \\
+        --json benchmarks/issue12/demo.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from onnx_lowrank import compress
+from onnx_lowrank.calibration import model_inputs, open_calibration
+from onnx_lowrank.evaluate import interleaved_times
+from onnx_lowrank.profile import rank_grid
+from onnx_lowrank.quantize import SourceReader, quantize_int8
+
+SETTINGS = [("1 thread, batch 1", 1, 1), ("default threads, batch 1", 0, 1), ("default threads, batch 8", 0, 8)]
+
+
+def timings(original, models: dict[str, onnx.ModelProto], sample: dict[str, np.ndarray], rounds: int) -> dict:
+    result = {}
+    for label, threads, batch in SETTINGS:
+        feeds = {name: np.repeat(value[:1], batch, axis=0) for name, value in sample.items()}
+        times = interleaved_times([original, *models.values()], feeds, threads=threads, rounds=rounds)
+        medians = [float(np.median(t)) for t in times]
+        result[label] = {"original_ms": medians[0],
+                         **{f"{name}_speedup": medians[0] / m for name, m in zip(models, medians[1:])}}
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", type=Path)
+    parser.add_argument("--calib")
+    parser.add_argument("--eval")
+    parser.add_argument("--speedups", type=float, nargs="+", default=[2.0, 3.0, 4.0])
+    parser.add_argument("--num-images", type=int, default=300)
+    parser.add_argument("--rounds", type=int, default=40)
+    parser.add_argument("--keep", type=Path, required=True, help="folder to save every model in")
+    parser.add_argument("--json", type=Path, required=True)
+    args = parser.parse_args()
+    args.keep.mkdir(parents=True, exist_ok=True)
+    original = onnx.load(args.model)
+    source = open_calibration(args.eval or args.calib, model_inputs(original))
+    sample = source.get([0])
+    common = dict(calibration=args.calib, evaluation=args.eval, num_images=args.num_images, threads=1)
+    rows = []
+    for speedup in args.speedups:
+        row = {"speedup": speedup, "grid": rank_grid("cpu")[1], "plans": {}}
+        models = {}
+        for objective in ("flops", "latency"):
+            clock = time.perf_counter()
+            result = compress(original, speedup, objective=objective, bench=False, **common)
+            models[objective] = result.model
+            report = result.report
+            row["plans"][objective] = {"theoretical_conv_speedup": report.theoretical_conv_speedup,
+                              "output_rel_error": next(iter(report.fidelity.output_rel_error.values())),
+                              "top1_agreement": report.fidelity.top1_agreement, "seconds": time.perf_counter() - clock,
+                              "predicted_ms": (report.latency_plan or {}).get("predicted_ms")}
+        quantized = compress(original, speedup, quantize="int8", bench=False, **common)
+        row["stages"] = [{k: v for k, v in s.items() if k != "latency_ms"} for s in quantized.report.stages]
+        models["lowrank_int8"] = quantized.model
+        calib = open_calibration(args.calib, model_inputs(original))  # the same samples the tool quantized with
+        models["int8"] = quantize_int8(original, SourceReader(calib, list(range(min(len(calib), 128))), 8)).model
+        for name, model in models.items():
+            onnx.save(model, args.keep / f"{args.model.stem}-{speedup:g}-{name}.onnx")
+        row["measured"] = timings(original, models, sample, args.rounds)
+        rows.append(row)
+        print(json.dumps(row, default=float), flush=True)
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(rows, indent=2, default=float) + "\n")
+
+
+if __name__ == "__main__":
+    main()
