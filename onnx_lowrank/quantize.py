@@ -73,20 +73,22 @@ class SourceReader(CalibrationDataReader):
 
 
 def quantize_int8(model: onnx.ModelProto, reader: SourceReader, method: str = "minmax",
-                  auto_exclude: bool = True) -> Quantized:
-    """Static INT8 (QDQ) of ``model``; with ``auto_exclude`` the activations INT8 breaks stay float."""
+                  auto_exclude: bool = True, symmetric_activations: bool = False) -> Quantized:
+    """Static INT8 (QDQ) of ``model``; with ``auto_exclude`` the activations INT8 breaks stay float.
+    ``symmetric_activations``: int8 activations with zero point 0, as TensorRT requires; otherwise
+    uint8 with a zero point, the form onnxruntime's CPU kernels are fastest with."""
     with tempfile.TemporaryDirectory(prefix="onnx-lowrank-int8-") as folder:
         prepared = Path(folder) / "prepared.onnx"
         onnx.save(model, Path(folder) / "float.onnx")
         _pre_process(Path(folder) / "float.onnx", prepared)
         quantized = Path(folder) / "int8.onnx"
-        _quantize(prepared, quantized, reader, method, ())
+        _quantize(prepared, quantized, reader, method, (), symmetric_activations)
         kept: dict[str, float] = {}
         if auto_exclude:
             kept = fragile_nodes(onnx.load(prepared), quantized, reader)
             if kept:
                 log.info("INT8 keeps %d nodes in float: %s", len(kept), ", ".join(sorted(kept)))
-                _quantize(prepared, quantized, reader, method, sorted(kept))
+                _quantize(prepared, quantized, reader, method, sorted(kept), symmetric_activations)
         return Quantized(onnx.load(quantized), kept)
 
 
@@ -138,18 +140,18 @@ def _pre_process(source: Path, target: Path) -> None:
     quant_pre_process(str(source), str(target))
 
 
-def _quantize(prepared: Path, target: Path, reader: SourceReader, method: str, exclude: Sequence[str]) -> None:
+def _quantize(prepared: Path, target: Path, reader: SourceReader, method: str, exclude: Sequence[str],
+              symmetric_activations: bool) -> None:
     methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                "percentile": CalibrationMethod.Percentile}
     reader.rewind()
     printed = io.StringIO()  # onnxruntime's calibrators print progress to stdout: the run's tables go there
-    # uint8 activations with a zero point and symmetric per-channel int8 weights: the U8S8 form
-    # onnxruntime's CPU kernels are fastest with.
     with contextlib.redirect_stdout(printed):
         quantize_static(str(prepared), str(target), reader, quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        activation_type=QuantType.QInt8 if symmetric_activations else QuantType.QUInt8,
+                        weight_type=QuantType.QInt8,
                         calibrate_method=methods[method], nodes_to_exclude=list(exclude) or None,
-                        extra_options={"WeightSymmetric": True, "ActivationSymmetric": False})
+                        extra_options={"WeightSymmetric": True, "ActivationSymmetric": symmetric_activations})
     if printed.getvalue().strip():
         log.debug("onnxruntime's quantizer: %s", printed.getvalue().strip())
 
@@ -161,9 +163,10 @@ def add_int8(analysis, lowrank: onnx.ModelProto, report, opts) -> onnx.ModelProt
     reader = SourceReader(data.source, data.calib_indices, data.batch)
     reference = analysis.reference
     with run.stage("quantize", f"quantizing to INT8 ({opts.int8_calibration} calibration)"):
-        lowrank_int8 = quantize_int8(lowrank, reader, opts.int8_calibration)
+        symmetric = opts.providers[0] == "tensorrt"  # TensorRT takes symmetric int8 activations only
+        lowrank_int8 = quantize_int8(lowrank, reader, opts.int8_calibration, symmetric_activations=symmetric)
         original = onnx.load(reference) if isinstance(reference, (str, Path)) else reference
-        original_int8 = quantize_int8(original, reader, opts.int8_calibration)
+        original_int8 = quantize_int8(original, reader, opts.int8_calibration, symmetric_activations=symmetric)
     for name, result in (("low-rank + int8", lowrank_int8), ("int8", original_int8)):
         if result.kept_float:
             run.warn(f"{name}: INT8 breaks {len(result.kept_float)} nodes (an activation's int8 noise above "
@@ -193,7 +196,8 @@ def add_int8(analysis, lowrank: onnx.ModelProto, report, opts) -> onnx.ModelProt
                     stage["latency_ms"][provider] = {"p50": float(np.median(measured)),
                                                      "p90": float(np.percentile(measured, 90))}
     report.stages = stages
-    report.int8 = {"format": "QDQ, per-channel symmetric int8 weights, uint8 activations",
+    report.int8 = {"format": "QDQ, per-channel symmetric int8 weights, "
+                             + ("symmetric int8 activations" if symmetric else "uint8 activations"),
                    "calibration": opts.int8_calibration, "kept_float": lowrank_int8.kept_float,
                    "kept_float_int8_alone": original_int8.kept_float}
     return lowrank_int8.model

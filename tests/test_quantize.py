@@ -119,3 +119,13 @@ def test_int8_with_a_budget_or_an_unknown_calibration_is_refused() -> None:
         compress_to_budget(model, Budget("error", 0.1), calibration=data, quantize="int8")
     with pytest.raises(InvalidOptionError, match="int8 calibration .kl."):
         compress(model, 2.0, calibration=data, quantize="int8", int8_calibration="kl")
+
+
+def test_symmetric_activations_for_tensorrt_have_int8_zero_points_of_zero() -> None:
+    model, data = model_and_data()
+    quantized = quantize_int8(model, reader_for(model, data), symmetric_activations=True).model
+    initializers = {i.name: onnx.numpy_helper.to_array(i) for i in quantized.graph.initializer}
+    zero_points = [initializers[n.input[2]] for n in quantized.graph.node if n.op_type == "QuantizeLinear"]
+    assert zero_points and all(z.dtype == np.int8 and not z.any() for z in zero_points)
+    reference = run_model(model, {"input": data})[0]
+    assert relative_error(reference, run_model(quantized, {"input": data})[0]) < 0.05

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 
 from onnx_lowrank import compress
 from onnx_lowrank.calibration import model_inputs, open_calibration
@@ -39,6 +41,24 @@ def timings(original, models: dict[str, onnx.ModelProto], sample: dict[str, np.n
         result[label] = {"original_ms": medians[0],
                          **{f"{name}_speedup": medians[0] / m for name, m in zip(models, medians[1:])}}
     return result
+
+
+def conv_time_ms(model: onnx.ModelProto, feeds: dict[str, np.ndarray], runs: int, warmup: int = 5) -> float:
+    """Median over runs of the summed kernel time of the Conv nodes (onnxruntime's profiler, 1
+    thread): the model's conv time, without the other ops a whole-model latency includes."""
+    options = ort.SessionOptions()
+    options.enable_profiling = True
+    options.intra_op_num_threads = 1
+    with tempfile.TemporaryDirectory() as folder:
+        options.profile_file_prefix = str(Path(folder) / "profile")
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        for _ in range(warmup + runs):
+            session.run(None, feeds)
+        events = json.loads(Path(session.end_profiling()).read_text())
+    spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "model_run")[warmup:]
+    per_run = [sum(e["dur"] for e in events if e.get("cat") == "Node" and e["args"].get("op_name") == "Conv"
+                   and e["name"].endswith("_kernel_time") and start <= e["ts"] <= end) for start, end in spans]
+    return float(np.median(per_run)) / 1e3
 
 
 def main() -> None:
@@ -78,6 +98,9 @@ def main() -> None:
         for name, model in models.items():
             onnx.save(model, args.keep / f"{args.model.stem}-{speedup:g}-{name}.onnx")
         row["measured"] = timings(original, models, sample, args.rounds)
+        conv_original = conv_time_ms(original, sample, args.rounds)
+        row["conv_time_speedup_1_thread"] = {name: conv_original / conv_time_ms(model, sample, args.rounds)
+                                             for name, model in models.items() if name in ("flops", "latency")}
         rows.append(row)
         print(json.dumps(row, default=float), flush=True)
         args.json.parent.mkdir(parents=True, exist_ok=True)
