@@ -5,21 +5,33 @@ Each layer's chain at a rank is solved symmetrically with a short schedule (so i
 other layer and is solved once), the model with only that layer replaced is run on a subset of
 the *calibration* samples (the held-out part stays for the fidelity figures), and the loss is the
 relative error of its first output against the original's.
+
+Only the part of the network from the layer on is run for each rank: the tensors it reads from
+before the layer (the cut) are computed once per layer and fed to the suffix, whose output is
+the whole model's. Where the cut would take more than ``CUT_MEMORY`` bytes (wide early maps of a
+large input) the whole model is run instead.
 """
 
 from __future__ import annotations
 
 import logging
 
+import numpy as np
+import onnx
+from onnx import helper
+
 from onnx_lowrank.evaluate import compare_outputs, model_outputs
 from onnx_lowrank.graph.rewrite import replace_convs
+from onnx_lowrank.graph.surgery import suffix_model
 from onnx_lowrank.layers import PROBE_SCHEDULE, solve_layers
 from onnx_lowrank.plans import ArchitecturePlan
 from onnx_lowrank.ranks import rank_ladder
+from onnx_lowrank.runtime import make_session, run, run_in_batches, with_outputs
 
 log = logging.getLogger(__name__)
 
 SUBSET = 32  # calibration samples the losses are measured on
+CUT_MEMORY = 1 << 30
 
 
 def measure_sensitivity(analysis, opts) -> dict[str, dict[int, float]]:
@@ -38,16 +50,63 @@ def measure_sensitivity(analysis, opts) -> dict[str, dict[int, float]]:
     with analysis.run.stage("sensitivity", f"measuring the sensitivity of {len(candidates)} convs"):
         for candidate in candidates:
             losses[candidate.name] = {}
+            suffix, feeds = _suffix_and_cut(analysis.normalised, candidate.name, data, subset, opts.threads)
             for rank in ladders[candidate.name]:
                 plan = ArchitecturePlan(ranks={candidate.name: rank})
                 solved = solve_layers(method, False, analysis.normalised, [units[candidate.name]], plan,
                                       analysis.responses, analysis.stats, analysis.shapes, analysis.collect,
                                       lambda step=1: None, cache, PROBE_SCHEDULE)
-                outputs = model_outputs(replace_convs(analysis.normalised, solved.chains), data.source, subset,
-                                        data.batch, opts.threads)
+                if suffix is None:
+                    outputs = model_outputs(replace_convs(analysis.normalised, solved.chains), data.source, subset,
+                                            data.batch, opts.threads)
+                else:
+                    outputs = _run_on(replace_convs(suffix, solved.chains), feeds, opts.threads)
                 fidelity = compare_outputs(reference, outputs)
                 losses[candidate.name][rank] = float(next(iter(fidelity.output_rel_error.values())))
                 advance(1)
             log.debug("sensitivity of %s: %s", candidate.name, losses[candidate.name])
     return losses
+
+
+def _suffix_and_cut(model: onnx.ModelProto, layer: str, data, subset, threads: int):
+    """The model from ``layer`` on, and the cut's values for each batch of ``subset``; (None, None)
+    where the cut would hold more than ``CUT_MEMORY`` bytes or holds a graph output."""
+    suffix, cut = suffix_model(model, layer)
+    inputs = {i.name for i in model.graph.input}
+    if set(cut) & {o.name for o in model.graph.output}:
+        return None, None
+    computed = [name for name in cut if name not in inputs]
+    session = make_session(with_outputs(model, computed), threads=threads)
+    feeds: list[dict[str, np.ndarray]] = []
+    held = 0
+
+    def keep(chunk, batch_feeds, outputs) -> None:
+        nonlocal held
+        values = {name: batch_feeds[name] for name in cut if name in inputs} | dict(zip(computed, outputs))
+        held += sum(v.nbytes for v in values.values())
+        if held > CUT_MEMORY:
+            raise _CutTooLarge
+        feeds.append(values)
+
+    try:
+        run_in_batches(session, data.source, subset, data.batch, keep, names=computed or None)
+    except _CutTooLarge:
+        log.debug("sensitivity of %s: the cut exceeds %d bytes, the whole model is run", layer, CUT_MEMORY)
+        return None, None
+    for value_info in suffix.graph.input:  # the cut's types, as computed
+        value = feeds[0][value_info.name]
+        value_info.CopyFrom(helper.make_tensor_value_info(value_info.name,
+                                                          helper.np_dtype_to_tensor_dtype(value.dtype), None))
+    return suffix, feeds
+
+
+class _CutTooLarge(Exception):
+    pass
+
+
+def _run_on(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], threads: int) -> dict[str, np.ndarray]:
+    session = make_session(model, threads=threads)
+    names = [o.name for o in session.get_outputs()]
+    parts = [run(session, names, batch) for batch in feeds]
+    return {name: np.concatenate([part[i] for part in parts]) for i, name in enumerate(names)}
 

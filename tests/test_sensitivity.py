@@ -76,3 +76,26 @@ def test_sensitivity_needs_a_data_driven_method() -> None:
 
     with pytest.raises(InvalidOptionError, match="data-driven methods"):
         Options(method="svd", rank_selection="sensitivity")
+
+
+def test_running_only_the_suffix_after_each_layer_measures_what_the_whole_model_does(monkeypatch) -> None:
+    """The cheap path (cut values computed once, the suffix run per rank) against the whole model
+    run per rank."""
+    import dataclasses
+
+    from onnx_lowrank import api, sensitivity
+    from onnx_lowrank.options import Options
+    from tests.builders import Layer, conv_net
+
+    model = conv_net([Layer(16), Layer(32, weight_rank=8), Layer(32), Layer(32, weight_rank=4)], size=(10, 10),
+                     classifier=5)
+    data = np.random.default_rng(0).standard_normal((48, 3, 10, 10)).astype(np.float32)
+    opts = Options(speedup=1.5, bench=False)
+    analysis = api.analyse(model, dataclasses.replace(opts), data)
+    cheap = sensitivity.measure_sensitivity(analysis, opts)
+    monkeypatch.setattr(sensitivity, "CUT_MEMORY", -1)
+    whole = sensitivity.measure_sensitivity(analysis, opts)
+    assert cheap.keys() == whole.keys() and len(cheap) == 3
+    for layer in cheap:
+        assert cheap[layer].keys() == whole[layer].keys()
+        assert np.allclose(list(cheap[layer].values()), list(whole[layer].values()), rtol=1e-4, atol=1e-6)

@@ -52,6 +52,29 @@ def prefix_model(model: onnx.ModelProto, outputs: list[str]) -> onnx.ModelProto:
     return prefix
 
 
+def suffix_model(model: onnx.ModelProto, node_name: str) -> tuple[onnx.ModelProto, list[str]]:
+    """The part of ``model`` from node ``node_name`` on (in its topological order), as a model
+    whose inputs are the tensors computed before that node and read from it on (the ``cut``,
+    returned too): replacing that node and running the suffix from the cut's values costs only
+    what follows it. Graph inputs read from the node on are part of the cut."""
+    nodes = list(model.graph.node)
+    start = next(i for i, node in enumerate(nodes) if node.name == node_name)
+    initializers = {init.name for init in model.graph.initializer}
+    produced_before = {name for node in nodes[:start] for name in node.output} | {i.name for i in model.graph.input}
+    read_after = {name for node in nodes[start:] for name in (*node.input, *_names_read_by_subgraphs(node)) if name}
+    read_after |= {o.name for o in model.graph.output}
+    cut = sorted((produced_before & read_after) - initializers)
+    graph = onnx.GraphProto(name=model.graph.name, node=nodes[start:],
+                            input=[onnx.helper.make_empty_tensor_value_info(name) for name in cut],
+                            output=model.graph.output,
+                            initializer=[init for init in model.graph.initializer if init.name in read_after],
+                            value_info=[info for info in model.graph.value_info if info.name in read_after])
+    suffix = onnx.ModelProto(ir_version=model.ir_version, opset_import=model.opset_import,
+                             producer_name=model.producer_name, domain=model.domain,
+                             functions=model.functions, graph=graph)
+    return suffix, cut
+
+
 def _names_read_by_subgraphs(node: onnx.NodeProto) -> set[str]:
     """Outer-scope names that an If/Loop/Scan body may read."""
     names: set[str] = set()
