@@ -24,6 +24,7 @@ from onnx import numpy_helper
 
 from onnx_lowrank import api
 from onnx_lowrank.calibration import make_preprocess
+from onnx_lowrank.errors import InfeasibleTargetError
 from onnx_lowrank.graph.surgery import prefix_model
 from onnx_lowrank.options import Options
 from onnx_lowrank.runtime import collect_responses
@@ -111,7 +112,12 @@ def main() -> None:
             for selection in args.selections:
                 opts = dataclasses.replace(base, method=method, speedup=speedup, rank_selection=selection)
                 clock = time.perf_counter()
-                plan = api.plan_for(analysis, opts)
+                try:
+                    plan = api.plan_for(analysis, opts)
+                except InfeasibleTargetError as exc:
+                    rows.append({"method": method, "speedup": speedup, "selection": selection, "infeasible": str(exc)})
+                    print(json.dumps(rows[-1]), flush=True)
+                    continue
                 solved = api.solve(analysis, plan, opts, cache={})
                 optimized = api.rewrite(analysis, solved)
                 report = api.report_for(analysis, plan, solved, opts)

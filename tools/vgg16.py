@@ -59,8 +59,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("output")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--size", type=int, default=224, help="input side (a multiple of 32)")
     args = parser.parse_args()
-    onnx.save(build_vgg16(args.seed), args.output)
+    onnx.save(build_vgg16(args.seed, args.size), args.output)
 
 
 if __name__ == "__main__":
