@@ -57,5 +57,9 @@ class ProviderError(LowRankError):
     """An execution provider asked for is not installed or cannot start here."""
 
 
+class QuantizationError(LowRankError):
+    """onnxruntime's quantizer failed on the model."""
+
+
 class InternalError(Exception):
     """Something the tool produced is wrong: a bug to report, not bad input."""

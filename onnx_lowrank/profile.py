@@ -29,6 +29,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx_lowrank.costs import ConvShape
 from onnx_lowrank.errors import InvalidOptionError
 from onnx_lowrank.evaluate import interleaved_times
+from onnx_lowrank.graph.io import first_line
 from onnx_lowrank.graph.rewrite import channel_decomposition, replace_convs
 from onnx_lowrank.graph.units import ConvUnit
 from onnx_lowrank.ranks import rank_ladder
@@ -87,11 +88,13 @@ class LatencyCache:
         if cache.path is not None and cache.path.exists():
             try:
                 data = json.loads(cache.path.read_text())
-            except (OSError, ValueError) as exc:
-                raise InvalidOptionError(f"--latency-cache {cache.path} is not a latency cache: {exc}",
+                if isinstance(data, dict) and data.get("version") == CACHE_VERSION:
+                    cache.entries = {str(k): float(v) for k, v in dict(data.get("entries", {})).items()}
+                elif not isinstance(data, dict) or "version" not in data:
+                    raise ValueError("no 'version' key")
+            except (OSError, ValueError, TypeError) as exc:
+                raise InvalidOptionError(f"--latency-cache {cache.path} is not a latency cache: {first_line(exc)}",
                                          hint="give a new file name, or delete that file") from None
-            if isinstance(data, dict) and data.get("version") == CACHE_VERSION:
-                cache.entries = {str(k): float(v) for k, v in data.get("entries", {}).items()}
         return cache
 
     def save(self) -> None:

@@ -28,7 +28,8 @@ from onnxruntime.quantization.qdq_loss_debug import (collect_activations, create
                                                      modify_model_output_intermediate_tensors)
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from onnx_lowrank.errors import ProviderError
+from onnx_lowrank.errors import LowRankError, ProviderError, QuantizationError
+from onnx_lowrank.graph.io import first_line
 from onnx_lowrank.evaluate import compare_outputs, interleaved_times, model_outputs
 from onnx_lowrank.runtime import batch_size_for, provider_available
 
@@ -77,6 +78,17 @@ def quantize_int8(model: onnx.ModelProto, reader: SourceReader, method: str = "m
     """Static INT8 (QDQ) of ``model``; with ``auto_exclude`` the activations INT8 breaks stay float.
     ``symmetric_activations``: int8 activations with zero point 0, as TensorRT requires; otherwise
     uint8 with a zero point, the form onnxruntime's CPU kernels are fastest with."""
+    try:
+        return _quantize_int8(model, reader, method, auto_exclude, symmetric_activations)
+    except LowRankError:
+        raise
+    except Exception as exc:  # onnxruntime's tools raise anything; the user gets one line
+        raise QuantizationError(f"onnxruntime's quantizer failed on the model: {first_line(exc)}",
+                                hint="drop --quantize, or try another --int8-calibration") from None
+
+
+def _quantize_int8(model: onnx.ModelProto, reader: SourceReader, method: str, auto_exclude: bool,
+                   symmetric_activations: bool) -> Quantized:
     with tempfile.TemporaryDirectory(prefix="onnx-lowrank-int8-") as folder:
         prepared = Path(folder) / "prepared.onnx"
         onnx.save(model, Path(folder) / "float.onnx")

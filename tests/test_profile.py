@@ -108,3 +108,10 @@ def test_compress_plans_on_measured_latency_and_reports_the_prediction(tmp_path)
     assert again.latency_plan["candidates_measured"] == 0 and again.latency_plan["cache_hits"] > 0
     with pytest.raises(InvalidOptionError, match="--objective latency"):
         compress(model, 1.5, calibration=data, objective="latency", method="asym3d")
+
+
+@pytest.mark.parametrize("text", ['{"version": 1, "entries": {"k": "fast"}}', "[1, 2]", '{"entries": {}}', "{"])
+def test_a_file_that_is_not_a_latency_cache_is_refused_in_one_line(tmp_path, text: str) -> None:
+    (tmp_path / "cache.json").write_text(text)
+    with pytest.raises(InvalidOptionError, match="is not a latency cache"):
+        LatencyCache.open(tmp_path / "cache.json")

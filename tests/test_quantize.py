@@ -129,3 +129,15 @@ def test_symmetric_activations_for_tensorrt_have_int8_zero_points_of_zero() -> N
     assert zero_points and all(z.dtype == np.int8 and not z.any() for z in zero_points)
     reference = run_model(model, {"input": data})[0]
     assert relative_error(reference, run_model(quantized, {"input": data})[0]) < 0.05
+
+
+def test_a_failure_inside_onnxruntimes_quantizer_is_one_error(monkeypatch) -> None:
+    from onnx_lowrank.errors import QuantizationError
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("symbolic shape inference failed\nat node 7")
+
+    monkeypatch.setattr("onnx_lowrank.quantize.quant_pre_process", broken)
+    model, data = model_and_data()
+    with pytest.raises(QuantizationError, match=r"quantizer failed on the model: symbolic shape inference failed \(hint"):
+        quantize_int8(model, reader_for(model, data))
