@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from onnx_lowrank.report import Report
+from onnx_lowrank.report import PROBE_LABEL, Report
 
 
 def draw_frontier(report: Report, path: Path) -> None:
@@ -15,7 +15,7 @@ def draw_frontier(report: Report, path: Path) -> None:
 
     points = [p for p in report.frontier if p.value is not None]
     figure, axes = plt.subplots(figsize=(6.4, 4.2), dpi=120)
-    for solver, marker in (("probe (symmetric)", "o"), (None, "s")):
+    for solver, marker in ((PROBE_LABEL, "o"), (None, "s")):
         chosen = [p for p in points if (p.solver == solver) == (solver is not None)]
         if chosen:
             axes.scatter([p.theoretical_speedup for p in chosen], [p.value for p in chosen], marker=marker,

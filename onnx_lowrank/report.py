@@ -29,6 +29,9 @@ class LayerReport:
     samples: int | None = None  # response samples collected for the layer
 
 
+PROBE_LABEL = "probe"  # FrontierPoint.solver of a budget search's cheap probes
+
+
 @dataclass
 class FrontierPoint:
     """One plan a budget search measured: the speedup asked for, the theoretical conv speedup of the

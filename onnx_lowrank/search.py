@@ -4,10 +4,12 @@ compression-ratio selection with an eval callback, Olive's accuracy goals).
 
 The analysis (load, responses, statistics) runs once. The speedup is then searched in two phases:
 
-1. *Probes*: plans at bracketing, then bisected, speedups are solved symmetrically (each layer
-   from the original network's input, so a layer's chain at a rank depends on nothing else and is
-   solved once for all probes: ``layers.solve_layers`` keeps them by (layer, rank)) and measured
-   on the held-out set against the original's outputs, which are computed once.
+1. *Probes*: plans at bracketing, then bisected, speedups are solved cheaply and symmetrically
+   (each layer from the original network's input, so a layer's chain at a rank depends on nothing
+   else and is solved once for all probes: ``layers.solve_layers`` keeps them by (layer, rank));
+   channel methods probe with the PCA of the responses (Eq. 4), whose eigenvectors the analysis
+   already has. Each probe is measured on the held-out set against the original's outputs,
+   which are computed once.
 2. *The method itself* (asymmetric by default, usually better than its symmetric probe) at the
    slowest probe that missed the budget, then at the fastest that met it, then halfway down.
    Only a plan measured with the method itself is ever the answer, so the budget is met on
@@ -31,7 +33,7 @@ from onnx_lowrank.api import Analysis, Result, analyse, measure, plan_for, repor
 from onnx_lowrank.errors import BudgetNotMetError, InfeasibleTargetError, InvalidOptionError
 from onnx_lowrank.evaluate import compare_outputs, model_outputs
 from onnx_lowrank.options import Options
-from onnx_lowrank.report import FrontierPoint
+from onnx_lowrank.report import PROBE_LABEL, FrontierPoint
 from onnx_lowrank.layers import PROBE_SCHEDULE
 from onnx_lowrank.solvers.nonlinear import PAPER_SCHEDULE
 from onnx_lowrank.userfiles import load_from_file
@@ -106,7 +108,7 @@ class Budget:
         return {"error": value, "drop": value, "agreement": 1 - value}.get(self.kind)
 
 
-PROBES = 7  # symmetric probes: bracketing steps and bisection
+PROBES = 7  # probes: bracketing steps and bisection
 PRECISION = 0.05  # stop bisecting when the bracket is within 5 % in speedup
 
 
@@ -230,10 +232,12 @@ class _Searcher:
         return loss * scale <= self.budget.loss(self.budget.limit) if loss is not None else self.budget.met(value)
 
     def _probe_options(self) -> Options:
-        """The method solved symmetrically (so layers are independent and cached); data-free methods as they are."""
+        """Channel methods probe with PCA of the responses (Eq. 4: no solver iterations, the
+        eigenvectors are already computed, so a probe costs its rewrite and its measurement); asym3d
+        with its symmetric form (layers independent, so cached); data-free methods as they are."""
         if self.opts.data_free or self.opts.method == "linear":
             return self.opts
-        method = "nonlinear" if self.opts.method == "asymmetric" else self.opts.method
+        method = "linear" if self.opts.method in ("asymmetric", "nonlinear") else self.opts.method
         return dataclasses.replace(self.opts, method=method, symmetric=method == "asym3d")
 
     def _evaluate(self, speedup: float, opts: Options, proxy: bool):
@@ -253,7 +257,7 @@ class _Searcher:
             outputs = model_outputs(optimized, data.eval_source, data.holdout_indices, data.batch, opts.threads)
         value = self.budget.value(self.reference, outputs, self.labels)
         point = FrontierPoint(speedup, plan.speedup, value, self.budget.met(value),
-                              "probe (symmetric)" if proxy and opts != self.opts else opts.method)
+                              PROBE_LABEL if proxy and opts != self.opts else opts.method)
         self.frontier.append(point)
         self.plans[speedup] = plan
         if proxy:
