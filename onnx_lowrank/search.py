@@ -110,6 +110,7 @@ class Budget:
 
 PROBES = 7  # probes: bracketing steps and bisection
 PRECISION = 0.05  # stop bisecting when the bracket is within 5 % in speedup
+BEYOND_STEPS = 2  # runs of the method above the first plan that met the budget
 
 
 def compress_to_budget(model, budget: Budget, *, calibration=None, evaluation=None, preprocess=None,
@@ -184,19 +185,30 @@ class _Searcher:
         return None
 
     def _beyond(self, best):
-        """Where the method beats its probes by a factor k in loss (error, points, disagreement),
-        probes whose loss times k meets the budget point to a faster plan: one more run of the
-        method there, kept if it meets the budget itself."""
-        point = best[0]
-        probe_loss, method_loss = self.budget.loss(self.probes.get(point.speedup_target, math.nan)), \
-            self.budget.loss(point.value)
-        if probe_loss is None or not probe_loss > 0 or not 0 < method_loss < probe_loss:
-            return best
+        """Up to ``BEYOND_STEPS`` more runs of the method at faster plans the probes point to, each
+        kept only if it meets the budget itself (see ``_next_speedup``)."""
+        for _ in range(BEYOND_STEPS):
+            speedup = self._next_speedup(best[0])
+            if speedup is None:
+                break
+            result = self._evaluate(speedup, self.opts, proxy=False)
+            if result is None or not result[0].met:
+                break
+            best = result
+        return best
+
+    def _next_speedup(self, point: FrontierPoint) -> float | None:
+        """Where the method beats its probe by a factor k in loss (error, points, disagreement),
+        the fastest probe whose loss times k meets the budget; where it lost nothing at all (a
+        ratio says nothing), the next probe above it."""
+        probe_loss = self.budget.loss(self.probes.get(point.speedup_target, math.nan))
+        method_loss = self.budget.loss(point.value)
+        if probe_loss is None or method_loss is None or not probe_loss > 0 or not method_loss < probe_loss:
+            return None
+        if method_loss <= 0:
+            return min((s for s in self.probes if s > point.speedup_target), default=None)
         passing, _ = self._probe_bracket(point.speedup_target, scale=method_loss / probe_loss)
-        if passing is None or passing <= point.speedup_target * (1 + PRECISION):
-            return best
-        result = self._evaluate(passing, self.opts, proxy=False)
-        return result if result is not None and result[0].met else best
+        return passing if passing is not None and passing > point.speedup_target * (1 + PRECISION) else None
 
     def _probe_bracket(self, start: float, scale: float = 1.0) -> tuple[float | None, float | None]:
         """The fastest probed speedup that meets the budget and the slowest that does not; with
