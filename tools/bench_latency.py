@@ -25,6 +25,7 @@ import onnxruntime as ort
 
 from onnx_lowrank import compress
 from onnx_lowrank.calibration import model_inputs, open_calibration
+from onnx_lowrank.errors import InfeasibleTargetError
 from onnx_lowrank.evaluate import interleaved_times
 from onnx_lowrank.profile import rank_grid
 from onnx_lowrank.quantize import SourceReader, quantize_int8
@@ -83,7 +84,11 @@ def main() -> None:
         models = {}
         for objective in ("flops", "latency"):
             clock = time.perf_counter()
-            result = compress(original, speedup, objective=objective, bench=False, **common)
+            try:
+                result = compress(original, speedup, objective=objective, bench=False, **common)
+            except InfeasibleTargetError as exc:  # e.g. a measured 4x no plan on this CPU reaches
+                row["plans"][objective] = {"infeasible": str(exc)}
+                continue
             models[objective] = result.model
             report = result.report
             row["plans"][objective] = {"theoretical_conv_speedup": report.theoretical_conv_speedup,
@@ -101,6 +106,7 @@ def main() -> None:
         conv_original = conv_time_ms(original, sample, args.rounds)
         row["conv_time_speedup_1_thread"] = {name: conv_original / conv_time_ms(model, sample, args.rounds)
                                              for name, model in models.items() if name in ("flops", "latency")}
+        row["original_conv_ms_1_thread"] = conv_original
         rows.append(row)
         print(json.dumps(row, default=float), flush=True)
         args.json.parent.mkdir(parents=True, exist_ok=True)
