@@ -31,7 +31,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from onnx_lowrank.errors import LowRankError, ProviderError, QuantizationError
 from onnx_lowrank.graph.io import first_line
 from onnx_lowrank.evaluate import compare_outputs, interleaved_times, model_outputs
-from onnx_lowrank.runtime import batch_size_for, provider_available
+from onnx_lowrank.runtime import batch_size_for, make_session, provider_available
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 # a range so wide (a few outliers) that most of its values share a handful of levels.
 FRAGILE_SQNR_DB = 20.0
 DEBUG_SAMPLES = 64  # calibration samples the activations' noise is measured on, one run each
+DEBUG_MEMORY = 1 << 30  # bound on the activations those runs keep
 
 
 @dataclass
@@ -108,7 +109,12 @@ def fragile_nodes(prepared: onnx.ModelProto, quantized: Path, reader: SourceRead
     """Producer and consumers of every activation whose own QDQ noise is below ``FRAGILE_SQNR_DB``."""
     augmented = quantized.with_name("augmented.onnx")
     modify_model_output_intermediate_tensors(quantized, augmented)
-    matching = create_activation_matching(collect_activations(str(augmented), reader.one_by_one(DEBUG_SAMPLES)))
+    # Every activation of every sample is kept at once: as many samples as fit DEBUG_MEMORY.
+    first = reader.one_by_one(1).get_next()
+    per_sample = sum(a.nbytes for a in make_session(augmented, optimize=False).run(None, first)) if first else 1
+    count = int(max(1, min(DEBUG_SAMPLES, DEBUG_MEMORY // max(per_sample, 1))))
+    log.debug("INT8 noise measured on %d samples (%d bytes of activations each)", count, per_sample)
+    matching = create_activation_matching(collect_activations(str(augmented), reader.one_by_one(count)))
     producers = {out: node.name for node in prepared.graph.node for out in node.output}
     consumers: dict[str, list[str]] = {}
     for node in prepared.graph.node:

@@ -141,3 +141,16 @@ def test_a_failure_inside_onnxruntimes_quantizer_is_one_error(monkeypatch) -> No
     model, data = model_and_data()
     with pytest.raises(QuantizationError, match=r"quantizer failed on the model: symbolic shape inference failed \(hint"):
         quantize_int8(model, reader_for(model, data))
+
+
+def test_the_noise_measurement_keeps_its_activations_within_a_memory_bound(monkeypatch, caplog) -> None:
+    """Every activation of every measured sample is held at once: on a large model only as many
+    samples as fit the bound are run (here one)."""
+    import logging
+
+    monkeypatch.setattr("onnx_lowrank.quantize.DEBUG_MEMORY", 1)
+    model, data = model_and_data()
+    with caplog.at_level(logging.DEBUG, logger="onnx_lowrank.quantize"):
+        quantized = quantize_int8(model, reader_for(model, data))
+    assert "noise measured on 1 samples" in caplog.text
+    assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in quantized.model.graph.node}
