@@ -188,6 +188,10 @@ class Analysis:
     def conv_macs(self) -> int:
         return sum(s.macs for s in self.shapes.values())
 
+    def benchmark_feeds(self, batch: int) -> dict:
+        """The first held-out sample, repeated to the batch latency is measured at."""
+        return self.data.eval_source.get(self.data.holdout_indices[:1] * batch_size_for(self.inputs, batch))
+
     def finish(self, optimized: onnx.ModelProto | None, report: Report) -> "Result":
         self.run.timings["total"] = time.perf_counter() - self.run.started
         return Result(optimized, report, self.store)
@@ -322,7 +326,7 @@ def measure(analysis: Analysis, optimized: onnx.ModelProto, report: Report, opts
                                            threads=opts.threads)
     if opts.bench:
         with run.stage("benchmark", "measuring latency, original vs optimized"):
-            feeds = data.eval_source.get(data.holdout_indices[:1] * batch_size_for(analysis.inputs, opts.bench_batch))
+            feeds = analysis.benchmark_feeds(opts.bench_batch)
             report.latency_ms, report.actual_speedup = benchmark_providers(
                 analysis.reference, optimized, feeds, opts.providers, threads=opts.threads, rounds=opts.bench_rounds,
                 advance=analysis.progress.stage("benchmarking", len(opts.providers)))

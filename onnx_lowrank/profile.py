@@ -201,7 +201,8 @@ def measure_layer_latency(analysis, opts) -> LayerLatency:
     ladders = {u.name: rank_ladder(candidates[u.name], opts.rank_multiple) if u.name in candidates else []
                for u in analysis.units if u.name in analysis.shapes and len(u.kernel) == 2 and u.weight_shape}
     cache = LatencyCache.open(opts.latency_cache)
-    with analysis.run.stage("profile", f"timing {sum(len(v) + 1 for v in ladders.values())} layer candidates "
+    forms = sum(len(ladder) + 1 for ladder in ladders.values())
+    with analysis.run.stage("profile", f"timing {forms} layer candidates "
                                        f"on {device.provider}"):
         table = profile_layers(analysis.units, analysis.shapes, ladders, device, cache)
     cache.save()
@@ -210,6 +211,6 @@ def measure_layer_latency(analysis, opts) -> LayerLatency:
     if block and opts.rank_multiple % block:
         analysis.run.warn(f"--rank-multiple {opts.rank_multiple} is off the {grid} grid: the measured latency "
                           "plan avoids the slow ranks, a multiple of the block would give it more to choose from")
-    measured = sum(len(v) + 1 for v in ladders.values()) - cache.hits
+    measured = forms - cache.hits
     return LayerLatency({n: t for n, t in table.items() if n in candidates}, fixed, device, grid, measured,
                         cache.hits)

@@ -31,7 +31,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from onnx_lowrank.errors import LowRankError, ProviderError, QuantizationError
 from onnx_lowrank.graph.io import first_line
 from onnx_lowrank.evaluate import compare_outputs, interleaved_times, model_outputs
-from onnx_lowrank.runtime import batch_size_for, make_session, provider_available
+from onnx_lowrank.runtime import make_session, provider_available
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +202,7 @@ def add_int8(analysis, lowrank: onnx.ModelProto, report, opts) -> onnx.ModelProt
                    "latency_ms": {}} for name, model in models.items()]
     if opts.bench:
         with run.stage("benchmark", "measuring the latency of every stage"):
-            feeds = data.eval_source.get(data.holdout_indices[:1] * batch_size_for(analysis.inputs, opts.bench_batch))
+            feeds = analysis.benchmark_feeds(opts.bench_batch)
             for provider in [p for p in opts.providers if provider_available(p)]:
                 try:
                     times = interleaved_times(list(models.values()), feeds, provider=provider, threads=opts.threads,
