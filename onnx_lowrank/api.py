@@ -27,9 +27,8 @@ from onnx_lowrank.errors import CalibrationError, InternalError, InvalidOptionEr
 from onnx_lowrank.evaluate import benchmark_providers, measure_fidelity
 from onnx_lowrank.graph.io import WeightStore, check_model, is_large, load_model, model_path
 from onnx_lowrank.graph.normalise import normalise
-from onnx_lowrank.graph.rewrite import replace_convs
-from onnx_lowrank.graph.units import ConvUnit, find_conv_units
-from onnx_lowrank.graph.dense import dense_ops
+from onnx_lowrank.graph.rewrite import replace_units
+from onnx_lowrank.graph.units import Unit, find_units
 from onnx_lowrank.plans import (ArchitecturePlan, channel_plan, latency_plan, spatial_plan, three_d_plan,
                                 tucker2_plan)
 from onnx_lowrank.profile import LayerLatency, measure_layer_latency
@@ -107,6 +106,7 @@ def compress(
     sample_memory_mb: int = 2048,
     seed: int = 0,
     skip: str | Sequence[str] = (),
+    ops: str | Sequence[str] = ("conv", "transpose", "dense"),
     providers: str | Sequence[str] = ("cpu",),
     threads: int = 0,
     bench: bool = True,
@@ -121,7 +121,8 @@ def compress(
     quantize: str | None = None,
     int8_calibration: str = "minmax",
 ) -> Result:
-    """Make ``model`` about ``speedup`` times cheaper in conv FLOPs by low-rank decomposition.
+    """Make ``model``'s linear layers (convs, transposed convs, dense) about ``speedup`` times
+    cheaper in FLOPs by low-rank decomposition.
 
     ``model`` is a path, ``os.PathLike``, ``onnx.ModelProto`` or serialized bytes. ``calibration``
     is an image folder, a .npy/.npz path, ``file.py:ReaderName``, a NumPy array (single-input
@@ -136,7 +137,7 @@ def compress(
                    channel_speedup=channel_speedup, channel_only=channel_only, rank_multiple=rank_multiple,
                    num_images=num_images, holdout=holdout, samples_per_image=samples_per_image,
                    sample_memory_mb=sample_memory_mb, seed=seed,
-                   skip=skip, providers=providers, threads=threads, bench=bench, bench_rounds=bench_rounds,
+                   skip=skip, ops=ops, providers=providers, threads=threads, bench=bench, bench_rounds=bench_rounds,
                    batch_size=batch_size, dry_run=dry_run, input_size=input_size, augment=augment,
                    objective=objective, latency_cache=latency_cache, bench_batch=bench_batch, quantize=quantize,
                    int8_calibration=int8_calibration)
@@ -163,12 +164,11 @@ class Analysis:
     reference: object  # the original model for sessions: its file where there is one
     normalised: onnx.ModelProto
     store: WeightStore | None
-    units: list[ConvUnit]
+    units: list[Unit]
     channel_only: set[str]
     inputs: list
     data: "_Data"
     shapes: dict[str, ConvShape]
-    dense_total: int
     candidates: list[RankCandidate]
     fixed: int
     collect: dict
@@ -181,12 +181,20 @@ class Analysis:
     latency: LayerLatency | None = None  # --objective latency: measured once
 
     @property
-    def by_name(self) -> dict[str, ConvUnit]:
+    def by_name(self) -> dict[str, Unit]:
         return {u.name: u for u in self.units}
 
     @property
-    def conv_macs(self) -> int:
-        return sum(s.macs for s in self.shapes.values())
+    def planned_macs(self) -> int:
+        """MACs of the layers of the kinds --ops plans over (decomposable or not)."""
+        return self.fixed + sum(c.shape.macs for c in self.candidates)
+
+    def macs_by_kind(self) -> dict[str, int]:
+        kinds: dict[str, int] = {}
+        for unit in self.units:
+            if unit.name in self.shapes:
+                kinds[unit.kind] = kinds.get(unit.kind, 0) + self.shapes[unit.name].macs
+        return kinds
 
     def benchmark_feeds(self, batch: int) -> dict:
         """The first held-out sample, repeated to the batch latency is measured at."""
@@ -218,24 +226,26 @@ def analyse(model, opts: Options, calibration: CalibrationSource = None, evaluat
         if store is not None:  # from here on the weights are on disk, read as memory maps
             normalised = store.keep(normalised)
             gc.collect()
-        units = find_conv_units(normalised)
+        units = find_units(normalised)
         channel_only_names = _select_units(units, opts)
         inputs = model_inputs(normalised)
         data = _open_data(calibration, evaluation, preprocess, inputs, opts, run)
         if needs_labels and getattr(data.eval_source, "labels", None) is None:
             raise InvalidOptionError(f"{needs_labels} needs labels",
                                      hint="pass --eval (or --calib) data with 'labels'")
-        shapes, dense_total = _measure_shapes(normalised, data.source, units, inputs, opts.threads)
+        shapes = _measure_shapes(normalised, data.source, units, inputs, opts.threads)
     candidates = [RankCandidate(u.name, shapes[u.name]) for u in units if u.decomposable]
-    fixed = sum(s.macs for s in shapes.values()) - sum(c.shape.macs for c in candidates)
+    fixed = sum(shapes[u.name].macs for u in units
+                if u.name in shapes and u.kind in opts.ops and not u.decomposable)
     if fixed_target and opts.objective == "flops":
         _plan(opts, candidates, {u.name: u for u in units}, {}, fixed, channel_only_names)  # fail before the work
     collect = dict(source=data.source, indices=data.calib_indices,
                    samples_per_image=_positions(opts, units, shapes, len(data.calib_indices)),
-                   seed=opts.seed, batch_size=data.batch, threads=opts.threads)
+                   seed=opts.seed, batch_size=data.batch, threads=opts.threads,
+                   channel_axes={u.output: u.channel_axis for u in units if u.decomposable})
     stats, responses, samples = {}, {}, {}
     if not opts.data_free and (not opts.dry_run or opts.selection != "uniform"):
-        with run.stage("collect", f"collecting responses of {len(candidates)} convs"):
+        with run.stage("collect", f"collecting responses of {len(candidates)} layers"):
             decomposable = [u for u in units if u.decomposable]
             responses = collect_responses(normalised, tensors=[u.output for u in decomposable],
                                           progress=progress.stage("collecting responses", len(data.calib_indices)),
@@ -247,7 +257,7 @@ def analyse(model, opts: Options, calibration: CalibrationSource = None, evaluat
                  "NCHWc kernels only take a conv whose input channels are a multiple of their block (16 with "
                  "AVX-512, 8 with AVX2), so off-grid ranks run as slower NCHW convs with reorders")
     return Analysis(model, reference, normalised, store, units, channel_only_names, inputs, data, shapes,
-                    dense_total, candidates, fixed, collect, stats, responses, samples, run, progress)
+                    candidates, fixed, collect, stats, responses, samples, run, progress)
 
 
 def plan_for(analysis: Analysis, opts: Options) -> ArchitecturePlan:
@@ -258,7 +268,7 @@ def plan_for(analysis: Analysis, opts: Options) -> ArchitecturePlan:
         analysis.latency = measure_layer_latency(analysis, opts)
     plan = _plan(opts, analysis.candidates, analysis.by_name, analysis.stats, analysis.fixed, analysis.channel_only,
                  analysis.sensitivity, analysis.latency if opts.objective == "latency" else None)
-    log.info("plan: %d of %d convs decomposed, theoretical conv speedup %.2fx", len(plan.layers),
+    log.info("plan: %d of %d layers decomposed, theoretical speedup %.2fx", len(plan.layers),
              len(analysis.units), plan.speedup)
     return plan
 
@@ -282,17 +292,22 @@ def solve(analysis: Analysis, plan: ArchitecturePlan, opts: Options, cache: dict
 
 
 def report_for(analysis: Analysis, plan: ArchitecturePlan, solved: Solved, opts: Options) -> Report:
-    conv_macs, dense = analysis.conv_macs, analysis.dense_total
+    by_kind = analysis.macs_by_kind()
+    after = {kind: macs - sum(analysis.shapes[u.name].macs - plan.layer_macs(u.name, analysis.shapes[u.name])
+                              for u in analysis.units if u.kind == kind and u.name in plan.layers)
+             for kind, macs in by_kind.items()}
+    total = sum(by_kind.values())
     return Report(
         speedup_target=opts.speedup, method=opts.method, rank_selection=opts.selection,
         calibration=analysis.data.source.description, calibration_samples=len(analysis.data.calib_indices),
-        theoretical_conv_speedup=plan.speedup,
-        theoretical_model_speedup=(conv_macs + dense) / (plan.macs_after + dense),
+        theoretical_speedup=plan.speedup,
+        theoretical_model_speedup=total / max(sum(after.values()), 1),
+        theoretical_speedup_by_kind={kind: by_kind[kind] / max(after[kind], 1) for kind in sorted(by_kind)},
         layers=[_layer_report(u, analysis.shapes.get(u.name), plan, analysis.stats, solved,
                               analysis.samples.get(u.name)) for u in analysis.units],
         warnings=analysis.run.warnings, timings_s=analysis.run.timings, dry_run=opts.dry_run,
         symmetric=not opts.asymmetric,
-        asymmetric_collection_passes=(solved.prefix_macs / conv_macs
+        asymmetric_collection_passes=(solved.prefix_macs / total
                                       if (opts.asymmetric or solved.prefix_macs) and not opts.dry_run else None),
         channel_speedup=plan.channel_speedup, options=opts.to_dict(),
         latency_plan=None if plan.predicted_ms is None else {**analysis.latency.describe(),
@@ -304,7 +319,7 @@ def rewrite(analysis: Analysis, solved: Solved, final: bool = False) -> onnx.Mod
     """The model with the solved chains in place, checked. ``final``: nothing else will be built
     from the analysis, so its graph and weights are let go before the measurements."""
     with analysis.run.stage("rewrite", "rewriting the graph", logging.INFO if final else logging.DEBUG):
-        optimized = replace_convs(analysis.normalised, solved.chains)
+        optimized = replace_units(analysis.normalised, solved.chains)
         if final:  # only the sessions below hold weights from here on: a large model's go to disk too
             analysis.units, analysis.responses = [], {}
         if analysis.store is not None:
@@ -353,18 +368,25 @@ class Run:
             self.warnings.append(message)
 
 
-def _select_units(units: list[ConvUnit], opts: Options) -> set[str]:
+def _select_units(units: list[Unit], opts: Options) -> set[str]:
     """Mark the user's --skip layers; return the --channel-only names; refuse a model with nothing to do."""
     skip_names = resolve_names(units, opts.skip, "skip")
     for unit in units:
-        if unit.name in skip_names and unit.decomposable:
+        if not unit.decomposable:
+            continue
+        if unit.name in skip_names:
             unit.skipped_reason = "skipped by --skip"
+        elif unit.kind not in opts.ops:
+            unit.skipped_reason = f"{unit.kind} layers are not in --ops"
+        elif opts.method in TWO_D_METHODS and (unit.kind != "conv" or len(unit.kernel) != 2):
+            unit.skipped_reason = f"{opts.method} decomposes 2-D convs only"
     channel_only = resolve_names(units, opts.channel_only, "channel_only")
     if not any(u.decomposable for u in units):
-        reasons = sorted({u.skipped_reason for u in units}) or ["the model has no Conv"]
-        raise NothingToDecomposeError("the model has no decomposable conv (" + "; ".join(reasons) + ")",
-                                      hint="onnx-lowrank decomposes 2-D convs with constant weights and group=1")
-    log.debug("%d convs, %d decomposable", len(units), sum(u.decomposable for u in units))
+        reasons = sorted({u.skipped_reason for u in units}) or ["the model has no Conv, ConvTranspose, Gemm or MatMul"]
+        raise NothingToDecomposeError("the model has no decomposable layer (" + "; ".join(reasons) + ")",
+                                      hint="onnx-lowrank decomposes Conv (1-, 2-, 3-D, group=1), ConvTranspose and "
+                                           "Gemm/MatMul layers with constant weights")
+    log.debug("%d layers, %d decomposable", len(units), sum(u.decomposable for u in units))
     return channel_only
 
 
@@ -406,7 +428,7 @@ def _open_data(calibration, evaluation, preprocess, inputs, opts: Options, run: 
     return _Data(source, eval_source, calib_indices, holdout_indices, batch)
 
 
-def resolve_names(units: list[ConvUnit], values: Sequence[str], option: str) -> set[str]:
+def resolve_names(units: list[Unit], values: Sequence[str], option: str) -> set[str]:
     """Conv names given to ``option``. A value is a name as it stands (names may contain commas);
     only a value that names no conv is read as a comma-separated list of names."""
     known = {u.name for u in units}
@@ -422,7 +444,7 @@ def resolve_names(units: list[ConvUnit], values: Sequence[str], option: str) -> 
     return names
 
 
-def _plan(opts: Options, candidates: list[RankCandidate], units: dict[str, ConvUnit],
+def _plan(opts: Options, candidates: list[RankCandidate], units: dict[str, Unit],
           stats: dict[str, ResponseStats], fixed: int, channel_only: set[str],
           sensitivity: dict[str, dict[int, float]] | None = None,
           latency: LayerLatency | None = None) -> ArchitecturePlan:
@@ -438,7 +460,11 @@ def _plan(opts: Options, candidates: list[RankCandidate], units: dict[str, ConvU
         spectra = ({n: s.eigenvalues for n, s in stats.items()} if not opts.data_free else
                    {c.name: _padded(weight_spectrum(units[c.name].weight, scheme), c, scheme) for c in candidates})
     if latency is not None and spectra is not None:
-        return latency_plan(candidates, spectra, latency.table, latency.fixed_ms, fixed, opts.speedup)
+        untimed = [c for c in candidates if c.name not in latency.table]
+        plan = latency_plan([c for c in candidates if c.name in latency.table], spectra, latency.table,
+                            latency.fixed_ms, fixed + sum(c.shape.macs for c in untimed), opts.speedup)
+        plan.skipped.update({c.name: UNTIMED_REASON for c in untimed})
+        return plan
     if opts.method == "jaderberg":
         return spatial_plan(candidates, spectra, fixed, opts.speedup, opts.rank_multiple)
     if opts.method == "asym3d":
@@ -453,12 +479,14 @@ def _padded(spectrum: np.ndarray, candidate: RankCandidate, scheme: str) -> np.n
     return np.concatenate([spectrum, np.zeros(max(0, full - len(spectrum)))])[:full]
 
 
+UNTIMED_REASON = "--objective latency times 2-D convs and dense layers only: left whole"
+TWO_D_METHODS = ("jaderberg", "tucker2")  # their chains split a k x k kernel
 SAMPLES_PER_CHANNEL = 20
 FEW_HELD_OUT = 50
 NCHWC_BLOCK = 16
 
 
-def _positions(opts: Options, units: list[ConvUnit], shapes: dict[str, ConvShape], images: int) -> dict[str, int]:
+def _positions(opts: Options, units: list[Unit], shapes: dict[str, ConvShape], images: int) -> dict[str, int]:
     """Positions sampled per image for each decomposable conv's output: --samples-per-image for all,
     or sized per layer for its width (``sampling.positions_per_image``)."""
     layers = {u.output: ResponseShape(shapes[u.name].out_channels, shapes[u.name].positions)
@@ -473,12 +501,12 @@ def _warn_if_few_samples(opts: Options, samples: dict[str, int], ranks, units, r
     they fit the calibration set better than new inputs (measured on CRAFT: BENCHMARKS.md)."""
     if opts.method == "linear" or not samples:
         return
-    widest = max((u for u in units if u.name in ranks), key=lambda u: u.weight_shape[0], default=None)
+    widest = max((u for u in units if u.name in ranks), key=lambda u: u.weight.shape[0], default=None)
     if widest is None:
         return
     count = samples[widest.name]
-    if count < SAMPLES_PER_CHANNEL * widest.weight_shape[0]:
-        run.warn(f"{count} response samples for {widest.weight_shape[0]} channels ({widest.name}): "
+    if count < SAMPLES_PER_CHANNEL * widest.weight.shape[0]:
+        run.warn(f"{count} response samples for {widest.weight.shape[0]} channels ({widest.name}): "
                         f"the {opts.method} fit may not generalise; aim for {SAMPLES_PER_CHANNEL} samples per "
                         "channel (more calibration images; a larger --sample-memory or --samples-per-image if set)")
 
@@ -509,32 +537,32 @@ def _whole_batches(indices: list[int], batch: int) -> list[int]:
     return indices[:len(indices) // batch * batch]
 
 
-def _measure_shapes(model, source, units, inputs, threads) -> tuple[dict[str, ConvShape], int]:
-    """Per-sample ConvShape of every conv, and the MACs of the dense layers, from one probe run."""
-    dense = dense_ops(model)
+def _measure_shapes(model, source, units, inputs, threads) -> dict[str, ConvShape]:
+    """Per-sample ConvShape (``costs``) of every layer, from one probe run."""
     probe_batch = batch_size_for(inputs, 1)
     units = [u for u in units if not u.in_subgraph]
-    shapes = probe_shapes(model, source, [u.output for u in units] + [u.input for u in units]
-                          + [name for name, _ in dense], probe_batch, threads)
-    convs = {}
-    for unit in units:
-        out, inp = shapes[unit.output], shapes[unit.input]
-        kernel, spatial, in_spatial = unit.kernel, out[2:], inp[2:]
-        if len(kernel) != 2:
-            kernel, spatial, in_spatial = (int(np.prod(kernel)), 1), (int(np.prod(spatial)), 1), None
-        in_channels = unit.weight_shape[1] * unit.group if len(unit.weight_shape) > 1 else 0
-        convs[unit.name] = ConvShape(in_channels, int(out[1]), tuple(kernel), tuple(spatial), unit.group,
-                                     tuple(in_spatial) if in_spatial else None)
-    dense_total = sum(int(np.prod(shapes[name])) * inner for name, inner in dense) // probe_batch
-    return convs, dense_total
+    shapes = probe_shapes(model, source, [u.output for u in units] + [u.input for u in units], probe_batch, threads)
+    return {unit.name: _layer_shape(unit, shapes[unit.input], shapes[unit.output]) for unit in units}
 
 
-def _layer_report(unit: ConvUnit, shape: ConvShape | None, plan: ArchitecturePlan, stats,
+def _layer_shape(unit: Unit, inp: tuple, out: tuple) -> ConvShape:
+    if unit.kind == "dense":  # x W on every row of a [B, ..., K] input
+        rows = int(np.prod(out[1:-1])) if len(out) > 2 else 1
+        return ConvShape(int(inp[-1]) if inp else 0, int(out[-1]) if out else 0, (1, 1), (rows, 1))
+    kernel, spatial, in_spatial = unit.kernel, out[2:], inp[2:]
+    if len(kernel) != 2:  # 1-D and 3-D convs: kernel and positions flattened
+        kernel, spatial, in_spatial = (int(np.prod(kernel)), 1), (int(np.prod(spatial)), 1), (int(np.prod(in_spatial)), 1)
+    in_channels = unit.weight_shape[1] * unit.group if len(unit.weight_shape) > 1 else 0
+    return ConvShape(in_channels, int(out[1]), tuple(kernel), tuple(spatial), unit.group, tuple(in_spatial),
+                     transposed=unit.kind == "transpose")
+
+
+def _layer_report(unit: Unit, shape: ConvShape | None, plan: ArchitecturePlan, stats,
                   solved: Solved, samples: int | None) -> LayerReport:
     before = shape.macs if shape else 0
     decomposed = unit.name in plan.layers
     return LayerReport(
-        name=unit.name, kernel=list(unit.kernel), in_channels=shape.in_channels if shape else 0,
+        name=unit.name, op=unit.op, kernel=list(unit.kernel), in_channels=shape.in_channels if shape else 0,
         out_channels=shape.out_channels if shape else 0, activation=unit.activation.kind,
         rank=plan.ranks.get(unit.name), spatial_rank=plan.spatial_ranks.get(unit.name),
         input_rank=plan.input_ranks.get(unit.name), flops_before=2 * before,

@@ -282,6 +282,10 @@ def run(
                                   "baselines: jaderberg, svd, tucker2.", rich_help_panel=PLAN),
     skip: List[str] = typer.Option([], help="Conv node name to leave alone (repeat; a value naming no conv is "
                                             "read as comma-separated names).", rich_help_panel=PLAN),
+    ops: List[str] = typer.Option(["conv,transpose,dense"], metavar="[conv|transpose|dense]", help="Kinds of layer "
+                                  "to decompose (repeat, or comma-separate): conv (1-, 2-, 3-D Conv), transpose "
+                                  "(ConvTranspose), dense (Gemm, MatMul by a constant). --speedup counts their "
+                                  "compute.", rich_help_panel=PLAN),
     rank_multiple: int = typer.Option(16, help="Round ranks to this multiple (1 disables).", rich_help_panel=PLAN),
     symmetric: bool = typer.Option(False, "--symmetric", help="Ablation: solve every layer from the original "
                                    "network's inputs, not the approximated ones.", rich_help_panel=PLAN),
@@ -345,7 +349,7 @@ def run(
                 method=method.value, symmetric=symmetric, rank_selection=_selection(rank_selection, uniform),
                 channel_speedup=channel_speedup, channel_only=channel_only, rank_multiple=rank_multiple,
                 num_images=num_images, samples_per_image=samples_per_image, sample_memory_mb=sample_memory,
-                seed=seed, skip=skip, providers=[p for value in providers for p in value.split(",") if p],
+                seed=seed, skip=skip, ops=[o for value in ops for o in value.split(",") if o], providers=[p for value in providers for p in value.split(",") if p],
                 threads=threads, bench=bench, dry_run=dry_run, input_size=_size(input_size), augment=augment,
                 quantize=None if quantize is None else quantize.value, int8_calibration=int8_calibration.value,
                 objective=objective.value, latency_cache=latency_cache, bench_batch=bench_batch)

@@ -1,6 +1,9 @@
 """Cost model of convolutions and of their factorisations, in multiply-accumulates (MACs).
 
-Pure arithmetic, no ONNX: the graph side hands over shapes. One MAC is one multiply plus one
+Pure arithmetic, no ONNX: the graph side hands over shapes. Every layer kind is a ConvShape: a
+1-D or 3-D conv with its kernel and positions flattened (``(k1 k2 k3, 1)``), a dense layer
+``x W`` as a 1 x 1 conv whose positions are the rows it is applied to (``T`` for ``[B, T, K]``),
+a ConvTranspose with ``transposed`` set (it does its ``kh kw c d`` MACs per *input* position). One MAC is one multiply plus one
 add; ``FLOPs = 2 * MACs`` is what the report prints.
 
 A factorisation *scheme* turns one conv into a chain whose cost is linear in one rank ``r``:
@@ -29,15 +32,24 @@ class ConvShape:
     out_hw: tuple[int, int]
     group: int = 1
     in_hw: tuple[int, int] | None = None
+    transposed: bool = False
 
     @property
     def positions(self) -> int:
         return self.out_hw[0] * self.out_hw[1]
 
     @property
+    def kernel_positions(self) -> int:
+        """Where the k x k kernel is applied: every output position, or every input one when transposed."""
+        if not self.transposed:
+            return self.positions
+        in_hw = self.in_hw or self.out_hw
+        return in_hw[0] * in_hw[1]
+
+    @property
     def macs(self) -> int:
         kh, kw = self.kernel
-        return self.positions * self.out_channels * (self.in_channels // self.group) * kh * kw
+        return self.kernel_positions * self.out_channels * (self.in_channels // self.group) * kh * kw
 
     @property
     def vertical_positions(self) -> int:
@@ -45,7 +57,8 @@ class ConvShape:
         return self.out_hw[0] * (self.in_hw or self.out_hw)[1]
 
     def with_out_channels(self, out_channels: int) -> "ConvShape":
-        return ConvShape(self.in_channels, out_channels, self.kernel, self.out_hw, self.group, self.in_hw)
+        return ConvShape(self.in_channels, out_channels, self.kernel, self.out_hw, self.group, self.in_hw,
+                         self.transposed)
 
 
 def macs_per_rank(shape: ConvShape, scheme: str = "channel") -> int:
@@ -53,7 +66,7 @@ def macs_per_rank(shape: ConvShape, scheme: str = "channel") -> int:
     kh, kw = shape.kernel
     c, d = shape.in_channels, shape.out_channels
     if scheme == "channel":
-        return shape.positions * (kh * kw * c + d)
+        return shape.kernel_positions * kh * kw * c + shape.positions * d
     if scheme == "spatial":
         return shape.vertical_positions * kh * c + shape.positions * kw * d
     raise ValueError(f"unknown factorisation scheme {scheme!r}")

@@ -8,10 +8,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from onnx_lowrank.graph.rewrite import (ConvSpec, channel_decomposition, replace_convs, spatial_decomposition,
-                                        tucker2_decomposition)
+from onnx_lowrank.graph.rewrite import (NodeSpec, channel_chain, channel_decomposition, replace_units,
+                                        spatial_decomposition, tucker2_decomposition)
 from onnx_lowrank.graph.surgery import prefix_model
-from onnx_lowrank.graph.units import ConvUnit
+from onnx_lowrank.graph.units import Unit
 from onnx_lowrank.plans import ArchitecturePlan
 from onnx_lowrank.runtime import collect_responses
 from onnx_lowrank.solvers import LowRankFactors, ResponseStats, fit_pca
@@ -28,21 +28,21 @@ PROBE_SCHEDULE = ((0.01, 5), (1.0, 5))
 class Solved:
     """What solving the chosen layers produced, per layer name."""
 
-    chains: dict[str, list[ConvSpec]] = field(default_factory=dict)
+    chains: dict[str, list[NodeSpec]] = field(default_factory=dict)
     errors: dict[str, float] = field(default_factory=dict)
     iterations: dict[str, list[int] | None] = field(default_factory=dict)
     prefix_macs: int = 0  # conv MACs per sample of the sub-graphs re-run for Eq. 12
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def data_free_chains(method: str, chosen: list[ConvUnit], plan: ArchitecturePlan) -> Solved:
+def data_free_chains(method: str, chosen: list[Unit], plan: ArchitecturePlan) -> Solved:
     """The baselines: each layer's chain from its weights alone."""
     solved = Solved()
     clock = time.perf_counter()
     for unit in chosen:
         if method == "svd":
             factors = weight_svd(unit.weight, unit.bias, plan.ranks[unit.name])
-            chain = channel_decomposition(unit.attrs, unit.weight, unit.bias, factors.P, factors.Q, factors.bias)
+            chain = channel_chain(unit, factors.P, factors.Q, factors.bias)
         elif method == "jaderberg":
             chain = spatial_pair(unit, plan.spatial_ranks[unit.name])
         else:
@@ -53,7 +53,7 @@ def data_free_chains(method: str, chosen: list[ConvUnit], plan: ArchitecturePlan
     return solved
 
 
-def spatial_pair(unit: ConvUnit, rank: int) -> list[ConvSpec]:
+def spatial_pair(unit: Unit, rank: int) -> list[NodeSpec]:
     """The layer's (k x 1, rank) -> (1 x k, d) filter reconstruction, bias on the second conv."""
     return spatial_decomposition(unit.attrs, *spatial_filter_reconstruction(unit.weight, rank), unit.bias)
 
@@ -86,7 +86,7 @@ def solve_layers(method, asymmetric, normalised, chosen, plan: ArchitecturePlan,
                 replaced[unit.name] = spatial
             if replaced:
                 solved.prefix_macs += sum(shapes[n.name].macs for n in prefix.graph.node if n.name in shapes)
-                y_hat = collect_responses(replace_convs(prefix, replaced), tensors=[unit.output],
+                y_hat = collect_responses(replace_units(prefix, replaced), tensors=[unit.output],
                                           **collect)[unit.output]
             solved.timings["collect_asymmetric"] += time.perf_counter() - clock
         clock = time.perf_counter()
@@ -96,8 +96,7 @@ def solve_layers(method, asymmetric, normalised, chosen, plan: ArchitecturePlan,
         solved.errors[unit.name] = relative_error(apply_activation(act.kind, act.params, y),
                                                   apply_activation(act.kind, act.params, factors.apply(y_hat)))
         if spatial is None:
-            solved.chains[unit.name] = channel_decomposition(unit.attrs, unit.weight, unit.bias,
-                                                             factors.P, factors.Q, factors.bias)
+            solved.chains[unit.name] = channel_chain(unit, factors.P, factors.Q, factors.bias)
         else:
             vertical, horizontal = spatial
             solved.chains[unit.name] = [vertical] + channel_decomposition(
@@ -109,7 +108,7 @@ def solve_layers(method, asymmetric, normalised, chosen, plan: ArchitecturePlan,
     return solved
 
 
-def _solve(method: str, unit: ConvUnit, stats: ResponseStats, y_hat: np.ndarray, y: np.ndarray,
+def _solve(method: str, unit: Unit, stats: ResponseStats, y_hat: np.ndarray, y: np.ndarray,
            rank: int, schedule=PAPER_SCHEDULE) -> tuple[LowRankFactors, list[int] | None]:
     """PCA (Eq. 4) for ``linear``; the alternating solver of Eq. 6 for the layer's activation
     otherwise, asymmetric (Eq. 12) when ``y_hat`` differs from ``y``. Also returns the solver's

@@ -25,6 +25,7 @@ QUANTIZATIONS = ("int8",)
 OBJECTIVES = ("flops", "latency")
 LATENCY_METHODS = ("asymmetric", "nonlinear", "linear")  # channel decompositions; 3d is not profiled yet
 INT8_CALIBRATIONS = ("minmax", "entropy", "percentile")
+LAYER_KINDS = ("conv", "transpose", "dense")  # graph.units.KINDS: Conv (1-3-D), ConvTranspose, Gemm/MatMul
 MAX_THREADS = 256  # onnxruntime starts every thread it is given; thousands take minutes and gain nothing
 
 
@@ -43,6 +44,7 @@ class Options:
     sample_memory_mb: int = 2048  # bound on the memory of all sampled responses
     seed: int = 0
     skip: tuple[str, ...] = ()
+    ops: tuple[str, ...] = LAYER_KINDS  # which kinds of layer are decomposed
     providers: tuple[str, ...] = ("cpu",)
     threads: int = 0
     bench: bool = True
@@ -183,6 +185,7 @@ _CONSTRAINTS: dict[str, Callable[[str, Any], Any]] = {
     "sample_memory_mb": _integer(1),
     "seed": _integer(0),
     "skip": _strings,
+    "ops": _choices(LAYER_KINDS),
     "providers": _choices(PROVIDERS),
     "threads": _integer(0, MAX_THREADS),
     "bench": _flag,

@@ -22,7 +22,7 @@ def draw_frontier(report: Report, path: Path) -> None:
                          c=["tab:green" if p.met else "tab:red" for p in chosen],
                          label=solver or report.method, edgecolors="black", linewidths=0.5, zorder=3)
     axes.axhline(report.budget["limit"], color="grey", linestyle="--", label=report.budget["target"])
-    axes.scatter([report.theoretical_conv_speedup], [report.budget["measured"]], s=220, facecolors="none",
+    axes.scatter([report.theoretical_speedup], [report.budget["measured"]], s=220, facecolors="none",
                  edgecolors="black", label="chosen", zorder=4)
     axes.set_xlabel("theoretical conv speedup (×)")
     axes.set_ylabel(report.budget["kind"])

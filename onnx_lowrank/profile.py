@@ -12,26 +12,27 @@ CPU) in memory and, when the user names one, in a JSON cache file, so a second r
 
 from __future__ import annotations
 
+
 import json
 import logging
 import os
 import platform
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 from onnx_lowrank.costs import ConvShape
 from onnx_lowrank.errors import InvalidOptionError
 from onnx_lowrank.evaluate import interleaved_times
 from onnx_lowrank.graph.io import first_line
-from onnx_lowrank.graph.rewrite import channel_decomposition, replace_convs
-from onnx_lowrank.graph.units import ConvUnit
+from onnx_lowrank.graph.rewrite import channel_chain, replace_units, whole_layer
+from onnx_lowrank.graph.units import Unit
 from onnx_lowrank.ranks import rank_ladder
 from onnx_lowrank.runtime import batch_size_for, provider_available
 
@@ -124,7 +125,7 @@ class Device:
         return f"{self.provider}|t{self.threads}|b{self.batch}|ort{ort.__version__}|{cpu_name()}"
 
 
-def profile_layers(units: Sequence[ConvUnit], shapes: dict[str, ConvShape], ladders: dict[str, list[int]],
+def profile_layers(units: Sequence[Unit], shapes: dict[str, ConvShape], ladders: dict[str, list[int]],
                    device: Device, cache: LatencyCache, rounds: int = PROFILE_ROUNDS) -> dict[str, dict[int, float]]:
     """``latency[layer][rank]`` in ms (``WHOLE`` for the original) for every unit in ``ladders``."""
     table: dict[str, dict[int, float]] = {}
@@ -137,8 +138,8 @@ def profile_layers(units: Sequence[ConvUnit], shapes: dict[str, ConvShape], ladd
         cache.hits += len(keys) - len(missing)
         if missing:
             models = [layer_model(unit, shape, rank, device.batch) for rank in missing]
-            feeds = {"x": np.random.default_rng(0).standard_normal(
-                (device.batch, shape.in_channels, *(shape.in_hw or shape.out_hw))).astype(np.float32)}
+            feeds = {"x": np.random.default_rng(0).standard_normal(_input_shape(unit, shape, device.batch)
+                                                                  ).astype(np.float32)}
             times = interleaved_times(models, feeds, provider=device.provider, threads=device.threads, rounds=rounds)
             for rank, measured in zip(missing, times):
                 cache.entries[keys[rank]] = float(np.median(measured))
@@ -147,27 +148,36 @@ def profile_layers(units: Sequence[ConvUnit], shapes: dict[str, ConvShape], ladd
     return table
 
 
-def layer_model(unit: ConvUnit, shape: ConvShape, rank: int, batch: int) -> onnx.ModelProto:
-    """The layer alone on an input of its real shape: the original conv (``rank == WHOLE``) or its
-    channel decomposition at ``rank``."""
+def timed_kind(unit: Unit) -> bool:
+    """Layers whose forms are timed: 2-D convs and dense layers (the others stay whole in a latency plan)."""
+    return unit.kind == "dense" or unit.kind == "conv" and len(unit.kernel) == 2
+
+
+def _input_shape(unit: Unit, shape: ConvShape, batch: int) -> list[int]:
+    if unit.kind == "dense":
+        return [batch, shape.positions, shape.in_channels]
+    return [batch, shape.in_channels, *(shape.in_hw or shape.out_hw)]
+
+
+def layer_model(unit: Unit, shape: ConvShape, rank: int, batch: int) -> onnx.ModelProto:
+    """The layer alone on an input of its real shape: the original (``rank == WHOLE``) or its
+    channel decomposition at ``rank``, with random weights of the layer's shape."""
     rng = np.random.default_rng(0)
-    weight = rng.standard_normal(unit.weight_shape).astype(np.float32)
-    bias = rng.standard_normal(shape.out_channels).astype(np.float32)
-    in_hw = shape.in_hw or shape.out_hw
-    conv = helper.make_node("Conv", ["x", "w", "b"], ["y"], name="layer", **unit.attrs)
-    graph = helper.make_graph([conv], "layer", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
-                                                                              [batch, shape.in_channels, *in_hw])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-                              [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b")])
+    layer = replace(unit, weight=rng.standard_normal(unit.weight_shape).astype(np.float32),
+                                bias=rng.standard_normal(shape.out_channels).astype(np.float32), bias_after=None)
+    graph = helper.make_graph([], "layer", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                          _input_shape(unit, shape, batch))],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    placeholder = helper.make_node("Identity", ["x"], ["y"], name="layer")
+    graph.node.append(placeholder)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     if rank == WHOLE:
-        return model
+        return replace_units(model, {"layer": whole_layer(layer, layer.weight, layer.bias)})
     basis = np.linalg.qr(rng.standard_normal((shape.out_channels, rank)))[0]
-    chain = channel_decomposition(unit.attrs, weight, bias, basis, basis, np.zeros(shape.out_channels))
-    return replace_convs(model, {"layer": chain})
+    return replace_units(model, {"layer": channel_chain(layer, basis, basis, np.zeros(shape.out_channels))})
 
 
-def _layer_key(unit: ConvUnit, shape: ConvShape) -> str:
+def _layer_key(unit: Unit, shape: ConvShape) -> str:
     attrs = {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in sorted(unit.attrs.items())}
     return f"{list(unit.weight_shape)}|{list(shape.in_hw or shape.out_hw)}|{json.dumps(attrs, sort_keys=True)}"
 
@@ -199,7 +209,7 @@ def measure_layer_latency(analysis, opts) -> LayerLatency:
     device = Device(available[0], opts.threads, batch_size_for(analysis.inputs, opts.bench_batch))
     candidates = {c.name: c for c in analysis.candidates}
     ladders = {u.name: rank_ladder(candidates[u.name], opts.rank_multiple) if u.name in candidates else []
-               for u in analysis.units if u.name in analysis.shapes and len(u.kernel) == 2 and u.weight_shape}
+               for u in analysis.units if u.name in analysis.shapes and timed_kind(u) and u.weight_shape}
     cache = LatencyCache.open(opts.latency_cache)
     forms = sum(len(ladder) + 1 for ladder in ladders.values())
     with analysis.run.stage("profile", f"timing {forms} layer candidates "

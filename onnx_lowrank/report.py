@@ -12,6 +12,7 @@ from onnx_lowrank.evaluate import Fidelity
 @dataclass
 class LayerReport:
     name: str
+    op: str  # Conv, ConvTranspose, Gemm or MatMul
     kernel: list[int]
     in_channels: int
     out_channels: int
@@ -46,7 +47,7 @@ class FrontierPoint:
 
 
 # Bumped whenever a key of the JSON report changes meaning or disappears (README: "The report").
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  # 3: theoretical_conv_speedup became theoretical_speedup (over every --ops kind)
 
 
 @dataclass
@@ -56,9 +57,10 @@ class Report:
     rank_selection: str
     calibration: str
     calibration_samples: int
-    theoretical_conv_speedup: float
-    theoretical_model_speedup: float
+    theoretical_speedup: float  # over the compute of the layer kinds in --ops, what --speedup targets
+    theoretical_model_speedup: float  # over every linear layer's compute
     layers: list[LayerReport]
+    theoretical_speedup_by_kind: dict[str, float] = field(default_factory=dict)  # conv, transpose, dense
     latency_ms: dict[str, dict] = field(default_factory=dict)
     actual_speedup: dict[str, float | None] = field(default_factory=dict)
     fidelity: Fidelity | None = None
@@ -103,6 +105,11 @@ def _finite(value):
     return value
 
 
+def _shape_text(layer: LayerReport) -> str:
+    kernel = "×".join(map(str, layer.kernel))
+    return f"{layer.op} {kernel + ' ' if kernel else ''}{layer.in_channels}→{layer.out_channels}"
+
+
 def render(report: Report, console) -> None:
     """Print the report as rich tables on ``console``."""
     from rich.markup import escape
@@ -110,7 +117,7 @@ def render(report: Report, console) -> None:
 
     table = Table(title=f"onnx-lowrank plan ({report.method}, {report.rank_selection} ranks)")
     table.add_column("layer", overflow="fold", min_width=12)
-    for column in ("k×k c→d", "ranks", "MFLOPs", "after", "energy", "error"):
+    for column in ("op k×k c→d", "ranks", "MFLOPs", "after", "energy", "error"):
         table.add_column(column, justify="right", no_wrap=column != "ranks")
     notes = []
     for layer in report.layers:
@@ -120,7 +127,7 @@ def render(report: Report, console) -> None:
             notes.append(note)
             marker = f" [{len(notes)}]"
         table.add_row(
-            escape(layer.name + marker), f"{'×'.join(map(str, layer.kernel))} {layer.in_channels}→{layer.out_channels}",
+            escape(layer.name + marker), _shape_text(layer),
             _ranks(layer), f"{layer.flops_before / 1e6:.1f}", f"{layer.flops_after / 1e6:.1f}",
             _percent(layer.energy, 1), _number(layer.response_error, 3))
     before = sum(layer.flops_before for layer in report.layers)
@@ -137,7 +144,10 @@ def render(report: Report, console) -> None:
     summary.add_column("what")
     summary.add_column("value", justify="right")
     summary.add_row("target speedup", f"{report.speedup_target:.2f}×")
-    summary.add_row("theoretical conv speedup", f"{report.theoretical_conv_speedup:.2f}×")
+    summary.add_row("theoretical speedup", f"{report.theoretical_speedup:.2f}×")
+    if len(report.theoretical_speedup_by_kind) > 1:
+        for kind, value in report.theoretical_speedup_by_kind.items():
+            summary.add_row(f"  {kind} layers", f"{value:.2f}×")
     summary.add_row("theoretical whole-model FLOP speedup", f"{report.theoretical_model_speedup:.2f}×")
     if report.channel_speedup is not None:
         summary.add_row("channel part of the speedup (3d)", f"{report.channel_speedup:.2f}×")
@@ -214,7 +224,7 @@ def _render_frontier(report: Report, console) -> None:
                       else f"{point.theoretical_speedup:.2f}×", "-" if point.value is None else f"{point.value:.4g}",
                       "yes" if point.met else "no", point.solver)
     console.print(table)
-    console.print(f"  chosen: {report.theoretical_conv_speedup:.2f}× with {report.budget['kind']} "
+    console.print(f"  chosen: {report.theoretical_speedup:.2f}× with {report.budget['kind']} "
                   f"{report.budget['measured']:.4g} on {report.budget['held_out_samples']} held-out samples; "
                   f"search {report.budget['search_s']:.1f} s", markup=False, highlight=False)
 

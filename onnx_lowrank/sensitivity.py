@@ -21,7 +21,7 @@ import onnx
 from onnx import helper
 
 from onnx_lowrank.evaluate import compare_outputs, model_outputs
-from onnx_lowrank.graph.rewrite import replace_convs
+from onnx_lowrank.graph.rewrite import replace_units
 from onnx_lowrank.graph.surgery import suffix_model
 from onnx_lowrank.layers import PROBE_SCHEDULE, solve_layers
 from onnx_lowrank.plans import ArchitecturePlan
@@ -57,10 +57,10 @@ def measure_sensitivity(analysis, opts) -> dict[str, dict[int, float]]:
                                       analysis.responses, analysis.stats, analysis.shapes, analysis.collect,
                                       lambda step=1: None, cache, PROBE_SCHEDULE)
                 if suffix is None:
-                    outputs = model_outputs(replace_convs(analysis.normalised, solved.chains), data.source, subset,
+                    outputs = model_outputs(replace_units(analysis.normalised, solved.chains), data.source, subset,
                                             data.batch, opts.threads)
                 else:
-                    outputs = _run_on(replace_convs(suffix, solved.chains), feeds, opts.threads)
+                    outputs = _run_on(replace_units(suffix, solved.chains), feeds, opts.threads)
                 fidelity = compare_outputs(reference, outputs)
                 losses[candidate.name][rank] = float(next(iter(fidelity.output_rel_error.values())))
                 advance(1)

@@ -10,7 +10,7 @@ from onnx_lowrank import LowRankError, compress
 from onnx_lowrank.costs import ConvShape, channel_decomposed_macs
 from onnx_lowrank.errors import InvalidOptionError, NothingToDecomposeError
 from onnx_lowrank.graph.normalise import normalise
-from onnx_lowrank.graph.units import find_conv_units
+from onnx_lowrank.graph.units import find_units
 from onnx_lowrank.solvers.weights import spatial_filter_reconstruction, tucker2, weight_svd
 from tests.builders import Layer, conv_net, relative_error, run_model
 
@@ -61,7 +61,7 @@ def test_lower_rank_than_planted_loses_accuracy(calib_file) -> None:
 
 def test_report_has_stable_keys_and_measured_latency(calib_file) -> None:
     report = compress(planted_model(), 2.0, calibration=str(calib_file), bench_rounds=15).report.to_dict()
-    for key in ("speedup_target", "theoretical_conv_speedup", "theoretical_model_speedup", "layers",
+    for key in ("speedup_target", "theoretical_speedup", "theoretical_model_speedup", "layers",
                 "latency_ms", "actual_speedup", "fidelity"):
         assert key in report
     assert set(report["layers"][0]) >= {"name", "kernel", "in_channels", "out_channels", "rank",
@@ -70,7 +70,7 @@ def test_report_has_stable_keys_and_measured_latency(calib_file) -> None:
     assert report["actual_speedup"]["cpu"] == pytest.approx(
         report["latency_ms"]["cpu"]["original"] / report["latency_ms"]["cpu"]["optimized"])
     assert set(report["fidelity"]) >= {"output_rel_error", "top1_agreement", "top5_overlap"}
-    assert report["theoretical_conv_speedup"] >= 2.0
+    assert report["theoretical_speedup"] >= 2.0
 
 
 def test_unavailable_cuda_is_reported_not_measured(calib_file) -> None:
@@ -190,7 +190,7 @@ def test_energy_selection_beats_uniform_on_the_response_energy(calib_file) -> No
     for selection in ("uniform", "energy"):
         report = compress(model, 2.0, calibration=str(calib_file), bench=False, method="linear",
                           rank_multiple=4, rank_selection=selection).report
-        assert report.theoretical_conv_speedup >= 2.0
+        assert report.theoretical_speedup >= 2.0
         kept[selection] = sum(np.log(layer.energy) for layer in report.layers if layer.rank is not None)
     assert kept["energy"] > kept["uniform"]
 
@@ -230,13 +230,13 @@ def reconstructed_weight(method: str, unit, layer) -> tuple[np.ndarray, np.ndarr
 def test_data_free_baselines_compute_a_conv_with_the_reconstructed_weights(calib_file, method) -> None:
     model = three_layer_model()
     result = compress(model, 2.0, calibration=str(calib_file), bench=False, method=method, rank_multiple=4)
-    assert result.report.theoretical_conv_speedup >= 2.0 and result.report.rank_selection == "uniform"
+    assert result.report.theoretical_speedup >= 2.0 and result.report.rank_selection == "uniform"
     assert result.report.timings_s.get("collect") is None  # data-free: no responses collected
     reference = normalise(model)
     layers = {layer.name: layer for layer in result.report.layers}
     weights = {init.name: init for init in reference.graph.initializer}
     changed = 0
-    for unit, node in zip(find_conv_units(reference), [n for n in reference.graph.node if n.op_type == "Conv"]):
+    for unit, node in zip(find_units(reference), [n for n in reference.graph.node if n.op_type == "Conv"]):
         layer = layers[unit.name]
         if layer.rank is None and layer.spatial_rank is None:
             continue
@@ -274,14 +274,14 @@ def test_reported_flops_are_the_flops_of_the_written_chains(calib_file, method) 
         chain = [macs for name, macs in counted.items() if name == layer.name or name.startswith(layer.name + "_lowrank")]
         assert 2 * sum(chain) == layer.flops_after, layer.name
     total_before = sum(layer.flops_before for layer in result.report.layers)
-    assert total_before / (2 * sum(counted.values())) == pytest.approx(result.report.theoretical_conv_speedup)
+    assert total_before / (2 * sum(counted.values())) == pytest.approx(result.report.theoretical_speedup)
 
 
 def test_asym3d_splits_each_kxk_layer_into_the_planned_three_convs(calib_file) -> None:
     model = three_layer_model()
     result = compress(model, 3.0, calibration=str(calib_file), bench=False, method="asym3d", rank_multiple=4)
     report = result.report
-    assert report.channel_speedup == pytest.approx(np.sqrt(3.0)) and report.theoretical_conv_speedup >= 3.0
+    assert report.channel_speedup == pytest.approx(np.sqrt(3.0)) and report.theoretical_speedup >= 3.0
     split = [layer for layer in report.layers if layer.spatial_rank is not None]
     assert split
     nodes = {n.name: n for n in result.model.graph.node}
@@ -299,19 +299,19 @@ def test_asym3d_is_closer_to_the_original_than_filter_reconstruction(calib_file)
     errors = {}
     for method in ("asym3d", "jaderberg"):
         report = compress(model, 3.0, calibration=str(calib_file), bench=False, method=method, rank_multiple=8).report
-        assert report.theoretical_conv_speedup >= 3.0
+        assert report.theoretical_speedup >= 3.0
         errors[method] = report.fidelity.output_rel_error[model.graph.output[0].name]
     assert errors["asym3d"] < 0.7 * errors["jaderberg"]
 
 
 def test_channel_only_layers_are_not_split(calib_file) -> None:
     model = three_layer_model()
-    name = find_conv_units(normalise(model))[2].name
+    name = find_units(normalise(model))[2].name
     report = compress(model, 2.5, calibration=str(calib_file), bench=False, method="asym3d", rank_multiple=4,
                       channel_only=(name,)).report
     layer = next(layer for layer in report.layers if layer.name == name)
     assert layer.spatial_rank is None and layer.rank is not None and "channel-only" in layer.note
-    assert report.theoretical_conv_speedup >= 2.5
+    assert report.theoretical_speedup >= 2.5
     with pytest.raises(InvalidOptionError, match="names no conv"):
         compress(model, 2.5, calibration=str(calib_file), method="asym3d", channel_only=("nope",))
 

@@ -11,7 +11,7 @@ import pytest
 from onnx_lowrank import compress
 from onnx_lowrank.costs import ConvShape
 from onnx_lowrank.errors import InfeasibleTargetError, InvalidOptionError
-from onnx_lowrank.graph.units import find_conv_units
+from onnx_lowrank.graph.units import find_units
 from onnx_lowrank.profile import WHOLE, Device, LatencyCache, layer_model, profile_layers
 from onnx_lowrank.ranks import RankCandidate, _energy_curve, latency_ranks
 from tests.builders import Layer, conv_net, run_model
@@ -67,7 +67,7 @@ def test_a_form_no_faster_than_a_higher_rank_or_the_layer_is_never_chosen() -> N
 
 def test_layer_models_compute_the_layer_and_a_second_profile_comes_from_the_cache(tmp_path) -> None:
     model = conv_net([Layer(16), Layer(32, stride=2), Layer(32, k=(3, 5), dilation=2)], size=(12, 12))
-    units = find_conv_units(model)
+    units = find_units(model)
     shapes = {units[1].name: ConvShape(16, 32, (3, 3), (6, 6), in_hw=(12, 12)),
               units[2].name: ConvShape(32, 32, (3, 5), (6, 6), in_hw=(6, 6))}
     x = {"x": np.random.default_rng(0).standard_normal((2, 16, 12, 12)).astype(np.float32)}

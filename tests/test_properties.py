@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 
 from onnx_lowrank import LowRankError, compress
 from onnx_lowrank.graph.normalise import normalise
-from onnx_lowrank.graph.rewrite import channel_decomposition, replace_convs, spatial_decomposition
-from onnx_lowrank.graph.units import find_conv_units
+from onnx_lowrank.graph.rewrite import channel_decomposition, replace_units, spatial_decomposition
+from onnx_lowrank.graph.units import find_units
 from onnx_lowrank.solvers.weights import spatial_filter_reconstruction
 from tests.builders import Layer, conv_net, relative_error, run_model
 
@@ -72,7 +72,7 @@ def full_rank_chains(model: onnx.ModelProto, split: bool) -> dict:
     """Every decomposable conv as a channel decomposition at d' = d (P = Q = I), after a full-rank
     k x 1 / 1 x k split where ``split``: exactly the original function."""
     chains = {}
-    for unit in find_conv_units(model):
+    for unit in find_units(model):
         if not unit.decomposable:
             continue
         d, c, kh, kw = unit.weight.shape
@@ -92,7 +92,7 @@ def full_rank_chains(model: onnx.ModelProto, split: bool) -> dict:
 def test_a_full_rank_rewrite_reproduces_the_original(graph, split) -> None:
     model, x = graph
     normalised = normalise(model)
-    rewritten = replace_convs(normalised, full_rank_chains(normalised, split))
+    rewritten = replace_units(normalised, full_rank_chains(normalised, split))
     onnx.checker.check_model(rewritten)
     reference = run_model(model, {"input": x})[0]
     assert relative_error(reference, run_model(rewritten, {"input": x})[0]) < 1e-4 or \

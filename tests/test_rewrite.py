@@ -8,26 +8,26 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_lowrank.graph.normalise import normalise
-from onnx_lowrank.graph.rewrite import (channel_decomposition, replace_convs, spatial_decomposition,
+from onnx_lowrank.graph.rewrite import (channel_chain, channel_decomposition, replace_units, spatial_decomposition,
                                         tucker2_decomposition)
 from onnx_lowrank.graph.surgery import prefix_model
-from onnx_lowrank.graph.units import find_conv_units
+from onnx_lowrank.graph.units import find_units
 from onnx_lowrank.solvers.activations import apply_activation
 from onnx_lowrank.solvers.weights import spatial_filter_reconstruction, tucker2
 from tests.builders import IR_VERSION, Layer, conv_net, relative_error, run_model
 
 
 def full_rank_rewrite(model: onnx.ModelProto, seed: int = 0):
-    """Decompose every decomposable conv with a random orthogonal Q and P = Q (so M = I)."""
+    """Decompose every decomposable layer with a random orthogonal Q and P = Q (so M = I)."""
     rng = np.random.default_rng(seed)
     normalised = normalise(model)
-    units = [u for u in find_conv_units(normalised) if u.decomposable]
+    units = [u for u in find_units(normalised) if u.decomposable]
     chains = {}
     for unit in units:
         d = unit.weight.shape[0]
         q, _ = np.linalg.qr(rng.standard_normal((d, d)))
-        chains[unit.name] = channel_decomposition(unit.attrs, unit.weight, unit.bias, q, q, np.zeros(d))
-    return replace_convs(normalised, chains), units
+        chains[unit.name] = channel_chain(unit, q, q, np.zeros(d))
+    return replace_units(normalised, chains), units
 
 
 def op_count(model: onnx.ModelProto, op: str) -> int:
@@ -82,8 +82,8 @@ def exact_chain(unit, scheme: str):
 def test_spatial_and_tucker2_chains_split_strides_pads_and_dilations_exactly(name: str, scheme: str) -> None:
     model = conv_net(CASES[name], size=(13, 11))
     normalised = normalise(model)
-    units = [u for u in find_conv_units(normalised) if u.decomposable]
-    rewritten = replace_convs(normalised, {u.name: exact_chain(u, scheme) for u in units})
+    units = [u for u in find_units(normalised) if u.decomposable]
+    rewritten = replace_units(normalised, {u.name: exact_chain(u, scheme) for u in units})
     onnx.checker.check_model(rewritten)
     x = np.random.default_rng(4).standard_normal((2, 3, 13, 11)).astype(np.float32)
     (expected,), (actual,) = run_model(model, {"input": x}), run_model(rewritten, {"input": x})
@@ -93,7 +93,7 @@ def test_spatial_and_tucker2_chains_split_strides_pads_and_dilations_exactly(nam
 
 
 def test_spatial_split_gives_each_conv_its_own_axis() -> None:
-    unit = [u for u in find_conv_units(conv_net([Layer(8, k=(3, 5), stride=2, dilation=2, pads=[1, 2, 3, 4])]))][0]
+    unit = [u for u in find_units(conv_net([Layer(8, k=(3, 5), stride=2, dilation=2, pads=[1, 2, 3, 4])]))][0]
     vertical, horizontal = exact_chain(unit, "spatial")
     assert vertical.attrs == {"kernel_shape": [3, 1], "strides": [2, 1], "dilations": [2, 1], "pads": [1, 0, 3, 0]}
     assert horizontal.attrs == {"kernel_shape": [1, 5], "strides": [1, 2], "dilations": [1, 2], "pads": [0, 2, 0, 4]}
@@ -126,7 +126,7 @@ def test_rewrite_keeps_interface_opset_and_metadata() -> None:
 def test_low_rank_chain_has_the_planned_shapes() -> None:
     model = conv_net([Layer(8), Layer(16)])
     normalised = normalise(model)
-    unit = [u for u in find_conv_units(normalised) if u.decomposable][1]
+    unit = [u for u in find_units(normalised) if u.decomposable][1]
     q = np.linalg.qr(np.random.default_rng(0).standard_normal((16, 16)))[0][:, :4]
     chain = channel_decomposition(unit.attrs, unit.weight, unit.bias, q, q, np.zeros(16))
     assert [spec.weight.shape for spec in chain] == [(4, 8, 3, 3), (16, 4, 1, 1)]
@@ -145,7 +145,7 @@ def test_batchnorm_folding_is_exact() -> None:
 def test_activations_are_detected() -> None:
     model = conv_net([Layer(8, act="relu"), Layer(8, act="clip"), Layer(8, act="leaky"),
                       Layer(8, act="none", bn=True)])
-    units = find_conv_units(normalise(model))
+    units = find_units(normalise(model))
     assert [u.activation.kind for u in units] == ["relu", "clip", "leaky_relu", "none"]
     assert units[1].activation.params == {"min": 0.0, "max": 6.0}
     assert units[2].activation.params == {"alpha": pytest.approx(0.1)}
@@ -159,7 +159,7 @@ def test_more_activations_are_detected_and_match_onnxruntime(act: str) -> None:
     """The detected kind and parameters, applied in NumPy, reproduce what onnxruntime computes."""
     with_act = conv_net([Layer(8, act=act)], opset=20)
     linear = conv_net([Layer(8, act="none")], opset=20)  # same seed: same conv weights
-    (unit,) = find_conv_units(normalise(with_act))
+    (unit,) = find_units(normalise(with_act))
     assert unit.activation.kind == act
     x = np.random.default_rng(5).standard_normal((2, 3, 12, 12)).astype(np.float32) * 3
     expected = run_model(with_act, {"input": x})[0]
@@ -171,7 +171,7 @@ def test_sigmoid_times_something_else_is_not_silu() -> None:
     model = conv_net([Layer(8, act="silu")])
     sigmoid, mul = model.graph.node[-2], model.graph.node[-1]
     mul.input[1] = sigmoid.output[0]  # sigmoid(y)^2: y is read by the Sigmoid alone
-    (unit,) = find_conv_units(normalise(model))
+    (unit,) = find_units(normalise(model))
     assert unit.activation.kind == "sigmoid"
 
 
@@ -183,7 +183,7 @@ def test_clip_with_attributes_in_old_opsets() -> None:
              helper.make_node("Clip", ["c"], ["y"], min=0.0, max=6.0)]
     model = helper.make_model(helper.make_graph(nodes, "g", [x], [y], [w]),
                               opset_imports=[helper.make_opsetid("", 10)], ir_version=IR_VERSION)
-    (unit,) = find_conv_units(normalise(model))
+    (unit,) = find_units(normalise(model))
     assert unit.activation.kind == "clip" and unit.activation.params == {"min": 0.0, "max": 6.0}
 
 
@@ -200,14 +200,14 @@ def test_undecomposable_convs_are_skipped_with_a_reason() -> None:
              helper.make_node("Conv", ["c", "w_ok"], ["y"], pads=[1] * 4, name="ok")]
     model = helper.make_model(helper.make_graph(nodes, "g", [x, w_in], [y], inits),
                               opset_imports=[helper.make_opsetid("", 17)], ir_version=IR_VERSION)
-    reasons = {u.name: u.skipped_reason for u in find_conv_units(normalise(model))}
+    reasons = {u.name: u.skipped_reason for u in find_units(normalise(model))}
     assert reasons == {"dw": "depthwise conv", "grouped": "grouped conv (group=2)",
                        "dynamic": "weights are not constant", "ok": None}
 
 
 def test_prefix_model_computes_the_same_tensor_with_fewer_nodes() -> None:
     model = normalise(conv_net([Layer(8), Layer(16), Layer(16), Layer(16)], classifier=4))
-    units = find_conv_units(model)
+    units = find_units(model)
     prefix = prefix_model(model, [units[1].output])
     assert len(prefix.graph.node) < len(model.graph.node)
     assert {n.name for n in prefix.graph.node if n.op_type == "Conv"} == {units[0].name, units[1].name}

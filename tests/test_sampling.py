@@ -43,7 +43,8 @@ def test_the_report_gives_the_samples_of_each_layer() -> None:
     data = np.random.default_rng(0).standard_normal((40, 3, 10, 10)).astype(np.float32)
     model = conv_net([Layer(16), Layer(32), Layer(64)], size=(10, 10), classifier=5)
     layers = compress(model, 1.5, calibration=data, bench=False, dry_run=True).report.layers
-    # 32 calibration samples: 40 * 64 / 32 = 80 positions wanted, the 10 x 10 map has 100
-    assert [layer.samples for layer in layers] == [32 * 32, 32 * 40, 32 * 80]
+    # 32 calibration samples: 40 * 64 / 32 = 80 positions wanted, the 10 x 10 map has 100; the
+    # classifier (a Gemm) has one position per sample
+    assert [layer.samples for layer in layers] == [32 * 32, 32 * 40, 32 * 80, 32]
     fixed = compress(model, 1.5, calibration=data, bench=False, dry_run=True, samples_per_image=5).report.layers
-    assert [layer.samples for layer in fixed] == [32 * 5] * 3
+    assert [layer.samples for layer in fixed] == [32 * 5] * 3 + [32]

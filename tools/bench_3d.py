@@ -71,7 +71,7 @@ def build(args) -> None:
                 path = out / f"{args.name}-{method}-{args.rank_selection or 'default'}-{speedup:g}x.onnx"
                 onnx.save(result.model, path)
                 row.update(path=str(path), run_s=time.perf_counter() - start,
-                           theoretical_conv_speedup=report.theoretical_conv_speedup,
+                           theoretical_speedup=report.theoretical_speedup,
                            theoretical_model_speedup=report.theoretical_model_speedup,
                            channel_speedup=report.channel_speedup,
                            output_rel_error=list(report.fidelity.output_rel_error.values())[0],
@@ -112,7 +112,7 @@ def time_models(args) -> None:
             latency = measure_latency(original, optimized, feeds, threads=threads, rounds=args.rounds)
             row["latency_ms"][setting] = {"original": latency.original_ms, "optimized": latency.optimized_ms,
                                           "speedup": latency.speedup,
-                                          "actual_over_theoretical": latency.speedup / row["theoretical_conv_speedup"]}
+                                          "actual_over_theoretical": latency.speedup / row["theoretical_speedup"]}
         Path(args.json).write_text(json.dumps(data, indent=1))
         print(row["speedup"], row["method"], {s: round(v["speedup"], 2) for s, v in row["latency_ms"].items()},
               flush=True)
@@ -142,7 +142,7 @@ def render(paths: list[str]) -> None:
                     continue
                 ms = f"{timing['original']:.1f} → {timing['optimized']:.1f} ms, " if setting == "b1_t1" else ""
                 cells.append(f"{ms}{timing['speedup']:.2f}× ({timing['actual_over_theoretical']:.2f})")
-            print(f"| {row['speedup']:g}× | {row['method']} | {row['theoretical_conv_speedup']:.2f}× | "
+            print(f"| {row['speedup']:g}× | {row['method']} | {row['theoretical_speedup']:.2f}× | "
                   f"{row['output_rel_error']:.3f} | {quality} | " + " | ".join(cells) + " | not available |")
 
 

@@ -72,10 +72,10 @@ def main() -> None:
                 print(json.dumps(rows[-1]))
                 continue
             data = json.loads(report.read_text())
-            speedup = data["theoretical_conv_speedup"]
+            speedup = data["theoretical_speedup"]
             single_s, _ = run([common[0], str(Path(folder) / "single.onnx"), *common[1:], "--speedup",
                                str(data["speedup_target"]), "--report", str(Path(folder) / "single.json")])
-            rows.append({"budget": data["budget"]["target"], "theoretical_conv_speedup": speedup,
+            rows.append({"budget": data["budget"]["target"], "theoretical_speedup": speedup,
                          "measured_speedup_cpu": data["actual_speedup"].get("cpu"),
                          "held_out": {"samples": data["budget"]["held_out_samples"],
                                       "value": data["budget"]["measured"]},

@@ -79,7 +79,7 @@ def main() -> None:
     result = {"command": " ".join(command), "model_bytes": model_bytes, "output_bytes": written,
               "wall_s": round(wall, 1), "peak_rss_bytes": peak, "peak_rss_over_model": round(peak / model_bytes, 2),
               "timings_s": {k: round(v, 1) for k, v in data["timings_s"].items()},
-              "theoretical_conv_speedup": data["theoretical_conv_speedup"], "actual_speedup": data["actual_speedup"],
+              "theoretical_speedup": data["theoretical_speedup"], "actual_speedup": data["actual_speedup"],
               "output_files": data["files"]["output"]}
     (args.folder / "bench_large.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

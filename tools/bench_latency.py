@@ -91,7 +91,7 @@ def main() -> None:
                 continue
             models[objective] = result.model
             report = result.report
-            row["plans"][objective] = {"theoretical_conv_speedup": report.theoretical_conv_speedup,
+            row["plans"][objective] = {"theoretical_speedup": report.theoretical_speedup,
                               "output_rel_error": next(iter(report.fidelity.output_rel_error.values())),
                               "top1_agreement": report.fidelity.top1_agreement, "seconds": time.perf_counter() - clock,
                               "predicted_ms": (report.latency_plan or {}).get("predicted_ms")}

@@ -81,13 +81,13 @@ def run(args, save) -> list[dict]:
     from onnx_lowrank.calibration import make_preprocess, model_inputs, open_calibration
     from onnx_lowrank.errors import InfeasibleTargetError
     from onnx_lowrank.graph.normalise import normalise
-    from onnx_lowrank.graph.units import find_conv_units
+    from onnx_lowrank.graph.units import find_units
 
     preprocess = make_preprocess(args.preset, [args.mean] * 3 if args.mean is not None else None,
                                  [args.std] * 3 if args.std is not None else None,
                                  1.0 if args.preset == "raw" else None, None)
     original = onnx.load(args.model)
-    units = {u.name: u for u in find_conv_units(normalise(original))}
+    units = {u.name: u for u in find_units(normalise(original))}
     inputs = model_inputs(original)
     eval_feeds = []
     if args.eval:
@@ -117,7 +117,7 @@ def run(args, save) -> list[dict]:
             first3 = [units[layer.name] for layer in decomposed[:3]]
             row = {
                 "speedup": speedup, "config": config, "run_s": elapsed,
-                "theoretical_conv_speedup": report.theoretical_conv_speedup,
+                "theoretical_speedup": report.theoretical_speedup,
                 "latency_ms": report.latency_ms.get("cpu"), "measured_speedup": report.actual_speedup.get("cpu"),
                 "output_rel_error": list(report.fidelity.output_rel_error.values())[0],
                 "top1_agreement": report.fidelity.top1_agreement,

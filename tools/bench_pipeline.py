@@ -48,7 +48,7 @@ def run_one(model: str, speedup: float, calib: str, evaluation: str | None, num_
     return {
         "model": Path(model).name, "speedup_target": speedup, "run_s": elapsed, "peak_rss_mb": peak_mb,
         "timings_s": report.timings_s, "calibration_samples": report.calibration_samples,
-        "theoretical_conv_speedup": report.theoretical_conv_speedup,
+        "theoretical_speedup": report.theoretical_speedup,
         "theoretical_model_speedup": report.theoretical_model_speedup, "latency": latency,
         "top1_agreement": fidelity.top1_agreement, "output_rel_error": list(fidelity.output_rel_error.values())[0],
         "accuracy_original": fidelity.accuracy_original, "accuracy_optimized": fidelity.accuracy_optimized,
@@ -69,7 +69,7 @@ def table(rows: list[dict]) -> str:
                          f"{lat['speedup'] / r['theoretical_model_speedup']:.2f})")
         accuracy = ("-" if r["accuracy_original"] is None else
                     f"{100 * r['accuracy_original']:.1f}% → {100 * r['accuracy_optimized']:.1f}%")
-        lines.append(f"| {r['model']} | {r['speedup_target']:g}× | {r['theoretical_conv_speedup']:.2f}× | "
+        lines.append(f"| {r['model']} | {r['speedup_target']:g}× | {r['theoretical_speedup']:.2f}× | "
                      f"{r['theoretical_model_speedup']:.2f}× | {cells[0]} | {cells[1]} | "
                      f"{100 * r['top1_agreement']:.1f}% | {accuracy} | {r['output_rel_error']:.3f} | "
                      f"{r['run_s']:.0f} s | {r['peak_rss_mb'] / 1024:.2f} GiB |")

@@ -123,7 +123,7 @@ def main() -> None:
                 report = api.report_for(analysis, plan, solved, opts)
                 api.measure(analysis, optimized, report, opts)
                 row = {"method": method, "speedup": speedup, "selection": selection,
-                       "theoretical_conv_speedup": plan.speedup, "output_rel_error": error_of(report),
+                       "theoretical_speedup": plan.speedup, "output_rel_error": error_of(report),
                        "top1_agreement": report.fidelity.top1_agreement,
                        "accuracy": [report.fidelity.accuracy_original, report.fidelity.accuracy_optimized],
                        "n": report.fidelity.samples, "solve_s": time.perf_counter() - clock,

@@ -59,7 +59,7 @@ def whole_model(data: dict) -> list[str]:
             lines.append(f"| {row['speedup']:g}× | {row['config']} | infeasible: {row['infeasible']} | | | | | |")
             continue
         latency = row["latency_ms"] or {}
-        lines.append(f"| {row['speedup']:g}× | {row['config']} | {row['theoretical_conv_speedup']:.2f}× | "
+        lines.append(f"| {row['speedup']:g}× | {row['config']} | {row['theoretical_speedup']:.2f}× | "
                      f"{row['output_rel_error']:.4f} | {_fidelity(row)} | {_fmt(latency.get('original'), 2)} → "
                      f"{_fmt(latency.get('optimized'), 2)} | {_fmt(row['measured_speedup'], 2)}× | {row['run_s']:.0f} |")
     return lines

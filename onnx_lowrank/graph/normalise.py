@@ -1,4 +1,5 @@
-"""Normalisation: fold BatchNormalization and per-channel Mul/Add constants into the Conv before them.
+"""Normalisation: fold BatchNormalization and per-channel Mul/Add constants into the Conv (1-, 2- or
+3-D) before them.
 
 After folding, a Conv's output is the whole linear response ``y = W x + b`` whose low-rank
 structure the solver exploits, and the following activation reads it directly.
@@ -30,7 +31,7 @@ def normalise(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def _conv_weight_and_bias(conv: gs.Node) -> tuple[np.ndarray, np.ndarray] | None:
     weight = constant_value(conv.inputs[1])
-    if weight is None or weight.ndim != 4:
+    if weight is None or weight.ndim < 3:
         return None
     bias = constant_value(conv.inputs[2]) if len(conv.inputs) > 2 and conv.inputs[2].name else None
     if bias is None and len(conv.inputs) > 2 and conv.inputs[2].name:
@@ -40,14 +41,15 @@ def _conv_weight_and_bias(conv: gs.Node) -> tuple[np.ndarray, np.ndarray] | None
     return weight, bias
 
 
-def _per_channel(value: np.ndarray | None, channels: int) -> np.ndarray | None:
-    """A constant that broadcasts over NCHW only along C (or is a scalar), as a length-C vector."""
-    if value is None or value.ndim > 4:
+def _per_channel(value: np.ndarray | None, channels: int, rank: int) -> np.ndarray | None:
+    """A constant that broadcasts over an N x C x ... tensor of ``rank`` dimensions only along C (or
+    is a scalar), as a length-C vector."""
+    if value is None or value.ndim > rank:
         return None
     if value.size == 1:
         return np.full(channels, value.reshape(()), dtype=np.float64)
-    shape = (1,) * (4 - value.ndim) + value.shape
-    if shape[1] == channels and shape[0] == shape[2] == shape[3] == 1:
+    shape = (1,) * (rank - value.ndim) + value.shape
+    if shape[1] == channels and shape[0] == 1 and all(n == 1 for n in shape[2:]):
         return value.reshape(channels).astype(np.float64)
     return None
 
@@ -60,20 +62,21 @@ def _fold_next(graph: gs.Graph, conv: gs.Node) -> bool:
     weight, bias = params
     d = weight.shape[0]
     w, b = weight.astype(np.float64), bias.astype(np.float64)
+    per_output = (slice(None),) + (None,) * (weight.ndim - 1)
     if follower.op == "BatchNormalization" and len(follower.outputs) == 1:
         stats = [constant_value(t) for t in follower.inputs[1:5]]
         if any(s is None for s in stats):
             return False
         gamma, beta, mean, var = (s.astype(np.float64) for s in stats)
         scale = gamma / np.sqrt(var + follower.attrs.get("epsilon", 1e-5))
-        w, b = w * scale[:, None, None, None], (b - mean) * scale + beta
+        w, b = w * scale[per_output], (b - mean) * scale + beta
     elif follower.op in ("Mul", "Add"):
         other = follower.inputs[1] if follower.inputs[0] is conv.outputs[0] else follower.inputs[0]
-        vector = _per_channel(constant_value(other), d)
+        vector = _per_channel(constant_value(other), d, weight.ndim)
         if vector is None:
             return False
         if follower.op == "Mul":
-            w, b = w * vector[:, None, None, None], b * vector
+            w, b = w * vector[per_output], b * vector
         else:
             b = b + vector
     else:

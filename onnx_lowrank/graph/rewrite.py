@@ -1,4 +1,5 @@
-"""Replacing a Conv by a chain of Convs that computes (approximately) the same response."""
+"""Replacing a layer (Conv, ConvTranspose, Gemm, MatMul) by a chain that computes (approximately)
+the same response."""
 
 from __future__ import annotations
 
@@ -12,39 +13,97 @@ from onnx_lowrank.graph.surgery import export_like
 
 
 @dataclass(frozen=True)
-class ConvSpec:
-    """One Conv of a replacement chain: its weights, optional bias and attributes."""
+class NodeSpec:
+    """One node of a replacement chain: its op, weights (in that op's layout), optional bias and
+    attributes. A MatMul's bias becomes an Add after it."""
 
     weight: np.ndarray
     bias: np.ndarray | None
     attrs: dict
+    op: str = "Conv"
+
+
+def channel_chain(unit, P: np.ndarray, Q: np.ndarray, new_bias: np.ndarray) -> list[NodeSpec]:
+    """The channel decomposition of any layer kind (``graph.units.Unit``): its own op with the
+    weights ``Q^T W`` and d' outputs, then the d' -> d projection ``P`` (a 1 x ... x 1 Conv after a
+    conv, a MatMul after a dense layer) with the bias. A MatMul's bias that stays in the graph
+    after it (``bias_after``) is taken off the chain's, so the sum is the same."""
+    if unit.kind == "dense":
+        return dense_decomposition(unit.op, unit.weight, unit.bias, P, Q, new_bias, unit.bias_after)
+    if unit.kind == "transpose":
+        return transposed_decomposition(unit.attrs, unit.weight, unit.bias, P, Q, new_bias)
+    return channel_decomposition(unit.attrs, unit.weight, unit.bias, P, Q, new_bias)
+
+
+def whole_layer(unit, weight: np.ndarray, bias: np.ndarray) -> list[NodeSpec]:
+    """The layer as one node with ``weight`` (in the Unit's layout): what a chain is timed against."""
+    if unit.kind == "dense":
+        return [NodeSpec(np.ascontiguousarray(weight.T), bias, {}, "MatMul")]
+    if unit.kind == "transpose":
+        return [NodeSpec(np.swapaxes(weight, 0, 1), bias, dict(unit.attrs), "ConvTranspose")]
+    return [NodeSpec(weight, bias, dict(unit.attrs))]
+
+
+def _pushed_bias(P: np.ndarray, Q: np.ndarray, bias: np.ndarray, new_bias: np.ndarray) -> np.ndarray:
+    """The original bias pushed through ``M = P Q^T``, plus the solver's: ``P Q^T b_orig + b``."""
+    return P @ (Q.T @ bias.astype(np.float64)) + new_bias
+
+
+def dense_decomposition(op: str, weight: np.ndarray, bias: np.ndarray, P: np.ndarray, Q: np.ndarray,
+                        new_bias: np.ndarray, bias_after: np.ndarray | None = None) -> list[NodeSpec]:
+    """``x (W^T Q)`` (K -> d') then ``(.) P^T`` (d' -> N) with the bias, as two Gemms for a Gemm
+    (its input is 2-D) and two MatMuls otherwise (inputs of any rank)."""
+    dtype = weight.dtype
+    first = (Q.T @ weight.astype(np.float64)).T
+    second_bias = _pushed_bias(P, Q, bias, new_bias)
+    if bias_after is not None:
+        second_bias = second_bias - bias_after
+    keep_bias = op == "Gemm" or np.any(second_bias != 0)
+    return [NodeSpec(np.ascontiguousarray(first.astype(dtype)), None, {}, op),
+            NodeSpec(np.ascontiguousarray(P.T.astype(dtype)), second_bias.astype(dtype) if keep_bias else None, {}, op)]
+
+
+def transposed_decomposition(attrs: dict, weight: np.ndarray, bias: np.ndarray, P: np.ndarray, Q: np.ndarray,
+                             new_bias: np.ndarray) -> list[NodeSpec]:
+    """(ConvTranspose k x k, c -> d') with every attribute kept (strides, pads, output_padding,
+    output_shape: channels do not change the output's size), then (1 x 1 Conv, d' -> d) with
+    ``P`` and the bias. ``weight`` is in the Unit's (d, c, *k) layout."""
+    dtype = weight.dtype
+    first = np.tensordot(Q.T, weight.astype(np.float64), axes=([1], [0]))
+    pointwise = _pointwise(P, weight.ndim - 2, dtype)
+    return [NodeSpec(np.swapaxes(first, 0, 1).astype(dtype), None, dict(attrs), "ConvTranspose"),
+            NodeSpec(pointwise, _pushed_bias(P, Q, bias, new_bias).astype(dtype), {"kernel_shape": [1] * (weight.ndim - 2)})]
+
+
+def _pointwise(P: np.ndarray, spatial_dims: int, dtype) -> np.ndarray:
+    return P.reshape(P.shape + (1,) * spatial_dims).astype(dtype)
 
 
 def channel_decomposition(attrs: dict, weight: np.ndarray, bias: np.ndarray,
-                          P: np.ndarray, Q: np.ndarray, new_bias: np.ndarray) -> list[ConvSpec]:
-    """(k x k, c -> d') with weights ``Q^T W`` then (1 x 1, d' -> d) with ``P`` (paper Fig. 1).
+                          P: np.ndarray, Q: np.ndarray, new_bias: np.ndarray) -> list[NodeSpec]:
+    """(k x k, c -> d') with weights ``Q^T W`` then (1 x 1, d' -> d) with ``P`` (paper Fig. 1); for
+    a 1-D or 3-D conv the same with k or k x k x k, then 1 or 1 x 1 x 1.
 
     The original bias is pushed through ``M = P Q^T`` into the 1x1 layer: ``P Q^T b_orig + b``.
     """
     dtype = weight.dtype
-    w = weight.astype(np.float64)
-    first = np.tensordot(Q.T, w, axes=([1], [0]))
-    second_bias = P @ (Q.T @ bias.astype(np.float64)) + new_bias
+    first = np.tensordot(Q.T, weight.astype(np.float64), axes=([1], [0]))
     first_attrs = {k: v for k, v in attrs.items() if k != "group"}
-    pointwise = {"kernel_shape": [1, 1]}
-    return [ConvSpec(first.astype(dtype), None, first_attrs),
-            ConvSpec(P[:, :, None, None].astype(dtype), second_bias.astype(dtype), pointwise)]
+    spatial_dims = weight.ndim - 2
+    return [NodeSpec(first.astype(dtype), None, first_attrs),
+            NodeSpec(_pointwise(P, spatial_dims, dtype), _pushed_bias(P, Q, bias, new_bias).astype(dtype),
+                     {"kernel_shape": [1] * spatial_dims})]
 
 
 def spatial_decomposition(attrs: dict, vertical: np.ndarray, horizontal: np.ndarray,
-                          bias: np.ndarray | None) -> list[ConvSpec]:
+                          bias: np.ndarray | None) -> list[NodeSpec]:
     """(kh x 1, c -> d'') with ``vertical`` then (1 x kw, d'' -> d) with ``horizontal`` and the bias
     (Jaderberg et al. 2014, scheme 2). Each conv takes its own axis of the strides, dilations and
     pads: stride (sh, 1) then (1, sw), pads top/bottom then left/right. An ``auto_pad`` of
     SAME_UPPER/SAME_LOWER/VALID is kept on both: along an axis with kernel 1 and stride 1 it pads
     nothing, so each conv pads exactly the axis the original padded."""
     vertical_attrs, horizontal_attrs = split_spatial_attrs(attrs, (vertical.shape[2], horizontal.shape[3]))
-    return [ConvSpec(vertical, None, vertical_attrs), ConvSpec(horizontal, bias, horizontal_attrs)]
+    return [NodeSpec(vertical, None, vertical_attrs), NodeSpec(horizontal, bias, horizontal_attrs)]
 
 
 def split_spatial_attrs(attrs: dict, kernel: tuple[int, int]) -> tuple[dict, dict]:
@@ -67,20 +126,21 @@ def split_spatial_attrs(attrs: dict, kernel: tuple[int, int]) -> tuple[dict, dic
 
 
 def tucker2_decomposition(attrs: dict, first: np.ndarray, core: np.ndarray, last: np.ndarray,
-                          bias: np.ndarray | None) -> list[ConvSpec]:
+                          bias: np.ndarray | None) -> list[NodeSpec]:
     """(1 x 1, c -> r1) with ``first`` at the input resolution, the (kh x kw, r1 -> r2) ``core`` with
     the original strides/pads/dilations, then (1 x 1, r2 -> d) with ``last`` and the bias. The first
     conv has no bias, so the zero padding of the core sees zeros, as the original did."""
     pointwise = {"kernel_shape": [1, 1]}
     core_attrs = {k: v for k, v in attrs.items() if k != "group"}
-    return [ConvSpec(first, None, pointwise), ConvSpec(core, None, core_attrs), ConvSpec(last, bias, pointwise)]
+    return [NodeSpec(first, None, pointwise), NodeSpec(core, None, core_attrs), NodeSpec(last, bias, pointwise)]
 
 
-def replace_convs(model: onnx.ModelProto, chains: dict[str, list[ConvSpec]]) -> onnx.ModelProto:
-    """Return a copy of ``model`` with each named Conv replaced by its chain (names kept readable)."""
+def replace_units(model: onnx.ModelProto, chains: dict[str, list[NodeSpec]]) -> onnx.ModelProto:
+    """Return a copy of ``model`` with each named node replaced by its chain (names kept readable);
+    the chain reads the node's first input and writes its output."""
     graph = gs.import_onnx(model)
     taken = {n.name for n in graph.nodes} | set(graph.tensors())
-    for node in [n for n in graph.nodes if n.op == "Conv" and n.name in chains]:
+    for node in [n for n in graph.nodes if n.name in chains]:
         current = node.inputs[0]
         output = node.outputs[0]
         node.outputs.clear()
@@ -90,9 +150,15 @@ def replace_convs(model: onnx.ModelProto, chains: dict[str, list[ConvSpec]]) -> 
             last = index == len(chain) - 1
             out = output if last else gs.Variable(_unique(f"{stem}_out", taken), dtype=output.dtype)
             inputs = [current, gs.Constant(_unique(f"{stem}.weight", taken), spec.weight)]
-            if spec.bias is not None:
-                inputs.append(gs.Constant(_unique(f"{stem}.bias", taken), spec.bias))
-            graph.nodes.append(gs.Node("Conv", name=stem, attrs=dict(spec.attrs), inputs=inputs, outputs=[out]))
+            bias = None if spec.bias is None else gs.Constant(_unique(f"{stem}.bias", taken), spec.bias)
+            if spec.op == "MatMul" and bias is not None:
+                product = gs.Variable(_unique(f"{stem}_product", taken), dtype=output.dtype)
+                graph.nodes.append(gs.Node("MatMul", name=stem, inputs=inputs, outputs=[product]))
+                graph.nodes.append(gs.Node("Add", name=_unique(f"{stem}_bias", taken), inputs=[product, bias],
+                                           outputs=[out]))
+            else:
+                graph.nodes.append(gs.Node(spec.op, name=stem, attrs=dict(spec.attrs),
+                                           inputs=inputs + ([bias] if bias is not None else []), outputs=[out]))
             current = out
     return export_like(graph, model)
 
