@@ -234,7 +234,7 @@ def analyse(model, opts: Options, calibration: CalibrationSource = None, evaluat
             raise InvalidOptionError(f"{needs_labels} needs labels",
                                      hint="pass --eval (or --calib) data with 'labels'")
         shapes = _measure_shapes(normalised, data.source, units, inputs, opts.threads)
-    candidates = [RankCandidate(u.name, shapes[u.name]) for u in units if u.decomposable]
+    candidates = [RankCandidate(u.name, shapes[u.name], dense=u.kind == "dense") for u in units if u.decomposable]
     fixed = sum(shapes[u.name].macs for u in units
                 if u.name in shapes and u.kind in opts.ops and not u.decomposable)
     if fixed_target and opts.objective == "flops":

@@ -22,7 +22,7 @@ import numpy as np
 
 from onnx_lowrank.costs import ConvShape, decomposed_macs, tucker2_macs
 from onnx_lowrank.errors import InfeasibleTargetError, InvalidOptionError
-from onnx_lowrank.ranks import (FIRST_LAYER_REASON, RankCandidate, RankPlan, energy_ranks, latency_ranks,
+from onnx_lowrank.ranks import (RankCandidate, leave_first_conv, RankPlan, energy_ranks, latency_ranks,
                                 measured_ranks, uniform_ranks, validate_speedup)
 
 NO_SPATIAL_KERNEL = "1-wide kernel: nothing to split spatially"
@@ -174,10 +174,7 @@ def tucker2_plan(candidates: list[RankCandidate], fixed_macs: int, speedup: floa
     """One cost ratio for every layer (but the first), ``r1 / c = r2 / d``; rounding carried over."""
     speedup = validate_speedup(speedup)
     plan = ArchitecturePlan(macs_before=fixed_macs + sum(c.shape.macs for c in candidates))
-    active = list(candidates)
-    if len(active) > 1:
-        plan.skipped[active[0].name] = FIRST_LAYER_REASON
-        active = active[1:]
+    active = leave_first_conv(plan, list(candidates))
     options = {c.name: _tucker2_options(c.shape, multiple) for c in active}
     for cand in list(active):
         if not options[cand.name]:

@@ -28,6 +28,7 @@ class RankCandidate:
     name: str
     shape: ConvShape
     scheme: str = "channel"
+    dense: bool = False  # a Gemm/MatMul layer, never "the first conv" the paper leaves whole
 
     def __post_init__(self) -> None:
         if self.scheme not in SCHEMES:
@@ -215,6 +216,16 @@ def _energy_curve(eigenvalues: np.ndarray, dim: int) -> np.ndarray:
     return curve / total if total > 0 else np.ones(dim + 1)
 
 
+def leave_first_conv(plan: RankPlan, active: list[RankCandidate]) -> list[RankCandidate]:
+    """The paper leaves the first conv whole (few input channels, little of the cost); a dense
+    layer before it is not that layer."""
+    first = next((c for c in active if not c.dense), None)
+    if first is None or len(active) < 2:
+        return active
+    plan.skipped[first.name] = FIRST_LAYER_REASON
+    return [c for c in active if c is not first]
+
+
 def _eligible(candidates: list[RankCandidate], fixed_macs: int, speedup: float, multiple: int,
               leave_first: bool) -> tuple[RankPlan, list[RankCandidate], int, float]:
     """The plan with the layers left alone and why, the layers to decompose, the cost of the
@@ -223,9 +234,8 @@ def _eligible(candidates: list[RankCandidate], fixed_macs: int, speedup: float, 
     multiple = validate_multiple(multiple)
     plan = RankPlan(macs_before=fixed_macs + sum(c.shape.macs for c in candidates))
     active = list(candidates)
-    if leave_first and len(active) > 1:
-        plan.skipped[active[0].name] = FIRST_LAYER_REASON
-        active = active[1:]
+    if leave_first:
+        active = leave_first_conv(plan, active)
     for cand in list(active):
         if cand.break_even <= multiple:
             plan.skipped[cand.name] = (
@@ -372,9 +382,8 @@ def latency_ranks(candidates: list[RankCandidate], eigenvalues: dict[str, np.nda
     validate_speedup(speedup)
     plan = RankPlan()
     active = list(candidates)
-    if leave_first and len(active) > 1:
-        plan.skipped[active[0].name] = FIRST_LAYER_REASON
-        active = active[1:]
+    if leave_first:
+        active = leave_first_conv(plan, active)
     fronts: dict[str, list[tuple[float, float, int]]] = {}
     for cand in active:
         energy = _energy_curve(eigenvalues[cand.name], cand.full_rank)

@@ -140,3 +140,27 @@ def run_model(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.n
 
 def relative_error(reference: np.ndarray, approximation: np.ndarray) -> float:
     return float(np.linalg.norm(reference - approximation) / np.linalg.norm(reference))
+
+
+def finish(b: NetBuilder, output: str, input_shape: list, opset: int = 17) -> onnx.ModelProto:
+    """The model of ``b``'s nodes from ``input`` (``input_shape``, first axis the batch) to ``output``."""
+    graph = helper.make_graph(b.nodes, "test-net", [helper.make_tensor_value_info("input", TensorProto.FLOAT,
+                                                                                  input_shape)],
+                              [helper.make_tensor_value_info(output, TensorProto.FLOAT, [None] * len(input_shape))],
+                              b.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=IR_VERSION)
+    return model
+
+
+def gelu_written_out(b: NetBuilder, y: str, form: str) -> str:
+    """GELU as PyTorch exports it at opsets before 20: the erf form, or the tanh approximation."""
+    if form == "erf":  # x * 0.5 * (1 + erf(x / sqrt 2))
+        inner = b.node("Erf", [b.node("Div", [y, b.const("sqrt2", np.array(np.sqrt(2.0)))])])
+        return b.node("Mul", [b.node("Mul", [y, b.node("Add", [inner, b.const("one", np.array(1.0))])]),
+                              b.const("half", np.array(0.5))])
+    # 0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 * x^3)))
+    cube = b.node("Pow", [y, b.const("three", np.array(3.0))])
+    inner = b.node("Add", [y, b.node("Mul", [b.const("c", np.array(0.044715)), cube])])
+    tanh = b.node("Tanh", [b.node("Mul", [inner, b.const("s", np.array(np.sqrt(2.0 / np.pi)))])])
+    half_x = b.node("Mul", [b.const("half", np.array(0.5)), y])
+    return b.node("Mul", [half_x, b.node("Add", [b.const("one", np.array(1.0)), tanh])])

@@ -2,9 +2,9 @@
 
 ``0.5 x (1 + erf(x / sqrt 2))`` and the tanh form ``0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))``
 come out of PyTorch, TensorFlow and JAX in several arrangements (the 0.5 first or last, a Div or a
-Mul by 1/sqrt 2, Pow or x*x*x). Rather than match each arrangement, the smallest group of
-elementwise nodes that reads the response, with scalar constants only, and ends in one tensor is
-evaluated on a grid and compared with both forms.
+Mul by 1/sqrt 2, Pow or x*x*x). Rather than match each arrangement, each group of elementwise
+nodes that reads the response, with scalar constants only, and ends in one tensor (growing one
+node at a time, up to a dozen) is evaluated on a grid and compared with both forms.
 """
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ def written_out_gelu(graph: gs.Graph, response: gs.Tensor) -> dict[str, float] |
         out = node.outputs[0]
         values[out.name] = result
         frontier.extend(n for n in out.outputs if n not in frontier and n not in nodes)
-        if _closed(nodes, response, graph):
-            return _match(result)
+        if _closed(nodes, response, graph) and (params := _match(result)) is not None:
+            return params
     return None
 
 

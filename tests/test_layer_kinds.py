@@ -1,0 +1,215 @@
+"""Layers beyond the 2-D conv: 1-D and 3-D convs, ConvTranspose, Gemm and MatMul (issue 13).
+
+Full-rank rewrites (random orthogonal Q, P = Q) must reproduce the original for random shapes and
+attributes; the pipeline must collect a dense layer's responses along its last axis (a planted
+low-rank MatMul is recovered exactly); GELU written out is recognised by what it computes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from onnx_lowrank import compress
+from onnx_lowrank.costs import ConvShape, decomposed_macs
+from onnx_lowrank.graph.normalise import normalise
+from onnx_lowrank.graph.units import find_units
+from tests.builders import NetBuilder, finish, gelu_written_out, relative_error, run_model
+from tests.test_rewrite import full_rank_rewrite, op_count
+
+SEEDS = range(6)
+
+
+def conv_nd(seed: int, dims: int):
+    """A random 1-D or 3-D conv with strides, pads, dilations (or auto_pad), a BatchNorm and a ReLU."""
+    rng = np.random.default_rng(seed)
+    b = NetBuilder(seed)
+    c, d = int(rng.integers(2, 9)), int(rng.integers(4, 17))
+    size = [int(rng.integers(7, 12)) for _ in range(dims)]
+    k = [int(rng.integers(1, 4)) for _ in range(dims)]
+    attrs = {"kernel_shape": k, "strides": [int(rng.integers(1, 3)) for _ in range(dims)],
+             "dilations": [int(rng.integers(1, 3)) for _ in range(dims)]}
+    if seed % 3 == 0:
+        attrs["auto_pad"] = "SAME_UPPER"
+        attrs["dilations"] = [1] * dims
+    else:
+        attrs["pads"] = [int(rng.integers(0, 3)) for _ in range(2 * dims)]
+    y = b.node("Conv", ["input", b.const("w", rng.standard_normal((d, c, *k))), b.const("b", rng.standard_normal(d))],
+               **attrs)
+    y = b.node("BatchNormalization", [y, b.const("g", rng.uniform(0.5, 1.5, d)), b.const("be", rng.standard_normal(d)),
+                                      b.const("m", rng.standard_normal(d)), b.const("v", rng.uniform(0.5, 2, d))])
+    return finish(b, b.node("Relu", [y]), ["N", c, *size]), [c, *size]
+
+
+def conv_transpose(seed: int, dims: int):
+    rng = np.random.default_rng(seed)
+    b = NetBuilder(seed)
+    c, d = int(rng.integers(2, 9)), int(rng.integers(4, 17))
+    size = [int(rng.integers(4, 8)) for _ in range(dims)]
+    k = [int(rng.integers(2, 5)) for _ in range(dims)]
+    strides = [int(rng.integers(1, 3)) for _ in range(dims)]
+    attrs = {"kernel_shape": k, "strides": strides}
+    if seed % 2:
+        attrs["output_shape"] = [n * s + int(rng.integers(0, s)) for n, s in zip(size, strides)]
+    else:
+        attrs["pads"] = [int(rng.integers(0, 2)) for _ in range(2 * dims)]
+        attrs["output_padding"] = [int(rng.integers(0, s)) for s in strides]
+    inputs = ["input", b.const("w", rng.standard_normal((c, d, *k)))]
+    if seed % 3:
+        inputs.append(b.const("b", rng.standard_normal(d)))
+    return finish(b, b.node("ConvTranspose", inputs, **attrs), ["N", c, *size]), [c, *size]
+
+
+def gemm(seed: int):
+    rng = np.random.default_rng(seed)
+    b = NetBuilder(seed)
+    k, n = int(rng.integers(3, 20)), int(rng.integers(3, 20))
+    trans_b = seed % 2
+    weight = rng.standard_normal((n, k) if trans_b else (k, n))
+    bias = [rng.standard_normal(n), rng.standard_normal((1, n)), np.array(0.7)][seed % 3]
+    y = b.node("Gemm", ["input", b.const("w", weight), b.const("c", bias)], transB=trans_b,
+               alpha=float(rng.uniform(0.5, 2)), beta=float(rng.uniform(0.5, 2)))
+    return finish(b, y, ["N", k]), [k]
+
+
+def matmul(seed: int):
+    """x W (+ b, the bias on either side of the Add) on a [B, K], [B, T, K] or NHWC [B, H, W, K] input."""
+    rng = np.random.default_rng(seed)
+    b = NetBuilder(seed)
+    k, n = int(rng.integers(3, 20)), int(rng.integers(3, 20))
+    lead = [[], [5], [3, 4]][seed % 3]
+    y = b.node("MatMul", ["input", b.const("w", rng.standard_normal((k, n)))])
+    if seed % 2:
+        bias = b.const("b", rng.standard_normal(n))
+        y = b.node("Add", [y, bias] if seed % 4 == 1 else [bias, y])
+    return finish(b, b.node("Relu", [y]), ["N", *lead, k]), [*lead, k]
+
+
+CASES = ([("conv1d", s, lambda s=s: conv_nd(s, 1)) for s in SEEDS] + [("conv3d", s, lambda s=s: conv_nd(s, 3)) for s in SEEDS]
+         + [("transpose1d", s, lambda s=s: conv_transpose(s, 1)) for s in SEEDS]
+         + [("transpose2d", s, lambda s=s: conv_transpose(s, 2)) for s in SEEDS]
+         + [("gemm", s, lambda s=s: gemm(s)) for s in SEEDS] + [("matmul", s, lambda s=s: matmul(s)) for s in SEEDS])
+
+
+@pytest.mark.parametrize("kind, seed, build", CASES, ids=[f"{kind}-{seed}" for kind, seed, _ in CASES])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_full_rank_rewrite_reproduces_every_layer_kind(kind, seed, build, batch) -> None:
+    model, shape = build()
+    rewritten, units = full_rank_rewrite(model, seed)
+    assert len(units) == 1
+    x = np.random.default_rng(seed).standard_normal((batch, *shape)).astype(np.float32)
+    (expected,), (actual,) = run_model(model, {"input": x}), run_model(rewritten, {"input": x})
+    assert actual.shape == expected.shape
+    assert relative_error(expected, actual) < 1e-4
+    assert op_count(rewritten, "BatchNormalization") == 0
+
+
+def test_the_units_of_each_kind() -> None:
+    (conv1,) = find_units(normalise(conv_nd(1, 1)[0]))
+    assert (conv1.kind, conv1.kernel, conv1.activation.kind, conv1.channel_axis) == ("conv", conv1.weight.shape[2:],
+                                                                                      "relu", 1)
+    (transposed,) = find_units(normalise(conv_transpose(2, 2)[0]))
+    assert transposed.kind == "transpose" and transposed.weight.shape[:2] == transposed.weight_shape[:2]
+    (dense,) = find_units(normalise(matmul(1)[0]))
+    assert (dense.kind, dense.channel_axis, dense.activation.kind) == ("dense", -1, "relu")
+    assert dense.bias_after is not None and np.array_equal(dense.bias, dense.bias_after)
+
+
+def _pair_model(b: NetBuilder, left: str, right: str, k: int):
+    return finish(b, b.node("MatMul", [left, right]), ["N", 4, k])
+
+
+def test_products_without_a_usable_constant_are_listed_with_a_reason() -> None:
+    b = NetBuilder()
+    transposed = b.node("Transpose", ["input"], perm=[0, 2, 1])
+    attention = find_units(normalise(_pair_model(b, "input", transposed, 4)))
+    assert [u.skipped_reason for u in attention] == ["no constant operand: a product of two computed tensors "
+                                                    "(attention, say)"]
+    b = NetBuilder()
+    left = find_units(normalise(_pair_model(b, b.const("w", np.ones((3, 4))), "input", 5)))
+    assert "left operand" in left[0].skipped_reason
+    b = NetBuilder()
+    batched = find_units(normalise(_pair_model(b, "input", b.const("w", np.ones((2, 5, 3))), 5)))
+    assert "3 dimensions" in batched[0].skipped_reason
+
+
+@pytest.mark.parametrize("form, tanh", [("erf", 0.0), ("tanh", 1.0)])
+def test_gelu_written_out_is_recognised(form, tanh) -> None:
+    b = NetBuilder()
+    y = b.node("MatMul", ["input", b.const("w", np.ones((6, 5)))])
+    model = finish(b, gelu_written_out(b, y, form), ["N", 3, 6])
+    (unit,) = find_units(normalise(model))
+    assert unit.activation.kind == "gelu" and unit.activation.params == {"tanh_approximation": tanh}
+
+
+def test_a_near_gelu_is_not_taken_for_one() -> None:
+    b = NetBuilder()
+    y = b.node("MatMul", ["input", b.const("w", np.ones((6, 5)))])
+    inner = b.node("Erf", [b.node("Div", [y, b.const("s", np.array(1.3))])])
+    out = b.node("Mul", [b.node("Mul", [y, b.node("Add", [inner, b.const("one", np.array(1.0))])]),
+                         b.const("half", np.array(0.5))])
+    (unit,) = find_units(normalise(finish(b, out, ["N", 6])))
+    assert unit.activation.kind == "none"
+
+
+def test_an_intermediate_read_elsewhere_is_not_an_activation() -> None:
+    b = NetBuilder()
+    y = b.node("MatMul", ["input", b.const("w", np.ones((6, 5)))])
+    gelu = gelu_written_out(b, y, "erf")
+    erf = next(n.output[0] for n in b.nodes if n.op_type == "Erf")
+    (unit,) = find_units(normalise(finish(b, b.node("Add", [gelu, erf]), ["N", 6])))
+    assert unit.activation.kind == "none"
+
+
+def mlp(seed: int = 0, tokens: int = 12, width: int = 32, hidden: int = 96, rank: int | None = None):
+    """A transformer-style MLP on [B, T, C]: MatMul + bias, GELU (erf, written out), MatMul + bias."""
+    rng = np.random.default_rng(seed)
+    b = NetBuilder(seed)
+    up = rng.standard_normal((width, hidden)) / np.sqrt(width)
+    if rank:
+        up = rng.standard_normal((width, rank)) @ rng.standard_normal((rank, hidden)) / np.sqrt(width * rank)
+    y = b.node("Add", [b.node("MatMul", ["input", b.const("up", up)]), b.const("b1", rng.standard_normal(hidden) * 0.1)])
+    y = gelu_written_out(b, y, "erf")
+    y = b.node("Add", [b.node("MatMul", [y, b.const("down", rng.standard_normal((hidden, width)) / np.sqrt(hidden))]),
+                       b.const("b2", rng.standard_normal(width) * 0.1)])
+    return finish(b, y, ["N", tokens, width])
+
+
+def test_a_planted_low_rank_dense_layer_is_recovered_from_its_responses() -> None:
+    """The up-projection's response has rank 8 over its 96 outputs: PCA of responses sampled along
+    the last axis finds it exactly (sampled along any other axis the chain could not be right)."""
+    model = mlp(rank=8)
+    down = [u.name for u in find_units(model) if u.kind == "dense"][-1]
+    data = np.random.default_rng(1).standard_normal((120, 12, 32)).astype(np.float32)
+    result = compress(model, 1.3, calibration=data, method="linear", rank_multiple=8, skip=down, bench=False,
+                      num_images=100, holdout=20)
+    (up,) = [layer for layer in result.report.layers if layer.rank is not None]
+    assert up.op == "MatMul" and up.rank <= 16 and up.activation == "gelu"
+    x = data[-4:]
+    (expected,), (actual,) = run_model(model, {"input": x}), run_model(result.model, {"input": x})
+    assert relative_error(expected, actual) < 1e-4
+
+
+def test_dense_layers_are_planned_with_the_convs_unless_ops_leaves_them_out() -> None:
+    model = mlp()
+    data = np.random.default_rng(1).standard_normal((60, 12, 32)).astype(np.float32)
+    result = compress(model, 2.0, calibration=data, method="nonlinear", rank_multiple=8, bench=False, num_images=48,
+                      holdout=12)
+    report = result.report
+    decomposed = [layer for layer in report.layers if layer.rank is not None]
+    assert {layer.op for layer in decomposed} == {"MatMul"}
+    assert report.theoretical_speedup >= 2.0 and report.theoretical_speedup_by_kind["dense"] >= 2.0
+    held_out = data[-12:]  # an array's held-out part is the block at its end
+    (expected,), (actual,) = run_model(model, {"input": held_out}), run_model(result.model, {"input": held_out})
+    (measured,) = report.fidelity.output_rel_error.values()
+    assert measured == pytest.approx(relative_error(expected, actual), rel=1e-3)
+    with pytest.raises(Exception, match="no decomposable layer"):
+        compress(model, 2.0, calibration=data, ops="conv", bench=False, dry_run=True)
+
+
+def test_costs_of_the_new_kinds() -> None:
+    """Counted by hand: a dense layer on T rows, a ConvTranspose per input position."""
+    dense = ConvShape(48, 64, (1, 1), (12, 1))
+    assert dense.macs == 12 * 48 * 64 and decomposed_macs(dense, 8) == 12 * 8 * (48 + 64)
+    transposed = ConvShape(8, 16, (3, 3), (14, 14), in_hw=(7, 7), transposed=True)
+    assert transposed.macs == 49 * 16 * 8 * 9
+    assert decomposed_macs(transposed, 4) == 49 * 4 * 8 * 9 + 196 * 4 * 16
