@@ -43,6 +43,8 @@ from onnx_lowrank.layers import Solved, data_free_chains, solve_layers
 from onnx_lowrank.runtime import batch_size_for, collect_responses, make_session, probe_shapes
 from onnx_lowrank.solvers import ResponseStats
 from onnx_lowrank.solvers.nonlinear import PAPER_SCHEDULE
+from onnx_lowrank.solvers.factors import spectrum_energy
+from onnx_lowrank.solvers.grouped import group_slices, group_stats, interleaved_spectrum
 from onnx_lowrank.solvers.weights import weight_spectrum
 
 RANDOM_CALIBRATION_WARNING = ("no calibration data given: using random inputs. The responses of random "
@@ -378,8 +380,8 @@ def _select_units(units: list[Unit], opts: Options) -> set[str]:
             unit.skipped_reason = "skipped by --skip"
         elif unit.kind not in opts.ops:
             unit.skipped_reason = f"{unit.kind} layers are not in --ops"
-        elif opts.method in TWO_D_METHODS and (unit.kind != "conv" or len(unit.kernel) != 2):
-            unit.skipped_reason = f"{opts.method} decomposes 2-D convs only"
+        elif opts.method in TWO_D_METHODS and (unit.kind != "conv" or len(unit.kernel) != 2 or unit.group > 1):
+            unit.skipped_reason = f"{opts.method} decomposes 2-D convs with group=1 only"
     channel_only = resolve_names(units, opts.channel_only, "channel_only")
     if not any(u.decomposable for u in units):
         reasons = sorted({u.skipped_reason for u in units}) or ["the model has no Conv, ConvTranspose, Gemm or MatMul"]
@@ -457,8 +459,8 @@ def _plan(opts: Options, candidates: list[RankCandidate], units: dict[str, Unit]
     scheme = "spatial" if opts.method == "jaderberg" else "channel"
     spectra = None
     if opts.selection == "energy" and (stats or opts.data_free):
-        spectra = ({n: s.eigenvalues for n, s in stats.items()} if not opts.data_free else
-                   {c.name: _padded(weight_spectrum(units[c.name].weight, scheme), c, scheme) for c in candidates})
+        spectra = ({n: response_spectrum(units[n], s) for n, s in stats.items()} if not opts.data_free else
+                   {c.name: _padded(_weight_spectrum(units[c.name], scheme), c, scheme) for c in candidates})
     if latency is not None and spectra is not None:
         untimed = [c for c in candidates if c.name not in latency.table]
         plan = latency_plan([c for c in candidates if c.name in latency.table], spectra, latency.table,
@@ -471,6 +473,20 @@ def _plan(opts: Options, candidates: list[RankCandidate], units: dict[str, Unit]
         return three_d_plan(candidates, spectra, fixed, opts.speedup, opts.rank_multiple, opts.channel_speedup,
                             tuple(sorted(channel_only)), losses)
     return channel_plan(candidates, spectra, fixed, opts.speedup, opts.rank_multiple, losses)
+
+
+def response_spectrum(unit: Unit, stats: ResponseStats) -> np.ndarray:
+    """The PCA energy spectrum rank selection weighs: per group for a grouped conv (solvers.grouped)."""
+    if unit.group == 1:
+        return stats.eigenvalues
+    return interleaved_spectrum([part.eigenvalues for part in group_stats(stats, unit.group)])
+
+
+def _weight_spectrum(unit: Unit, scheme: str) -> np.ndarray:
+    if unit.group == 1:
+        return weight_spectrum(unit.weight, scheme)
+    return interleaved_spectrum([weight_spectrum(unit.weight[part], scheme)
+                                 for part in group_slices(unit.weight.shape[0], unit.group)])
 
 
 def _padded(spectrum: np.ndarray, candidate: RankCandidate, scheme: str) -> np.ndarray:
@@ -567,8 +583,8 @@ def _layer_report(unit: Unit, shape: ConvShape | None, plan: ArchitecturePlan, s
         rank=plan.ranks.get(unit.name), spatial_rank=plan.spatial_ranks.get(unit.name),
         input_rank=plan.input_ranks.get(unit.name), flops_before=2 * before,
         flops_after=2 * (plan.layer_macs(unit.name, shape) if decomposed else before),
-        energy=(stats[unit.name].energy(plan.ranks[unit.name]) if unit.name in stats and unit.name in plan.ranks
-                else None),
+        energy=(spectrum_energy(response_spectrum(unit, stats[unit.name]), plan.ranks[unit.name])
+                if unit.name in stats and unit.name in plan.ranks else None),
         response_error=solved.errors.get(unit.name), solver_iterations=solved.iterations.get(unit.name),
         skipped_reason=unit.skipped_reason or plan.skipped.get(unit.name), note=plan.notes.get(unit.name),
         samples=samples)

@@ -65,8 +65,8 @@ def macs_per_rank(shape: ConvShape, scheme: str = "channel") -> int:
     """What one unit of rank costs in the factorised chain (its cost is ``rank * macs_per_rank``)."""
     kh, kw = shape.kernel
     c, d = shape.in_channels, shape.out_channels
-    if scheme == "channel":
-        return shape.kernel_positions * kh * kw * c + shape.positions * d
+    if scheme == "channel":  # grouped: both convs of the chain keep the groups (solvers.grouped)
+        return (shape.kernel_positions * kh * kw * c + shape.positions * d) // shape.group
     if scheme == "spatial":
         return shape.vertical_positions * kh * c + shape.positions * kw * d
     raise ValueError(f"unknown factorisation scheme {scheme!r}")

@@ -16,6 +16,7 @@ from onnx_lowrank.plans import ArchitecturePlan
 from onnx_lowrank.runtime import collect_responses
 from onnx_lowrank.solvers import LowRankFactors, ResponseStats, fit_pca
 from onnx_lowrank.solvers.activations import apply_activation, relative_error
+from onnx_lowrank.solvers.grouped import fit_per_group, group_stats
 from onnx_lowrank.solvers.nonlinear import PAPER_SCHEDULE, fit_nonlinear
 from onnx_lowrank.solvers.weights import spatial_filter_reconstruction, tucker2, weight_svd
 
@@ -41,7 +42,8 @@ def data_free_chains(method: str, chosen: list[Unit], plan: ArchitecturePlan) ->
     clock = time.perf_counter()
     for unit in chosen:
         if method == "svd":
-            factors = weight_svd(unit.weight, unit.bias, plan.ranks[unit.name])
+            factors = fit_per_group(unit.weight.shape[0], unit.group, plan.ranks[unit.name],
+                                    lambda part, rank: weight_svd(unit.weight[part], unit.bias[part], rank))
             chain = channel_chain(unit, factors.P, factors.Q, factors.bias)
         elif method == "jaderberg":
             chain = spatial_pair(unit, plan.spatial_ranks[unit.name])
@@ -111,10 +113,18 @@ def solve_layers(method, asymmetric, normalised, chosen, plan: ArchitecturePlan,
 def _solve(method: str, unit: Unit, stats: ResponseStats, y_hat: np.ndarray, y: np.ndarray,
            rank: int, schedule=PAPER_SCHEDULE) -> tuple[LowRankFactors, list[int] | None]:
     """PCA (Eq. 4) for ``linear``; the alternating solver of Eq. 6 for the layer's activation
-    otherwise, asymmetric (Eq. 12) when ``y_hat`` differs from ``y``. Also returns the solver's
-    iterations per stage (None for PCA)."""
+    otherwise, asymmetric (Eq. 12) when ``y_hat`` differs from ``y``; per group for a grouped conv
+    (``solvers.grouped``). Also returns the solver's iterations per stage (None for PCA; the most
+    any group took)."""
     if method == "linear":
-        return fit_pca(stats, rank), None
-    act = unit.activation
-    fit = fit_nonlinear(y_hat, y, rank, act.kind, act.params, schedule=schedule)
-    return fit.factors, fit.iterations
+        parts = iter(group_stats(stats, unit.group) if unit.group > 1 else [stats])
+        return fit_per_group(stats.dim, unit.group, rank, lambda part, part_rank: fit_pca(next(parts), part_rank)), None
+    act, iterations = unit.activation, []
+
+    def fit(part: slice, part_rank: int) -> LowRankFactors:
+        result = fit_nonlinear(y_hat[:, part], y[:, part], part_rank, act.kind, act.params, schedule=schedule)
+        iterations.append(result.iterations)
+        return result.factors
+
+    factors = fit_per_group(y.shape[1], unit.group, rank, fit)
+    return factors, [max(stage) for stage in zip(*iterations)]

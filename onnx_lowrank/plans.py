@@ -64,7 +64,7 @@ class ArchitecturePlan(RankPlan):
 
 
 def has_spatial_extent(shape: ConvShape) -> bool:
-    return shape.kernel[0] > 1 and shape.kernel[1] > 1 and not shape.transposed
+    return shape.kernel[0] > 1 and shape.kernel[1] > 1 and not shape.transposed and shape.group == 1
 
 
 def channel_plan(candidates: list[RankCandidate], spectra: dict[str, np.ndarray] | None,

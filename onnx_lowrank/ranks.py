@@ -10,6 +10,7 @@ rank sends the rest of the chain back to NCHW with reorders (measured in BENCHMA
 from __future__ import annotations
 
 import heapq
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -49,6 +50,11 @@ class RankCandidate:
     @property
     def full_rank(self) -> int:
         return max_rank(self.shape, self.scheme)
+
+    def step(self, multiple: int) -> int:
+        """The layer's rank grid: ``multiple``, and a multiple of the groups of a grouped conv
+        (whose rank is split evenly among them)."""
+        return math.lcm(multiple, self.shape.group)
 
 
 @dataclass
@@ -152,7 +158,7 @@ def _lower_greedily(active: list[RankCandidate], ranks: dict[str, int], step_los
 
     def score(cand: RankCandidate) -> float | None:
         rank = ranks[cand.name]
-        lower = _next_multiple_below(rank, multiple)
+        lower = _next_multiple_below(rank, cand.step(multiple))
         if lower is None:
             return None
         return step_loss(cand, rank, lower) / ((rank - lower) * cand.per_rank_macs)
@@ -165,7 +171,7 @@ def _lower_greedily(active: list[RankCandidate], ranks: dict[str, int], step_los
             raise infeasible(total)
         cand = by_name[heapq.heappop(heap)[1]]
         before = _effective_macs(cand, ranks[cand.name])
-        ranks[cand.name] = _next_multiple_below(ranks[cand.name], multiple)
+        ranks[cand.name] = _next_multiple_below(ranks[cand.name], cand.step(multiple))
         total -= before - _effective_macs(cand, ranks[cand.name])
         if (next_score := score(cand)) is not None:
             heapq.heappush(heap, (next_score, cand.name))
@@ -188,21 +194,21 @@ def _spend_slack(active, ranks, spectra, slack: float, multiple: int) -> float:
     while True:
         best = None
         for cand in active:
-            rank = ranks[cand.name]
-            if rank + multiple > cand.full_rank:
+            rank, step = ranks[cand.name], cand.step(multiple)
+            if rank + step > cand.full_rank:
                 continue
-            extra = _effective_macs(cand, rank + multiple) - _effective_macs(cand, rank)
+            extra = _effective_macs(cand, rank + step) - _effective_macs(cand, rank)
             if extra > slack:
                 continue
             energy = spectra[cand.name]
-            gain = (energy[rank + multiple] - energy[rank]) / max(energy[rank + multiple], np.finfo(float).tiny)
+            gain = (energy[rank + step] - energy[rank]) / max(energy[rank + step], np.finfo(float).tiny)
             ratio = gain / max(extra, 1)
             if best is None or ratio > best[0]:
                 best = (ratio, cand, extra)
         if best is None or best[0] <= 0:
             return slack
         _, cand, extra = best
-        ranks[cand.name] += multiple
+        ranks[cand.name] += cand.step(multiple)
         slack -= extra
 
 
@@ -237,9 +243,9 @@ def _eligible(candidates: list[RankCandidate], fixed_macs: int, speedup: float, 
     if leave_first:
         active = leave_first_conv(plan, active)
     for cand in list(active):
-        if cand.break_even <= multiple:
+        if cand.break_even <= cand.step(multiple):
             plan.skipped[cand.name] = (
-                f"cannot pay off: rank {multiple} already costs as much as the original "
+                f"cannot pay off: rank {cand.step(multiple)} already costs as much as the original "
                 f"({cand.shape.in_channels}->{cand.shape.out_channels}, "
                 f"{cand.shape.kernel[0]}x{cand.shape.kernel[1]})")
             active.remove(cand)
@@ -256,8 +262,9 @@ def _round_with_carry(active: list[RankCandidate], ratio: float, multiple: int) 
     for cand in active:
         wanted = max(ratio, 0.0) * cand.shape.macs + carry
         ideal = wanted / cand.per_rank_macs
-        ceiling = (cand.break_even - 1) // multiple * multiple
-        rank = min(max(multiple, round(ideal / multiple) * multiple), ceiling)
+        step = cand.step(multiple)
+        ceiling = (cand.break_even - 1) // step * step
+        rank = min(max(step, round(ideal / step) * step), ceiling)
         ranks[cand.name] = rank
         carry = wanted - cand.macs_at(rank)
     return ranks
@@ -275,19 +282,19 @@ def _shrink_to_target(active: list[RankCandidate], ranks: dict[str, int], kept_m
         return kept_macs + sum(c.macs_at(ranks[c.name]) for c in active)
 
     while (overshoot := total() - target) > 0:
-        lowerable = [c for c in active if ranks[c.name] - multiple >= multiple]
+        lowerable = [c for c in active if ranks[c.name] - c.step(multiple) >= c.step(multiple)]
         if not lowerable:
             raise InfeasibleTargetError(
                 f"a {macs_before / target:.4g}x conv speedup cannot be reached",
                 hint=f"with every decomposable layer at the minimum rank {multiple} the conv speedup "
                      f"is {macs_before / total():.3g}x; ask for less, lower --rank-multiple or "
                      "--skip fewer layers")
-        covering = [c for c in lowerable if c.per_rank_macs * multiple >= overshoot]
+        covering = [c for c in lowerable if c.per_rank_macs * c.step(multiple) >= overshoot]
         if covering:
-            chosen = min(covering, key=lambda c: c.per_rank_macs)
+            chosen = min(covering, key=lambda c: c.per_rank_macs * c.step(multiple))
         else:
-            chosen = max(lowerable, key=lambda c: c.per_rank_macs)
-        ranks[chosen.name] -= multiple
+            chosen = max(lowerable, key=lambda c: c.per_rank_macs * c.step(multiple))
+        ranks[chosen.name] -= chosen.step(multiple)
 
 
 def measured_ranks(candidates: list[RankCandidate], losses: dict[str, dict[int, float]], fixed_macs: int,
@@ -335,7 +342,7 @@ def _spend_loss_slack(active, ranks, curves, slack: float, multiple: int) -> flo
             rank = ranks[cand.name]
             if rank >= cand.full_rank:
                 continue
-            higher = min(rank + multiple, cand.full_rank)
+            higher = min(rank + cand.step(multiple), cand.full_rank)
             extra = _effective_macs(cand, higher) - _effective_macs(cand, rank)
             gain = curves[cand.name][rank] - curves[cand.name][higher]
             if extra > slack or gain <= 0:
@@ -361,9 +368,9 @@ def _loss_curve(measured: dict[int, float], full_rank: int) -> np.ndarray:
 
 def rank_ladder(candidate: RankCandidate, multiple: int) -> list[int]:
     """Ranks to measure a layer's sensitivity at: fractions of its useful range, on the grid."""
-    top = min(candidate.full_rank, candidate.break_even)
-    ladder = {int(top * f) // multiple * multiple for f in (0.75, 0.5, 0.35, 0.25, 0.18, 0.125, 0.09)}
-    return sorted((r for r in ladder if multiple <= r < top), reverse=True)
+    top, step = min(candidate.full_rank, candidate.break_even), candidate.step(multiple)
+    ladder = {int(top * f) // step * step for f in (0.75, 0.5, 0.35, 0.25, 0.18, 0.125, 0.09)}
+    return sorted((r for r in ladder if step <= r < top), reverse=True)
 
 
 def latency_ranks(candidates: list[RankCandidate], eigenvalues: dict[str, np.ndarray],

@@ -19,11 +19,11 @@ from tests.test_rewrite import full_rank_rewrite, op_count
 SEEDS = range(6)
 
 
-def conv_nd(seed: int, dims: int):
-    """A random 1-D or 3-D conv with strides, pads, dilations (or auto_pad), a BatchNorm and a ReLU."""
+def conv_nd(seed: int, dims: int, groups: int = 1):
+    """A random 1-, 2- or 3-D conv with strides, pads, dilations (or auto_pad), a BatchNorm and a ReLU."""
     rng = np.random.default_rng(seed)
     b = NetBuilder(seed)
-    c, d = int(rng.integers(2, 9)), int(rng.integers(4, 17))
+    c, d = groups * int(rng.integers(2, 6)), groups * int(rng.integers(2, 9))
     size = [int(rng.integers(7, 12)) for _ in range(dims)]
     k = [int(rng.integers(1, 4)) for _ in range(dims)]
     attrs = {"kernel_shape": k, "strides": [int(rng.integers(1, 3)) for _ in range(dims)],
@@ -33,8 +33,10 @@ def conv_nd(seed: int, dims: int):
         attrs["dilations"] = [1] * dims
     else:
         attrs["pads"] = [int(rng.integers(0, 3)) for _ in range(2 * dims)]
-    y = b.node("Conv", ["input", b.const("w", rng.standard_normal((d, c, *k))), b.const("b", rng.standard_normal(d))],
-               **attrs)
+    if groups > 1:
+        attrs["group"] = groups
+    y = b.node("Conv", ["input", b.const("w", rng.standard_normal((d, c // groups, *k))),
+                        b.const("b", rng.standard_normal(d))], **attrs)
     y = b.node("BatchNormalization", [y, b.const("g", rng.uniform(0.5, 1.5, d)), b.const("be", rng.standard_normal(d)),
                                       b.const("m", rng.standard_normal(d)), b.const("v", rng.uniform(0.5, 2, d))])
     return finish(b, b.node("Relu", [y]), ["N", c, *size]), [c, *size]
@@ -87,6 +89,8 @@ def matmul(seed: int):
 CASES = ([("conv1d", s, lambda s=s: conv_nd(s, 1)) for s in SEEDS] + [("conv3d", s, lambda s=s: conv_nd(s, 3)) for s in SEEDS]
          + [("transpose1d", s, lambda s=s: conv_transpose(s, 1)) for s in SEEDS]
          + [("transpose2d", s, lambda s=s: conv_transpose(s, 2)) for s in SEEDS]
+         + [("grouped1d", s, lambda s=s: conv_nd(s, 1, groups=2 + s % 3)) for s in SEEDS]
+         + [("grouped2d", s, lambda s=s: conv_nd(s, 2, groups=2 + s % 3)) for s in SEEDS]
          + [("gemm", s, lambda s=s: gemm(s)) for s in SEEDS] + [("matmul", s, lambda s=s: matmul(s)) for s in SEEDS])
 
 
@@ -206,10 +210,44 @@ def test_dense_layers_are_planned_with_the_convs_unless_ops_leaves_them_out() ->
         compress(model, 2.0, calibration=data, ops="conv", bench=False, dry_run=True)
 
 
+def grouped_planted(groups: int = 4, per_group_rank: int = 2):
+    """A grouped 3 x 3 conv whose every group's weight matrix has rank ``per_group_rank``."""
+    rng = np.random.default_rng(0)
+    b = NetBuilder()
+    c, d = 8 * groups, 16 * groups
+    blocks = [rng.standard_normal((16, per_group_rank)) @ rng.standard_normal((per_group_rank, 8 * 9))
+              for _ in range(groups)]
+    weight = np.concatenate(blocks).reshape(d, 8, 3, 3) / 10
+    y = b.node("Conv", ["input", b.const("w", weight), b.const("b", rng.standard_normal(d))], group=groups,
+               pads=[1] * 4, kernel_shape=[3, 3])
+    return finish(b, y, ["N", c, 9, 9]), c
+
+
+def test_a_grouped_conv_is_decomposed_per_group() -> None:
+    """Each group's response has rank 2, so per-group PCA at 2 per group (total rank 8, on the
+    grid of 4 groups x the multiple) reproduces it exactly; one fit over all 64 channels at rank 8
+    could too, but its chain would read every input channel."""
+    model, c = grouped_planted()
+    data = np.random.default_rng(1).standard_normal((60, c, 9, 9)).astype(np.float32)
+    result = compress(model, 3.0, calibration=data, method="linear", rank_multiple=2, bench=False, num_images=48,
+                      holdout=12)
+    (layer,) = result.report.layers
+    assert layer.rank % 4 == 0 and layer.rank >= 8 and layer.energy == pytest.approx(1.0)
+    convs = [n for n in result.model.graph.node if n.op_type == "Conv"]
+    assert [next(a.i for a in n.attribute if a.name == "group") for n in convs] == [4, 4]
+    (expected,), (actual,) = run_model(model, {"input": data[-4:]}), run_model(result.model, {"input": data[-4:]})
+    assert relative_error(expected, actual) < 1e-4
+
+
 def test_costs_of_the_new_kinds() -> None:
-    """Counted by hand: a dense layer on T rows, a ConvTranspose per input position."""
+    """Counted by hand: a dense layer on T rows, a ConvTranspose per input position, a grouped
+    conv's per-group chain."""
     dense = ConvShape(48, 64, (1, 1), (12, 1))
     assert dense.macs == 12 * 48 * 64 and decomposed_macs(dense, 8) == 12 * 8 * (48 + 64)
     transposed = ConvShape(8, 16, (3, 3), (14, 14), in_hw=(7, 7), transposed=True)
     assert transposed.macs == 49 * 16 * 8 * 9
     assert decomposed_macs(transposed, 4) == 49 * 4 * 8 * 9 + 196 * 4 * 16
+    grouped = ConvShape(32, 64, (3, 3), (10, 10), group=4)
+    assert grouped.macs == 100 * 64 * 8 * 9
+    # total rank 8 = 2 per group: (3 x 3, 8 -> 2) and (1 x 1, 2 -> 16) in each of the 4 groups
+    assert decomposed_macs(grouped, 8) == 4 * 100 * (2 * 8 * 9 + 16 * 2)

@@ -12,7 +12,9 @@ from onnx_lowrank.graph.rewrite import (channel_chain, channel_decomposition, re
                                         tucker2_decomposition)
 from onnx_lowrank.graph.surgery import prefix_model
 from onnx_lowrank.graph.units import find_units
+from onnx_lowrank.solvers import LowRankFactors
 from onnx_lowrank.solvers.activations import apply_activation
+from onnx_lowrank.solvers.grouped import fit_per_group
 from onnx_lowrank.solvers.weights import spatial_filter_reconstruction, tucker2
 from tests.builders import IR_VERSION, Layer, conv_net, relative_error, run_model
 
@@ -25,9 +27,14 @@ def full_rank_rewrite(model: onnx.ModelProto, seed: int = 0):
     chains = {}
     for unit in units:
         d = unit.weight.shape[0]
-        q, _ = np.linalg.qr(rng.standard_normal((d, d)))
+        q = fit_per_group(d, unit.group, d, lambda part, rank: orthogonal(rng, rank)).P  # block diagonal if grouped
         chains[unit.name] = channel_chain(unit, q, q, np.zeros(d))
     return replace_units(normalised, chains), units
+
+
+def orthogonal(rng, size: int) -> LowRankFactors:
+    q, _ = np.linalg.qr(rng.standard_normal((size, size)))
+    return LowRankFactors(q, q, np.zeros(size))
 
 
 def op_count(model: onnx.ModelProto, op: str) -> int:
@@ -201,7 +208,7 @@ def test_undecomposable_convs_are_skipped_with_a_reason() -> None:
     model = helper.make_model(helper.make_graph(nodes, "g", [x, w_in], [y], inits),
                               opset_imports=[helper.make_opsetid("", 17)], ir_version=IR_VERSION)
     reasons = {u.name: u.skipped_reason for u in find_units(normalise(model))}
-    assert reasons == {"dw": "depthwise conv", "grouped": "grouped conv (group=2)",
+    assert reasons == {"dw": "depthwise conv", "grouped": None,
                        "dynamic": "weights are not constant", "ok": None}
 
 

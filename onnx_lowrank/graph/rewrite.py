@@ -88,11 +88,21 @@ def channel_decomposition(attrs: dict, weight: np.ndarray, bias: np.ndarray,
     """
     dtype = weight.dtype
     first = np.tensordot(Q.T, weight.astype(np.float64), axes=([1], [0]))
-    first_attrs = {k: v for k, v in attrs.items() if k != "group"}
     spatial_dims = weight.ndim - 2
-    return [NodeSpec(first.astype(dtype), None, first_attrs),
-            NodeSpec(_pointwise(P, spatial_dims, dtype), _pushed_bias(P, Q, bias, new_bias).astype(dtype),
-                     {"kernel_shape": [1] * spatial_dims})]
+    group = int(attrs.get("group", 1))
+    pointwise = {"kernel_shape": [1] * spatial_dims}
+    if group == 1:
+        first_attrs = {k: v for k, v in attrs.items() if k != "group"}
+        return [NodeSpec(first.astype(dtype), None, first_attrs),
+                NodeSpec(_pointwise(P, spatial_dims, dtype), _pushed_bias(P, Q, bias, new_bias).astype(dtype),
+                         pointwise)]
+    # Grouped (solvers.grouped): P and Q are block diagonal, so both convs keep the groups and the
+    # 1 x 1 conv's weight is P's diagonal blocks stacked.
+    rows, columns = P.shape[0] // group, P.shape[1] // group
+    blocks = np.concatenate([P[g * rows:(g + 1) * rows, g * columns:(g + 1) * columns] for g in range(group)])
+    return [NodeSpec(first.astype(dtype), None, dict(attrs)),
+            NodeSpec(_pointwise(blocks, spatial_dims, dtype), _pushed_bias(P, Q, bias, new_bias).astype(dtype),
+                     {**pointwise, "group": group})]
 
 
 def spatial_decomposition(attrs: dict, vertical: np.ndarray, horizontal: np.ndarray,

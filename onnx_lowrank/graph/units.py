@@ -191,7 +191,8 @@ def _conv_skip_reason(weight: np.ndarray | None, shape: tuple, group: int, compu
     if group != 1:
         if transposed:
             return f"grouped ConvTranspose (group={group})"
-        return "depthwise conv" if group == shape[0] and shape[1] == 1 else f"grouped conv (group={group})"
+        if shape[1] == 1:
+            return "depthwise conv"
     if computed_bias:
         return "bias is not constant"
     return None

@@ -46,19 +46,25 @@ class ResponseStats:
         mean = y.mean(axis=0, dtype=np.float64)
         centred = y - mean.astype(y.dtype)
         scatter = centred.T.astype(np.float64) @ centred.astype(np.float64)
+        return cls.from_scatter(mean, scatter, len(y))
+
+    @classmethod
+    def from_scatter(cls, mean: np.ndarray, scatter: np.ndarray, count: int) -> "ResponseStats":
         eigenvalues, eigenvectors = np.linalg.eigh(scatter)
         order = np.argsort(eigenvalues)[::-1]
         eigenvalues = np.clip(eigenvalues[order], 0.0, None)
-        return cls(mean, scatter, eigenvalues, deterministic_signs(eigenvectors[:, order]), len(y))
+        return cls(mean, scatter, eigenvalues, deterministic_signs(eigenvectors[:, order]), count)
 
     @property
     def dim(self) -> int:
         return self.mean.shape[0]
 
-    def energy(self, rank: int) -> float:
-        """Fraction of the response variance kept by the top ``rank`` principal directions."""
-        total = float(self.eigenvalues.sum())
-        return 1.0 if total == 0.0 else float(self.eigenvalues[:rank].sum() / total)
+
+
+def spectrum_energy(spectrum: np.ndarray, rank: int) -> float:
+    """Fraction of the variance kept by the top ``rank`` directions of a descending ``spectrum``."""
+    total = float(np.sum(spectrum))
+    return 1.0 if total == 0.0 else float(np.sum(spectrum[:rank]) / total)
 
 
 def validate_responses(responses: np.ndarray) -> np.ndarray:
