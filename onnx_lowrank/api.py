@@ -22,8 +22,8 @@ import onnx
 
 from onnx_lowrank.calibration import (AugmentedViews, CalibrationSource, ImageFolderSource, Preprocess, model_inputs,
                                       open_calibration)
-from onnx_lowrank.costs import ConvShape, max_rank
-from onnx_lowrank.errors import CalibrationError, InternalError, InvalidOptionError, NothingToDecomposeError
+from onnx_lowrank.costs import ConvShape
+from onnx_lowrank.errors import CalibrationError, InternalError, InvalidOptionError
 from onnx_lowrank.evaluate import benchmark_providers, measure_fidelity
 from onnx_lowrank.graph.io import WeightStore, check_model, is_large, load_model, model_path
 from onnx_lowrank.graph.normalise import normalise
@@ -37,15 +37,16 @@ from onnx_lowrank.provenance import describe_input, versions
 from onnx_lowrank.quantize import add_int8
 from onnx_lowrank.ranks import RankCandidate
 from onnx_lowrank.report import LayerReport, Report
+from onnx_lowrank.selection import select_units
+from onnx_lowrank.shapes import measure_shapes
+from onnx_lowrank.spectra import padded, response_spectrum, weights_spectrum
 from onnx_lowrank.sampling import ResponseShape, positions_per_image
 from onnx_lowrank.sensitivity import measure_sensitivity
 from onnx_lowrank.layers import Solved, data_free_chains, solve_layers
-from onnx_lowrank.runtime import batch_size_for, collect_responses, make_session, probe_shapes
+from onnx_lowrank.runtime import batch_size_for, collect_responses, make_session
 from onnx_lowrank.solvers import ResponseStats
 from onnx_lowrank.solvers.nonlinear import PAPER_SCHEDULE
 from onnx_lowrank.solvers.factors import spectrum_energy
-from onnx_lowrank.solvers.grouped import group_slices, group_stats, interleaved_spectrum
-from onnx_lowrank.solvers.weights import weight_spectrum
 
 RANDOM_CALIBRATION_WARNING = ("no calibration data given: using random inputs. The responses of random "
                               "inputs say little about real ones, so expect a poor model; pass --calib")
@@ -229,13 +230,13 @@ def analyse(model, opts: Options, calibration: CalibrationSource = None, evaluat
             normalised = store.keep(normalised)
             gc.collect()
         units = find_units(normalised)
-        channel_only_names = _select_units(units, opts)
+        channel_only_names = select_units(units, opts)
         inputs = model_inputs(normalised)
         data = _open_data(calibration, evaluation, preprocess, inputs, opts, run)
         if needs_labels and getattr(data.eval_source, "labels", None) is None:
             raise InvalidOptionError(f"{needs_labels} needs labels",
                                      hint="pass --eval (or --calib) data with 'labels'")
-        shapes = _measure_shapes(normalised, data.source, units, inputs, opts.threads)
+        shapes = measure_shapes(normalised, data.source, units, inputs, opts.threads)
     candidates = [RankCandidate(u.name, shapes[u.name], dense=u.kind == "dense") for u in units if u.decomposable]
     fixed = sum(shapes[u.name].macs for u in units
                 if u.name in shapes and u.kind in opts.ops and not u.decomposable)
@@ -370,28 +371,6 @@ class Run:
             self.warnings.append(message)
 
 
-def _select_units(units: list[Unit], opts: Options) -> set[str]:
-    """Mark the user's --skip layers; return the --channel-only names; refuse a model with nothing to do."""
-    skip_names = resolve_names(units, opts.skip, "skip")
-    for unit in units:
-        if not unit.decomposable:
-            continue
-        if unit.name in skip_names:
-            unit.skipped_reason = "skipped by --skip"
-        elif unit.kind not in opts.ops:
-            unit.skipped_reason = f"{unit.kind} layers are not in --ops"
-        elif opts.method in TWO_D_METHODS and (unit.kind != "conv" or len(unit.kernel) != 2 or unit.group > 1):
-            unit.skipped_reason = f"{opts.method} decomposes 2-D convs with group=1 only"
-    channel_only = resolve_names(units, opts.channel_only, "channel_only")
-    if not any(u.decomposable for u in units):
-        reasons = sorted({u.skipped_reason for u in units}) or ["the model has no Conv, ConvTranspose, Gemm or MatMul"]
-        raise NothingToDecomposeError("the model has no decomposable layer (" + "; ".join(reasons) + ")",
-                                      hint="onnx-lowrank decomposes Conv (1-, 2-, 3-D, group=1), ConvTranspose and "
-                                           "Gemm/MatMul layers with constant weights")
-    log.debug("%d layers, %d decomposable", len(units), sum(u.decomposable for u in units))
-    return channel_only
-
-
 @dataclass
 class _Data:
     """Calibration and evaluation sources, the disjoint index sets used from them, the batch size."""
@@ -430,22 +409,6 @@ def _open_data(calibration, evaluation, preprocess, inputs, opts: Options, run: 
     return _Data(source, eval_source, calib_indices, holdout_indices, batch)
 
 
-def resolve_names(units: list[Unit], values: Sequence[str], option: str) -> set[str]:
-    """Conv names given to ``option``. A value is a name as it stands (names may contain commas);
-    only a value that names no conv is read as a comma-separated list of names."""
-    known = {u.name for u in units}
-    names, unknown = set(), []
-    for value in values:
-        parts = [value] if value in known else [part for part in value.split(",") if part]
-        names.update(part for part in parts if part in known)
-        unknown.extend(part for part in parts if part not in known)
-    if unknown:
-        flag = "--" + option.replace("_", "-")
-        raise InvalidOptionError(f"{flag} names no conv in the model: {', '.join(map(repr, unknown))}",
-                                 hint="the report lists the conv names; --dry-run prints them")
-    return names
-
-
 def _plan(opts: Options, candidates: list[RankCandidate], units: dict[str, Unit],
           stats: dict[str, ResponseStats], fixed: int, channel_only: set[str],
           sensitivity: dict[str, dict[int, float]] | None = None,
@@ -460,7 +423,7 @@ def _plan(opts: Options, candidates: list[RankCandidate], units: dict[str, Unit]
     spectra = None
     if opts.selection == "energy" and (stats or opts.data_free):
         spectra = ({n: response_spectrum(units[n], s) for n, s in stats.items()} if not opts.data_free else
-                   {c.name: _padded(_weight_spectrum(units[c.name], scheme), c, scheme) for c in candidates})
+                   {c.name: padded(weights_spectrum(units[c.name], scheme), c, scheme) for c in candidates})
     if latency is not None and spectra is not None:
         untimed = [c for c in candidates if c.name not in latency.table]
         plan = latency_plan([c for c in candidates if c.name in latency.table], spectra, latency.table,
@@ -475,28 +438,7 @@ def _plan(opts: Options, candidates: list[RankCandidate], units: dict[str, Unit]
     return channel_plan(candidates, spectra, fixed, opts.speedup, opts.rank_multiple, losses)
 
 
-def response_spectrum(unit: Unit, stats: ResponseStats) -> np.ndarray:
-    """The PCA energy spectrum rank selection weighs: per group for a grouped conv (solvers.grouped)."""
-    if unit.group == 1:
-        return stats.eigenvalues
-    return interleaved_spectrum([part.eigenvalues for part in group_stats(stats, unit.group)])
-
-
-def _weight_spectrum(unit: Unit, scheme: str) -> np.ndarray:
-    if unit.group == 1:
-        return weight_spectrum(unit.weight, scheme)
-    return interleaved_spectrum([weight_spectrum(unit.weight[part], scheme)
-                                 for part in group_slices(unit.weight.shape[0], unit.group)])
-
-
-def _padded(spectrum: np.ndarray, candidate: RankCandidate, scheme: str) -> np.ndarray:
-    """A spectrum of the candidate's full rank: directions the weights do not span have energy 0."""
-    full = max_rank(candidate.shape, scheme)
-    return np.concatenate([spectrum, np.zeros(max(0, full - len(spectrum)))])[:full]
-
-
 UNTIMED_REASON = "--objective latency times 2-D convs and dense layers only: left whole"
-TWO_D_METHODS = ("jaderberg", "tucker2")  # their chains split a k x k kernel
 SAMPLES_PER_CHANNEL = 20
 FEW_HELD_OUT = 50
 NCHWC_BLOCK = 16
@@ -551,26 +493,6 @@ def _whole_batches(indices: list[int], batch: int) -> list[int]:
         raise CalibrationError(f"the model takes a fixed batch of {batch}, but only {len(indices)} "
                                "samples are left for this step", hint="give more calibration samples")
     return indices[:len(indices) // batch * batch]
-
-
-def _measure_shapes(model, source, units, inputs, threads) -> dict[str, ConvShape]:
-    """Per-sample ConvShape (``costs``) of every layer, from one probe run."""
-    probe_batch = batch_size_for(inputs, 1)
-    units = [u for u in units if not u.in_subgraph]
-    shapes = probe_shapes(model, source, [u.output for u in units] + [u.input for u in units], probe_batch, threads)
-    return {unit.name: _layer_shape(unit, shapes[unit.input], shapes[unit.output]) for unit in units}
-
-
-def _layer_shape(unit: Unit, inp: tuple, out: tuple) -> ConvShape:
-    if unit.kind == "dense":  # x W on every row of a [B, ..., K] input
-        rows = int(np.prod(out[1:-1])) if len(out) > 2 else 1
-        return ConvShape(int(inp[-1]) if inp else 0, int(out[-1]) if out else 0, (1, 1), (rows, 1))
-    kernel, spatial, in_spatial = unit.kernel, out[2:], inp[2:]
-    if len(kernel) != 2:  # 1-D and 3-D convs: kernel and positions flattened
-        kernel, spatial, in_spatial = (int(np.prod(kernel)), 1), (int(np.prod(spatial)), 1), (int(np.prod(in_spatial)), 1)
-    in_channels = unit.weight_shape[1] * unit.group if len(unit.weight_shape) > 1 else 0
-    return ConvShape(in_channels, int(out[1]), tuple(kernel), tuple(spatial), unit.group, tuple(in_spatial),
-                     transposed=unit.kind == "transpose")
 
 
 def _layer_report(unit: Unit, shape: ConvShape | None, plan: ArchitecturePlan, stats,

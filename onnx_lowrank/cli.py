@@ -280,7 +280,7 @@ def run(
     method: Method = typer.Option(Method.asymmetric, help="asymmetric (default: nonlinear + Eq. 12), asym3d (also "
                                   "split k x k into k x 1 and 1 x k, paper 3.5), nonlinear, linear; data-free "
                                   "baselines: jaderberg, svd, tucker2.", rich_help_panel=PLAN),
-    skip: List[str] = typer.Option([], help="Conv node name to leave alone (repeat; a value naming no conv is "
+    skip: List[str] = typer.Option([], help="Layer (node) name to leave alone (repeat; a value naming no layer is "
                                             "read as comma-separated names).", rich_help_panel=PLAN),
     ops: List[str] = typer.Option(["conv,transpose,dense"], metavar="[conv|transpose|dense]", help="Kinds of layer "
                                   "to decompose (repeat, or comma-separate): conv (1-, 2-, 3-D Conv), transpose "

@@ -119,7 +119,7 @@ def test_skip_leaves_a_layer_alone(calib_file) -> None:
     result = compress(model, 1.5, calibration=str(calib_file), skip=(names[1],), bench=False)
     assert result.report.layers[1].skipped_reason == "skipped by --skip"
     assert result.report.layers[2].rank is not None
-    with pytest.raises(InvalidOptionError, match="--skip names no conv"):
+    with pytest.raises(InvalidOptionError, match="--skip names no layer"):
         compress(model, 1.5, calibration=str(calib_file), skip=("nope",))
 
 
@@ -312,7 +312,7 @@ def test_channel_only_layers_are_not_split(calib_file) -> None:
     layer = next(layer for layer in report.layers if layer.name == name)
     assert layer.spatial_rank is None and layer.rank is not None and "channel-only" in layer.note
     assert report.theoretical_speedup >= 2.5
-    with pytest.raises(InvalidOptionError, match="names no conv"):
+    with pytest.raises(InvalidOptionError, match="names no layer"):
         compress(model, 2.5, calibration=str(calib_file), method="asym3d", channel_only=("nope",))
 
 

@@ -119,7 +119,7 @@ def bad_cases(tmp):
         "bad-method": ([good, tmp / "o.onnx", "--method", "cp", *calib], "is not one of"),
         "channel-only-not-3d": ([good, tmp / "o.onnx", "--channel-only", "x", *calib], "--method asym3d"),
         "channel-only-unknown": ([good, tmp / "o.onnx", "--method", "asym3d", "--channel-only", "nope", *calib],
-                                 "names no conv"),
+                                 "names no layer"),
         "tucker2-energy": ([good, tmp / "o.onnx", "--method", "tucker2", "--rank-selection", "energy", *calib],
                            "uniform"),
         "uniform-vs-energy": ([good, tmp / "o.onnx", "--uniform", "--rank-selection", "energy", *calib],

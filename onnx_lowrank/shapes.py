@@ -1,0 +1,29 @@
+"""Per-sample cost shapes (``costs.ConvShape``) of every layer, from one probe run of the model."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from onnx_lowrank.costs import ConvShape
+from onnx_lowrank.graph.units import Unit
+from onnx_lowrank.runtime import batch_size_for, probe_shapes
+
+
+def measure_shapes(model, source, units, inputs, threads) -> dict[str, ConvShape]:
+    """Per-sample ConvShape (``costs``) of every layer, from one probe run."""
+    probe_batch = batch_size_for(inputs, 1)
+    units = [u for u in units if not u.in_subgraph]
+    shapes = probe_shapes(model, source, [u.output for u in units] + [u.input for u in units], probe_batch, threads)
+    return {unit.name: layer_shape(unit, shapes[unit.input], shapes[unit.output]) for unit in units}
+
+
+def layer_shape(unit: Unit, inp: tuple, out: tuple) -> ConvShape:
+    if unit.kind == "dense":  # x W on every row of a [B, ..., K] input
+        rows = int(np.prod(out[1:-1])) if len(out) > 2 else 1
+        return ConvShape(int(inp[-1]) if inp else 0, int(out[-1]) if out else 0, (1, 1), (rows, 1))
+    kernel, spatial, in_spatial = unit.kernel, out[2:], inp[2:]
+    if len(kernel) != 2:  # 1-D and 3-D convs: kernel and positions flattened
+        kernel, spatial, in_spatial = (int(np.prod(kernel)), 1), (int(np.prod(spatial)), 1), (int(np.prod(in_spatial)), 1)
+    in_channels = unit.weight_shape[1] * unit.group if len(unit.weight_shape) > 1 else 0
+    return ConvShape(in_channels, int(out[1]), tuple(kernel), tuple(spatial), unit.group, tuple(in_spatial),
+                     transposed=unit.kind == "transpose")
