@@ -456,17 +456,21 @@ def _positions(opts: Options, units: list[Unit], shapes: dict[str, ConvShape], i
 
 def _warn_if_few_samples(opts: Options, samples: dict[str, int], ranks, units, run: Run) -> None:
     """The nonlinear and asymmetric fits regress d outputs on d inputs; with few samples per channel
-    they fit the calibration set better than new inputs (measured on CRAFT: BENCHMARKS.md)."""
-    if opts.method == "linear" or not samples:
+    they fit the calibration set better than new inputs (measured on CRAFT: BENCHMARKS.md). Even
+    PCA sees at most as many directions as it has samples (a dense head gets one per image), and
+    rank selection takes the rest for empty. Told for the layer with the fewest per channel."""
+    decomposed = [u for u in units if u.name in ranks and u.name in samples]
+    if not decomposed:
         return
-    widest = max((u for u in units if u.name in ranks), key=lambda u: u.weight.shape[0], default=None)
-    if widest is None:
-        return
-    count = samples[widest.name]
-    if count < SAMPLES_PER_CHANNEL * widest.weight.shape[0]:
-        run.warn(f"{count} response samples for {widest.weight.shape[0]} channels ({widest.name}): "
-                        f"the {opts.method} fit may not generalise; aim for {SAMPLES_PER_CHANNEL} samples per "
-                        "channel (more calibration images; a larger --sample-memory or --samples-per-image if set)")
+    worst = min(decomposed, key=lambda u: samples[u.name] / u.weight.shape[0])
+    count, channels = samples[worst.name], worst.weight.shape[0]
+    if opts.method == "linear" and count < channels:
+        run.warn(f"{count} response samples for {channels} channels ({worst.name}): its PCA sees at most {count} "
+                 "directions, and rank selection takes the rest for empty; give more calibration data")
+    elif opts.method != "linear" and count < SAMPLES_PER_CHANNEL * channels:
+        run.warn(f"{count} response samples for {channels} channels ({worst.name}): "
+                 f"the {opts.method} fit may not generalise; aim for {SAMPLES_PER_CHANNEL} samples per "
+                 "channel (more calibration images; a larger --sample-memory or --samples-per-image if set)")
 
 
 def _split(source, opts: Options, run: Run) -> tuple[list[int], list[int]]:

@@ -243,3 +243,15 @@ def test_objective_latency_keeps_its_cache_where_asked_and_never_over_an_input(t
     assert result.exit_code == 0, result.output
     assert "predicted conv speedup" in result.stdout
     assert sorted(p.name for p in tiny.iterdir()) == ["calib.npz", "fast.onnx", "latency.json", "tiny.onnx"]
+
+
+def test_ops_chooses_the_kinds_decomposed(tiny) -> None:
+    report = tiny / "report.json"
+    result = invoke(tiny / "tiny.onnx", tiny / "fast.onnx", "--speedup", "1.5", "--calib", tiny / "calib.npz",
+                    "--report", report, "--no-bench", "--ops", "conv", "--rank-multiple", "1")
+    assert result.exit_code == 0, result.output
+    layers = json.loads(report.read_text())["layers"]
+    assert [layer["skipped_reason"] for layer in layers if layer["op"] == "Gemm"] == ["dense layers are not in --ops"]
+    bad = invoke(tiny / "tiny.onnx", tiny / "other.onnx", "--ops", "conv,lstm", "--calib", tiny / "calib.npz")
+    assert bad.exit_code == 2 and bad.output.strip().startswith("error: unknown op 'lstm'")
+    assert not (tiny / "other.onnx").exists()
