@@ -251,3 +251,44 @@ def test_costs_of_the_new_kinds() -> None:
     assert grouped.macs == 100 * 64 * 8 * 9
     # total rank 8 = 2 per group: (3 x 3, 8 -> 2) and (1 x 1, 2 -> 16) in each of the 4 groups
     assert decomposed_macs(grouped, 8) == 4 * 100 * (2 * 8 * 9 + 16 * 2)
+
+
+@pytest.mark.parametrize("op, dims", [("Conv", 1), ("Conv", 3), ("ConvTranspose", 2)])
+def test_planted_low_rank_convs_of_every_kind_are_recovered(op, dims) -> None:
+    """Output channels = A (rank 4) times anything: PCA of the sampled responses at rank >= 4 is
+    exact, whatever the kind's layout, strides and output size."""
+    rng = np.random.default_rng(3)
+    b = NetBuilder(3)
+    c, d, k = 6, 32, [3] * dims
+    canonical = (rng.standard_normal((d, 4)) @ rng.standard_normal((4, c * 3 ** dims))).reshape(d, c, *k) / 10
+    weight = canonical if op == "Conv" else np.swapaxes(canonical, 0, 1)
+    attrs = {"kernel_shape": k, "strides": [2] * dims, "pads": [1] * (2 * dims)}
+    if op == "ConvTranspose":
+        attrs["output_padding"] = [1] * dims
+    y = b.node(op, ["input", b.const("w", weight), b.const("b", rng.standard_normal(d))], **attrs)
+    size = [9] * dims if dims < 3 else [6] * dims
+    model = finish(b, y, ["N", c, *size])
+    data = rng.standard_normal((60, c, *size)).astype(np.float32)
+    result = compress(model, 1.5, calibration=data, method="linear", rank_multiple=4, bench=False, num_images=48,
+                      holdout=12)
+    (layer,) = result.report.layers
+    assert layer.op == op and 4 <= layer.rank < d and layer.energy == pytest.approx(1.0)
+    (expected,), (actual,) = run_model(model, {"input": data[-4:]}), run_model(result.model, {"input": data[-4:]})
+    assert relative_error(expected, actual) < 1e-4
+
+
+def test_hard_swish_and_silu_written_out_are_recognised() -> None:
+    """PaddlePaddle's export: x * clip(x + 3, 0, 6) / 6 after a conv, x * sigmoid(x) after a MatMul's bias."""
+    b = NetBuilder()
+    y = b.node("Conv", ["input", b.const("w", np.ones((4, 3, 1, 1)))], kernel_shape=[1, 1])
+    clipped = b.node("Clip", [b.node("Add", [y, b.const("three", np.array(3.0))]), b.const("lo", np.array(0.0)),
+                              b.const("hi", np.array(6.0))])
+    out = b.node("Mul", [b.const("scale", np.array(1.5)),
+                         b.node("Div", [b.node("Mul", [y, clipped]), b.const("six", np.array(6.0))])])
+    (conv,) = find_units(normalise(finish(b, out, ["N", 3, 5, 5])))
+    assert conv.activation.kind == "hard_swish"
+    b = NetBuilder()
+    y = b.node("Add", [b.node("MatMul", ["input", b.const("w", np.ones((6, 5)))]), b.const("b", np.ones(5))])
+    swish = b.node("Mul", [y, b.node("Sigmoid", [b.node("Mul", [y, b.const("beta", np.array(1.0))])])])
+    (dense,) = find_units(normalise(finish(b, swish, ["N", 3, 6])))
+    assert dense.activation.kind == "silu"

@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnx_lowrank.graph.gelu import written_out_gelu
+from onnx_lowrank.graph.written_out import written_out_activation
 from onnx_lowrank.graph.surgery import constant_value, sole_consumer
 
 
@@ -206,9 +206,9 @@ def _activation_after(graph: gs.Graph, response: gs.Tensor) -> Activation:
     silu = _silu_after(graph, response)
     if silu is not None:
         return silu
-    gelu = written_out_gelu(graph, response)
-    if gelu is not None:
-        return Activation("gelu", gelu)
+    written = written_out_activation(graph, response)
+    if written is not None:
+        return Activation(*written)
     node = sole_consumer(graph, response)
     if node is None:
         return Activation()

@@ -1,8 +1,9 @@
-"""GELU as exporters write it out in elementwise ops, recognised by what it computes.
+"""Activations exporters write out in elementwise ops, recognised by what they compute.
 
-``0.5 x (1 + erf(x / sqrt 2))`` and the tanh form ``0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))``
-come out of PyTorch, TensorFlow and JAX in several arrangements (the 0.5 first or last, a Div or a
-Mul by 1/sqrt 2, Pow or x*x*x). Rather than match each arrangement, each group of elementwise
+GELU ``0.5 x (1 + erf(x / sqrt 2))`` and its tanh form ``0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715
+x^3)))``, HardSwish ``x clip(x + 3, 0, 6) / 6`` and SiLU ``x sigmoid(x)`` come out of PyTorch,
+PaddlePaddle, TensorFlow and JAX in several arrangements (the 0.5 first or last, a Div or a Mul by
+1/sqrt 2, Pow or x*x*x). Rather than match each arrangement, each group of elementwise
 nodes that reads the response, with scalar constants only, and ends in one tensor (growing one
 node at a time, up to a dozen) is evaluated on a grid and compared with both forms.
 """
@@ -17,14 +18,18 @@ from onnx_lowrank.graph.surgery import constant_value
 from onnx_lowrank.solvers.activations import apply_activation
 
 _BINARY = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": np.divide, "Pow": np.power}
-_UNARY = {"Erf": scipy.special.erf, "Tanh": np.tanh, "Sqrt": np.sqrt}
+_UNARY = {"Erf": scipy.special.erf, "Tanh": np.tanh, "Sqrt": np.sqrt, "Sigmoid": scipy.special.expit,
+          "Relu": lambda x: np.maximum(x, 0.0)}
+# What a group is compared with, in this order: the kinds and parameters of solvers.activations.
+CANDIDATES = (("gelu", {"tanh_approximation": 0.0}), ("gelu", {"tanh_approximation": 1.0}), ("silu", {}),
+              ("hard_swish", {}))
 _GRID = np.linspace(-6.0, 6.0, 241)
 _MAX_NODES = 12  # the longest written-out form (tanh with Pow) has 9
 
 
-def written_out_gelu(graph: gs.Graph, response: gs.Tensor) -> dict[str, float] | None:
-    """The ``gelu`` activation's parameters if the nodes reading ``response`` compute a GELU of it
-    (and nothing reads their intermediate tensors), else None."""
+def written_out_activation(graph: gs.Graph, response: gs.Tensor) -> tuple[str, dict[str, float]] | None:
+    """(kind, parameters) of the activation the nodes reading ``response`` compute (nothing else
+    reading their intermediate tensors), else None."""
     if response in graph.outputs or not response.outputs:
         return None
     nodes: list[gs.Node] = []
@@ -32,7 +37,7 @@ def written_out_gelu(graph: gs.Graph, response: gs.Tensor) -> dict[str, float] |
     frontier = list(response.outputs)
     while frontier and len(nodes) < _MAX_NODES:
         node = next((n for n in frontier if _ready(n, values)), None)
-        if node is None or node.op not in _BINARY and node.op not in _UNARY:
+        if node is None or node.op not in _BINARY and node.op not in _UNARY and node.op != "Clip":
             return None
         frontier.remove(node)
         result = _evaluate(node, values)
@@ -42,18 +47,21 @@ def written_out_gelu(graph: gs.Graph, response: gs.Tensor) -> dict[str, float] |
         out = node.outputs[0]
         values[out.name] = result
         frontier.extend(n for n in out.outputs if n not in frontier and n not in nodes)
-        if _closed(nodes, response, graph) and (params := _match(result)) is not None:
-            return params
+        if _closed(nodes, response, graph) and (match := _match(result)) is not None:
+            return match
     return None
 
 
 def _ready(node: gs.Node, values: dict) -> bool:
-    return all(t.name in values or constant_value(t) is not None for t in node.inputs)
+    return all(not t.name or t.name in values or constant_value(t) is not None for t in node.inputs)
 
 
 def _evaluate(node: gs.Node, values: dict) -> np.ndarray | None:
     args = []
     for tensor in node.inputs:
+        if not tensor.name:  # an optional input left out (Clip's min)
+            args.append(None)
+            continue
         if tensor.name in values:
             args.append(values[tensor.name])
             continue
@@ -62,6 +70,10 @@ def _evaluate(node: gs.Node, values: dict) -> np.ndarray | None:
             return None
         args.append(float(constant.reshape(())))
     with np.errstate(all="ignore"):
+        if node.op == "Clip":
+            low = node.attrs.get("min", args[1] if len(args) > 1 and args[1] is not None else -np.inf)
+            high = node.attrs.get("max", args[2] if len(args) > 2 and args[2] is not None else np.inf)
+            return np.clip(args[0], low, high)
         if node.op in _UNARY and len(args) == 1:
             return _UNARY[node.op](args[0])
         if node.op in _BINARY and len(args) == 2:
@@ -81,9 +93,8 @@ def _closed(nodes: list[gs.Node], response: gs.Tensor, graph: gs.Graph) -> bool:
     return True
 
 
-def _match(result: np.ndarray) -> dict[str, float] | None:
-    for tanh in (0.0, 1.0):
-        expected = apply_activation("gelu", {"tanh_approximation": tanh}, _GRID)
-        if np.allclose(result, expected, rtol=1e-5, atol=1e-5):
-            return {"tanh_approximation": tanh}
+def _match(result: np.ndarray) -> tuple[str, dict[str, float]] | None:
+    for kind, params in CANDIDATES:
+        if np.allclose(result, apply_activation(kind, params, _GRID), rtol=1e-5, atol=1e-5):
+            return kind, dict(params)
     return None
