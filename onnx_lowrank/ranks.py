@@ -10,7 +10,6 @@ rank sends the rest of the chain back to NCHW with reorders (measured in BENCHMA
 from __future__ import annotations
 
 import heapq
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -52,9 +51,10 @@ class RankCandidate:
         return max_rank(self.shape, self.scheme)
 
     def step(self, multiple: int) -> int:
-        """The layer's rank grid: ``multiple``, and a multiple of the groups of a grouped conv
-        (whose rank is split evenly among them)."""
-        return math.lcm(multiple, self.shape.group)
+        """The layer's rank grid: ``multiple``; for a grouped conv (whose rank is split evenly among
+        its G groups) the multiple of G at or above it."""
+        groups = self.shape.group
+        return groups * -(-multiple // groups)
 
 
 @dataclass

@@ -292,3 +292,20 @@ def test_hard_swish_and_silu_written_out_are_recognised() -> None:
     swish = b.node("Mul", [y, b.node("Sigmoid", [b.node("Mul", [y, b.const("beta", np.array(1.0))])])])
     (dense,) = find_units(normalise(finish(b, swish, ["N", 3, 6])))
     assert dense.activation.kind == "silu"
+
+
+@pytest.mark.parametrize("groups, expected_step", [(1, 16), (2, 16), (3, 18), (14, 28), (32, 32)])
+def test_a_grouped_conv_ranks_on_a_grid_of_its_groups(groups, expected_step) -> None:
+    """Every rank energy selection gives a grouped conv splits evenly among its groups, and the
+    plan's cost is the per-group chain's (counted by hand in test_costs_of_the_new_kinds)."""
+    from onnx_lowrank.ranks import RankCandidate, energy_ranks
+
+    channels = 8 * expected_step
+    grouped = RankCandidate("grouped", ConvShape(channels, channels, (3, 3), (14, 14), group=groups))
+    plain = RankCandidate("plain", ConvShape(64, 64, (3, 3), (14, 14)))
+    assert grouped.step(16) == expected_step
+    spectra = {c.name: np.linspace(2.0, 0.1, c.full_rank) for c in (grouped, plain)}
+    plan = energy_ranks([plain, grouped], spectra, 0, 2.0, 16, leave_first=False)
+    assert plan.ranks["grouped"] % groups == 0 and plan.ranks["grouped"] % expected_step == 0
+    assert plan.macs_after == grouped.macs_at(plan.ranks["grouped"]) + plain.macs_at(plan.ranks["plain"])
+    assert plan.speedup >= 2.0
