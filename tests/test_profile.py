@@ -115,3 +115,19 @@ def test_a_file_that_is_not_a_latency_cache_is_refused_in_one_line(tmp_path, tex
     (tmp_path / "cache.json").write_text(text)
     with pytest.raises(InvalidOptionError, match="is not a latency cache"):
         LatencyCache.open(tmp_path / "cache.json")
+
+
+def test_a_dense_layer_is_timed_on_its_rows() -> None:
+    """A MatMul on [B, T, K] is timed as itself and as its two-MatMul chain, on an input of its rows."""
+    from onnx_lowrank.graph.units import find_units as units_of
+    from tests.builders import NetBuilder, finish
+
+    b = NetBuilder()
+    y = b.node("Add", [b.node("MatMul", ["input", b.const("w", np.ones((24, 40)))]), b.const("b", np.ones(40))])
+    (unit,) = units_of(finish(b, y, ["N", 7, 24]))
+    shape = ConvShape(24, 40, (1, 1), (7, 1))
+    x = {"x": np.random.default_rng(0).standard_normal((3, 7, 24)).astype(np.float32)}
+    whole = run_model(layer_model(unit, shape, WHOLE, 3), x)[0]
+    full_rank = run_model(layer_model(unit, shape, 40, 3), x)[0]
+    assert whole.shape == (3, 7, 40) and np.allclose(whole, full_rank, atol=1e-4)
+    assert run_model(layer_model(unit, shape, 8, 3), x)[0].shape == (3, 7, 40)
