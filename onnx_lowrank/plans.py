@@ -153,8 +153,12 @@ def _three_d_at(candidates, spectra, fixed_macs, speedup, multiple, channel_spee
             plan.notes[name] = f"channel-only: {NO_SPATIAL_KERNEL}"
         elif name in channel_only:
             plan.notes[name] = KEPT_CHANNEL_ONLY
-    if plan.macs_after <= target or not split:
+    if plan.macs_after <= target:
         return plan
+    if not split:  # a channel part short of the target and nothing to split: never a plan that misses it
+        raise InfeasibleTargetError(f"a {speedup:.4g}x speedup needs more than the {channel_speedup:.3g}x channel "
+                                    "part, and no decomposed layer has a k x k kernel to split",
+                                    hint="raise --channel-speedup, or use --method asymmetric")
     # the k x k parts of the split layers are what the spatial step can still cut
     fixed = plan.macs_after - sum(c.shape.macs for c in split)
     try:

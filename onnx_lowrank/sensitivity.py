@@ -25,7 +25,7 @@ from onnx_lowrank.graph.rewrite import replace_units
 from onnx_lowrank.graph.surgery import suffix_model
 from onnx_lowrank.layers import PROBE_SCHEDULE, solve_layers
 from onnx_lowrank.plans import ArchitecturePlan
-from onnx_lowrank.ranks import rank_ladder
+from onnx_lowrank.ranks import RankPlan, leave_first_conv, rank_ladder
 from onnx_lowrank.runtime import make_session, run, run_in_batches, with_outputs
 
 log = logging.getLogger(__name__)
@@ -42,12 +42,12 @@ def measure_sensitivity(analysis, opts) -> dict[str, dict[int, float]]:
     reference = model_outputs(analysis.normalised, data.source, subset, data.batch, opts.threads)
     method = "linear" if opts.method == "linear" else "nonlinear"
     units = analysis.by_name
-    candidates = analysis.candidates[1:] if len(analysis.candidates) > 1 else analysis.candidates
+    candidates = leave_first_conv(RankPlan(), list(analysis.candidates))  # as every plan does
     ladders = {c.name: rank_ladder(c, opts.rank_multiple) for c in candidates}
     advance = analysis.progress.stage("measuring sensitivity", sum(map(len, ladders.values())))
     losses: dict[str, dict[int, float]] = {}
     cache: dict = {}
-    with analysis.run.stage("sensitivity", f"measuring the sensitivity of {len(candidates)} convs"):
+    with analysis.run.stage("sensitivity", f"measuring the sensitivity of {len(candidates)} layers"):
         for candidate in candidates:
             losses[candidate.name] = {}
             suffix, feeds = _suffix_and_cut(analysis.normalised, candidate.name, data, subset, opts.threads)

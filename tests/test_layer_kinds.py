@@ -309,3 +309,17 @@ def test_a_grouped_conv_ranks_on_a_grid_of_its_groups(groups, expected_step) -> 
     assert plan.ranks["grouped"] % groups == 0 and plan.ranks["grouped"] % expected_step == 0
     assert plan.macs_after == grouped.macs_at(plan.ranks["grouped"]) + plain.macs_at(plan.ranks["plain"])
     assert plan.speedup >= 2.0
+
+
+def test_asym3d_and_sensitivity_plan_dense_layers_too() -> None:
+    """Nothing to split spatially: asym3d's channel part must make the whole target itself (it
+    once returned a plan short of it); sensitivity measures the first dense layer (the paper's
+    first-layer rule is about convs)."""
+    model = mlp()
+    data = np.random.default_rng(1).standard_normal((80, 12, 32)).astype(np.float32)
+    options = dict(calibration=data, rank_multiple=8, bench=False, num_images=60, holdout=20)
+    three_d = compress(model, 2.0, method="asym3d", **options).report
+    assert three_d.theoretical_speedup >= 2.0 and all(layer.spatial_rank is None for layer in three_d.layers)
+    sensitive = compress(model, 1.5, rank_selection="sensitivity", **options).report
+    assert "no sensitivity measured" not in {layer.skipped_reason for layer in sensitive.layers}
+    assert sensitive.theoretical_speedup >= 1.5
