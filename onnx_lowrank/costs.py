@@ -1,7 +1,9 @@
 """Cost model of convolutions and of their factorisations, in multiply-accumulates (MACs).
 
 Pure arithmetic, no ONNX: the graph side hands over shapes. Every layer kind is a ConvShape: a
-1-D or 3-D conv with its kernel and positions flattened (``(k1 k2 k3, 1)``), a dense layer
+1-D conv as a k x 1 one, a 3-D conv as ``(kh kw, kt)`` over ``(H W, T)`` positions (so the
+spatial scheme is its (1 x kh x kw) -> (kt x 1 x 1) split, the first part on every input frame),
+a dense layer
 ``x W`` as a 1 x 1 conv whose positions are the rows it is applied to (``T`` for ``[B, T, K]``),
 a ConvTranspose with ``transposed`` set (it does its ``kh kw c d`` MACs per *input* position). One MAC is one multiply plus one
 add; ``FLOPs = 2 * MACs`` is what the report prints.

@@ -22,8 +22,11 @@ def layer_shape(unit: Unit, inp: tuple, out: tuple) -> ConvShape:
         rows = int(np.prod(out[1:-1])) if len(out) > 2 else 1
         return ConvShape(int(inp[-1]) if inp else 0, int(out[-1]) if out else 0, (1, 1), (rows, 1))
     kernel, spatial, in_spatial = unit.kernel, out[2:], inp[2:]
-    if len(kernel) != 2:  # 1-D and 3-D convs: kernel and positions flattened
-        kernel, spatial, in_spatial = (int(np.prod(kernel)), 1), (int(np.prod(spatial)), 1), (int(np.prod(in_spatial)), 1)
+    if len(kernel) == 1:  # a 1-D conv: a k x 1 one
+        kernel, spatial, in_spatial = (kernel[0], 1), (spatial[0], 1), (in_spatial[0], 1)
+    elif len(kernel) == 3:  # (t, h, w) as (h w, t): the spatial split's first conv is the kh x kw one
+        kernel = (kernel[1] * kernel[2], kernel[0])
+        spatial, in_spatial = ((spatial[1] * spatial[2], spatial[0]), (in_spatial[1] * in_spatial[2], in_spatial[0]))
     in_channels = unit.weight_shape[1] * unit.group if len(unit.weight_shape) > 1 else 0
     return ConvShape(in_channels, int(out[1]), tuple(kernel), tuple(spatial), unit.group, tuple(in_spatial),
                      transposed=unit.kind == "transpose")

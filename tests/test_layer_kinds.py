@@ -323,3 +323,40 @@ def test_asym3d_and_sensitivity_plan_dense_layers_too() -> None:
     sensitive = compress(model, 1.5, rank_selection="sensitivity", **options).report
     assert "no sensitivity measured" not in {layer.skipped_reason for layer in sensitive.layers}
     assert sensitive.theoretical_speedup >= 1.5
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_a_3d_conv_split_into_spatial_and_temporal_parts_reproduces_it_at_full_rank(seed) -> None:
+    """(kt x kh x kw) -> (1 x kh x kw) then (kt x 1 x 1), each with its axes of the strides,
+    dilations and pads (or the same auto_pad), exact at the split's full rank."""
+    from onnx_lowrank.graph.rewrite import replace_units, spatial_decomposition
+    from onnx_lowrank.solvers.weights import spatial_filter_reconstruction
+
+    rng = np.random.default_rng(seed)
+    model, shape = conv_nd(seed, 3)
+    (unit,) = [u for u in find_units(normalise(model)) if u.decomposable]
+    d, c, kt, kh, kw = unit.weight.shape
+    spatial, temporal = spatial_filter_reconstruction(unit.weight, min(c * kh * kw, d * kt))
+    assert spatial.shape[2:] == (1, kh, kw) and temporal.shape[2:] == (kt, 1, 1)
+    chain = spatial_decomposition(unit.attrs, spatial, temporal, unit.bias)
+    rewritten = replace_units(normalise(model), {unit.name: chain})
+    x = rng.standard_normal((2, *shape)).astype(np.float32)
+    (expected,), (actual,) = run_model(model, {"input": x}), run_model(rewritten, {"input": x})
+    assert actual.shape == expected.shape and relative_error(expected, actual) < 1e-4
+
+
+def test_asym3d_splits_a_3d_conv_where_it_pays() -> None:
+    rng = np.random.default_rng(0)
+    b = NetBuilder()
+    y = b.node("Relu", [b.node("Conv", ["input", b.const("w0", rng.standard_normal((16, 3, 3, 3, 3)) / 9)],
+                               kernel_shape=[3, 3, 3], pads=[1] * 6)])
+    y = b.node("Conv", [y, b.const("w1", rng.standard_normal((32, 16, 3, 3, 3)) / 12), b.const("b1", np.zeros(32))],
+               kernel_shape=[3, 3, 3], pads=[1] * 6)
+    model = finish(b, b.node("Relu", [y]), ["N", 3, 6, 8, 8])
+    data = rng.standard_normal((50, 3, 6, 8, 8)).astype(np.float32)
+    report = compress(model, 3.0, calibration=data, method="asym3d", bench=False, num_images=40, holdout=10).report
+    layer = report.layers[1]
+    assert layer.spatial_rank is not None and layer.rank is not None and report.theoretical_speedup >= 3.0
+    d_split = layer.spatial_rank
+    # exact MACs: (1 x 3 x 3, 16 -> d'') on all 6 input frames, (3 x 1 x 1, d'' -> d'), (1 x 1 x 1, d' -> 32)
+    assert layer.flops_after == 2 * 384 * (d_split * (9 * 16 + 3 * layer.rank) + 32 * layer.rank)

@@ -53,7 +53,7 @@ def chains(channels: int, groups: int, size: int, speedup: float) -> dict:
     model, weight, attrs = grouped_model(channels, groups, size)
     shape = ConvShape(channels, channels, (3, 3), (size, size), group=groups)
     step = groups * -(-16 // groups)  # the tool's rank grid for a grouped conv (ranks.RankCandidate.step)
-    total = max(step, int(shape.macs / speedup / decomposed_macs(shape, 1)) // step * step)
+    total = max(step, round(shape.macs / speedup / decomposed_macs(shape, 1) / step) * step)
     rng = np.random.default_rng(1)
     blocks = fit_per_group(channels, groups, total, lambda part, rank: orthogonal(rng, part.stop - part.start, rank))
     per_group = replace_units(model, {"layer": channel_decomposition(attrs, weight, np.zeros(channels), blocks.P,

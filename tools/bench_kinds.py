@@ -39,7 +39,7 @@ def run(model: str, speedup: float, ops: str, args) -> dict:
     row = {"speedup": speedup, "ops": ops}
     try:
         result = compress(model, speedup, calibration=args.calib, evaluation=args.eval, ops=ops.split(","),
-                          method=args.method, threads=args.threads, bench_rounds=args.rounds,
+                          method=args.method, rank_selection=args.rank_selection, skip=args.skip, threads=args.threads, bench_rounds=args.rounds,
                           num_images=args.num_images, holdout=args.holdout, rank_multiple=args.rank_multiple)
     except LowRankError as exc:
         return {**row, "error": str(exc), "seconds": time.perf_counter() - clock}
@@ -72,6 +72,8 @@ def main() -> None:
     parser.add_argument("--speedups", type=float, nargs="+", default=[2.0, 4.0])
     parser.add_argument("--ops", nargs="+", default=["conv", "conv,transpose,dense"])
     parser.add_argument("--method", default="asymmetric")
+    parser.add_argument("--rank-selection", default=None, choices=["energy", "sensitivity", "uniform"])
+    parser.add_argument("--skip", nargs="*", default=[], help="layer names to leave alone")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--num-images", type=int, default=300)
@@ -87,6 +89,7 @@ def main() -> None:
             print(json.dumps(rows[-1], default=float), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"model": args.model, "method": args.method, "threads": args.threads,
+                                    "rank_selection": args.rank_selection, "skip": args.skip,
                                     "rows": rows}, indent=1, default=float) + "\n")
 
 

@@ -108,12 +108,34 @@ def channel_decomposition(attrs: dict, weight: np.ndarray, bias: np.ndarray,
 def spatial_decomposition(attrs: dict, vertical: np.ndarray, horizontal: np.ndarray,
                           bias: np.ndarray | None) -> list[NodeSpec]:
     """(kh x 1, c -> d'') with ``vertical`` then (1 x kw, d'' -> d) with ``horizontal`` and the bias
-    (Jaderberg et al. 2014, scheme 2). Each conv takes its own axis of the strides, dilations and
+    (Jaderberg et al. 2014, scheme 2); for a 3-D conv (1 x kh x kw) then (kt x 1 x 1). Each conv takes its own axis of the strides, dilations and
     pads: stride (sh, 1) then (1, sw), pads top/bottom then left/right. An ``auto_pad`` of
     SAME_UPPER/SAME_LOWER/VALID is kept on both: along an axis with kernel 1 and stride 1 it pads
     nothing, so each conv pads exactly the axis the original padded."""
-    vertical_attrs, horizontal_attrs = split_spatial_attrs(attrs, (vertical.shape[2], horizontal.shape[3]))
-    return [NodeSpec(vertical, None, vertical_attrs), NodeSpec(horizontal, bias, horizontal_attrs)]
+    if vertical.ndim == 5:
+        first_attrs, second_attrs = split_spatiotemporal_attrs(attrs, horizontal.shape[2], vertical.shape[3:])
+    else:
+        first_attrs, second_attrs = split_spatial_attrs(attrs, (vertical.shape[2], horizontal.shape[3]))
+    return [NodeSpec(vertical, None, first_attrs), NodeSpec(horizontal, bias, second_attrs)]
+
+
+def split_spatiotemporal_attrs(attrs: dict, temporal: int, spatial: tuple[int, int]) -> tuple[dict, dict]:
+    """Conv attributes of the (1 x kh x kw) and (kt x 1 x 1) parts of a 3-D conv: each takes its
+    own axes of the strides, dilations and pads, as for the 2-D split."""
+    st, sh, sw = attrs.get("strides", [1, 1, 1])
+    dt, dh, dw = attrs.get("dilations", [1, 1, 1])
+    first = {"kernel_shape": [1, *spatial], "strides": [1, sh, sw], "dilations": [1, dh, dw]}
+    second = {"kernel_shape": [temporal, 1, 1], "strides": [st, 1, 1], "dilations": [dt, 1, 1]}
+    auto_pad = attrs.get("auto_pad", "NOTSET")
+    if isinstance(auto_pad, bytes):
+        auto_pad = auto_pad.decode()
+    if auto_pad != "NOTSET":
+        first["auto_pad"] = second["auto_pad"] = auto_pad
+    else:
+        front, top, left, back, bottom, right = attrs.get("pads", [0] * 6)
+        first["pads"] = [0, top, left, 0, bottom, right]
+        second["pads"] = [front, 0, 0, back, 0, 0]
+    return first, second
 
 
 def split_spatial_attrs(attrs: dict, kernel: tuple[int, int]) -> tuple[dict, dict]:

@@ -37,7 +37,17 @@ def weight_svd(weight: np.ndarray, bias: np.ndarray, rank: int) -> LowRankFactor
 
 def spatial_filter_reconstruction(weight: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
     """``(vertical (d'', c, kh, 1), horizontal (d, d'', 1, kw))`` with
-    ``W[o, i, y, x] ~ sum_j horizontal[o, j, 0, x] * vertical[j, i, y, 0]``."""
+    ``W[o, i, y, x] ~ sum_j horizontal[o, j, 0, x] * vertical[j, i, y, 0]``.
+
+    A 3-D weight ``(d, c, kt, kh, kw)`` is split the same way into a spatial ``(d'', c, 1, kh,
+    kw)`` and a temporal ``(d, d'', kt, 1, 1)`` part (the (2+1)-D factorisation of video
+    networks): the same problem with the ``kh kw`` taps as the rows and ``kt`` as the columns."""
+    if np.ndim(weight) == 5:
+        d, c, kt, kh, kw = np.shape(weight)
+        as_planar = np.asarray(weight).reshape(d, c, kt, kh * kw).transpose(0, 1, 3, 2)
+        spatial, temporal = spatial_filter_reconstruction(as_planar, rank)
+        rank = spatial.shape[0]
+        return spatial.reshape(rank, c, 1, kh, kw), temporal.reshape(d, rank, kt, 1, 1)
     w = _validated(weight).astype(np.float64)
     d, c, kh, kw = w.shape
     rank = validate_rank(rank, min(c * kh, d * kw))
