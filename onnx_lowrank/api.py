@@ -273,6 +273,11 @@ def plan_for(analysis: Analysis, opts: Options) -> ArchitecturePlan:
                  analysis.sensitivity, analysis.latency if opts.objective == "latency" else None)
     log.info("plan: %d of %d layers decomposed, theoretical speedup %.2fx", len(plan.layers),
              len(analysis.units), plan.speedup)
+    grouped = [u.name for u in analysis.units if u.name in plan.layers and u.group > 1]
+    if grouped and opts.objective == "flops":
+        analysis.run.warn(f"{len(grouped)} grouped conv(s) decomposed per group ({grouped[0]}, ...): onnxruntime's "
+                          "CPU grouped convs do little work per call, and with many groups their chains measured "
+                          "slower than the original (BENCHMARKS.md); --objective latency times them first")
     return plan
 
 

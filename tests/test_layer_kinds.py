@@ -233,6 +233,7 @@ def test_a_grouped_conv_is_decomposed_per_group() -> None:
                       holdout=12)
     (layer,) = result.report.layers
     assert layer.rank % 4 == 0 and layer.rank >= 8 and layer.energy == pytest.approx(1.0)
+    assert any("grouped conv(s) decomposed per group" in warning for warning in result.report.warnings)
     convs = [n for n in result.model.graph.node if n.op_type == "Conv"]
     assert [next(a.i for a in n.attribute if a.name == "group") for n in convs] == [4, 4]
     (expected,), (actual,) = run_model(model, {"input": data[-4:]}), run_model(result.model, {"input": data[-4:]})
