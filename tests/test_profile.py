@@ -131,3 +131,13 @@ def test_a_dense_layer_is_timed_on_its_rows() -> None:
     full_rank = run_model(layer_model(unit, shape, 40, 3), x)[0]
     assert whole.shape == (3, 7, 40) and np.allclose(whole, full_rank, atol=1e-4)
     assert run_model(layer_model(unit, shape, 8, 3), x)[0].shape == (3, 7, 40)
+
+
+def test_a_grouped_conv_is_timed_as_its_per_group_chain() -> None:
+    model = conv_net([Layer(16), Layer(32, group=4)], size=(10, 10))
+    unit = find_units(model)[1]
+    shape = ConvShape(16, 32, (3, 3), (10, 10), group=4)
+    x = {"x": np.random.default_rng(0).standard_normal((1, 16, 10, 10)).astype(np.float32)}
+    chain = layer_model(unit, shape, 8, 1)
+    groups = [next(a.i for a in n.attribute if a.name == "group") for n in chain.graph.node if n.op_type == "Conv"]
+    assert groups == [4, 4] and run_model(chain, x)[0].shape == run_model(layer_model(unit, shape, WHOLE, 1), x)[0].shape
