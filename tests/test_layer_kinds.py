@@ -70,7 +70,7 @@ def gemm(seed: int):
     bias = [rng.standard_normal(n), rng.standard_normal((1, n)), np.array(0.7)][seed % 3]
     y = b.node("Gemm", ["input", b.const("w", weight), b.const("c", bias)], transB=trans_b,
                alpha=float(rng.uniform(0.5, 2)), beta=float(rng.uniform(0.5, 2)))
-    return finish(b, y, ["N", k]), [k]
+    return finish(b, b.node("Tanh", [y]), ["N", k]), [k]  # not a head: one feeding a Softmax or the output is
 
 
 def matmul(seed: int):
@@ -165,7 +165,8 @@ def test_an_intermediate_read_elsewhere_is_not_an_activation() -> None:
 
 
 def mlp(seed: int = 0, tokens: int = 12, width: int = 32, hidden: int = 96, rank: int | None = None):
-    """A transformer-style MLP on [B, T, C]: MatMul + bias, GELU (erf, written out), MatMul + bias."""
+    """A transformer-style MLP block on [B, T, C]: MatMul + bias, GELU (erf, written out), MatMul +
+    bias, added to its input."""
     rng = np.random.default_rng(seed)
     b = NetBuilder(seed)
     up = rng.standard_normal((width, hidden)) / np.sqrt(width)
@@ -175,7 +176,7 @@ def mlp(seed: int = 0, tokens: int = 12, width: int = 32, hidden: int = 96, rank
     y = gelu_written_out(b, y, "erf")
     y = b.node("Add", [b.node("MatMul", [y, b.const("down", rng.standard_normal((hidden, width)) / np.sqrt(hidden))]),
                        b.const("b2", rng.standard_normal(width) * 0.1)])
-    return finish(b, y, ["N", tokens, width])
+    return finish(b, b.node("Add", ["input", y]), ["N", tokens, width])  # the residual stream
 
 
 def test_a_planted_low_rank_dense_layer_is_recovered_from_its_responses() -> None:
@@ -361,3 +362,13 @@ def test_asym3d_splits_a_3d_conv_where_it_pays() -> None:
     d_split = layer.spatial_rank
     # exact MACs: (1 x 3 x 3, 16 -> d'') on all 6 input frames, (3 x 1 x 1, d'' -> d'), (1 x 1 x 1, d' -> 32)
     assert layer.flops_after == 2 * 384 * (d_split * (9 * 16 + 3 * layer.rank) + 32 * layer.rank)
+
+
+def test_a_dense_head_is_left_alone_but_not_a_layer_writing_into_a_residual_stream() -> None:
+    from onnx_lowrank.graph.units import OUTPUT_HEAD_REASON
+
+    b = NetBuilder()
+    y = b.node("Add", [b.node("MatMul", ["input", b.const("w", np.ones((6, 50)))]), b.const("b", np.ones(50))])
+    head = finish(b, b.node("Softmax", [b.node("Reshape", [y, b.const("shape", np.array([-1, 50]))])]), ["N", 6])
+    assert [u.skipped_reason for u in find_units(normalise(head))] == [OUTPUT_HEAD_REASON]
+    assert all(u.decomposable for u in find_units(normalise(mlp())))

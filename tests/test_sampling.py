@@ -44,7 +44,7 @@ def test_the_report_gives_the_samples_of_each_layer() -> None:
     model = conv_net([Layer(16), Layer(32), Layer(64)], size=(10, 10), classifier=5)
     layers = compress(model, 1.5, calibration=data, bench=False, dry_run=True).report.layers
     # 32 calibration samples: 40 * 64 / 32 = 80 positions wanted, the 10 x 10 map has 100; the
-    # classifier (a Gemm) has one position per sample
-    assert [layer.samples for layer in layers] == [32 * 32, 32 * 40, 32 * 80, 32]
+    # classifier (a Gemm head, left alone) has none
+    assert [layer.samples for layer in layers] == [32 * 32, 32 * 40, 32 * 80, None]
     fixed = compress(model, 1.5, calibration=data, bench=False, dry_run=True, samples_per_image=5).report.layers
-    assert [layer.samples for layer in fixed] == [32 * 5] * 3 + [32]
+    assert [layer.samples for layer in fixed] == [32 * 5] * 3 + [None]

@@ -81,6 +81,8 @@ def find_units(model: onnx.ModelProto) -> list[Unit]:
         unit = _dense_unit(graph, node) if node.op in ("Gemm", "MatMul") else _conv_unit(node)
         if unit.decomposable and not np.issubdtype(unit.weight.dtype, np.floating):
             unit.skipped_reason = f"weights are {unit.weight.dtype}, not floating point"
+        if unit.decomposable and unit.kind == "dense" and _is_output_head(graph, tensors[unit.output]):
+            unit.skipped_reason = OUTPUT_HEAD_REASON
         if unit.decomposable:
             unit.activation = _activation_after(graph, tensors[unit.output])
         else:
@@ -88,6 +90,27 @@ def find_units(model: onnx.ModelProto) -> list[Unit]:
         units.append(unit)
     units.extend(_subgraph_units(graph))
     return units
+
+
+OUTPUT_HEAD_REASON = ("output layer (a dense head): left alone, as the first conv is; energy selection "
+                      "misjudges what an argmax over its outputs needs (BENCHMARKS.md, issue 13)")
+# Ops between a head and the model's output: one input computed, the rest (if any) constant.
+_HEAD_TAIL_OPS = frozenset({"Softmax", "LogSoftmax", "Sigmoid", "Reshape", "Transpose", "Squeeze", "Unsqueeze",
+                            "Flatten", "Identity", "Cast", "ArgMax", "TopK"})
+
+
+def _is_output_head(graph: gs.Graph, response: gs.Tensor) -> bool:
+    """Whether the model's output is ``response`` or computed from it by ops of one computed
+    input (softmax, reshapes): a classifier's head. A layer writing into a residual stream is not
+    one (the Add there has two computed inputs)."""
+    outputs = {t.name for t in graph.outputs}
+    frontier = [response]
+    while frontier:
+        tensor = frontier.pop()
+        if tensor.name in outputs:
+            return True
+        frontier.extend(out for node in tensor.outputs if node.op in _HEAD_TAIL_OPS for out in node.outputs)
+    return False
 
 
 def _conv_unit(node: gs.Node) -> Unit:
