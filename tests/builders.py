@@ -100,8 +100,10 @@ def _pair(value: int | tuple[int, int]) -> tuple[int, int]:
 
 def conv_net(layers: list[Layer], in_channels: int = 3, size: tuple[int, int] = (12, 12), *,
              nhwc: bool = False, dynamic_batch: bool = True, classifier: int = 0, seed: int = 0,
-             opset: int = 17) -> onnx.ModelProto:
-    """A chain of conv layers; ``classifier=K`` appends global pooling and a K-way Gemm."""
+             opset: int = 17, dense: tuple[tuple[int, str], ...] = ()) -> onnx.ModelProto:
+    """A chain of conv layers; ``classifier=K`` appends global pooling and a K-way Gemm; ``dense``
+    appends global pooling and (width, activation) MatMul + bias layers (activation relu, tanh,
+    gelu written out, or none) before it."""
     b = NetBuilder(seed)
     batch = "N" if dynamic_batch else 1
     shape = [batch, *size, in_channels] if nhwc else [batch, in_channels, *size]
@@ -112,14 +114,21 @@ def conv_net(layers: list[Layer], in_channels: int = 3, size: tuple[int, int] = 
     for layer in layers:
         x = b.conv_layer(x, c, layer)
         c = layer.out
-    if classifier:
+    if classifier or dense:
         x = b.node("GlobalAveragePool", [x])
         x = b.node("Flatten", [x])
+    for width, act in dense:
+        x = b.node("Add", [b.node("MatMul", [x, b.const("dw", b.rng.standard_normal((c, width)) / np.sqrt(c))]),
+                           b.const("db", b.rng.standard_normal(width) * 0.1)])
+        x = {"relu": lambda: b.node("Relu", [x]), "tanh": lambda: b.node("Tanh", [x]),
+             "gelu": lambda: gelu_written_out(b, x, "erf"), "none": lambda: x}[act]()
+        c = width
+    if classifier:
         x = b.node("Gemm", [x, b.const("fc", b.rng.standard_normal((c, classifier)) / np.sqrt(c)),
                             b.const("fcb", np.zeros(classifier))])
-    elif nhwc:
+    elif nhwc and not dense:
         x = b.node("Transpose", [x], perm=[0, 2, 3, 1])
-    out_shape = [batch, classifier] if classifier else [batch, None, None, None]
+    out_shape = [batch, classifier or c] if classifier or dense else [batch, None, None, None]
     outputs = [helper.make_tensor_value_info(x, TensorProto.FLOAT, out_shape)]
     graph = helper.make_graph(b.nodes, "test-net", [helper.make_tensor_value_info("input", TensorProto.FLOAT, shape)],
                               outputs, b.inits)

@@ -1,6 +1,6 @@
 """Property-based: over random small conv graphs (kernels 1-7 and rectangular, strides, pads, dilations,
 auto_pad, groups, NHWC transposes, every supported activation, BN/Mul/Add to fold, fixed or dynamic
-batch) a full-rank rewrite reproduces the original, and no graph makes the tool fail other than
+batch, a tail of dense MatMul layers) a full-rank rewrite reproduces the original, and no graph makes the tool fail other than
 with a LowRankError."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from onnx_lowrank import LowRankError, compress
 from onnx_lowrank.graph.normalise import normalise
-from onnx_lowrank.graph.rewrite import channel_decomposition, replace_units, spatial_decomposition
+from onnx_lowrank.graph.rewrite import channel_chain, channel_decomposition, replace_units, spatial_decomposition
 from onnx_lowrank.graph.units import find_units
 from onnx_lowrank.solvers.weights import spatial_filter_reconstruction
 from tests.builders import Layer, conv_net, relative_error, run_model
@@ -61,8 +61,11 @@ def conv_graphs(draw) -> tuple[onnx.ModelProto, np.ndarray]:
         layer, current = draw(layers(c, current))
         built.append(layer)
         c = layer.out
+    dense = tuple((draw(st.integers(2, 12)), draw(st.sampled_from(["relu", "tanh", "gelu", "none"])))
+                  for _ in range(draw(st.integers(0, 2))))
     model = conv_net(built, in_channels=channels, size=size, nhwc=nhwc, dynamic_batch=dynamic,
-                     seed=draw(st.integers(0, 100)), opset=20 if any(l.act == "gelu" for l in built) else 17)
+                     seed=draw(st.integers(0, 100)), opset=20 if any(l.act == "gelu" for l in built) else 17,
+                     dense=dense)
     batch = 3 if dynamic else 1
     shape = (batch, *size, channels) if nhwc else (batch, channels, *size)
     return model, np.random.default_rng(0).standard_normal(shape).astype(np.float32)
@@ -75,9 +78,13 @@ def full_rank_chains(model: onnx.ModelProto, split: bool) -> dict:
     for unit in find_units(model):
         if not unit.decomposable:
             continue
-        d, c, kh, kw = unit.weight.shape
+        d = unit.weight.shape[0]
         identity, zeros = np.eye(d), np.zeros(d)
-        if split and kh > 1 and kw > 1:
+        if unit.kind == "dense":
+            chains[unit.name] = channel_chain(unit, identity, identity, zeros)
+            continue
+        _, c, kh, kw = unit.weight.shape
+        if split and kh > 1 and kw > 1 and unit.group == 1:  # the tool never splits a grouped conv
             vertical, horizontal = spatial_decomposition(
                 unit.attrs, *spatial_filter_reconstruction(unit.weight, min(c * kh, d * kw)), unit.bias)
             chains[unit.name] = [vertical] + channel_decomposition(horizontal.attrs, horizontal.weight,
