@@ -32,7 +32,7 @@ from onnx_lowrank.graph.units import Unit, find_units
 from onnx_lowrank.plans import (ArchitecturePlan, channel_plan, latency_plan, spatial_plan, three_d_plan,
                                 tucker2_plan)
 from onnx_lowrank.profile import LayerLatency, measure_layer_latency
-from onnx_lowrank.options import Options
+from onnx_lowrank.options import LAYER_KINDS, Options
 from onnx_lowrank.provenance import describe_input, versions
 from onnx_lowrank.quantize import add_int8
 from onnx_lowrank.ranks import RankCandidate
@@ -109,7 +109,7 @@ def compress(
     sample_memory_mb: int = 2048,
     seed: int = 0,
     skip: str | Sequence[str] = (),
-    ops: str | Sequence[str] = ("conv", "transpose", "dense"),
+    ops: str | Sequence[str] = LAYER_KINDS,
     providers: str | Sequence[str] = ("cpu",),
     threads: int = 0,
     bench: bool = True,

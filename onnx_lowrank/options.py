@@ -25,7 +25,7 @@ QUANTIZATIONS = ("int8",)
 OBJECTIVES = ("flops", "latency")
 LATENCY_METHODS = ("asymmetric", "nonlinear", "linear")  # channel decompositions; 3d is not profiled yet
 INT8_CALIBRATIONS = ("minmax", "entropy", "percentile")
-LAYER_KINDS = ("conv", "transpose", "dense")  # graph.units.KINDS: Conv (1-3-D), ConvTranspose, Gemm/MatMul
+LAYER_KINDS = ("conv", "transpose", "dense")  # graph.units.Unit.kind: Conv (1-3-D), ConvTranspose, Gemm/MatMul
 MAX_THREADS = 256  # onnxruntime starts every thread it is given; thousands take minutes and gain nothing
 
 

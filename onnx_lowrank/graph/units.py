@@ -20,9 +20,6 @@ class Activation:
     params: dict[str, float] = field(default_factory=dict)
 
 
-KINDS = ("conv", "transpose", "dense")  # what --ops chooses among
-
-
 @dataclass
 class Unit:
     """One constant-weight linear layer of the (normalised) model: a Conv (1-, 2- or 3-D), a
