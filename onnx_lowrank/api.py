@@ -187,11 +187,6 @@ class Analysis:
     def by_name(self) -> dict[str, Unit]:
         return {u.name: u for u in self.units}
 
-    @property
-    def planned_macs(self) -> int:
-        """MACs of the layers of the kinds --ops plans over (decomposable or not)."""
-        return self.fixed + sum(c.shape.macs for c in self.candidates)
-
     def macs_by_kind(self) -> dict[str, int]:
         kinds: dict[str, int] = {}
         for unit in self.units:

@@ -16,7 +16,7 @@ from onnx_lowrank.plans import ArchitecturePlan
 from onnx_lowrank.runtime import collect_responses
 from onnx_lowrank.solvers import LowRankFactors, ResponseStats, fit_pca
 from onnx_lowrank.solvers.activations import apply_activation, relative_error
-from onnx_lowrank.solvers.grouped import fit_per_group, group_stats
+from onnx_lowrank.solvers.grouped import fit_per_group, part_stats
 from onnx_lowrank.solvers.nonlinear import PAPER_SCHEDULE, fit_nonlinear
 from onnx_lowrank.solvers.weights import spatial_filter_reconstruction, tucker2, weight_svd
 
@@ -117,8 +117,8 @@ def _solve(method: str, unit: Unit, stats: ResponseStats, y_hat: np.ndarray, y: 
     (``solvers.grouped``). Also returns the solver's iterations per stage (None for PCA; the most
     any group took)."""
     if method == "linear":
-        parts = iter(group_stats(stats, unit.group) if unit.group > 1 else [stats])
-        return fit_per_group(stats.dim, unit.group, rank, lambda part, part_rank: fit_pca(next(parts), part_rank)), None
+        return fit_per_group(stats.dim, unit.group, rank, lambda part, part_rank: fit_pca(
+            stats if unit.group == 1 else part_stats(stats, part), part_rank)), None
     act, iterations = unit.activation, []
 
     def fit(part: slice, part_rank: int) -> LowRankFactors:

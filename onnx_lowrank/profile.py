@@ -12,7 +12,6 @@ CPU) in memory and, when the user names one, in a JSON cache file, so a second r
 
 from __future__ import annotations
 
-
 import json
 import logging
 import os
@@ -164,15 +163,14 @@ def layer_model(unit: Unit, shape: ConvShape, rank: int, batch: int) -> onnx.Mod
     channel decomposition at ``rank``, with random weights of the layer's shape."""
     rng = np.random.default_rng(0)
     layer = replace(unit, weight=rng.standard_normal(unit.weight_shape).astype(np.float32),
-                                bias=rng.standard_normal(shape.out_channels).astype(np.float32), bias_after=None)
-    graph = helper.make_graph([], "layer", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
-                                                                          _input_shape(unit, shape, batch))],
+                    bias=rng.standard_normal(shape.out_channels).astype(np.float32), bias_after=None)
+    placeholder = helper.make_node("Identity", ["x"], ["y"], name="layer")  # replaced by the form timed
+    graph = helper.make_graph([placeholder], "layer",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, _input_shape(unit, shape, batch))],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
-    placeholder = helper.make_node("Identity", ["x"], ["y"], name="layer")
-    graph.node.append(placeholder)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     if rank == WHOLE:
-        return replace_units(model, {"layer": whole_layer(layer, layer.weight, layer.bias)})
+        return replace_units(model, {"layer": whole_layer(layer)})
     basis = np.linalg.qr(rng.standard_normal((shape.out_channels, rank)))[0]
     return replace_units(model, {"layer": channel_chain(layer, basis, basis, np.zeros(shape.out_channels))})
 

@@ -35,13 +35,13 @@ def channel_chain(unit, P: np.ndarray, Q: np.ndarray, new_bias: np.ndarray) -> l
     return channel_decomposition(unit.attrs, unit.weight, unit.bias, P, Q, new_bias)
 
 
-def whole_layer(unit, weight: np.ndarray, bias: np.ndarray) -> list[NodeSpec]:
-    """The layer as one node with ``weight`` (in the Unit's layout): what a chain is timed against."""
+def whole_layer(unit) -> list[NodeSpec]:
+    """The layer as one node with its weight and bias: what a chain is timed against."""
     if unit.kind == "dense":
-        return [NodeSpec(np.ascontiguousarray(weight.T), bias, {}, "MatMul")]
+        return [NodeSpec(np.ascontiguousarray(unit.weight.T), unit.bias, {}, "MatMul")]
     if unit.kind == "transpose":
-        return [NodeSpec(np.swapaxes(weight, 0, 1), bias, dict(unit.attrs), "ConvTranspose")]
-    return [NodeSpec(weight, bias, dict(unit.attrs))]
+        return [NodeSpec(np.swapaxes(unit.weight, 0, 1), unit.bias, dict(unit.attrs), "ConvTranspose")]
+    return [NodeSpec(unit.weight, unit.bias, dict(unit.attrs))]
 
 
 def _pushed_bias(P: np.ndarray, Q: np.ndarray, bias: np.ndarray, new_bias: np.ndarray) -> np.ndarray:
@@ -112,49 +112,35 @@ def spatial_decomposition(attrs: dict, vertical: np.ndarray, horizontal: np.ndar
     pads: stride (sh, 1) then (1, sw), pads top/bottom then left/right. An ``auto_pad`` of
     SAME_UPPER/SAME_LOWER/VALID is kept on both: along an axis with kernel 1 and stride 1 it pads
     nothing, so each conv pads exactly the axis the original padded."""
-    if vertical.ndim == 5:
-        first_attrs, second_attrs = split_spatiotemporal_attrs(attrs, horizontal.shape[2], vertical.shape[3:])
-    else:
-        first_attrs, second_attrs = split_spatial_attrs(attrs, (vertical.shape[2], horizontal.shape[3]))
+    if vertical.ndim == 5:  # (1 x kh x kw) then (kt x 1 x 1)
+        first_attrs, second_attrs = split_axes_attrs(attrs, (horizontal.shape[2], *vertical.shape[3:]), (1, 2))
+    else:  # (kh x 1) then (1 x kw)
+        first_attrs, second_attrs = split_axes_attrs(attrs, (vertical.shape[2], horizontal.shape[3]), (0,))
     return [NodeSpec(vertical, None, first_attrs), NodeSpec(horizontal, bias, second_attrs)]
 
 
-def split_spatiotemporal_attrs(attrs: dict, temporal: int, spatial: tuple[int, int]) -> tuple[dict, dict]:
-    """Conv attributes of the (1 x kh x kw) and (kt x 1 x 1) parts of a 3-D conv: each takes its
-    own axes of the strides, dilations and pads, as for the 2-D split."""
-    st, sh, sw = attrs.get("strides", [1, 1, 1])
-    dt, dh, dw = attrs.get("dilations", [1, 1, 1])
-    first = {"kernel_shape": [1, *spatial], "strides": [1, sh, sw], "dilations": [1, dh, dw]}
-    second = {"kernel_shape": [temporal, 1, 1], "strides": [st, 1, 1], "dilations": [dt, 1, 1]}
+def split_axes_attrs(attrs: dict, kernel: tuple[int, ...], first_axes: tuple[int, ...]) -> tuple[dict, dict]:
+    """Conv attributes of the two parts of a conv split by spatial axes: the first takes the
+    kernel, strides, dilations and pads of ``first_axes``, the second those of the others; each is
+    1 (pads 0) along the axes it leaves."""
+    dims = len(kernel)
+    strides, dilations = attrs.get("strides", [1] * dims), attrs.get("dilations", [1] * dims)
+    pads = attrs.get("pads", [0] * (2 * dims))
     auto_pad = attrs.get("auto_pad", "NOTSET")
     if isinstance(auto_pad, bytes):
         auto_pad = auto_pad.decode()
-    if auto_pad != "NOTSET":
-        first["auto_pad"] = second["auto_pad"] = auto_pad
-    else:
-        front, top, left, back, bottom, right = attrs.get("pads", [0] * 6)
-        first["pads"] = [0, top, left, 0, bottom, right]
-        second["pads"] = [front, 0, 0, back, 0, 0]
-    return first, second
 
+    def part(axes: set[int]) -> dict:
+        def on(values, neutral):
+            return [v if axis in axes else neutral for axis, v in enumerate(values)]
+        out = {"kernel_shape": on(kernel, 1), "strides": on(strides, 1), "dilations": on(dilations, 1)}
+        if auto_pad != "NOTSET":
+            out["auto_pad"] = auto_pad
+        else:
+            out["pads"] = on(pads[:dims], 0) + on(pads[dims:], 0)
+        return out
 
-def split_spatial_attrs(attrs: dict, kernel: tuple[int, int]) -> tuple[dict, dict]:
-    """Conv attributes of the vertical (kh x 1) and horizontal (1 x kw) halves of a 2-D conv."""
-    kh, kw = kernel
-    sh, sw = attrs.get("strides", [1, 1])
-    dh, dw = attrs.get("dilations", [1, 1])
-    vertical = {"kernel_shape": [kh, 1], "strides": [sh, 1], "dilations": [dh, 1]}
-    horizontal = {"kernel_shape": [1, kw], "strides": [1, sw], "dilations": [1, dw]}
-    auto_pad = attrs.get("auto_pad", "NOTSET")
-    if isinstance(auto_pad, bytes):
-        auto_pad = auto_pad.decode()
-    if auto_pad != "NOTSET":
-        vertical["auto_pad"] = horizontal["auto_pad"] = auto_pad
-    else:
-        top, left, bottom, right = attrs.get("pads", [0, 0, 0, 0])
-        vertical["pads"] = [top, 0, bottom, 0]
-        horizontal["pads"] = [0, left, 0, right]
-    return vertical, horizontal
+    return part(set(first_axes)), part(set(range(dims)) - set(first_axes))
 
 
 def tucker2_decomposition(attrs: dict, first: np.ndarray, core: np.ndarray, last: np.ndarray,

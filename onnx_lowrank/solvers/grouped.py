@@ -24,10 +24,14 @@ def group_slices(dim: int, groups: int) -> list[slice]:
     return [slice(g * size, (g + 1) * size) for g in range(groups)]
 
 
+def part_stats(stats: ResponseStats, part: slice) -> ResponseStats:
+    """The statistics of the channels ``part``: a diagonal block of the scatter matrix."""
+    return ResponseStats.from_scatter(stats.mean[part], stats.scatter[part, part], stats.count)
+
+
 def group_stats(stats: ResponseStats, groups: int) -> list[ResponseStats]:
-    """Each group's response statistics: the diagonal blocks of the scatter matrix."""
-    return [ResponseStats.from_scatter(stats.mean[part], stats.scatter[part, part], stats.count)
-            for part in group_slices(stats.dim, groups)]
+    """Each group's response statistics."""
+    return [part_stats(stats, part) for part in group_slices(stats.dim, groups)]
 
 
 def fit_per_group(dim: int, groups: int, rank: int,
