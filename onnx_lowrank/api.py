@@ -14,7 +14,7 @@ import logging
 import os
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Protocol, Sequence
 
 import numpy as np
@@ -31,7 +31,7 @@ from onnx_lowrank.graph.rewrite import replace_units
 from onnx_lowrank.graph.units import Unit, find_units
 from onnx_lowrank.plans import (ArchitecturePlan, channel_plan, latency_plan, spatial_plan, three_d_plan,
                                 tucker2_plan)
-from onnx_lowrank.profile import LayerLatency, measure_layer_latency
+from onnx_lowrank.profile import LayerLatency, measure_layer_latency, plan_in_model
 from onnx_lowrank.options import LAYER_KINDS, Options
 from onnx_lowrank.provenance import describe_input, versions
 from onnx_lowrank.quantize import add_int8
@@ -264,8 +264,12 @@ def plan_for(analysis: Analysis, opts: Options) -> ArchitecturePlan:
         analysis.sensitivity = measure_sensitivity(analysis, opts)
     if opts.objective == "latency" and analysis.latency is None:
         analysis.latency = measure_layer_latency(analysis, opts)
-    plan = _plan(opts, analysis.candidates, analysis.by_name, analysis.stats, analysis.fixed, analysis.channel_only,
-                 analysis.sensitivity, analysis.latency if opts.objective == "latency" else None)
+    def plan_at(speedup: float) -> ArchitecturePlan:
+        return _plan(replace(opts, speedup=speedup), analysis.candidates, analysis.by_name,
+                     analysis.stats, analysis.fixed, analysis.channel_only, analysis.sensitivity,
+                     analysis.latency if opts.objective == "latency" else None)
+
+    plan = plan_in_model(analysis, opts, plan_at) if opts.objective == "latency" else plan_at(opts.speedup)
     log.info("plan: %d of %d layers decomposed, theoretical speedup %.2fx", len(plan.layers),
              len(analysis.units), plan.speedup)
     grouped = [u.name for u in analysis.units if u.name in plan.layers and u.group > 1]
@@ -314,7 +318,8 @@ def report_for(analysis: Analysis, plan: ArchitecturePlan, solved: Solved, opts:
                                       if (opts.asymmetric or solved.prefix_macs) and not opts.dry_run else None),
         channel_speedup=plan.channel_speedup, options=opts.to_dict(),
         latency_plan=None if plan.predicted_ms is None else {**analysis.latency.describe(),
-                                                             "predicted_ms": list(plan.predicted_ms)},
+                                                             "predicted_ms": list(plan.predicted_ms),
+                                                             "in_model": plan.in_model},
         files={"input": describe_input(analysis.model_source)}, versions=versions())
 
 
@@ -426,8 +431,10 @@ def _plan(opts: Options, candidates: list[RankCandidate], units: dict[str, Unit]
                    {c.name: padded(weights_spectrum(units[c.name], scheme), c, scheme) for c in candidates})
     if latency is not None and spectra is not None:
         untimed = [c for c in candidates if c.name not in latency.table]
+        split = {c.name: padded(weights_spectrum(units[c.name], "spatial"), c, "spatial") for c in candidates
+                 if opts.method == "asym3d" and any(form.spatial for form in latency.table.get(c.name, {}))}
         plan = latency_plan([c for c in candidates if c.name in latency.table], spectra, latency.table,
-                            latency.fixed_ms, fixed + sum(c.shape.macs for c in untimed), opts.speedup)
+                            latency.fixed_ms, fixed + sum(c.shape.macs for c in untimed), opts.speedup, split)
         plan.skipped.update({c.name: UNTIMED_REASON for c in untimed})
         return plan
     if opts.method == "jaderberg":

@@ -23,7 +23,7 @@ SENSITIVITY_METHODS = ("asymmetric", "asym3d", "nonlinear", "linear")  # the dat
 PROVIDERS = ("cpu", "cuda", "tensorrt", "openvino")
 QUANTIZATIONS = ("int8",)
 OBJECTIVES = ("flops", "latency")
-LATENCY_METHODS = ("asymmetric", "nonlinear", "linear")  # channel decompositions; 3d is not profiled yet
+LATENCY_METHODS = ("asymmetric", "nonlinear", "linear", "asym3d")  # the forms profile.py times
 INT8_CALIBRATIONS = ("minmax", "entropy", "percentile")
 LAYER_KINDS = ("conv", "transpose", "dense")  # graph.units.Unit.kind: Conv (1-3-D), ConvTranspose, Gemm/MatMul
 MAX_THREADS = 256  # onnxruntime starts every thread it is given; thousands take minutes and gain nothing
@@ -74,12 +74,15 @@ class Options:
                                      f"({', '.join(SENSITIVITY_METHODS)}), not --method {self.method}",
                                      hint="use --rank-selection energy with this method")
         if self.objective == "latency" and (self.method not in LATENCY_METHODS or self.selection != "energy"):
-            raise InvalidOptionError(f"--objective latency plans channel decompositions by energy; not --method "
+            raise InvalidOptionError(f"--objective latency plans channel and 3d decompositions by energy; not --method "
                                      f"{self.method} with {self.selection} ranks",
                                      hint=f"use --method {' or '.join(LATENCY_METHODS)} with energy rank selection")
         if self.symmetric and self.method not in ASYMMETRIC_METHODS:
             raise InvalidOptionError(f"--symmetric changes the asymmetric methods; --method {self.method} "
                                      "is not one", hint="drop --symmetric, or use --method asymmetric or asym3d")
+        if self.objective == "latency" and self.channel_speedup is not None:
+            raise InvalidOptionError("--objective latency chooses each layer's channel and 3d parts on measured "
+                                     "time; --channel-speedup fixes them by FLOPs", hint="drop --channel-speedup")
         if self.method != "asym3d" and (self.channel_speedup is not None or self.channel_only):
             raise InvalidOptionError(f"--channel-speedup and --channel-only shape the 3d decomposition, not "
                                      f"--method {self.method}", hint="use them with --method asym3d")

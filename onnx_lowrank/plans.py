@@ -4,6 +4,7 @@ Pure arithmetic on the cost model and spectra (no ONNX). Every plan meets the ta
 MACs of the chains it describes, with ranks rounded to ``multiple``.
 
 * ``channel`` (methods linear, nonlinear, asymmetric, svd): (k x k, d') -> (1 x 1, d).
+* ``latency``: per layer whole, channel or (asym3d) 3d, chosen on the measured time of each form.
 * ``3d`` (asym3d, paper §3.5): rank selection of ``d'`` for a channel speedup ``r_c`` (default
   ``sqrt(r)``), then each resulting (k x k, c -> d') layer with k > 1 is split into
   (k x 1, c -> d'') -> (1 x k, d'' -> d') with one cost ratio for all of them (the paper's "d''
@@ -22,7 +23,7 @@ import numpy as np
 
 from onnx_lowrank.costs import ConvShape, decomposed_macs, tucker2_macs
 from onnx_lowrank.errors import InfeasibleTargetError, InvalidOptionError
-from onnx_lowrank.ranks import (RankCandidate, leave_first_conv, RankPlan, energy_ranks, latency_ranks,
+from onnx_lowrank.ranks import (Form, RankCandidate, leave_first_conv, RankPlan, energy_ranks, latency_ranks,
                                 measured_ranks, uniform_ranks, validate_speedup)
 
 NO_SPATIAL_KERNEL = "1-wide kernel: nothing to split spatially"
@@ -40,6 +41,7 @@ class ArchitecturePlan(RankPlan):
     notes: dict[str, str] = field(default_factory=dict)
     channel_speedup: float | None = None  # 3d: what the channel part was planned for
     predicted_ms: tuple[float, float] | None = None  # latency plans: conv time before and after, layers timed alone
+    in_model: list[dict] | None = None  # latency plans: each plan tried, timed in the whole model (profile.py)
 
     @property
     def layers(self) -> set[str]:
@@ -76,14 +78,16 @@ def channel_plan(candidates: list[RankCandidate], spectra: dict[str, np.ndarray]
 
 
 def latency_plan(candidates: list[RankCandidate], spectra: dict[str, np.ndarray],
-                 latency: dict[str, dict[int, float]], fixed_ms: float, fixed_macs: int,
-                 speedup: float) -> ArchitecturePlan:
-    """Channel decomposition with ranks chosen on measured latency (``ranks.latency_ranks``); the
-    MACs of the result are filled in as for every plan."""
-    ranks, before, after = latency_ranks(candidates, spectra, latency, fixed_ms, speedup)
+                 latency: dict[str, dict[Form, float]], fixed_ms: float, fixed_macs: int,
+                 speedup: float, spatial_spectra: dict[str, np.ndarray] | None = None) -> ArchitecturePlan:
+    """Each layer whole, channel-decomposed or (with ``spatial_spectra``, 3d) also split, chosen
+    on measured latency (``ranks.latency_ranks``); the MACs of the result are filled in as for
+    every plan."""
+    ranks, spatial, before, after = latency_ranks(candidates, spectra, latency, fixed_ms, speedup, spatial_spectra)
     plan = ArchitecturePlan.from_ranks(ranks)
+    plan.spatial_ranks = spatial
     plan.macs_before = fixed_macs + sum(c.shape.macs for c in candidates)
-    plan.macs_after = plan.macs_before - sum(c.shape.macs - decomposed_macs(c.shape, plan.ranks[c.name], "channel")
+    plan.macs_after = plan.macs_before - sum(c.shape.macs - plan.layer_macs(c.name, c.shape)
                                              for c in candidates if c.name in plan.ranks)
     plan.predicted_ms = (before, after)
     return plan

@@ -2,12 +2,18 @@
 the cost model of ``--objective latency``.
 
 Each layer is timed in isolation, with its real input shape, as a one-layer model per candidate:
-the original conv, and the channel decomposition (k x k, c -> r) then (1 x 1, r -> d) at each
-rank of its ladder. A layer's candidates are timed interleaved in one process (medians), so a
-drift in machine load hits them alike. Weights are random: latency does not depend on values.
+the original conv, the channel decomposition (k x k, c -> r) then (1 x 1, r -> d) at each rank of
+its ladder and, for 3d (``asym3d``), that chain with its k x k part split. A layer's candidates
+are timed interleaved in one process (medians), so a drift in machine load hits them alike.
+Weights are random: latency does not depend on values.
 
 Measurements are kept by (layer shape, candidate, provider, threads, batch, onnxruntime version,
 CPU) in memory and, when the user names one, in a JSON cache file, so a second run is fast.
+
+Layers timed alone mispredict the model they sit in (inside it, consecutive NCHWc convs skip the
+reorders a lone layer pays: plans measured 7-10 % faster than predicted, BENCHMARKS.md), so on
+the CPU provider a plan is then timed in the whole model, its linear ops summed by onnxruntime's
+profiler, and made again for a target corrected by what was measured (``in_model_plan``).
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import platform
 import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import onnx
@@ -30,15 +36,21 @@ from onnx_lowrank.costs import ConvShape
 from onnx_lowrank.errors import InvalidOptionError
 from onnx_lowrank.evaluate import interleaved_times
 from onnx_lowrank.graph.io import first_line
-from onnx_lowrank.graph.rewrite import channel_chain, replace_units, whole_layer
+from onnx_lowrank.errors import InfeasibleTargetError
+from onnx_lowrank.graph.rewrite import (NodeSpec, channel_chain, channel_decomposition, replace_units,
+                                        spatial_decomposition, whole_layer)
 from onnx_lowrank.graph.units import Unit
-from onnx_lowrank.ranks import rank_ladder
-from onnx_lowrank.runtime import batch_size_for, provider_available
+from onnx_lowrank.plans import ArchitecturePlan, has_spatial_extent
+from onnx_lowrank.ranks import WHOLE, Form, latency_forms
+from onnx_lowrank.runtime import batch_size_for, make_session, provider_available
 
 log = logging.getLogger(__name__)
 
-WHOLE = 0  # the candidate "leave the layer as it is", among ranks
 PROFILE_ROUNDS = 15
+IN_MODEL_ROUNDS = 15
+IN_MODEL_STEPS = 3  # plans timed in the whole model, the first included
+IN_MODEL_TOLERANCE = 0.03  # a plan measuring within this of the target is taken as it is
+LINEAR_OPS = {"Conv", "FusedConv", "ConvTranspose", "Gemm", "FusedGemm", "MatMul", "FusedMatMul"}
 CACHE_VERSION = 1
 
 
@@ -124,25 +136,26 @@ class Device:
         return f"{self.provider}|t{self.threads}|b{self.batch}|ort{ort.__version__}|{cpu_name()}"
 
 
-def profile_layers(units: Sequence[Unit], shapes: dict[str, ConvShape], ladders: dict[str, list[int]],
-                   device: Device, cache: LatencyCache, rounds: int = PROFILE_ROUNDS) -> dict[str, dict[int, float]]:
-    """``latency[layer][rank]`` in ms (``WHOLE`` for the original) for every unit in ``ladders``."""
-    table: dict[str, dict[int, float]] = {}
+def profile_layers(units: Sequence[Unit], shapes: dict[str, ConvShape], ladders: dict[str, list[Form]],
+                   device: Device, cache: LatencyCache, rounds: int = PROFILE_ROUNDS) -> dict[str, dict[Form, float]]:
+    """``latency[layer][form]`` in ms (``WHOLE`` for the original) for every unit in ``ladders``."""
+    table: dict[str, dict[Form, float]] = {}
     for unit in units:
         if unit.name not in ladders:
             continue
         shape = shapes[unit.name]
-        keys = {rank: f"{device.key()}|{_layer_key(unit, shape)}|r{rank}" for rank in [WHOLE, *ladders[unit.name]]}
-        missing = [rank for rank, key in keys.items() if key not in cache.entries]
+        keys = {form: f"{device.key()}|{_layer_key(unit, shape)}|{_form_key(form)}"
+                for form in [WHOLE, *ladders[unit.name]]}
+        missing = [form for form, key in keys.items() if key not in cache.entries]
         cache.hits += len(keys) - len(missing)
         if missing:
-            models = [layer_model(unit, shape, rank, device.batch) for rank in missing]
+            models = [layer_model(unit, shape, form, device.batch) for form in missing]
             feeds = {"x": np.random.default_rng(0).standard_normal(_input_shape(unit, shape, device.batch)
                                                                   ).astype(np.float32)}
             times = interleaved_times(models, feeds, provider=device.provider, threads=device.threads, rounds=rounds)
-            for rank, measured in zip(missing, times):
-                cache.entries[keys[rank]] = float(np.median(measured))
-        table[unit.name] = {rank: cache.entries[key] for rank, key in keys.items()}
+            for form, measured in zip(missing, times):
+                cache.entries[keys[form]] = float(np.median(measured))
+        table[unit.name] = {form: cache.entries[key] for form, key in keys.items()}
         log.debug("latency of %s: %s", unit.name, table[unit.name])
     return table
 
@@ -158,9 +171,9 @@ def _input_shape(unit: Unit, shape: ConvShape, batch: int) -> list[int]:
     return [batch, shape.in_channels, *(shape.in_hw or shape.out_hw)]
 
 
-def layer_model(unit: Unit, shape: ConvShape, rank: int, batch: int) -> onnx.ModelProto:
-    """The layer alone on an input of its real shape: the original (``rank == WHOLE``) or its
-    channel decomposition at ``rank``, with random weights of the layer's shape."""
+def layer_model(unit: Unit, shape: ConvShape, form: Form, batch: int) -> onnx.ModelProto:
+    """The layer alone in ``form`` on an input of its real shape, with random weights of the
+    layer's shape."""
     rng = np.random.default_rng(0)
     layer = replace(unit, weight=rng.standard_normal(unit.weight_shape).astype(np.float32),
                     bias=rng.standard_normal(shape.out_channels).astype(np.float32), bias_after=None)
@@ -169,10 +182,27 @@ def layer_model(unit: Unit, shape: ConvShape, rank: int, batch: int) -> onnx.Mod
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, _input_shape(unit, shape, batch))],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    if rank == WHOLE:
-        return replace_units(model, {"layer": whole_layer(layer)})
-    basis = np.linalg.qr(rng.standard_normal((shape.out_channels, rank)))[0]
-    return replace_units(model, {"layer": channel_chain(layer, basis, basis, np.zeros(shape.out_channels))})
+    return replace_units(model, {"layer": form_chain(layer, form, rng)})
+
+
+def form_chain(unit: Unit, form: Form, rng: np.random.Generator) -> list[NodeSpec]:
+    """The layer's chain in ``form``, with random factors of the form's shapes: for timing only."""
+    if form == WHOLE:
+        return whole_layer(unit)
+    out_channels = unit.weight.shape[0]
+    basis = np.linalg.qr(rng.standard_normal((out_channels, form.rank)))[0]
+    if not form.spatial:
+        return channel_chain(unit, basis, basis, np.zeros(out_channels))
+    (kh, kw), in_channels = unit.kernel, unit.weight.shape[1]
+    vertical = rng.standard_normal((form.spatial, in_channels, kh, 1)).astype(np.float32)
+    horizontal = rng.standard_normal((out_channels, form.spatial, 1, kw)).astype(np.float32)
+    first, second = spatial_decomposition(unit.attrs, vertical, horizontal, unit.bias)
+    return [first, *channel_decomposition(second.attrs, second.weight, second.bias, basis, basis,
+                                          np.zeros(out_channels))]
+
+
+def _form_key(form: Form) -> str:
+    return f"r{form.rank}" + (f"s{form.spatial}" if form.spatial else "")
 
 
 def _layer_key(unit: Unit, shape: ConvShape) -> str:
@@ -180,12 +210,11 @@ def _layer_key(unit: Unit, shape: ConvShape) -> str:
     return f"{list(unit.weight_shape)}|{list(shape.in_hw or shape.out_hw)}|{json.dumps(attrs, sort_keys=True)}"
 
 
-
 @dataclass
 class LayerLatency:
     """The profile a latency plan is made from, and where and how it was measured."""
 
-    table: dict[str, dict[int, float]]
+    table: dict[str, dict[Form, float]]
     fixed_ms: float  # the convs no plan changes, measured whole
     device: Device
     grid: str
@@ -206,7 +235,10 @@ def measure_layer_latency(analysis, opts) -> LayerLatency:
                                  f"{', '.join(opts.providers)} is available here", hint="add --providers cpu")
     device = Device(available[0], opts.threads, batch_size_for(analysis.inputs, opts.bench_batch))
     candidates = {c.name: c for c in analysis.candidates}
-    ladders = {u.name: rank_ladder(candidates[u.name], opts.rank_multiple) if u.name in candidates else []
+    split = {n for n, c in candidates.items() if opts.method == "asym3d" and has_spatial_extent(c.shape)
+             and n not in analysis.channel_only}
+    ladders = {u.name: latency_forms(candidates[u.name], opts.rank_multiple, u.name in split)
+               if u.name in candidates else []
                for u in analysis.units if u.name in analysis.shapes and timed_kind(u) and u.weight_shape}
     cache = LatencyCache.open(opts.latency_cache)
     forms = sum(len(ladder) + 1 for ladder in ladders.values())
@@ -222,3 +254,85 @@ def measure_layer_latency(analysis, opts) -> LayerLatency:
     measured = forms - cache.hits
     return LayerLatency({n: t for n, t in table.items() if n in candidates}, fixed, device, grid, measured,
                         cache.hits)
+
+
+def linear_op_times(models: Sequence[onnx.ModelProto], feeds: dict[str, np.ndarray], device: Device,
+                    rounds: int = IN_MODEL_ROUNDS, warmup: int = 3) -> list[np.ndarray]:
+    """Per model, the summed kernel time (ms) of its linear ops (convs, Gemm, MatMul) in each run,
+    by onnxruntime's profiler, the models run in turn round by round: the conv time a latency plan
+    aims at, without the other ops a whole-model latency includes."""
+    with tempfile.TemporaryDirectory() as folder:
+        sessions = [make_session(m, threads=device.threads, provider=device.provider,
+                                 profile_prefix=str(Path(folder) / f"model{i}")) for i, m in enumerate(models)]
+        for session in sessions:
+            for _ in range(warmup):
+                session.run(None, feeds)
+        for _ in range(rounds):
+            for session in sessions:
+                session.run(None, feeds)
+        per_run = []
+        for session in sessions:
+            events = json.loads(Path(session.end_profiling()).read_text())
+            spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "model_run")[warmup:]
+            kernels = [(e["ts"], e["dur"]) for e in events if e.get("cat") == "Node"
+                       and e["name"].endswith("_kernel_time") and e.get("args", {}).get("op_name") in LINEAR_OPS]
+            per_run.append(np.array([sum(d for t, d in kernels if start <= t <= end) for start, end in spans]) / 1e3)
+    return per_run
+
+
+def architecture_model(model: onnx.ModelProto, units: Sequence[Unit], plan: ArchitecturePlan) -> onnx.ModelProto:
+    """``model`` with the planned chains in place, their factors random: the plan's architecture,
+    to be timed before anything is solved."""
+    rng = np.random.default_rng(0)
+    return replace_units(model, {u.name: form_chain(u, Form(plan.ranks[u.name], plan.spatial_ranks.get(u.name, 0)), rng)
+                                 for u in units if u.name in plan.ranks})
+
+
+def in_model_plan(plan_at: Callable[[float], ArchitecturePlan], conv_speedup: Callable[[ArchitecturePlan], float],
+                  speedup: float, steps: int = IN_MODEL_STEPS,
+                  tolerance: float = IN_MODEL_TOLERANCE) -> tuple[ArchitecturePlan, list[dict]]:
+    """The latency plan for ``speedup``, checked in the whole model: ``conv_speedup(plan)``
+    measures it there; while that is off the target by more than ``tolerance``, the plan is made
+    again (``plan_at``) for the target corrected by measured / predicted. Of the plans tried, the
+    one closest above ``(1 - tolerance) * speedup`` (the least overshoot keeps the most accuracy),
+    else the fastest. Returns it and every step (target asked, predicted, measured)."""
+    tried: list[tuple[ArchitecturePlan, dict]] = []
+    asked, plan = speedup, plan_at(speedup)
+    for _ in range(steps):
+        predicted = plan.predicted_ms[0] / plan.predicted_ms[1]
+        measured = conv_speedup(plan)
+        tried.append((plan, {"asked": asked, "predicted": predicted, "measured": measured}))
+        log.info("latency plan for %.3gx: predicted %.3gx, measured %.3gx in the model", asked, predicted, measured)
+        if abs(measured / speedup - 1) <= tolerance or (asked := speedup * predicted / measured) <= 1:
+            break
+        try:
+            again = plan_at(asked)
+        except InfeasibleTargetError:
+            break
+        if (again.ranks, again.spatial_ranks) == (plan.ranks, plan.spatial_ranks):
+            break
+        plan = again
+    meeting = [t for t in tried if t[1]["measured"] >= (1 - tolerance) * speedup]
+    chosen = (min(meeting, key=lambda t: t[1]["measured"]) if meeting
+              else max(tried, key=lambda t: t[1]["measured"]))[0]
+    return chosen, [step for _, step in tried]
+
+
+def plan_in_model(analysis, opts, plan_at: Callable[[float], ArchitecturePlan]) -> ArchitecturePlan:
+    """``in_model_plan`` on the analysed model, on the CPU provider (the one whose profiler times
+    each node); elsewhere the plan from the layers alone."""
+    device = analysis.latency.device
+    if device.provider != "cpu":
+        log.info("latency plan on %s: not checked in the whole model (its nodes are not profiled)", device.provider)
+        return plan_at(opts.speedup)
+    feeds = analysis.benchmark_feeds(device.batch)
+
+    def conv_speedup(plan: ArchitecturePlan) -> float:  # the median of per-round ratios: a load drift hits both
+        original, planned = linear_op_times(
+            [analysis.normalised, architecture_model(analysis.normalised, analysis.units, plan)], feeds, device)
+        return float(np.median(original / planned))
+
+    with analysis.run.stage("profile-model", "timing the latency plan in the whole model"):
+        plan, steps = in_model_plan(plan_at, conv_speedup, opts.speedup)
+    plan.in_model = steps
+    return plan

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -18,6 +19,18 @@ from onnx_lowrank.costs import SCHEMES, ConvShape, break_even_rank, decomposed_m
 from onnx_lowrank.errors import InfeasibleTargetError, InvalidOptionError
 
 FIRST_LAYER_REASON = "first conv layer: left alone, as in the paper"
+
+
+class Form(NamedTuple):
+    """One form a layer can take in a latency plan: ``rank`` 0 is the layer as it is; a channel
+    decomposition at ``rank`` d'; with a ``spatial`` rank d'' > 0 also its k x k part split into
+    (k x 1, d'') -> (1 x k, d') (3d, paper §3.5)."""
+
+    rank: int
+    spatial: int = 0
+
+
+WHOLE = Form(0)
 
 
 @dataclass(frozen=True)
@@ -373,40 +386,65 @@ def rank_ladder(candidate: RankCandidate, multiple: int) -> list[int]:
     return sorted((r for r in ladder if step <= r < top), reverse=True)
 
 
+def latency_forms(candidate: RankCandidate, multiple: int, split: bool) -> list[Form]:
+    """The forms a latency plan times for a layer besides the layer itself: its channel
+    decomposition at each rank of its ladder and, with ``split`` (3d), each of those chains with
+    its k x k part split at d'' = d' and d'/2 on the grid."""
+    ladder = rank_ladder(candidate, multiple)
+    step = candidate.step(multiple)
+    forms = [Form(rank) for rank in ladder]
+    if split:
+        forms += [Form(rank, spatial) for rank in ladder for spatial in sorted({rank, max(step, rank // 2 // step * step)})]
+    return forms
+
+
 def latency_ranks(candidates: list[RankCandidate], eigenvalues: dict[str, np.ndarray],
-                  latency: dict[str, dict[int, float]], fixed_ms: float, speedup: float,
-                  leave_first: bool = True) -> tuple[RankPlan, float, float]:
-    """Rank selection on measured time instead of MACs: Eq. 13-14's product of kept PCA energy,
-    maximised subject to the summed latency of the layers measured alone, ``latency[name][rank]``
-    (rank 0: the original layer), meeting ``1/speedup`` of the original's.
+                  latency: dict[str, dict[Form, float]], fixed_ms: float, speedup: float,
+                  spatial_eigenvalues: dict[str, np.ndarray] | None = None,
+                  leave_first: bool = True) -> tuple[RankPlan, dict[str, int], float, float]:
+    """Rank selection on measured time instead of MACs: Eq. 13-14's product of kept energy,
+    maximised subject to the summed latency of the layers measured alone, ``latency[name][form]``
+    (``WHOLE``: the original layer), meeting ``1/speedup`` of the original's. A 3d form keeps the
+    product of its channel energy and the energy of the spatial split of the layer's weights
+    (``spatial_eigenvalues``, the proxy its filter reconstruction truncates).
 
     A layer's options are its measured forms on their Pareto front (no option both slower and
     keeping less energy than another), so an off-grid rank or a chain no faster than the original
     is never chosen. Greedy: every layer starts whole; each step moves the layer whose next faster
     option loses the least log-energy per millisecond saved, until the target is met; then the
     time the last step overshot is spent back on the best moves up. Returns the plan (MACs
-    filled in by the caller) and the predicted latency before and after, in ms."""
+    filled in by the caller), the spatial ranks of the layers given a 3d form, and the predicted
+    latency before and after, in ms."""
     validate_speedup(speedup)
     plan = RankPlan()
     active = list(candidates)
     if leave_first:
         active = leave_first_conv(plan, active)
-    fronts: dict[str, list[tuple[float, float, int]]] = {}
+    fronts: dict[str, list[tuple[float, float, Form]]] = {}
     for cand in active:
         energy = _energy_curve(eigenvalues[cand.name], cand.full_rank)
-        options = sorted((ms, 1.0 if rank == 0 else float(energy[rank]), rank)
-                         for rank, ms in latency[cand.name].items() if rank == 0 or rank < cand.full_rank)
-        front: list[tuple[float, float, int]] = []
+        spatial = spatial_eigenvalues.get(cand.name) if spatial_eigenvalues else None
+        split = _energy_curve(spatial, len(spatial)) if spatial is not None else None
+
+        def kept(form: Form) -> float:
+            if form.rank == 0:
+                return 1.0
+            channel = float(energy[form.rank])
+            return channel if not form.spatial else channel * float(split[min(form.spatial, len(split) - 1)])
+
+        options = sorted((ms, kept(form), form) for form, ms in latency[cand.name].items()
+                         if form.rank < cand.full_rank and (not form.spatial or split is not None))
+        front: list[tuple[float, float, Form]] = []
         for option in options:  # fastest first; keep an option only if it keeps more energy than all faster ones
             if not front or option[1] > front[-1][1]:
                 front.append(option)
         fronts[cand.name] = front
-    before = fixed_ms + sum(latency[c.name][0] for c in candidates)
+    before = fixed_ms + sum(latency[c.name][WHOLE] for c in candidates)
     target = before / speedup
     position = {name: len(front) - 1 for name, front in fronts.items()}  # the most energy: the whole layer
 
     def total() -> float:
-        return (fixed_ms + sum(latency[n][0] for n in plan.skipped if n in latency)
+        return (fixed_ms + sum(latency[n][WHOLE] for n in plan.skipped if n in latency)
                 + sum(fronts[n][i][0] for n, i in position.items()))
 
     def step_score(name: str, down: bool) -> float | None:
@@ -436,10 +474,13 @@ def latency_ranks(candidates: list[RankCandidate], eigenvalues: dict[str, np.nda
             break
         position[max(ups)[1]] += 1
     after = total()
+    spatial_ranks = {}
     for name, i in position.items():
-        rank = fronts[name][i][2]
-        if rank == 0:
+        form = fronts[name][i][2]
+        if form.rank == 0:
             plan.skipped[name] = "measured latency: no faster form of it is worth its energy"
         else:
-            plan.ranks[name] = rank
-    return plan, before, after
+            plan.ranks[name] = form.rank
+            if form.spatial:
+                spatial_ranks[name] = form.spatial
+    return plan, spatial_ranks, before, after

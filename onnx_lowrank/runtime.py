@@ -36,10 +36,14 @@ def provider_available(provider: str) -> bool:
 
 
 def make_session(model: onnx.ModelProto | bytes | Path, *, optimize: bool = True, threads: int = 0,
-                 provider: str = "cpu") -> ort.InferenceSession:
+                 provider: str = "cpu", profile_prefix: str | None = None) -> ort.InferenceSession:
     """A session of ``model``: a model file as it is (external data and all), a model too large for
-    one protobuf through a file with external data (see ``graph.io.model_file``)."""
+    one protobuf through a file with external data (see ``graph.io.model_file``); with a
+    ``profile_prefix``, onnxruntime's profiler writes its node timings there."""
     options = ort.SessionOptions()
+    if profile_prefix is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
     options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
                                         else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     options.intra_op_num_threads = threads

@@ -12,8 +12,8 @@ from onnx_lowrank import compress
 from onnx_lowrank.costs import ConvShape
 from onnx_lowrank.errors import InfeasibleTargetError, InvalidOptionError
 from onnx_lowrank.graph.units import find_units
-from onnx_lowrank.profile import WHOLE, Device, LatencyCache, layer_model, profile_layers
-from onnx_lowrank.ranks import RankCandidate, _energy_curve, latency_ranks
+from onnx_lowrank.profile import Device, LatencyCache, layer_model, profile_layers
+from onnx_lowrank.ranks import WHOLE, Form, RankCandidate, _energy_curve, latency_ranks
 from tests.builders import Layer, conv_net, run_model
 
 
@@ -30,7 +30,7 @@ def brute_force(candidates, spectra, latency, target):
     options = []
     for cand in candidates[1:]:
         curve = _energy_curve(spectra[cand.name], cand.full_rank)
-        options.append([(ms, 0.0 if rank == WHOLE else np.log(curve[rank])) for rank, ms in latency[cand.name].items()])
+        options.append([(ms, 0.0 if form == WHOLE else np.log(curve[form.rank])) for form, ms in latency[cand.name].items()])
     first = latency[candidates[0].name][WHOLE]
     for combo in itertools.product(*options):
         if first + sum(ms for ms, _ in combo) <= target:
@@ -46,8 +46,8 @@ def kept_log_energy(plan, candidates, spectra):
 @pytest.mark.parametrize("speedup", [1.3, 1.5, 2.0, 2.2])
 def test_latency_ranks_match_brute_force_when_time_is_linear_in_the_rank(speedup: float) -> None:
     candidates, spectra = candidates_and_spectra()
-    latency = {c.name: {WHOLE: 10.0, **{r: 0.5 + r * 0.12 for r in (16, 32, 48)}} for c in candidates}
-    plan, before, after = latency_ranks(candidates, spectra, latency, 0.0, speedup)
+    latency = {c.name: {WHOLE: 10.0, **{Form(r): 0.5 + r * 0.12 for r in (16, 32, 48)}} for c in candidates}
+    plan, _, before, after = latency_ranks(candidates, spectra, latency, 0.0, speedup)
     assert before == 40.0 and after <= before / speedup
     assert kept_log_energy(plan, candidates, spectra) == pytest.approx(
         brute_force(candidates, spectra, latency, before / speedup), abs=1e-9)
@@ -56,10 +56,10 @@ def test_latency_ranks_match_brute_force_when_time_is_linear_in_the_rank(speedup
 def test_a_form_no_faster_than_a_higher_rank_or_the_layer_is_never_chosen() -> None:
     candidates, spectra = candidates_and_spectra()
     # conv2's rank-32 chain is slower than its rank 48 (off the kernels' grid), conv3's chains are all slower than it
-    latency = {c.name: {WHOLE: 10.0, 16: 3.0, 32: 5.0, 48: 7.0} for c in candidates}
-    latency["conv2"][32] = 9.0
-    latency["conv3"] = {WHOLE: 10.0, 16: 11.0, 32: 12.0, 48: 13.0}
-    plan, before, after = latency_ranks(candidates, spectra, latency, 0.0, 1.5)
+    latency = {c.name: {WHOLE: 10.0, Form(16): 3.0, Form(32): 5.0, Form(48): 7.0} for c in candidates}
+    latency["conv2"][Form(32)] = 9.0
+    latency["conv3"] = {WHOLE: 10.0, Form(16): 11.0, Form(32): 12.0, Form(48): 13.0}
+    plan, _, before, after = latency_ranks(candidates, spectra, latency, 0.0, 1.5)
     assert plan.ranks.get("conv2") != 32 and "conv3" in plan.skipped and after <= before / 1.5
     with pytest.raises(InfeasibleTargetError, match="measured conv speedup"):
         latency_ranks(candidates, spectra, latency, 0.0, 4.0)
@@ -72,13 +72,13 @@ def test_layer_models_compute_the_layer_and_a_second_profile_comes_from_the_cach
               units[2].name: ConvShape(32, 32, (3, 5), (6, 6), in_hw=(6, 6))}
     x = {"x": np.random.default_rng(0).standard_normal((2, 16, 12, 12)).astype(np.float32)}
     whole = run_model(layer_model(units[1], shapes[units[1].name], WHOLE, 2), x)[0]
-    full_rank = run_model(layer_model(units[1], shapes[units[1].name], 32, 2), x)[0]
+    full_rank = run_model(layer_model(units[1], shapes[units[1].name], Form(32), 2), x)[0]
     assert whole.shape == (2, 32, 6, 6) and np.allclose(whole, full_rank, atol=1e-4)  # an orthonormal basis of R^32
 
-    ladders = {units[1].name: [16], units[2].name: [16]}
+    ladders = {units[1].name: [Form(16)], units[2].name: [Form(16)]}
     cache = LatencyCache.open(tmp_path / "latency.json")
     first = profile_layers(units, shapes, ladders, Device(threads=1), cache, rounds=3)
-    assert set(first) == set(ladders) and all(set(t) == {WHOLE, 16} and min(t.values()) > 0 for t in first.values())
+    assert set(first) == set(ladders) and all(set(t) == {WHOLE, Form(16)} and min(t.values()) > 0 for t in first.values())
     cache.save()
     again = LatencyCache.open(tmp_path / "latency.json")
     assert profile_layers(units, shapes, ladders, Device(threads=1), again, rounds=3) == first and again.hits == 4
@@ -106,8 +106,9 @@ def test_compress_plans_on_measured_latency_and_reports_the_prediction(tmp_path)
     again = compress(model, 1.5, calibration=data, objective="latency", latency_cache=cache, threads=1,
                      bench=False).report
     assert again.latency_plan["candidates_measured"] == 0 and again.latency_plan["cache_hits"] > 0
+    assert plan["in_model"] and all(step["measured"] > 0 for step in plan["in_model"])
     with pytest.raises(InvalidOptionError, match="--objective latency"):
-        compress(model, 1.5, calibration=data, objective="latency", method="asym3d")
+        compress(model, 1.5, calibration=data, objective="latency", method="svd")
 
 
 @pytest.mark.parametrize("text", ['{"version": 1, "entries": {"k": "fast"}}', "[1, 2]", '{"entries": {}}', "{"])
@@ -128,9 +129,9 @@ def test_a_dense_layer_is_timed_on_its_rows() -> None:
     shape = ConvShape(24, 40, (1, 1), (7, 1))
     x = {"x": np.random.default_rng(0).standard_normal((3, 7, 24)).astype(np.float32)}
     whole = run_model(layer_model(unit, shape, WHOLE, 3), x)[0]
-    full_rank = run_model(layer_model(unit, shape, 40, 3), x)[0]
+    full_rank = run_model(layer_model(unit, shape, Form(40), 3), x)[0]
     assert whole.shape == (3, 7, 40) and np.allclose(whole, full_rank, atol=1e-4)
-    assert run_model(layer_model(unit, shape, 8, 3), x)[0].shape == (3, 7, 40)
+    assert run_model(layer_model(unit, shape, Form(8), 3), x)[0].shape == (3, 7, 40)
 
 
 def test_a_grouped_conv_is_timed_as_its_per_group_chain() -> None:
@@ -138,6 +139,74 @@ def test_a_grouped_conv_is_timed_as_its_per_group_chain() -> None:
     unit = find_units(model)[1]
     shape = ConvShape(16, 32, (3, 3), (10, 10), group=4)
     x = {"x": np.random.default_rng(0).standard_normal((1, 16, 10, 10)).astype(np.float32)}
-    chain = layer_model(unit, shape, 8, 1)
+    chain = layer_model(unit, shape, Form(8), 1)
     groups = [next(a.i for a in n.attribute if a.name == "group") for n in chain.graph.node if n.op_type == "Conv"]
     assert groups == [4, 4] and run_model(chain, x)[0].shape == run_model(layer_model(unit, shape, WHOLE, 1), x)[0].shape
+
+
+def test_a_3d_form_is_timed_as_its_three_convs_and_chosen_where_it_keeps_more_energy_per_ms() -> None:
+    model = conv_net([Layer(16), Layer(32, k=(3, 5))], size=(10, 10))
+    unit = find_units(model)[1]
+    shape = ConvShape(16, 32, (3, 5), (10, 10))
+    chain = layer_model(unit, shape, Form(16, 8), 1)
+    kernels = [next(list(a.ints) for a in n.attribute if a.name == "kernel_shape") for n in chain.graph.node]
+    assert kernels == [[3, 1], [1, 5], [1, 1]]
+    x = {"x": np.random.default_rng(0).standard_normal((1, 16, 10, 10)).astype(np.float32)}
+    assert run_model(chain, x)[0].shape == run_model(layer_model(unit, shape, WHOLE, 1), x)[0].shape
+
+    candidates, spectra = candidates_and_spectra()
+    latency = {c.name: {WHOLE: 10.0, Form(32): 6.0, Form(32, 32): 4.0, Form(16): 3.0} for c in candidates}
+    split_all = {c.name: np.r_[1.0, np.zeros(c.full_rank - 1)] for c in candidates}  # a split that loses nothing
+    split_none = {c.name: np.ones(c.full_rank) for c in candidates}  # d'' = 32 of 64 keeps half
+    plan, spatial, before, after = latency_ranks(candidates, spectra, latency, 0.0, 2.0, split_all)
+    assert spatial and all(plan.ranks[n] == 32 and r == 32 for n, r in spatial.items()) and after <= before / 2
+    # a split that keeps half the energy: chosen only where that beats the channel forms, never worse overall
+    plan, spatial, _, after = latency_ranks(candidates, spectra, latency, 0.0, 2.0, split_none)
+    channel_only, _, _, _ = latency_ranks(candidates, spectra, latency, 0.0, 2.0)
+    assert after <= before / 2
+    assert (kept_log_energy(plan, candidates, spectra) + len(spatial) * np.log(0.5)
+            >= kept_log_energy(channel_only, candidates, spectra) - 1e-12)
+
+
+class FakePlan:
+    def __init__(self, asked: float):
+        self.asked, self.ranks, self.spatial_ranks = asked, {"conv": round(64 / asked)}, {}
+        self.predicted_ms = (1.0, 1.0 / asked)
+
+
+@pytest.mark.parametrize("bias", [1.08, 0.93, 1.0])
+def test_a_latency_plan_is_made_again_until_it_measures_its_target_in_the_model(bias: float) -> None:
+    """The model runs ``bias`` x what its layers alone predict (consecutive NCHWc convs skip reorders)."""
+    from onnx_lowrank.profile import in_model_plan
+
+    asked = []
+
+    def plan_at(speedup):
+        asked.append(speedup)
+        return FakePlan(speedup)
+
+    plan, steps = in_model_plan(plan_at, lambda p: bias / p.predicted_ms[1], 4.0)
+    assert abs(steps[-1]["measured"] / 4.0 - 1) <= 0.03 and plan.asked == asked[-1]
+    assert len(steps) == (1 if bias == 1.0 else 2) and steps[0]["asked"] == 4.0
+    assert all(s["measured"] == pytest.approx(bias * s["predicted"]) for s in steps)
+
+
+def test_of_the_plans_tried_the_least_overshoot_above_the_target_is_kept() -> None:
+    from onnx_lowrank.profile import in_model_plan
+
+    measured = iter([4.6, 3.5, 3.9])  # a model that answers each correction unevenly
+    plan, steps = in_model_plan(FakePlan, lambda p: next(measured), 4.0, tolerance=0.01)
+    assert [s["measured"] for s in steps] == [4.6, 3.5, 3.9] and plan.asked == steps[0]["asked"]
+    plan, steps = in_model_plan(FakePlan, lambda p: 2.0, 4.0)  # never near: the fastest tried
+    assert max(s["measured"] for s in steps) == 2.0 and len(steps) >= 1
+
+
+def test_compress_plans_3d_forms_on_measured_latency(tmp_path) -> None:
+    model = conv_net([Layer(16), Layer(64), Layer(64), Layer(64)], size=(16, 16), classifier=5)
+    data = np.random.default_rng(0).standard_normal((64, 3, 16, 16)).astype(np.float32)
+    result = compress(model, 1.5, calibration=data, objective="latency", method="asym3d", threads=1, bench=False)
+    layers = {layer.name: layer for layer in result.report.layers}
+    assert result.report.latency_plan["in_model"] and result.report.fidelity.output_rel_error
+    assert result.report.theoretical_speedup > 1 and any(layer.rank for layer in layers.values())
+    with pytest.raises(InvalidOptionError, match="--channel-speedup"):
+        compress(model, 1.5, calibration=data, objective="latency", method="asym3d", channel_speedup=1.2)

@@ -1,7 +1,9 @@
 """FLOP-planned vs latency-planned plans, and INT8 on top, measured as whole-model latency.
 
 For each target speedup the model is compressed twice (``--objective flops`` and ``latency``,
-layers profiled at 1 thread, batch 1) and once with ``--quantize int8`` on the FLOP plan. Every
+layers profiled at 1 thread, batch 1; with ``--with-3d`` also the latency plan of ``asym3d``)
+and once with ``--quantize int8`` on the FLOP plan. "conv time" is the summed kernel time of the
+linear ops (onnxruntime's profiler, 1 thread), the figure a latency plan aims at. Every
 model is then timed interleaved with the original on the CPU provider at 1 thread / default
 threads and batch 1 / 8 (medians of ``--rounds``); the models are saved to ``--keep`` so that
 ``tools/bench_providers.py`` can time them on another provider (OpenVINO, CUDA) in its own venv.
@@ -15,19 +17,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
 from onnx_lowrank import compress
 from onnx_lowrank.calibration import model_inputs, open_calibration
 from onnx_lowrank.errors import InfeasibleTargetError
 from onnx_lowrank.evaluate import interleaved_times
-from onnx_lowrank.profile import rank_grid
+from onnx_lowrank.profile import Device, linear_op_times, rank_grid
 from onnx_lowrank.quantize import SourceReader, quantize_int8
 
 SETTINGS = [("1 thread, batch 1", 1, 1), ("default threads, batch 1", 0, 1), ("default threads, batch 8", 0, 8)]
@@ -44,24 +44,6 @@ def timings(original, models: dict[str, onnx.ModelProto], sample: dict[str, np.n
     return result
 
 
-def conv_time_ms(model: onnx.ModelProto, feeds: dict[str, np.ndarray], runs: int, warmup: int = 5) -> float:
-    """Median over runs of the summed kernel time of the Conv nodes (onnxruntime's profiler, 1
-    thread): the model's conv time, without the other ops a whole-model latency includes."""
-    options = ort.SessionOptions()
-    options.enable_profiling = True
-    options.intra_op_num_threads = 1
-    with tempfile.TemporaryDirectory() as folder:
-        options.profile_file_prefix = str(Path(folder) / "profile")
-        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        for _ in range(warmup + runs):
-            session.run(None, feeds)
-        events = json.loads(Path(session.end_profiling()).read_text())
-    spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "model_run")[warmup:]
-    per_run = [sum(e["dur"] for e in events if e.get("cat") == "Node" and e["args"].get("op_name") == "Conv"
-                   and e["name"].endswith("_kernel_time") and start <= e["ts"] <= end) for start, end in spans]
-    return float(np.median(per_run)) / 1e3
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", type=Path)
@@ -71,30 +53,37 @@ def main() -> None:
     parser.add_argument("--num-images", type=int, default=300)
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--keep", type=Path, required=True, help="folder to save every model in")
+    parser.add_argument("--with-3d", action="store_true", help="also the latency plan of --method asym3d")
     parser.add_argument("--json", type=Path, required=True)
     args = parser.parse_args()
     args.keep.mkdir(parents=True, exist_ok=True)
     original = onnx.load(args.model)
     source = open_calibration(args.eval or args.calib, model_inputs(original))
     sample = source.get([0])
-    common = dict(calibration=args.calib, evaluation=args.eval, num_images=args.num_images, threads=1)
+    common = dict(calibration=args.calib, evaluation=args.eval, num_images=args.num_images, threads=1,
+                  latency_cache=args.keep / "latency-cache.json")
+    plans = {"flops": dict(objective="flops"), "latency": dict(objective="latency")}
+    if args.with_3d:
+        plans["latency_3d"] = dict(objective="latency", method="asym3d")
     rows = []
     for speedup in args.speedups:
         row = {"speedup": speedup, "grid": rank_grid("cpu")[1], "plans": {}}
         models = {}
-        for objective in ("flops", "latency"):
+        for name, plan in plans.items():
             clock = time.perf_counter()
             try:
-                result = compress(original, speedup, objective=objective, bench=False, **common)
+                result = compress(original, speedup, bench=False, **plan, **common)
             except InfeasibleTargetError as exc:  # e.g. a measured 4x no plan on this CPU reaches
-                row["plans"][objective] = {"infeasible": str(exc)}
+                row["plans"][name] = {"infeasible": str(exc)}
                 continue
-            models[objective] = result.model
+            models[name] = result.model
             report = result.report
-            row["plans"][objective] = {"theoretical_speedup": report.theoretical_speedup,
-                              "output_rel_error": next(iter(report.fidelity.output_rel_error.values())),
-                              "top1_agreement": report.fidelity.top1_agreement, "seconds": time.perf_counter() - clock,
-                              "predicted_ms": (report.latency_plan or {}).get("predicted_ms")}
+            row["plans"][name] = {"theoretical_speedup": report.theoretical_speedup,
+                                  "output_rel_error": next(iter(report.fidelity.output_rel_error.values())),
+                                  "top1_agreement": report.fidelity.top1_agreement,
+                                  "seconds": time.perf_counter() - clock,
+                                  "predicted_ms": (report.latency_plan or {}).get("predicted_ms"),
+                                  "in_model": (report.latency_plan or {}).get("in_model")}
         quantized = compress(original, speedup, quantize="int8", bench=False, **common)
         row["stages"] = [{k: v for k, v in s.items() if k != "latency_ms"} for s in quantized.report.stages]
         models["lowrank_int8"] = quantized.model
@@ -103,10 +92,11 @@ def main() -> None:
         for name, model in models.items():
             onnx.save(model, args.keep / f"{args.model.stem}-{speedup:g}-{name}.onnx")
         row["measured"] = timings(original, models, sample, args.rounds)
-        conv_original = conv_time_ms(original, sample, args.rounds)
-        row["conv_time_speedup_1_thread"] = {name: conv_original / conv_time_ms(model, sample, args.rounds)
-                                             for name, model in models.items() if name in ("flops", "latency")}
-        row["original_conv_ms_1_thread"] = conv_original
+        planned = [name for name in models if name in plans]
+        times = linear_op_times([original, *(models[name] for name in planned)], sample, Device(threads=1),
+                                rounds=args.rounds)
+        row["conv_time_speedup_1_thread"] = {name: float(np.median(times[0] / t)) for name, t in zip(planned, times[1:])}
+        row["original_conv_ms_1_thread"] = float(np.median(times[0]))
         rows.append(row)
         print(json.dumps(row, default=float), flush=True)
         args.json.parent.mkdir(parents=True, exist_ok=True)
