@@ -33,10 +33,9 @@ import onnxruntime as ort
 from onnx import TensorProto, helper
 
 from onnx_lowrank.costs import ConvShape
-from onnx_lowrank.errors import InvalidOptionError
+from onnx_lowrank.errors import InfeasibleTargetError, InvalidOptionError
 from onnx_lowrank.evaluate import interleaved_times
 from onnx_lowrank.graph.io import first_line
-from onnx_lowrank.errors import InfeasibleTargetError
 from onnx_lowrank.graph.rewrite import (NodeSpec, channel_chain, channel_decomposition, replace_units,
                                         spatial_decomposition, whole_layer)
 from onnx_lowrank.graph.units import Unit
