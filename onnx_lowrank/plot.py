@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from onnx_lowrank.report import PROBE_LABEL, Report
+from onnx_lowrank.report import INT8_SUFFIX, PROBE_LABEL, Report
 
 
 def draw_frontier(report: Report, path: Path) -> None:
@@ -15,12 +15,12 @@ def draw_frontier(report: Report, path: Path) -> None:
 
     points = [p for p in report.frontier if p.value is not None]
     figure, axes = plt.subplots(figsize=(6.4, 4.2), dpi=120)
-    for solver, marker in ((PROBE_LABEL, "o"), (None, "s")):
-        chosen = [p for p in points if (p.solver == solver) == (solver is not None)]
-        if chosen:
-            axes.scatter([p.theoretical_speedup for p in chosen], [p.value for p in chosen], marker=marker,
-                         c=["tab:green" if p.met else "tab:red" for p in chosen],
-                         label=solver or report.method, edgecolors="black", linewidths=0.5, zorder=3)
+    for solver in dict.fromkeys(p.solver for p in points):
+        chosen = [p for p in points if p.solver == solver]
+        marker = "o" if solver == PROBE_LABEL else "^" if solver.endswith(INT8_SUFFIX) else "s"
+        axes.scatter([p.theoretical_speedup for p in chosen], [p.value for p in chosen], marker=marker,
+                     c=["tab:green" if p.met else "tab:red" for p in chosen],
+                     label=solver, edgecolors="black", linewidths=0.5, zorder=3)
     axes.axhline(report.budget["limit"], color="grey", linestyle="--", label=report.budget["target"])
     axes.scatter([report.theoretical_speedup], [report.budget["measured"]], s=220, facecolors="none",
                  edgecolors="black", label="chosen", zorder=4)

@@ -174,15 +174,17 @@ def _quantize(prepared: Path, target: Path, reader: SourceReader, method: str, e
         log.debug("onnxruntime's quantizer: %s", printed.getvalue().strip())
 
 
-def add_int8(analysis, lowrank: onnx.ModelProto, report, opts) -> onnx.ModelProto:
-    """Quantize the low-rank model (the one written) and, for comparison, the original; fidelity
-    and latency of every stage a user weighs go to ``report.stages``. Returns low-rank + INT8."""
+def add_int8(analysis, lowrank: onnx.ModelProto, report, opts, lowrank_int8: Quantized | None = None) -> onnx.ModelProto:
+    """Quantize the low-rank model (the one written; ``lowrank_int8`` when that is done already)
+    and, for comparison, the original; fidelity and latency of every stage a user weighs go to
+    ``report.stages``. Returns low-rank + INT8."""
     data, run = analysis.data, analysis.run
     reader = SourceReader(data.source, data.calib_indices, data.batch)
     reference = analysis.reference
     with run.stage("quantize", f"quantizing to INT8 ({opts.int8_calibration} calibration)"):
         symmetric = opts.providers[0] == "tensorrt"  # TensorRT takes symmetric int8 activations only
-        lowrank_int8 = quantize_int8(lowrank, reader, opts.int8_calibration, symmetric_activations=symmetric)
+        if lowrank_int8 is None:
+            lowrank_int8 = quantize_int8(lowrank, reader, opts.int8_calibration, symmetric_activations=symmetric)
         original = onnx.load(reference) if isinstance(reference, (str, Path)) else reference
         original_int8 = quantize_int8(original, reader, opts.int8_calibration, symmetric_activations=symmetric)
     for name, result in (("low-rank + int8", lowrank_int8), ("int8", original_int8)):

@@ -31,6 +31,7 @@ class LayerReport:
 
 
 PROBE_LABEL = "probe"  # FrontierPoint.solver of a budget search's cheap probes
+INT8_SUFFIX = " + int8"  # ends FrontierPoint.solver of a plan measured with INT8 on top
 
 
 @dataclass

@@ -14,6 +14,8 @@ The analysis (load, responses, statistics) runs once. The speedup is then search
    slowest probe that missed the budget, then at the fastest that met it, then halfway down.
    Only a plan measured with the method itself is ever the answer, so the budget is met on
    held-out data by the model that is returned.
+3. With ``--quantize int8``, the answer is the INT8 model: the plan found is quantized and
+   measured again, and where INT8 breaks the budget, slower plans are (``_Searcher.with_int8``).
 
 Every plan measured is a point of the frontier (theoretical speedup vs metric) in the report.
 """
@@ -33,7 +35,8 @@ from onnx_lowrank.api import Analysis, Result, analyse, measure, plan_for, repor
 from onnx_lowrank.errors import BudgetNotMetError, InfeasibleTargetError, InvalidOptionError
 from onnx_lowrank.evaluate import compare_outputs, model_outputs
 from onnx_lowrank.options import Options
-from onnx_lowrank.report import PROBE_LABEL, FrontierPoint
+from onnx_lowrank.quantize import SourceReader, add_int8, quantize_int8
+from onnx_lowrank.report import INT8_SUFFIX, PROBE_LABEL, FrontierPoint
 from onnx_lowrank.layers import PROBE_SCHEDULE
 from onnx_lowrank.solvers.nonlinear import PAPER_SCHEDULE
 from onnx_lowrank.userfiles import load_from_file
@@ -111,6 +114,7 @@ class Budget:
 PROBES = 7  # probes: bracketing steps and bisection
 PRECISION = 0.05  # stop bisecting when the bracket is within 5 % in speedup
 BEYOND_STEPS = 2  # runs of the method above the first plan that met the budget
+INT8_STEPS = 2  # slower plans tried when INT8 on top of the one found breaks the budget
 
 
 def compress_to_budget(model, budget: Budget, *, calibration=None, evaluation=None, preprocess=None,
@@ -122,9 +126,6 @@ def compress_to_budget(model, budget: Budget, *, calibration=None, evaluation=No
     opts = Options(speedup=start, **options)
     if opts.dry_run:
         raise InvalidOptionError("a budget search measures models; it has no dry run", hint="drop --dry-run")
-    if opts.quantize:  # the budget is measured on the float plans; INT8 after it would go unchecked
-        raise InvalidOptionError("--quantize with an accuracy budget is not built yet",
-                                 hint="search the budget first, then run --quantize int8 at the speedup it found")
     clock = time.perf_counter()
     analysis = analyse(model, opts, calibration, evaluation, preprocess, progress, fixed_target=False,
                        needs_labels="--max-drop" if budget.kind == "drop" else None)
@@ -135,14 +136,21 @@ def compress_to_budget(model, budget: Budget, *, calibration=None, evaluation=No
         reference = model_outputs(analysis.reference, data.eval_source, data.holdout_indices, data.batch, opts.threads)
     searcher = _Searcher(analysis, opts, budget, reference, labels)
     best = searcher.run(start)
+    int8 = None
+    if best is not None and opts.quantize:
+        best, int8 = searcher.with_int8(best)
     if best is None:
-        raise BudgetNotMetError(f"no decomposition meets {budget.describe()}: the best measured was "
-                                f"{searcher.best_value_text()} at {searcher.lowest_speedup():.2f}x",
+        raise BudgetNotMetError(f"no decomposition{' with INT8 on top' if opts.quantize else ''} meets "
+                                f"{budget.describe()}: the best measured was {searcher.best_value_text()} at "
+                                f"{searcher.lowest_speedup():.2f}x",
                                 hint="loosen the budget, or give more calibration data")
     point, solved, optimized = best
     final_opts = dataclasses.replace(opts, speedup=point.speedup_target)
     report = report_for(analysis, searcher.plans[point.speedup_target], solved, final_opts)
     measure(analysis, optimized, report, final_opts)
+    if int8 is not None:  # the budget was met by the INT8 model: that is the answer, and its figure
+        point = int8[0]
+        optimized = add_int8(analysis, optimized, report, final_opts, lowrank_int8=int8[1])
     report.budget = {"target": budget.describe(), "kind": budget.kind, "limit": budget.limit,
                      "measured": point.value, "met": True, "held_out_samples": len(data.holdout_indices),
                      "search_s": time.perf_counter() - clock}
@@ -183,6 +191,35 @@ class _Searcher:
             if result is not None and result[0].met:
                 return result
         return None
+
+    def with_int8(self, best):
+        """The found plan with INT8 on top (``quantize.quantize_int8``), measured against the budget;
+        where INT8 breaks it, the method at slower plans, halfway to 1x, ``INT8_STEPS`` times.
+        Returns the float plan's (point, solved, model) and (INT8 point, Quantized), or Nones."""
+        candidate = best
+        for _ in range(INT8_STEPS + 1):
+            if candidate is not None and candidate[0].met:
+                point, _, optimized = candidate
+                data = self.analysis.data
+                with self.analysis.run.stage("quantize", f"INT8 on the plan at {point.speedup_target:.2f}x"):
+                    quantized = quantize_int8(optimized, SourceReader(data.source, data.calib_indices, data.batch),
+                                              self.opts.int8_calibration,
+                                              symmetric_activations=self.opts.providers[0] == "tensorrt")
+                    outputs = model_outputs(quantized.model, data.eval_source, data.holdout_indices, data.batch,
+                                            self.opts.threads)
+                value = self.budget.value(self.reference, outputs, self.labels)
+                int8_point = FrontierPoint(point.speedup_target, point.theoretical_speedup, value,
+                                           self.budget.met(value), f"{point.solver}{INT8_SUFFIX}")
+                self.frontier.append(int8_point)
+                log.info("%s at %.2fx: %s = %.4g (%s)", int8_point.solver, point.theoretical_speedup,
+                         self.budget.kind, value, "met" if int8_point.met else "missed")
+                if int8_point.met:
+                    return candidate, (int8_point, quantized)
+                slower = point.speedup_target
+            else:
+                slower = candidate[0].speedup_target if candidate is not None else slower
+            candidate = self._evaluate(1 + (slower - 1) / 2, self.opts, proxy=False)
+        return None, None
 
     def _beyond(self, best):
         """Up to ``BEYOND_STEPS`` more runs of the method at faster plans the probes point to, each

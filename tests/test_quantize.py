@@ -111,12 +111,38 @@ def test_a_quantized_or_half_precision_model_is_refused() -> None:
         compress(half, 2.0, calibration=data, bench=False)
 
 
-def test_int8_with_a_budget_or_an_unknown_calibration_is_refused() -> None:
+def test_with_a_budget_the_int8_model_is_the_answer_and_meets_it() -> None:
+    """The budget holds for the model written, INT8 included: its held-out error, computed here."""
     from onnx_lowrank.search import Budget, compress_to_budget
 
+    model, data = model_and_data(100)
+    result = compress_to_budget(model, Budget("error", 0.1), calibration=data, quantize="int8", bench=False,
+                                rank_multiple=8, threads=1)
+    assert any(n.op_type == "QuantizeLinear" for n in result.model.graph.node)
+    held_out = {"input": data[80:]}
+    reference, approx = run_model(model, held_out)[0], run_model(result.model, held_out)[0]
+    error = float(np.linalg.norm(reference - approx) / np.linalg.norm(reference))
+    assert error <= 0.1 and result.report.budget["measured"] == pytest.approx(error, rel=1e-3)
+    int8_points = [p for p in result.report.frontier if p.solver.endswith(" + int8")]
+    assert int8_points and int8_points[-1].met and [s["stage"] for s in result.report.stages][-1] == "int8"
+
+
+def test_when_int8_breaks_the_budget_slower_plans_are_tried_then_it_says_so(caplog) -> None:
+    from onnx_lowrank.errors import BudgetNotMetError
+    from onnx_lowrank.search import INT8_STEPS, Budget, compress_to_budget
+
+    model, data = model_and_data(100)
+    # float plans meet 2e-3 (this model is exactly low rank up to ~2x); INT8's own rounding error does not
+    with caplog.at_level("INFO", logger="onnx_lowrank.search"), pytest.raises(BudgetNotMetError,
+                                                                               match="with INT8 on top"):
+        compress_to_budget(model, Budget("error", 2e-3), calibration=data, quantize="int8", bench=False,
+                           rank_multiple=8, threads=1, speedup=1.2)
+    tried = [r.getMessage() for r in caplog.records if "+ int8 at" in r.getMessage()]
+    assert len(tried) == INT8_STEPS + 1 and all("(missed)" in line for line in tried)
+
+
+def test_an_unknown_int8_calibration_is_refused() -> None:
     model, data = model_and_data()
-    with pytest.raises(InvalidOptionError, match="--quantize with an accuracy budget"):
-        compress_to_budget(model, Budget("error", 0.1), calibration=data, quantize="int8")
     with pytest.raises(InvalidOptionError, match="int8 calibration .kl."):
         compress(model, 2.0, calibration=data, quantize="int8", int8_calibration="kl")
 
