@@ -174,19 +174,26 @@ def _quantize(prepared: Path, target: Path, reader: SourceReader, method: str, e
         log.debug("onnxruntime's quantizer: %s", printed.getvalue().strip())
 
 
+def int8_of(analysis, model: onnx.ModelProto, opts) -> Quantized:
+    """``model`` quantized as the run asks, calibrated on the analysis' calibration samples."""
+    data = analysis.data
+    symmetric = opts.providers[0] == "tensorrt"  # TensorRT takes symmetric int8 activations only
+    return quantize_int8(model, SourceReader(data.source, data.calib_indices, data.batch), opts.int8_calibration,
+                         symmetric_activations=symmetric)
+
+
 def add_int8(analysis, lowrank: onnx.ModelProto, report, opts, lowrank_int8: Quantized | None = None) -> onnx.ModelProto:
     """Quantize the low-rank model (the one written; ``lowrank_int8`` when that is done already)
     and, for comparison, the original; fidelity and latency of every stage a user weighs go to
     ``report.stages``. Returns low-rank + INT8."""
     data, run = analysis.data, analysis.run
-    reader = SourceReader(data.source, data.calib_indices, data.batch)
     reference = analysis.reference
+    symmetric = opts.providers[0] == "tensorrt"
     with run.stage("quantize", f"quantizing to INT8 ({opts.int8_calibration} calibration)"):
-        symmetric = opts.providers[0] == "tensorrt"  # TensorRT takes symmetric int8 activations only
         if lowrank_int8 is None:
-            lowrank_int8 = quantize_int8(lowrank, reader, opts.int8_calibration, symmetric_activations=symmetric)
+            lowrank_int8 = int8_of(analysis, lowrank, opts)
         original = onnx.load(reference) if isinstance(reference, (str, Path)) else reference
-        original_int8 = quantize_int8(original, reader, opts.int8_calibration, symmetric_activations=symmetric)
+        original_int8 = int8_of(analysis, original, opts)
     for name, result in (("low-rank + int8", lowrank_int8), ("int8", original_int8)):
         if result.kept_float:
             run.warn(f"{name}: INT8 breaks {len(result.kept_float)} nodes (an activation's int8 noise above "

@@ -35,7 +35,7 @@ from onnx_lowrank.api import Analysis, Result, analyse, measure, plan_for, repor
 from onnx_lowrank.errors import BudgetNotMetError, InfeasibleTargetError, InvalidOptionError
 from onnx_lowrank.evaluate import compare_outputs, model_outputs
 from onnx_lowrank.options import Options
-from onnx_lowrank.quantize import SourceReader, add_int8, quantize_int8
+from onnx_lowrank.quantize import add_int8, int8_of
 from onnx_lowrank.report import INT8_SUFFIX, PROBE_LABEL, FrontierPoint
 from onnx_lowrank.layers import PROBE_SCHEDULE
 from onnx_lowrank.solvers.nonlinear import PAPER_SCHEDULE
@@ -202,9 +202,7 @@ class _Searcher:
                 point, _, optimized = candidate
                 data = self.analysis.data
                 with self.analysis.run.stage("quantize", f"INT8 on the plan at {point.speedup_target:.2f}x"):
-                    quantized = quantize_int8(optimized, SourceReader(data.source, data.calib_indices, data.batch),
-                                              self.opts.int8_calibration,
-                                              symmetric_activations=self.opts.providers[0] == "tensorrt")
+                    quantized = int8_of(self.analysis, optimized, self.opts)
                     outputs = model_outputs(quantized.model, data.eval_source, data.holdout_indices, data.batch,
                                             self.opts.threads)
                 value = self.budget.value(self.reference, outputs, self.labels)
