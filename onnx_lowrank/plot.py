@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from onnx_lowrank.report import INT8_SUFFIX, PROBE_LABEL, Report
+from onnx_lowrank.report import INT8_SUFFIX, PROBE_LABEL, QUICK_SUFFIX, Report
 
 
 def draw_frontier(report: Report, path: Path) -> None:
@@ -17,7 +17,8 @@ def draw_frontier(report: Report, path: Path) -> None:
     figure, axes = plt.subplots(figsize=(6.4, 4.2), dpi=120)
     for solver in dict.fromkeys(p.solver for p in points):
         chosen = [p for p in points if p.solver == solver]
-        marker = "o" if solver == PROBE_LABEL else "^" if solver.endswith(INT8_SUFFIX) else "s"
+        marker = ("o" if solver == PROBE_LABEL else "^" if solver.endswith(INT8_SUFFIX)
+                  else "D" if solver.endswith(QUICK_SUFFIX) else "s")
         axes.scatter([p.theoretical_speedup for p in chosen], [p.value for p in chosen], marker=marker,
                      c=["tab:green" if p.met else "tab:red" for p in chosen],
                      label=solver, edgecolors="black", linewidths=0.5, zorder=3)

@@ -32,13 +32,14 @@ class LayerReport:
 
 PROBE_LABEL = "probe"  # FrontierPoint.solver of a budget search's cheap probes
 INT8_SUFFIX = " + int8"  # ends FrontierPoint.solver of a plan measured with INT8 on top
+QUICK_SUFFIX = " (quick)"  # ends FrontierPoint.solver of a method run with a fifth of its solver's schedule
 
 
 @dataclass
 class FrontierPoint:
     """One plan a budget search measured: the speedup asked for, the theoretical conv speedup of the
     plan (None: infeasible), the budget's metric on the held-out set, whether it met the budget,
-    and what solved it (a symmetric probe, or the method itself)."""
+    and what solved it (a symmetric probe, a quick run of the method, or the method itself)."""
 
     speedup_target: float
     theoretical_speedup: float | None

@@ -2,19 +2,22 @@
 held-out set meets a budget (NNCF's ``quantize_with_accuracy_control(max_drop)``, AIMET's greedy
 compression-ratio selection with an eval callback, Olive's accuracy goals).
 
-The analysis (load, responses, statistics) runs once. The speedup is then searched in two phases:
+The analysis (load, responses, statistics) runs once. The speedup is then searched in phases,
+each cheaper per plan than the next, so that the search costs about two fixed-speedup runs:
 
 1. *Probes*: plans at bracketing, then bisected, speedups are solved cheaply and symmetrically
    (each layer from the original network's input, so a layer's chain at a rank depends on nothing
    else and is solved once for all probes: ``layers.solve_layers`` keeps them by (layer, rank));
    channel methods probe with the PCA of the responses (Eq. 4), whose eigenvectors the analysis
    already has. Each probe is measured on the held-out set against the original's outputs,
-   which are computed once.
-2. *The method itself* (asymmetric by default, usually better than its symmetric probe) at the
-   slowest probe that missed the budget, then at the fastest that met it, then halfway down.
-   Only a plan measured with the method itself is ever the answer, so the budget is met on
-   held-out data by the model that is returned.
-3. With ``--quantize int8``, the answer is the INT8 model: the plan found is quantized and
+   which are computed once; a plan probed before (same ranks) is not measured again.
+2. *Quick runs of the method* (asymmetric by default, usually better than its symmetric probe),
+   with a fifth of the solver's schedule: at the slowest probe that missed the budget, then at the
+   fastest that met it, then where the method's gain over its probe points (or halfway down).
+3. *The method itself*, with the paper's schedule, once: at the fastest plan whose quick run met
+   the budget (at the next slower one should it miss). Only a plan measured with the method itself
+   is ever the answer, so the budget is met on held-out data by the model that is returned.
+4. With ``--quantize int8``, the answer is the INT8 model: the plan found is quantized and
    measured again, and where INT8 breaks the budget, slower plans are (``_Searcher.with_int8``).
 
 Every plan measured is a point of the frontier (theoretical speedup vs metric) in the report.
@@ -36,7 +39,7 @@ from onnx_lowrank.errors import BudgetNotMetError, InfeasibleTargetError, Invali
 from onnx_lowrank.evaluate import compare_outputs, model_outputs
 from onnx_lowrank.options import Options
 from onnx_lowrank.quantize import add_int8, int8_of
-from onnx_lowrank.report import INT8_SUFFIX, PROBE_LABEL, FrontierPoint
+from onnx_lowrank.report import INT8_SUFFIX, PROBE_LABEL, QUICK_SUFFIX, FrontierPoint
 from onnx_lowrank.layers import PROBE_SCHEDULE
 from onnx_lowrank.solvers.nonlinear import PAPER_SCHEDULE
 from onnx_lowrank.userfiles import load_from_file
@@ -168,29 +171,64 @@ class _Searcher:
         self.plans: dict[float, object] = {}
         self.cache: dict = {}  # (layer, rank) -> chain of a symmetric solve, shared by all plans
         self.probes: dict[float, float] = {}  # speedup -> the probe's measured value
+        self.probed_plans: dict[tuple, float] = {}  # a probe's plan (its ranks) -> its measured value
         self.infeasible: set[float] = set()
+        self.quick: dict[float, FrontierPoint] = {}  # speedup -> the method's quick run there
+        # Only the solver's iterations differ between a quick run and the method: without any
+        # (PCA, data-free baselines) every run of the method is already the answer's.
+        self.iterative = not opts.data_free and opts.method != "linear"
+        self.kept = None  # without iterations: the fastest run of the method that met the budget
 
     def run(self, start: float):
-        passing, failing = self._probe_bracket(start)
-        # The method itself is usually better than its symmetric probe: first where the probes just
-        # missed, then where they met; only then halfway down, twice (never when no probe met it).
-        best = None
+        """The method's run that meets the budget at the fastest plan the search found, or None."""
+        chosen = self._choose(*self._probe_bracket(start))
+        return None if chosen is None else self._confirm(chosen)
+
+    def _choose(self, passing: float | None, failing: float | None) -> FrontierPoint | None:
+        """Where to solve the method in full, from its quick runs: first where the probes just
+        missed (the method is usually better than its symmetric probe), then where they met, then
+        further (``_beyond``); when neither met, halfway down, twice (never when no probe met)."""
         for speedup in (s for s in (failing, passing) if s is not None):
-            result = self._evaluate(speedup, self.opts, proxy=False)
-            if result is not None and result[0].met:
-                best = result
-                break
-        if best is not None:
-            return self._beyond(best)
+            point = self._quick_run(speedup)
+            if point is not None and point.met:
+                return self._beyond(point)
         if passing is None:  # even the slowest probe missed, and the method there too: no plan will do
             return None
         high = passing
         for _ in range(2):
             high = 1 + (high - 1) / 2
-            result = self._evaluate(high, self.opts, proxy=False)
+            point = self._quick_run(high)
+            if point is not None and point.met:
+                return point
+        return None
+
+    def _confirm(self, chosen: FrontierPoint):
+        """The method with the paper's schedule at the chosen plan; should it miss where its quick
+        run met, at the next slower plan whose quick run met. Only a run measured this way is ever
+        the answer, so the budget is met on held-out data by the model that is returned."""
+        if not self.iterative:
+            return self.kept
+        for speedup in sorted((s for s, p in self.quick.items() if p.met and s <= chosen.speedup_target), reverse=True):
+            result = self._evaluate(speedup, self.opts, self.opts.method)
             if result is not None and result[0].met:
                 return result
         return None
+
+    def _quick_run(self, speedup: float) -> FrontierPoint | None:
+        """The method itself at ``speedup``, with a fifth of the solver's schedule (within a few per
+        cent of the full schedule's error) where it iterates: it ranks plans at a fifth of the cost."""
+        if speedup in self.quick:
+            return self.quick[speedup]
+        if not self.iterative:
+            result = self._evaluate(speedup, self.opts, self.opts.method)
+            if result is not None and result[0].met and (self.kept is None or speedup > self.kept[0].speedup_target):
+                self.kept = result
+        else:
+            result = self._evaluate(speedup, self.opts, self.opts.method + QUICK_SUFFIX, PROBE_SCHEDULE)
+        if result is None:
+            return None
+        self.quick[speedup] = result[0]
+        return result[0]
 
     def with_int8(self, best):
         """The found plan with INT8 on top (``quantize.quantize_int8``), measured against the budget;
@@ -216,61 +254,80 @@ class _Searcher:
                 slower = point.speedup_target
             else:
                 slower = candidate[0].speedup_target if candidate is not None else slower
-            candidate = self._evaluate(1 + (slower - 1) / 2, self.opts, proxy=False)
+            candidate = self._evaluate(1 + (slower - 1) / 2, self.opts, self.opts.method)
         return None, None
 
-    def _beyond(self, best):
-        """Up to ``BEYOND_STEPS`` more runs of the method at faster plans the probes point to, each
-        kept only if it meets the budget itself (see ``_next_speedup``)."""
+    def _beyond(self, best: FrontierPoint) -> FrontierPoint:
+        """Up to ``BEYOND_STEPS`` more quick runs at faster plans the probes point to, each kept
+        only if it meets the budget itself (see ``_next_speedup``)."""
         for _ in range(BEYOND_STEPS):
-            speedup = self._next_speedup(best[0])
+            speedup = self._next_speedup(best)
             if speedup is None:
                 break
-            result = self._evaluate(speedup, self.opts, proxy=False)
-            if result is None or not result[0].met:
+            point = self._quick_run(speedup)
+            if point is None or not point.met:
                 break
-            best = result
+            best = point
         return best
 
     def _next_speedup(self, point: FrontierPoint) -> float | None:
         """Where the method beats its probe by a factor k in loss (error, points, disagreement),
         the fastest probe whose loss times k meets the budget; where it lost nothing at all (a
-        ratio says nothing), the next probe above it."""
+        ratio says nothing), the next probe above it. Never a plan the method already ran."""
         probe_loss = self.budget.loss(self.probes.get(point.speedup_target, math.nan))
         method_loss = self.budget.loss(point.value)
         if probe_loss is None or method_loss is None or not probe_loss > 0 or not method_loss < probe_loss:
             return None
         if method_loss <= 0:
-            return min((s for s in self.probes if s > point.speedup_target), default=None)
-        passing, _ = self._probe_bracket(point.speedup_target, scale=method_loss / probe_loss)
-        return passing if passing is not None and passing > point.speedup_target * (1 + PRECISION) else None
+            faster = min((s for s in self.probes if s > point.speedup_target), default=None)
+        else:
+            faster, _ = self._probe_bracket(point.speedup_target, scale=method_loss / probe_loss)
+        if faster is None or faster in self.quick or faster <= point.speedup_target * (1 + PRECISION):
+            return None
+        return faster
 
     def _probe_bracket(self, start: float, scale: float = 1.0) -> tuple[float | None, float | None]:
-        """The fastest probed speedup that meets the budget and the slowest that does not; with
-        ``scale``, a probe meets it when its loss times ``scale`` does."""
-        probe = self._probe_options()
-        passing, failing, speedup = None, None, start
+        """The fastest probed speedup that meets the budget and the slowest faster one that does
+        not; with ``scale``, a probe meets it when its loss times ``scale`` does. Starts from the
+        probes already measured (at ``start`` when there are none), then brackets and bisects."""
+        def met(speedup: float) -> bool:
+            value = self.probes.get(speedup)
+            return value is not None and self._probe_met(value, scale)
+
+        known = sorted(set(self.probes) | self.infeasible)
+        passing = max((s for s in known if met(s)), default=None)
+        failing = min((s for s in known if not met(s) and (passing is None or s > passing)), default=None)
+        speedup = start if passing is None and failing is None else _next_probe(passing, failing)
         for _ in range(PROBES):
-            if speedup in self.probes or speedup in self.infeasible:  # measured before: not again
-                value = self.probes.get(speedup)
-            else:
-                result = self._evaluate(speedup, probe, proxy=True)
-                value = None if result is None else result[0].value
-            if value is not None and self._probe_met(value, scale):
+            if speedup is None:
+                break
+            self._probe(speedup)
+            if met(speedup):
                 passing = speedup
             else:
                 failing = speedup
-            if failing is None:
-                speedup = speedup * 2
-            elif passing is None:
-                speedup = 1 + (speedup - 1) / 2
-                if speedup < 1.02:
-                    break
-            elif failing / passing < 1 + PRECISION:
-                break
-            else:
-                speedup = math.sqrt(passing * failing)
+            speedup = _next_probe(passing, failing)
         return passing, failing
+
+    def _probe(self, speedup: float) -> None:
+        """Measure the symmetric probe at ``speedup`` into ``probes``, unless its plan (the same
+        ranks as a plan probed before) was measured already."""
+        if speedup in self.probes or speedup in self.infeasible:
+            return
+        if not self.iterative:  # the method costs what a probe costs: its runs are the probes
+            point = self._quick_run(speedup)
+            if point is not None:
+                self.probes[speedup] = point.value
+            return
+        probe = dataclasses.replace(self._probe_options(), speedup=speedup)
+        plan = self._plan(speedup, probe)
+        if plan is None:
+            return
+        key = (tuple(sorted(plan.ranks.items())), tuple(sorted(plan.spatial_ranks.items())))
+        if key not in self.probed_plans:
+            result = self._evaluate(speedup, probe, PROBE_LABEL, PROBE_SCHEDULE, plan)
+            self.probed_plans[key] = result[0].value
+        self.probes[speedup] = self.probed_plans[key]
 
     def _probe_met(self, value: float, scale: float) -> bool:
         if scale == 1.0:
@@ -287,28 +344,30 @@ class _Searcher:
         method = "linear" if self.opts.method in ("asymmetric", "nonlinear") else self.opts.method
         return dataclasses.replace(self.opts, method=method, symmetric=method == "asym3d")
 
-    def _evaluate(self, speedup: float, opts: Options, proxy: bool):
-        """Plan, solve, rewrite and measure at ``speedup``; None when the plan is infeasible."""
-        opts = dataclasses.replace(opts, speedup=speedup)
+    def _plan(self, speedup: float, opts: Options):
         try:
-            plan = plan_for(self.analysis, opts)
+            return plan_for(self.analysis, dataclasses.replace(opts, speedup=speedup))
         except InfeasibleTargetError:
             self.frontier.append(FrontierPoint(speedup, None, None, False, "infeasible"))
             self.infeasible.add(speedup)
             return None
+
+    def _evaluate(self, speedup: float, opts: Options, label: str, schedule=PAPER_SCHEDULE, plan=None):
+        """Plan, solve, rewrite and measure at ``speedup``; None when the plan is infeasible."""
+        opts = dataclasses.replace(opts, speedup=speedup)
+        plan = plan or self._plan(speedup, opts)
+        if plan is None:
+            return None
         # The cache also keeps the responses for the next plan.
-        solved = solve(self.analysis, plan, opts, cache=self.cache, schedule=PROBE_SCHEDULE if proxy else PAPER_SCHEDULE)
+        solved = solve(self.analysis, plan, opts, cache=self.cache, schedule=schedule)
         optimized = rewrite(self.analysis, solved)
         data = self.analysis.data
         with self.analysis.run.stage("search", f"measuring the plan at {speedup:.2f}x", logging.DEBUG):
             outputs = model_outputs(optimized, data.eval_source, data.holdout_indices, data.batch, opts.threads)
         value = self.budget.value(self.reference, outputs, self.labels)
-        point = FrontierPoint(speedup, plan.speedup, value, self.budget.met(value),
-                              PROBE_LABEL if proxy and opts != self.opts else opts.method)
+        point = FrontierPoint(speedup, plan.speedup, value, self.budget.met(value), label)
         self.frontier.append(point)
         self.plans[speedup] = plan
-        if proxy:
-            self.probes[speedup] = value
         log.info("%s at %.2fx: %s = %.4g (%s)", point.solver, plan.speedup, self.budget.kind, value,
                  "met" if point.met else "missed")
         return point, solved, optimized
@@ -323,3 +382,14 @@ class _Searcher:
     def lowest_speedup(self) -> float:
         measured = [p.theoretical_speedup for p in self.frontier if p.theoretical_speedup is not None]
         return min(measured) if measured else 1.0
+
+
+def _next_probe(passing: float | None, failing: float | None) -> float | None:
+    """Double above a plan that met, halve the way to 1x below one that missed, then bisect
+    (geometrically) until the bracket is within ``PRECISION``; None when there is nothing left."""
+    if failing is None:
+        return passing * 2
+    if passing is None:
+        lower = 1 + (failing - 1) / 2
+        return lower if lower >= 1.02 else None
+    return None if failing / passing < 1 + PRECISION else math.sqrt(passing * failing)

@@ -237,7 +237,8 @@ def test_objective_latency_keeps_its_cache_where_asked_and_never_over_an_input(t
     refused = invoke(tiny / "tiny.onnx", tiny / "fast.onnx", "--calib", tiny / "calib.npz", "--objective", "latency",
                      "--latency-cache", tiny / "calib.npz")
     assert refused.exit_code == 2 and "--latency-cache" in refused.stderr and not (tiny / "fast.onnx").exists()
-    result = invoke(tiny / "tiny.onnx", tiny / "fast.onnx", "--speedup", "1.3", "--calib", tiny / "calib.npz",
+    # a modest target: this model's convs take microseconds, and its fastest plan moves with the load
+    result = invoke(tiny / "tiny.onnx", tiny / "fast.onnx", "--speedup", "1.1", "--calib", tiny / "calib.npz",
                     "--objective", "latency", "--latency-cache", tiny / "latency.json", "--threads", "1",
                     "--no-bench")
     assert result.exit_code == 0, result.output

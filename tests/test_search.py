@@ -9,8 +9,11 @@ import numpy as np
 import onnx
 import pytest
 
+from onnx_lowrank import search
 from onnx_lowrank.errors import BudgetNotMetError, InvalidOptionError
+from onnx_lowrank.layers import PROBE_SCHEDULE
 from onnx_lowrank.search import Budget, compress_to_budget
+from onnx_lowrank.solvers.nonlinear import PAPER_SCHEDULE
 from tests.builders import Layer, conv_net, run_model
 from tests.test_cli import invoke
 
@@ -109,3 +112,18 @@ def test_an_infeasible_start_is_where_the_search_begins_not_an_error(model, data
     result = compress_to_budget(model, Budget("error", 0.2), speedup=50.0, calibration=data, bench=False,
                                 rank_multiple=8, threads=1)
     assert result.report.budget["met"] and any(p.solver == "infeasible" for p in result.report.frontier)
+
+
+def test_the_method_is_solved_in_full_once_at_the_fastest_plan_its_quick_runs_met(model, data, monkeypatch) -> None:
+    schedules = []
+    solve = search.solve
+    monkeypatch.setattr(search, "solve", lambda *args, **kw: schedules.append(kw["schedule"]) or solve(*args, **kw))
+    report = compress_to_budget(model, Budget("error", 0.05), calibration=data, bench=False, rank_multiple=8,
+                                threads=1).report
+    assert schedules.count(PAPER_SCHEDULE) == 1 and schedules.count(PROBE_SCHEDULE) > 1
+    full = [p for p in report.frontier if p.solver == "asymmetric"]
+    quick = [p for p in report.frontier if p.solver == "asymmetric (quick)"]
+    probes = [p for p in report.frontier if p.solver == "probe"]
+    assert len(full) == 1 and full[0].met and quick and probes
+    assert full[0].theoretical_speedup == max(p.theoretical_speedup for p in quick if p.met)
+    assert len({p.theoretical_speedup for p in probes}) == len(probes)  # no plan probed twice
