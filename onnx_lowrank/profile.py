@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import platform
 import tempfile
@@ -300,6 +301,10 @@ def in_model_plan(plan_at: Callable[[float], ArchitecturePlan], conv_speedup: Ca
     for _ in range(steps):
         predicted = plan.predicted_ms[0] / plan.predicted_ms[1]
         measured = conv_speedup(plan)
+        if not math.isfinite(measured) or measured <= 0:  # no linear op timed in any run: nothing to correct by
+            log.warning("the latency plan for %.3gx could not be timed in the model; kept as planned from its "
+                        "layers", asked)
+            break
         tried.append((plan, {"asked": asked, "predicted": predicted, "measured": measured}))
         log.info("latency plan for %.3gx: predicted %.3gx, measured %.3gx in the model", asked, predicted, measured)
         if abs(measured / speedup - 1) <= tolerance or (asked := speedup * predicted / measured) <= 1:
@@ -311,6 +316,8 @@ def in_model_plan(plan_at: Callable[[float], ArchitecturePlan], conv_speedup: Ca
         if (again.ranks, again.spatial_ranks) == (plan.ranks, plan.spatial_ranks):
             break
         plan = again
+    if not tried:
+        return plan, []
     meeting = [t for t in tried if t[1]["measured"] >= (1 - tolerance) * speedup]
     chosen = (min(meeting, key=lambda t: t[1]["measured"]) if meeting
               else max(tried, key=lambda t: t[1]["measured"]))[0]
@@ -329,7 +336,8 @@ def plan_in_model(analysis, opts, plan_at: Callable[[float], ArchitecturePlan]) 
     def conv_speedup(plan: ArchitecturePlan) -> float:  # the median of per-round ratios: a load drift hits both
         original, planned = linear_op_times(
             [analysis.normalised, architecture_model(analysis.normalised, analysis.units, plan)], feeds, device)
-        return float(np.median(original / planned))
+        timed = (original > 0) & (planned > 0)  # a run whose kernels fell outside its span says nothing
+        return float(np.median(original[timed] / planned[timed])) if timed.any() else math.nan
 
     with analysis.run.stage("profile-model", "timing the latency plan in the whole model"):
         plan, steps = in_model_plan(plan_at, conv_speedup, opts.speedup)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 
 import numpy as np
 import pytest
@@ -202,6 +203,17 @@ def test_of_the_plans_tried_the_least_overshoot_above_the_target_is_kept() -> No
     assert [s["measured"] for s in steps] == [4.6, 3.5, 3.9] and plan.asked == steps[0]["asked"]
     plan, steps = in_model_plan(FakePlan, lambda p: 2.0, 4.0)  # never near: the fastest tried
     assert max(s["measured"] for s in steps) == 2.0 and len(steps) >= 1
+
+
+@pytest.mark.parametrize("unmeasured", [math.nan, math.inf, 0.0])
+def test_a_plan_the_model_could_not_time_is_kept_as_planned_from_its_layers(unmeasured: float) -> None:
+    from onnx_lowrank.profile import in_model_plan
+
+    plan, steps = in_model_plan(FakePlan, lambda p: unmeasured, 4.0)
+    assert plan.asked == 4.0 and steps == []
+    measured = iter([3.0, unmeasured])  # one timing, then none: the one timed stands
+    plan, steps = in_model_plan(FakePlan, lambda p: next(measured), 4.0)
+    assert [s["measured"] for s in steps] == [3.0] and plan.asked == 4.0
 
 
 def test_compress_plans_3d_forms_on_measured_latency(tmp_path) -> None:
