@@ -166,6 +166,8 @@ def timed_kind(unit: Unit) -> bool:
 
 
 def _input_shape(unit: Unit, shape: ConvShape, batch: int) -> list[int]:
+    if unit.op == "Gemm":  # a matrix in, one row per sample (and position)
+        return [batch * shape.positions, shape.in_channels]
     if unit.kind == "dense":
         return [batch, shape.positions, shape.in_channels]
     return [batch, shape.in_channels, *(shape.in_hw or shape.out_hw)]

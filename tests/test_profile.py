@@ -138,6 +138,22 @@ def test_a_dense_layer_is_timed_on_its_rows() -> None:
     assert run_model(layer_model(unit, shape, Form(8), 3), x)[0].shape == (3, 7, 40)
 
 
+def test_a_gemm_is_timed_on_a_matrix_of_its_rows() -> None:
+    """Gemm takes rank-2 inputs only (VGG's fc6/fc7): its one-layer models are fed [batch, K]."""
+    from onnx_lowrank.graph.units import find_units as units_of
+    from tests.builders import NetBuilder, finish
+
+    b = NetBuilder()
+    y = b.node("Gemm", ["input", b.const("w", np.ones((40, 24))), b.const("b", np.ones(40))], transB=1)
+    (unit,) = units_of(finish(b, y, ["N", 24]))
+    shape = ConvShape(24, 40, (1, 1), (1, 1))
+    x = {"x": np.random.default_rng(0).standard_normal((3, 24)).astype(np.float32)}
+    whole = run_model(layer_model(unit, shape, WHOLE, 3), x)[0]
+    assert whole.shape == (3, 40) and np.allclose(whole, run_model(layer_model(unit, shape, Form(40), 3), x)[0],
+                                                  atol=1e-4)
+    assert run_model(layer_model(unit, shape, Form(8), 3), x)[0].shape == (3, 40)
+
+
 def test_a_grouped_conv_is_timed_as_its_per_group_chain() -> None:
     model = conv_net([Layer(16), Layer(32, group=4)], size=(10, 10))
     unit = find_units(model)[1]
