@@ -12,8 +12,9 @@ each cheaper per plan than the next, so that the search costs about two fixed-sp
    already has. Each probe is measured on the held-out set against the original's outputs,
    which are computed once; a plan probed before (same ranks) is not measured again.
 2. *Quick runs of the method* (asymmetric by default, usually better than its symmetric probe),
-   with a fifth of the solver's schedule: at the slowest probe that missed the budget, then at the
-   fastest that met it, then where the method's gain over its probe points (or halfway down).
+   with a fifth of the solver's schedule: at the fastest probe that met the budget, which measures
+   the method's gain over its probe, then faster where the probes scaled by that gain meet it
+   (or halfway down, where the method missed).
 3. *The method itself*, with the paper's schedule, once: at the fastest plan whose quick run met
    the budget (at the next slower one should it miss). Only a plan measured with the method itself
    is ever the answer, so the budget is met on held-out data by the model that is returned.
@@ -185,15 +186,16 @@ class _Searcher:
         return None if chosen is None else self._confirm(chosen)
 
     def _choose(self, passing: float | None, failing: float | None) -> FrontierPoint | None:
-        """Where to solve the method in full, from its quick runs: first where the probes just
-        missed (the method is usually better than its symmetric probe), then where they met, then
-        further (``_beyond``); when neither met, halfway down, twice (never when no probe met)."""
-        for speedup in (s for s in (failing, passing) if s is not None):
-            point = self._quick_run(speedup)
-            if point is not None and point.met:
-                return self._beyond(point)
-        if passing is None:  # even the slowest probe missed, and the method there too: no plan will do
-            return None
+        """Where to solve the method in full, from its quick runs: first where the probes met the
+        budget, which measures the method's gain over its probe; then faster where that gain
+        says the method meets it too (``_beyond``); where it missed, halfway down, twice. When no
+        probe met the budget, only where they came closest."""
+        if passing is None:
+            point = None if failing is None else self._quick_run(failing)
+            return point if point is not None and point.met else None
+        point = self._quick_run(passing)
+        if point is not None and point.met:
+            return self._beyond(point)
         high = passing
         for _ in range(2):
             high = 1 + (high - 1) / 2
