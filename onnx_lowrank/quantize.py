@@ -177,9 +177,12 @@ def _quantize(prepared: Path, target: Path, reader: SourceReader, method: str, e
 def int8_of(analysis, model: onnx.ModelProto, opts) -> Quantized:
     """``model`` quantized as the run asks, calibrated on the analysis' calibration samples."""
     data = analysis.data
-    symmetric = opts.providers[0] == "tensorrt"  # TensorRT takes symmetric int8 activations only
     return quantize_int8(model, SourceReader(data.source, data.calib_indices, data.batch), opts.int8_calibration,
-                         symmetric_activations=symmetric)
+                         symmetric_activations=_symmetric_activations(opts))
+
+
+def _symmetric_activations(opts) -> bool:
+    return opts.providers[0] == "tensorrt"  # TensorRT takes symmetric int8 activations only
 
 
 def add_int8(analysis, lowrank: onnx.ModelProto, report, opts, lowrank_int8: Quantized | None = None) -> onnx.ModelProto:
@@ -188,7 +191,7 @@ def add_int8(analysis, lowrank: onnx.ModelProto, report, opts, lowrank_int8: Qua
     ``report.stages``. Returns low-rank + INT8."""
     data, run = analysis.data, analysis.run
     reference = analysis.reference
-    symmetric = opts.providers[0] == "tensorrt"
+    symmetric = _symmetric_activations(opts)
     with run.stage("quantize", f"quantizing to INT8 ({opts.int8_calibration} calibration)"):
         if lowrank_int8 is None:
             lowrank_int8 = int8_of(analysis, lowrank, opts)

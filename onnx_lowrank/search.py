@@ -321,7 +321,7 @@ class _Searcher:
             if point is not None:
                 self.probes[speedup] = point.value
             return
-        probe = dataclasses.replace(self._probe_options(), speedup=speedup)
+        probe = self._probe_options()
         plan = self._plan(speedup, probe)
         if plan is None:
             return
@@ -340,9 +340,8 @@ class _Searcher:
     def _probe_options(self) -> Options:
         """Channel methods probe with PCA of the responses (Eq. 4: no solver iterations, the
         eigenvectors are already computed, so a probe costs its rewrite and its measurement); asym3d
-        with its symmetric form (layers independent, so cached); data-free methods as they are."""
-        if self.opts.data_free or self.opts.method == "linear":
-            return self.opts
+        with its symmetric form (layers independent, so cached). Methods without iterations are
+        their own probes (``_probe``)."""
         method = "linear" if self.opts.method in ("asymmetric", "nonlinear") else self.opts.method
         return dataclasses.replace(self.opts, method=method, symmetric=method == "asym3d")
 
