@@ -43,7 +43,7 @@ from onnx_lowrank.spectra import padded, response_spectrum, weights_spectrum
 from onnx_lowrank.sampling import ResponseShape, positions_per_image
 from onnx_lowrank.sensitivity import measure_sensitivity
 from onnx_lowrank.layers import Solved, data_free_chains, solve_layers
-from onnx_lowrank.runtime import batch_size_for, collect_responses, make_session
+from onnx_lowrank.runtime import batch_size_for, collect_responses, make_session, mixed_builds_warning, onnxruntime_builds
 from onnx_lowrank.solvers import ResponseStats
 from onnx_lowrank.solvers.nonlinear import PAPER_SCHEDULE
 from onnx_lowrank.solvers.factors import spectrum_energy
@@ -211,6 +211,8 @@ def analyse(model, opts: Options, calibration: CalibrationSource = None, evaluat
     ``needs_labels`` names the option that makes labels necessary, refused without them."""
     progress = progress or NullProgress()
     run = Run()
+    if mixed := mixed_builds_warning(onnxruntime_builds()):
+        run.warn(mixed)
     # Bad input shows up here; it is told in one line, without stage lines before it.
     with run.stage("analyse", "loading and analysing the model", logging.DEBUG):
         original = load_model(model)

@@ -79,10 +79,11 @@ def nchwc_block() -> int | None:
 
 def rank_grid(provider: str) -> tuple[int | None, str]:
     """The channel multiple the provider's fastest kernels want, and how it was found."""
-    if provider == "cpu":
+    if provider in ("cpu", "openvino"):  # OpenVINO's CPU plugin blocks channels as MLAS does (oneDNN)
         block = nchwc_block()
-        return block, (f"NCHWc block {block} ({'AVX-512' if block == 16 else 'AVX2'})" if block
-                       else "no NCHWc kernels (neither AVX2 nor AVX-512)")
+        layout = "NCHWc block" if provider == "cpu" else "oneDNN blocked layout"
+        return block, (f"{layout} {block} ({'AVX-512' if block == 16 else 'AVX2'})" if block
+                       else f"no {layout} (neither AVX2 nor AVX-512)")
     return 8, "tensor-core multiple of 8"
 
 
@@ -296,8 +297,9 @@ def in_model_plan(plan_at: Callable[[float], ArchitecturePlan], conv_speedup: Ca
     """The latency plan for ``speedup``, checked in the whole model: ``conv_speedup(plan)``
     measures it there; while that is off the target by more than ``tolerance``, the plan is made
     again (``plan_at``) for the target corrected by measured / predicted. Of the plans tried, the
-    one closest above ``(1 - tolerance) * speedup`` (the least overshoot keeps the most accuracy),
-    else the fastest. Returns it and every step (target asked, predicted, measured)."""
+    one measuring closest to the target (by ratio): an overshoot costs accuracy the user did not
+    ask to spend, and where one measurement moves by ~10 % a plan just under the target can be the
+    nearest. Returns it and every step (target asked, predicted, measured)."""
     tried: list[tuple[ArchitecturePlan, dict]] = []
     asked, plan = speedup, plan_at(speedup)
     for _ in range(steps):
@@ -320,9 +322,7 @@ def in_model_plan(plan_at: Callable[[float], ArchitecturePlan], conv_speedup: Ca
         plan = again
     if not tried:
         return plan, []
-    meeting = [t for t in tried if t[1]["measured"] >= (1 - tolerance) * speedup]
-    chosen = (min(meeting, key=lambda t: t[1]["measured"]) if meeting
-              else max(tried, key=lambda t: t[1]["measured"]))[0]
+    chosen = min(tried, key=lambda t: abs(math.log(t[1]["measured"] / speedup)))[0]
     return chosen, [step for _, step in tried]
 
 

@@ -10,6 +10,7 @@ count, never with the size of the feature maps.
 from __future__ import annotations
 
 import zlib
+from importlib import metadata
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -23,12 +24,40 @@ from onnx_lowrank.graph.io import first_line, model_file, needs_file
 
 PROVIDER_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
                   "tensorrt": "TensorrtExecutionProvider", "openvino": "OpenVINOExecutionProvider"}
-# What each provider needs; onnxruntime's packages are alternatives (each installs the module
-# ``onnxruntime``), so a provider comes from swapping the package, not from adding one.
-PROVIDER_NEEDS = {"cpu": "onnxruntime",
-                  "cuda": "onnxruntime-gpu in place of onnxruntime, and a CUDA device",
-                  "tensorrt": "onnxruntime-gpu in place of onnxruntime, TensorRT's libraries and a CUDA device",
-                  "openvino": "onnxruntime-openvino in place of onnxruntime"}
+# onnxruntime's builds are alternative packages, each installing the module ``onnxruntime``:
+# a provider comes from choosing the build (this package's extras), never from adding a second.
+ONNXRUNTIME_BUILDS = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-openvino", "onnxruntime-directml",
+                      "onnxruntime-qnn", "onnxruntime-training")
+PROVIDER_NEEDS = {"cpu": "onnxruntime (pip install 'onnx-lowrank[cpu]')",
+                  "cuda": "onnxruntime-gpu in place of onnxruntime (pip install 'onnx-lowrank[gpu]' in an "
+                          "environment without onnxruntime) and a CUDA device",
+                  "tensorrt": "onnxruntime-gpu in place of onnxruntime (pip install 'onnx-lowrank[gpu]' in an "
+                              "environment without onnxruntime), TensorRT's libraries and a CUDA device",
+                  "openvino": "onnxruntime-openvino in place of onnxruntime (pip install 'onnx-lowrank[openvino]' "
+                              "in an environment without onnxruntime)"}
+
+
+def onnxruntime_builds() -> dict[str, str]:
+    """The installed onnxruntime builds and their versions."""
+    installed = {}
+    for name in ONNXRUNTIME_BUILDS:
+        try:
+            installed[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return installed
+
+
+def mixed_builds_warning(installed: dict[str, str]) -> str | None:
+    """A warning when more than one build is installed: their files overwrite each other's, so the
+    module may hold parts of both and providers may be missing or fail to start."""
+    if len(installed) < 2:
+        return None
+    names = sorted(installed)
+    keep = next((n for n in names if n != "onnxruntime"), names[0])
+    return (f"{' and '.join(f'{n} {installed[n]}' for n in names)} are installed together: each installs the module "
+            f"'onnxruntime' over the other's files, so providers may be missing or fail to start; keep one "
+            f"(pip uninstall -y {' '.join(names)} && pip install {keep})")
 
 
 def provider_available(provider: str) -> bool:

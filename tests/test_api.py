@@ -104,6 +104,20 @@ def test_a_provider_that_falls_back_to_cpu_is_never_reported_as_itself(calib_fil
     assert report.actual_speedup["cpu"] > 0
 
 
+def test_two_onnxruntime_builds_installed_together_are_warned_about(calib_file, monkeypatch) -> None:
+    """Each build installs the module ``onnxruntime`` over the other's files: providers then go
+    missing or fail to start, so every run says which to remove."""
+    from onnx_lowrank.runtime import mixed_builds_warning
+
+    assert mixed_builds_warning({"onnxruntime-openvino": "1.24.1"}) is None
+    monkeypatch.setattr("onnx_lowrank.api.onnxruntime_builds",
+                        lambda: {"onnxruntime": "1.32.0", "onnxruntime-openvino": "1.24.1"})
+    report = compress(planted_model(), 2.0, calibration=str(calib_file), bench=False).report
+    [warning] = [w for w in report.warnings if "installed together" in w]
+    assert "onnxruntime 1.32.0 and onnxruntime-openvino 1.24.1" in warning
+    assert "pip uninstall -y onnxruntime onnxruntime-openvino && pip install onnxruntime-openvino" in warning
+
+
 def test_dry_run_plans_without_solving(calib_file) -> None:
     result = compress(planted_model(), 2.0, calibration=str(calib_file), dry_run=True)
     assert result.model is None

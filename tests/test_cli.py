@@ -167,7 +167,11 @@ def test_report_says_what_produced_it(tiny) -> None:
                   "--no-bench", "--seed", "7").exit_code == 0
     data = json.loads(report.read_text())
     assert data["schema_version"] == 3
-    assert set(data["versions"]) == {"onnx-lowrank", "onnx", "onnxruntime", "numpy", "scipy"}
+    assert set(data["versions"]) == {"onnx-lowrank", "onnx", "onnxruntime", "onnxruntime_builds", "numpy", "scipy"}
+    from importlib import metadata
+
+    owner = metadata.packages_distributions()["onnxruntime"]  # the distributions that installed the module
+    assert all(name in data["versions"]["onnxruntime_builds"] for name in owner)
     assert data["options"]["seed"] == 7 and data["options"]["speedup"] == 2.0 and data["options"]["bench"] is False
     assert data["files"]["input"]["sha256"] == sha256_of(tiny / "tiny.onnx")
     assert data["files"]["output"]["sha256"] == sha256_of(out)
@@ -254,3 +258,18 @@ def test_ops_chooses_the_kinds_decomposed(tiny) -> None:
     bad = invoke(tiny / "tiny.onnx", tiny / "other.onnx", "--ops", "conv,lstm", "--calib", tiny / "calib.npz")
     assert bad.exit_code == 2 and bad.output.strip().startswith("error: unknown op 'lstm'")
     assert not (tiny / "other.onnx").exists()
+
+
+def test_without_onnxruntime_the_command_says_which_extra_installs_it(monkeypatch, capsys) -> None:
+    import importlib.util
+
+    from onnx_lowrank.__main__ import main as command
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr("signal.signal", lambda *args: None)  # keep pytest's own Ctrl-C handling
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name, *a))
+    with pytest.raises(SystemExit) as exit_:
+        command(["in.onnx", "out.onnx"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(lines) == 1
+    assert lines[0].startswith("error: onnxruntime is not installed") and "onnx-lowrank[cpu]" in lines[0]

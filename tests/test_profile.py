@@ -211,13 +211,16 @@ def test_a_latency_plan_is_made_again_until_it_measures_its_target_in_the_model(
     assert all(s["measured"] == pytest.approx(bias * s["predicted"]) for s in steps)
 
 
-def test_of_the_plans_tried_the_least_overshoot_above_the_target_is_kept() -> None:
+def test_of_the_plans_tried_the_one_measuring_closest_to_the_target_is_kept() -> None:
     from onnx_lowrank.profile import in_model_plan
 
     measured = iter([4.6, 3.5, 3.9])  # a model that answers each correction unevenly
     plan, steps = in_model_plan(FakePlan, lambda p: next(measured), 4.0, tolerance=0.01)
-    assert [s["measured"] for s in steps] == [4.6, 3.5, 3.9] and plan.asked == steps[0]["asked"]
-    plan, steps = in_model_plan(FakePlan, lambda p: 2.0, 4.0)  # never near: the fastest tried
+    assert [s["measured"] for s in steps] == [4.6, 3.5, 3.9] and plan.asked == steps[2]["asked"]
+    measured = iter([3.83, 4.91, 3.80])  # the demo's 3d plans at 4x: just under beats far over
+    plan, steps = in_model_plan(FakePlan, lambda p: next(measured), 4.0)
+    assert plan.asked == steps[0]["asked"] == 4.0
+    plan, steps = in_model_plan(FakePlan, lambda p: 2.0, 4.0)  # never near: the nearest tried, timed
     assert max(s["measured"] for s in steps) == 2.0 and len(steps) >= 1
 
 
@@ -241,3 +244,18 @@ def test_compress_plans_3d_forms_on_measured_latency(tmp_path) -> None:
     assert result.report.theoretical_speedup > 1 and any(layer.rank for layer in layers.values())
     with pytest.raises(InvalidOptionError, match="--channel-speedup"):
         compress(model, 1.5, calibration=data, objective="latency", method="asym3d", channel_speedup=1.2)
+
+
+def test_the_rank_grid_is_the_vector_block_of_this_cpu_for_both_cpu_providers() -> None:
+    try:  # numpy's own dispatch detection: a reference independent of /proc/cpuinfo
+        from numpy._core._multiarray_umath import __cpu_features__ as features
+    except ImportError:
+        from numpy.core._multiarray_umath import __cpu_features__ as features
+    from onnx_lowrank.profile import rank_grid
+
+    expected = 16 if features["AVX512F"] else 8 if features["AVX2"] else None
+    for provider in ("cpu", "openvino"):
+        block, described = rank_grid(provider)
+        assert block == expected
+        assert ("AVX-512" if expected == 16 else "AVX2" if expected else "neither") in described
+    assert rank_grid("cuda") == (8, "tensor-core multiple of 8")

