@@ -98,9 +98,13 @@ def measure_latency(original: onnx.ModelProto | Path, optimized: onnx.ModelProto
 
 
 def interleaved_times(models: Sequence[onnx.ModelProto | Path], feeds: dict[str, np.ndarray], *,
-                      provider: str = "cpu", threads: int = 0, rounds: int = 30, warmup: int = 5) -> list[np.ndarray]:
+                      provider: str = "cpu", threads: int = 0, rounds: int = 30, warmup: int = 5,
+                      warm: bool = False) -> list[np.ndarray]:
     """Run times (ms) of each model, timed interleaved in this process after warm-up. Each round
-    runs every model, rotating which goes first, so drifts in machine load hit all alike."""
+    runs every model, rotating which goes first, so drifts in machine load hit all alike. ``warm``:
+    each turn runs the model once untimed first, so it is timed with its input, weights and
+    buffers in cache (as a layer inside a model, whose input was just written), not after the
+    other models evicted them."""
     sessions = [make_session(m, optimize=True, threads=threads, provider=provider) for m in models]
     for session in sessions:
         for _ in range(warmup):
@@ -109,6 +113,8 @@ def interleaved_times(models: Sequence[onnx.ModelProto | Path], feeds: dict[str,
     for round_index in range(max(rounds, 15)):
         for offset in range(len(sessions)):
             which = (round_index + offset) % len(sessions)
+            if warm:
+                sessions[which].run(None, feeds)
             start = time.perf_counter()
             sessions[which].run(None, feeds)
             times[which].append((time.perf_counter() - start) * 1e3)

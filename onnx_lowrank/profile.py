@@ -145,7 +145,7 @@ def profile_layers(units: Sequence[Unit], shapes: dict[str, ConvShape], ladders:
         if unit.name not in ladders:
             continue
         shape = shapes[unit.name]
-        keys = {form: f"{device.key()}|{_layer_key(unit, shape)}|{_form_key(form)}"
+        keys = {form: f"{device.key()}|warm|{_layer_key(unit, shape)}|{_form_key(form)}"
                 for form in [WHOLE, *ladders[unit.name]]}
         missing = [form for form, key in keys.items() if key not in cache.entries]
         cache.hits += len(keys) - len(missing)
@@ -153,7 +153,8 @@ def profile_layers(units: Sequence[Unit], shapes: dict[str, ConvShape], ladders:
             models = [layer_model(unit, shape, form, device.batch) for form in missing]
             feeds = {"x": np.random.default_rng(0).standard_normal(_input_shape(unit, shape, device.batch)
                                                                   ).astype(np.float32)}
-            times = interleaved_times(models, feeds, provider=device.provider, threads=device.threads, rounds=rounds)
+            times = interleaved_times(models, feeds, provider=device.provider, threads=device.threads, rounds=rounds,
+                                      warm=True)
             for form, measured in zip(missing, times):
                 cache.entries[keys[form]] = float(np.median(measured))
         table[unit.name] = {form: cache.entries[key] for form, key in keys.items()}
@@ -226,6 +227,7 @@ class LayerLatency:
 
     def describe(self) -> dict:
         return {"provider": self.device.provider, "threads": self.device.threads, "batch": self.device.batch,
+                "in_model_measure": in_model_measure(self.device.provider),
                 "grid": self.grid, "candidates_measured": self.measured, "cache_hits": self.cache_hits,
                 "onnxruntime": ort.__version__, "cpu": cpu_name()}
 
@@ -326,22 +328,30 @@ def in_model_plan(plan_at: Callable[[float], ArchitecturePlan], conv_speedup: Ca
     return chosen, [step for _, step in tried]
 
 
+def in_model_measure(provider: str) -> str:
+    """What the in-model check times on ``provider``: onnxruntime's profiler times each CPU node,
+    but sees one fused node on the others (OpenVINO, CUDA, TensorRT), where the whole model's
+    latency is what there is to aim at."""
+    return "linear ops" if provider == "cpu" else "whole model"
+
+
 def plan_in_model(analysis, opts, plan_at: Callable[[float], ArchitecturePlan]) -> ArchitecturePlan:
-    """``in_model_plan`` on the analysed model, on the CPU provider (the one whose profiler times
-    each node); elsewhere the plan from the layers alone."""
+    """``in_model_plan`` on the analysed model, timed by ``in_model_measure`` of its provider."""
     device = analysis.latency.device
-    if device.provider != "cpu":
-        log.info("latency plan on %s: not checked in the whole model (its nodes are not profiled)", device.provider)
-        return plan_at(opts.speedup)
     feeds = analysis.benchmark_feeds(device.batch)
 
     def conv_speedup(plan: ArchitecturePlan) -> float:  # the median of per-round ratios: a load drift hits both
-        original, planned = linear_op_times(
-            [analysis.normalised, architecture_model(analysis.normalised, analysis.units, plan)], feeds, device)
+        models = [analysis.normalised, architecture_model(analysis.normalised, analysis.units, plan)]
+        if in_model_measure(device.provider) == "linear ops":
+            original, planned = linear_op_times(models, feeds, device)
+        else:
+            original, planned = interleaved_times(models, feeds, provider=device.provider, threads=device.threads,
+                                                  rounds=IN_MODEL_ROUNDS)
         timed = (original > 0) & (planned > 0)  # a run whose kernels fell outside its span says nothing
         return float(np.median(original[timed] / planned[timed])) if timed.any() else math.nan
 
-    with analysis.run.stage("profile-model", "timing the latency plan in the whole model"):
+    with analysis.run.stage("profile-model", f"timing the latency plan in the whole model "
+                                             f"({in_model_measure(device.provider)} on {device.provider})"):
         plan, steps = in_model_plan(plan_at, conv_speedup, opts.speedup)
     plan.in_model = steps
     return plan

@@ -160,7 +160,8 @@ def render(report: Report, console) -> None:
         summary.add_row(f"predicted conv speedup ({report.latency_plan['provider']}, layers timed alone)",
                         f"{before / after:.2f}×")
         for step in report.latency_plan.get("in_model") or []:
-            summary.add_row(f"  plan for {step['asked']:.2f}×: predicted / measured in the model",
+            summary.add_row(f"  plan for {step['asked']:.2f}×: predicted / measured "
+                            f"({report.latency_plan['in_model_measure']})",
                             f"{step['predicted']:.2f}× / {step['measured']:.2f}×")
     for provider, latency in report.latency_ms.items():
         if latency.get("original") is None:

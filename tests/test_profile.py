@@ -259,3 +259,24 @@ def test_the_rank_grid_is_the_vector_block_of_this_cpu_for_both_cpu_providers() 
         assert block == expected
         assert ("AVX-512" if expected == 16 else "AVX2" if expected else "neither") in described
     assert rank_grid("cuda") == (8, "tensor-core multiple of 8")
+
+
+def test_on_a_provider_whose_nodes_are_not_profiled_the_plan_is_checked_on_the_whole_model(monkeypatch) -> None:
+    """OpenVINO, CUDA and TensorRT show onnxruntime's profiler one fused node: there the check
+    times the whole model (played here by the CPU provider under OpenVINO's name)."""
+    from onnx_lowrank import runtime
+
+    monkeypatch.setitem(runtime.PROVIDER_NAMES, "openvino", "CPUExecutionProvider")
+
+    def no_profiler(*args, **kwargs):
+        raise AssertionError("the profiler's node times were read on a provider that has none")
+
+    monkeypatch.setattr("onnx_lowrank.profile.linear_op_times", no_profiler)
+    model = conv_net([Layer(16), Layer(64), Layer(64), Layer(64)], size=(16, 16), classifier=5)
+    data = np.random.default_rng(0).standard_normal((64, 3, 16, 16)).astype(np.float32)
+    report = compress(model, 1.5, calibration=data, objective="latency", providers=("openvino",), threads=1,
+                      bench=False).report
+    assert report.latency_plan["provider"] == "openvino"
+    assert report.latency_plan["in_model_measure"] == "whole model"
+    assert report.latency_plan["in_model"] and all(math.isfinite(s["measured"]) and s["measured"] > 0
+                                                   for s in report.latency_plan["in_model"])
