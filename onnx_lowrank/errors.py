@@ -38,7 +38,12 @@ class NothingToDecomposeError(LowRankError):
 
 
 class InfeasibleTargetError(LowRankError):
-    """The requested speedup cannot be reached with the decomposable layers."""
+    """The requested speedup cannot be reached with the decomposable layers; ``reachable``, where
+    known, is the most a plan can give by the measure that refused it."""
+
+    def __init__(self, message: str, hint: str | None = None, reachable: float | None = None) -> None:
+        super().__init__(message, hint)
+        self.reachable = reachable
 
 
 class BudgetNotMetError(LowRankError):

@@ -461,7 +461,8 @@ def latency_ranks(candidates: list[RankCandidate], eigenvalues: dict[str, np.nda
     while total() > target:
         if not heap:
             raise InfeasibleTargetError(f"a {speedup:.4g}x measured conv speedup cannot be reached",
-                                        hint=f"at most {before / total():.3g}x on this provider; ask for less")
+                                        hint=f"at most {before / total():.3g}x on this provider; ask for less",
+                                        reachable=before / total())
         name = heapq.heappop(heap)[1]
         position[name] -= 1
         if (score := step_score(name, True)) is not None:

@@ -224,6 +224,38 @@ def test_of_the_plans_tried_the_one_measuring_closest_to_the_target_is_kept() ->
     assert max(s["measured"] for s in steps) == 2.0 and len(steps) >= 1
 
 
+def test_a_model_answering_far_from_proportionally_is_met_by_the_secant_through_its_measurements() -> None:
+    """A power law (OpenVINO's lone layers on CRAFT: 1.70x predicted measured 2.56x, 2.28x 5.37x)
+    is a line in logs: the third plan lands on the target."""
+    from onnx_lowrank.profile import in_model_plan
+
+    plan, steps = in_model_plan(FakePlan, lambda p: (p.predicted_ms[0] / p.predicted_ms[1]) ** 1.6, 4.0)
+    assert len(steps) == 3 and steps[-1]["measured"] == pytest.approx(4.0)
+    assert steps[-1]["asked"] == pytest.approx(4.0 ** (1 / 1.6)) and plan.asked == steps[-1]["asked"]
+
+
+@pytest.mark.parametrize("bias", [1.5, 1.1])
+def test_a_target_the_layers_alone_cannot_reach_is_refused_only_if_the_model_misses_it_too(bias: float) -> None:
+    from onnx_lowrank.profile import in_model_plan
+
+    def plan_at(speedup):  # the layers alone reach at most 3x
+        if speedup > 3.0:
+            raise InfeasibleTargetError("too fast", reachable=3.0)
+        return FakePlan(speedup)
+
+    def measured(plan):
+        return bias * plan.predicted_ms[0] / plan.predicted_ms[1]
+
+    if bias * 3.0 < 0.97 * 4.0:
+        with pytest.raises(InfeasibleTargetError, match="fastest plan measures 3.3x") as refused:
+            in_model_plan(plan_at, measured, 4.0)
+        assert refused.value.reachable == pytest.approx(3.3)
+        return
+    plan, steps = in_model_plan(plan_at, measured, 4.0)
+    assert steps[0]["asked"] == pytest.approx(3.0) and steps[0]["measured"] == pytest.approx(4.5)
+    assert measured(plan) == pytest.approx(4.0)
+
+
 @pytest.mark.parametrize("unmeasured", [math.nan, math.inf, 0.0])
 def test_a_plan_the_model_could_not_time_is_kept_as_planned_from_its_layers(unmeasured: float) -> None:
     from onnx_lowrank.profile import in_model_plan
