@@ -308,7 +308,7 @@ def in_model_plan(plan_at: Callable[[float], ArchitecturePlan], conv_speedup: Ca
     try:
         asked, plan = speedup, plan_at(speedup)
     except InfeasibleTargetError as exc:
-        if exc.reachable is None:
+        if exc.reachable is None or exc.reachable <= 1:
             raise
         # Layers alone underpredict most models (by a third on CRAFT): the fastest plan is timed
         # in the model before the target is refused.
@@ -331,7 +331,10 @@ def in_model_plan(plan_at: Callable[[float], ArchitecturePlan], conv_speedup: Ca
             if exc.reachable is None or any(t["asked"] >= exc.reachable * (1 - 1e-6) for _, t in tried):
                 break
             asked = exc.reachable * (1 - 1e-9)
-            again = plan_at(asked)
+            try:
+                again = plan_at(asked)
+            except InfeasibleTargetError:
+                break
         if (again.ranks, again.spatial_ranks) == (plan.ranks, plan.spatial_ranks):
             break
         plan = again

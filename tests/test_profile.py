@@ -259,6 +259,19 @@ def test_a_target_the_layers_alone_cannot_reach_is_refused_only_if_the_model_mis
     assert measured(plan) == pytest.approx(4.0)
 
 
+def test_a_correction_past_what_the_layers_reach_times_the_fastest_plan_once() -> None:
+    from onnx_lowrank.profile import in_model_plan
+
+    def plan_at(speedup):
+        if speedup > 3.0:
+            raise InfeasibleTargetError("too fast", reachable=3.0)
+        return FakePlan(speedup)
+
+    plan, steps = in_model_plan(plan_at, lambda p: 0.9 * p.predicted_ms[0] / p.predicted_ms[1], 2.75)
+    assert steps[-1]["asked"] == pytest.approx(3.0) and plan.asked == steps[-1]["asked"]
+    assert sum(s["asked"] == pytest.approx(3.0) for s in steps) == 1
+
+
 @pytest.mark.parametrize("unmeasured", [math.nan, math.inf, 0.0])
 def test_a_plan_the_model_could_not_time_is_kept_as_planned_from_its_layers(unmeasured: float) -> None:
     from onnx_lowrank.profile import in_model_plan
