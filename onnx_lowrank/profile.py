@@ -304,16 +304,21 @@ def in_model_plan(plan_at: Callable[[float], ArchitecturePlan], conv_speedup: Ca
     nearest. A target the layers alone cannot reach is refused only when the fastest plan misses
     it in the model too. Returns the plan and every step (target asked, predicted, measured)."""
     tried: list[tuple[ArchitecturePlan, dict]] = []
-    refused: InfeasibleTargetError | None = None
-    try:
-        asked, plan = speedup, plan_at(speedup)
-    except InfeasibleTargetError as exc:
-        if exc.reachable is None or exc.reachable <= 1:
-            raise
-        # Layers alone underpredict most models (by a third on CRAFT): the fastest plan is timed
-        # in the model before the target is refused.
-        refused, asked = exc, exc.reachable * (1 - 1e-9)
-        plan = plan_at(asked)
+    refusals: list[InfeasibleTargetError] = []  # the one that sent the check to the fastest plan
+
+    def planned(target: float) -> tuple[float, ArchitecturePlan]:
+        # Layers alone underpredict most models (by a third on CRAFT): past what they reach, the
+        # fastest plan is timed in the model, once, before a target is given up.
+        try:
+            return target, plan_at(target)
+        except InfeasibleTargetError as exc:
+            if exc.reachable is None or exc.reachable <= 1 or refusals:
+                raise
+            refusals.append(exc)
+            return exc.reachable * (1 - 1e-9), plan_at(exc.reachable * (1 - 1e-9))
+
+    asked, plan = planned(speedup)
+    refused = refusals[0] if refusals else None
     for _ in range(steps):
         predicted = plan.predicted_ms[0] / plan.predicted_ms[1]
         measured = conv_speedup(plan)
@@ -326,15 +331,9 @@ def in_model_plan(plan_at: Callable[[float], ArchitecturePlan], conv_speedup: Ca
         if abs(measured / speedup - 1) <= tolerance or (asked := _next_target(speedup, [t for _, t in tried])) <= 1:
             break
         try:
-            again = plan_at(asked)
-        except InfeasibleTargetError as exc:  # past what the layers alone reach: the fastest plan, once
-            if exc.reachable is None or any(t["asked"] >= exc.reachable * (1 - 1e-6) for _, t in tried):
-                break
-            asked = exc.reachable * (1 - 1e-9)
-            try:
-                again = plan_at(asked)
-            except InfeasibleTargetError:
-                break
+            asked, again = planned(asked)
+        except InfeasibleTargetError:
+            break
         if (again.ranks, again.spatial_ranks) == (plan.ranks, plan.spatial_ranks):
             break
         plan = again
