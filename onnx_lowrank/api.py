@@ -123,6 +123,7 @@ def compress(
     bench_batch: int = 1,
     quantize: str | None = None,
     int8_calibration: str = "minmax",
+    int8_tolerance: float = 0.05,
 ) -> Result:
     """Make ``model``'s linear layers (convs, transposed convs, dense) about ``speedup`` times
     cheaper in FLOPs by low-rank decomposition.
@@ -143,7 +144,7 @@ def compress(
                    skip=skip, ops=ops, providers=providers, threads=threads, bench=bench, bench_rounds=bench_rounds,
                    batch_size=batch_size, dry_run=dry_run, input_size=input_size, augment=augment,
                    objective=objective, latency_cache=latency_cache, bench_batch=bench_batch, quantize=quantize,
-                   int8_calibration=int8_calibration)
+                   int8_calibration=int8_calibration, int8_tolerance=int8_tolerance)
     analysis = analyse(model, opts, calibration, evaluation, preprocess, progress)
     plan = plan_for(analysis, opts)
     solved = solve(analysis, plan, opts) if not opts.dry_run else Solved()

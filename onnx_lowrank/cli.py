@@ -302,10 +302,15 @@ def run(
                                            "k x 1 / 1 x k split (repeat, as --skip).", rich_help_panel=PLAN),
     quantize: Optional[Quantization] = typer.Option(None, help="int8: then quantize the low-rank model with "
                                                     "onnxruntime's static quantizer (QDQ, per-channel weights, the "
-                                                    "calibration data); the report compares original, low-rank, "
+                                                    "calibration data), nodes that cost more than --int8-tolerance "
+                                                    "kept in float; the report compares original, low-rank, "
                                                     "low-rank + int8 and int8 alone.", rich_help_panel=QUANTIZE),
     int8_calibration: Int8Calibration = typer.Option(Int8Calibration.minmax, help="How INT8 activation ranges are "
                                                      "calibrated.", rich_help_panel=QUANTIZE),
+    int8_tolerance: float = typer.Option(0.05, help="What INT8 may add to the relative output error on held-out "
+                                         "data; nodes that cost more are kept in float, and if none can be, the "
+                                         "float model is written. With an accuracy budget, the budget decides.",
+                                         rich_help_panel=QUANTIZE),
     objective: Objective = typer.Option(Objective.flops, help="What --speedup counts: conv FLOPs, or conv latency "
                                         "measured on the first --providers entry (each layer's candidate forms "
                                         "timed alone at --bench-batch; channel methods).", rich_help_panel=PLAN),
@@ -352,6 +357,7 @@ def run(
                 seed=seed, skip=skip, ops=[o for value in ops for o in value.split(",") if o], providers=[p for value in providers for p in value.split(",") if p],
                 threads=threads, bench=bench, dry_run=dry_run, input_size=_size(input_size), augment=augment,
                 quantize=None if quantize is None else quantize.value, int8_calibration=int8_calibration.value,
+                int8_tolerance=int8_tolerance,
                 objective=objective.value, latency_cache=latency_cache, bench_batch=bench_batch)
             with _progress(quiet) as progress:
                 if budget is None:

@@ -58,6 +58,7 @@ class Options:
     bench_batch: int = 1  # batch the latency is measured (and, for --objective latency, planned) at
     quantize: str | None = None  # "int8": onnxruntime's static quantizer on the low-rank model
     int8_calibration: str = "minmax"
+    int8_tolerance: float = 0.05  # what INT8 may add to the relative output error (quantize.stages)
 
     def __post_init__(self) -> None:
         for option in fields(self):
@@ -125,6 +126,15 @@ def _number_above_one(name: str, value: Any) -> float:
     if not (math.isfinite(value) and value > 1.0):
         raise InvalidOptionError(f"{name} must be a finite number greater than 1, got {value!r}",
                                  hint="e.g. a speedup of 2 halves the conv FLOPs")
+    return float(value)
+
+
+def _positive_number(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise InvalidTypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    if not (math.isfinite(value) and value > 0):
+        raise InvalidOptionError(f"{name} must be a finite number greater than 0, got {value!r}",
+                                 hint="e.g. 0.05: INT8 may add 0.05 to the relative output error")
     return float(value)
 
 
@@ -202,4 +212,5 @@ _CONSTRAINTS: dict[str, Callable[[str, Any], Any]] = {
     "bench_batch": _integer(1),
     "quantize": _optional(_choice(QUANTIZATIONS)),
     "int8_calibration": _choice(INT8_CALIBRATIONS),
+    "int8_tolerance": _positive_number,
 }

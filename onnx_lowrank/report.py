@@ -49,7 +49,7 @@ class FrontierPoint:
 
 
 # Bumped whenever a key of the JSON report changes meaning or disappears (README: "The report").
-SCHEMA_VERSION = 3  # 3: theoretical_conv_speedup became theoretical_speedup (over every --ops kind)
+SCHEMA_VERSION = 4  # 4: int8.kept_float maps a node to its reason and measured cost; stages say what was written
 
 
 @dataclass
@@ -201,7 +201,7 @@ def _render_stages(report: Report, console) -> None:
     providers = list(dict.fromkeys(p for stage in report.stages for p in stage["latency_ms"]))
     samples = report.stages[0]["fidelity"]["samples"]
     table = Table(title=f"stages (fidelity on {samples} held-out samples; latency p50 / p90)")
-    for column in ("stage", "output error", "top-1 agreement", "accuracy", *(f"{p} ms" for p in providers),
+    for column in ("stage", "output error (worst)", "top-1 agreement", "accuracy", *(f"{p} ms" for p in providers),
                    *(f"{p} speedup" for p in providers)):
         table.add_column(escape(column), justify="left" if column == "stage" else "right", no_wrap=column == "stage")
     base = report.stages[0]["latency_ms"]
@@ -209,14 +209,30 @@ def _render_stages(report: Report, console) -> None:
         fidelity = stage["fidelity"] or {}
         error = fidelity.get("output_rel_error") or {}
         latency = stage["latency_ms"]
-        table.add_row(stage["stage"], _number(next(iter(error.values()), None), 4),
+        name = stage["stage"] + (f" ({stage['kept_float']} nodes float)" if stage.get("kept_float") else "")
+        table.add_row(name + (" → OUT" if stage.get("written") else ""), _number(max(error.values(), default=None), 4),
                       _percent(fidelity.get("top1_agreement")), _percent(fidelity.get("accuracy_optimized")),
                       *(f"{latency[p]['p50']:.2f} / {latency[p]['p90']:.2f}" for p in providers),
                       *(f"{base[p]['p50'] / latency[p]['p50']:.2f}×" for p in providers))
     console.print(table)
-    if report.int8 and report.int8["kept_float"]:
-        console.print(f"  kept in float by INT8: {', '.join(sorted(report.int8['kept_float']))}", markup=False,
-                      highlight=False)
+    if report.int8:
+        _render_int8(report.int8, console)
+
+
+def _render_int8(int8: dict, console) -> None:
+    """What the INT8 guard kept in float, and why; or why the float model was written."""
+    def say(text: str) -> None:
+        console.print(text, markup=False, highlight=False)
+
+    kept = int8["kept_float"]
+    if kept:
+        say(f"  kept in float by the INT8 guard ({int8['tolerance']}; error removed by each alone, "
+            f"{int8['guard']['ranking_samples']} calibration samples):")
+        for name, why in sorted(kept.items(), key=lambda item: -item[1]["error_contribution"]):
+            say(f"    {name}: {why['reason']}, {why['error_contribution']:.4f}")
+    if int8["written"] == "float":
+        say(f"  INT8 missed the tolerance ({int8['tolerance']}): {int8['guard']['failure']}; the float model "
+            "was written")
 
 
 def _render_frontier(report: Report, console) -> None:

@@ -18,8 +18,9 @@ each cheaper per plan than the next, so that the search costs about two fixed-sp
 3. *The method itself*, with the paper's schedule, once: at the fastest plan whose quick run met
    the budget (at the next slower one should it miss). Only a plan measured with the method itself
    is ever the answer, so the budget is met on held-out data by the model that is returned.
-4. With ``--quantize int8``, the answer is the INT8 model: the plan found is quantized and
-   measured again, and where INT8 breaks the budget, slower plans are (``_Searcher.with_int8``).
+4. With ``--quantize int8``, the answer is the INT8 model: the plan found is quantized with the
+   budget as the INT8 guard's tolerance (nodes that break it kept in float), and where no INT8
+   model of it meets the budget, slower plans are (``_Searcher.with_int8``).
 
 Every plan measured is a point of the frontier (theoretical speedup vs metric) in the report.
 """
@@ -39,7 +40,7 @@ from onnx_lowrank.api import Analysis, Result, analyse, measure, plan_for, repor
 from onnx_lowrank.errors import BudgetNotMetError, InfeasibleTargetError, InvalidOptionError
 from onnx_lowrank.evaluate import compare_outputs, model_outputs
 from onnx_lowrank.options import Options
-from onnx_lowrank.quantize import add_int8, int8_of
+from onnx_lowrank.quantize import Tolerance, add_int8, int8_of
 from onnx_lowrank.report import INT8_SUFFIX, PROBE_LABEL, QUICK_SUFFIX, FrontierPoint
 from onnx_lowrank.layers import PROBE_SCHEDULE
 from onnx_lowrank.solvers.nonlinear import PAPER_SCHEDULE
@@ -154,7 +155,8 @@ def compress_to_budget(model, budget: Budget, *, calibration=None, evaluation=No
     measure(analysis, optimized, report, final_opts)
     if int8 is not None:  # the budget was met by the INT8 model: that is the answer, and its figure
         point = int8[0]
-        optimized = add_int8(analysis, optimized, report, final_opts, lowrank_int8=int8[1])
+        optimized = add_int8(analysis, optimized, report, final_opts, lowrank_int8=int8[1],
+                             tolerance=searcher.int8_tolerance())
     report.budget = {"target": budget.describe(), "kind": budget.kind, "limit": budget.limit,
                      "measured": point.value, "met": True, "held_out_samples": len(data.holdout_indices),
                      "search_s": time.perf_counter() - clock}
@@ -232,25 +234,33 @@ class _Searcher:
         self.quick[speedup] = result[0]
         return result[0]
 
+    def int8_tolerance(self) -> Tolerance:
+        """The budget as INT8's tolerance: a model passes where it meets the budget itself."""
+        def judge(reference: dict, float_outputs: dict):
+            def met(outputs: dict) -> tuple[float, bool]:
+                value = self.budget.value(reference, outputs, self.labels)
+                return value, self.budget.met(value)
+            return met
+        return Tolerance(f"the budget: {self.budget.describe()}", judge)
+
     def with_int8(self, best):
-        """The found plan with INT8 on top (``quantize.quantize_int8``), measured against the budget;
-        where INT8 breaks it, the method at slower plans, halfway to 1x, ``INT8_STEPS`` times.
-        Returns the float plan's (point, solved, model) and (INT8 point, Quantized), or Nones."""
+        """The found plan with INT8 on top, guarded by the budget (``quantize.guard``: nodes that
+        break it kept in float); where no INT8 model of the plan meets it, the method at slower
+        plans, halfway to 1x, ``INT8_STEPS`` times. Returns the float plan's (point, solved,
+        model) and (INT8 point, Guarded), or Nones."""
         candidate = best
         for _ in range(INT8_STEPS + 1):
             if candidate is not None and candidate[0].met:
                 point, _, optimized = candidate
-                data = self.analysis.data
                 with self.analysis.run.stage("quantize", f"INT8 on the plan at {point.speedup_target:.2f}x"):
-                    quantized = int8_of(self.analysis, optimized, self.opts)
-                    outputs = model_outputs(quantized.model, data.eval_source, data.holdout_indices, data.batch,
-                                            self.opts.threads)
-                value = self.budget.value(self.reference, outputs, self.labels)
-                int8_point = FrontierPoint(point.speedup_target, point.theoretical_speedup, value,
-                                           self.budget.met(value), f"{point.solver}{INT8_SUFFIX}")
+                    quantized = int8_of(self.analysis, optimized, self.opts,
+                                        self.int8_tolerance().judge(self.reference, None))
+                verdict = quantized.verdict or quantized.unguarded_verdict
+                int8_point = FrontierPoint(point.speedup_target, point.theoretical_speedup, verdict.value,
+                                           quantized.model is not None, f"{point.solver}{INT8_SUFFIX}")
                 self.frontier.append(int8_point)
                 log.info("%s at %.2fx: %s = %.4g (%s)", int8_point.solver, point.theoretical_speedup,
-                         self.budget.kind, value, "met" if int8_point.met else "missed")
+                         self.budget.kind, verdict.value, "met" if int8_point.met else "missed")
                 if int8_point.met:
                     return candidate, (int8_point, quantized)
                 slower = point.speedup_target

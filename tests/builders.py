@@ -173,3 +173,42 @@ def gelu_written_out(b: NetBuilder, y: str, form: str) -> str:
     tanh = b.node("Tanh", [b.node("Mul", [inner, b.const("s", np.array(np.sqrt(2.0 / np.pi)))])])
     half_x = b.node("Mul", [b.const("half", np.array(0.5)), y])
     return b.node("Mul", [half_x, b.node("Add", [b.const("one", np.array(1.0)), tanh])])
+
+
+def dense_head_with_batchnorm(seed: int = 0, decades: float = 5.0) -> onnx.ModelProto:
+    """Two convs, then Gemm -> per-feature Mul/Add (a dense layer's BatchNorm as exporters write
+    it) -> ReLU -> Gemm. The first Gemm's features have spreads over ``decades`` decades, which
+    the BatchNorm's scales even out, as training leaves them: quantized per tensor, that Gemm's
+    output and the Mul's scales break the head (issue 21); folded, the Gemm's output is even."""
+    b = NetBuilder(seed)
+    x = b.conv_layer("input", 3, Layer(16))
+    x = b.node("Flatten", [b.node("GlobalAveragePool", [b.conv_layer(x, 16, Layer(32))])])
+    scale = 10 ** b.rng.uniform(-decades / 2, decades / 2, 64)
+    x = b.node("Gemm", [x, b.const("w1", b.rng.standard_normal((32, 64)) / 6 / scale), b.const("b1", np.zeros(64))])
+    x = b.node("Mul", [x, b.const("bn_scale", scale)])
+    x = b.node("Relu", [b.node("Add", [x, b.const("bn_shift", b.rng.standard_normal(64) * 0.5)])])
+    x = b.node("Gemm", [x, b.const("w2", b.rng.standard_normal((64, 10)) / 8), b.const("b2", np.zeros(10))])
+    graph = helper.make_graph(b.nodes, "dense-bn", [helper.make_tensor_value_info("input", TensorProto.FLOAT,
+                                                                                 ["N", 3, 12, 12])],
+                              [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["N", 10])], b.inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=IR_VERSION)
+
+
+def with_one_huge_input_channel(model: onnx.ModelProto, conv_index: int = 2, factor: float = 1000.0) -> onnx.ModelProto:
+    """``model`` computing the same function, with the ``conv_index``-th conv's weights for input
+    channel 0 ``factor`` times larger and the conv before it producing that channel ``factor``
+    times smaller (ReLU commutes with a positive scale): per-output-channel int8 weights of that
+    conv then round every other input channel to a few levels, a weight-side break."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    values = {i.name: i for i in model.graph.initializer}
+    before, conv = [n for n in model.graph.node if n.op_type == "Conv"][conv_index - 1:conv_index + 1]
+
+    def scaled(name: str, change) -> None:
+        array = numpy_helper.to_array(values[name]).copy()
+        change(array)
+        values[name].CopyFrom(numpy_helper.from_array(array, name))
+
+    scaled(before.input[1], lambda w: w.__setitem__(0, w[0] / factor))
+    scaled(before.input[2], lambda b: b.__setitem__(0, b[0] / factor))
+    scaled(conv.input[1], lambda w: w.__setitem__((slice(None), 0), w[:, 0] * factor))
+    return model

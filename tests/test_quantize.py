@@ -1,20 +1,17 @@
-"""INT8 on top (--quantize int8): onnxruntime's quantizer, the four stages, fragile activations
-kept in float, and input models that are already quantized or half precision."""
+"""INT8 on top (--quantize int8): onnxruntime's quantizer, the stages, and input models that are
+already quantized or half precision. The accuracy guard has its own tests (test_int8_guard.py)."""
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
-from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
 from onnx_lowrank import compress
 from onnx_lowrank.calibration import model_inputs, open_calibration
 from onnx_lowrank.errors import InvalidOptionError, ModelLoadError
-from onnx_lowrank.quantize import FRAGILE_SQNR_DB, SourceReader, quantize_int8, rounding_sqnr
+from onnx_lowrank.quantize import Int8Quantizer, SourceReader
 from tests.builders import Layer, conv_net, relative_error, run_model
 
 LAYERS = [Layer(16), Layer(32, weight_rank=8), Layer(32, weight_rank=8), Layer(16)]
@@ -26,54 +23,13 @@ def model_and_data(samples: int = 64):
     return model, data
 
 
-def test_rounding_sqnr_is_the_int8_grid_noise_and_ignores_a_folded_relu() -> None:
-    rng = np.random.default_rng(0)
-    values = rng.uniform(0, 1, 100_000)
-    step = 1 / 255
-    after = np.round(values / step) * step
-    # uniform values on [0, 1]: signal power 1/3, rounding noise step^2 / 12
-    assert rounding_sqnr(values, after) == pytest.approx(10 * np.log10((1 / 3) / (step ** 2 / 12)), abs=0.3)
-    # a ReLU folded into the pair: negatives before it become 0 after it and are not noise
-    signed = np.concatenate([values, -values])
-    assert rounding_sqnr(signed, np.concatenate([after, np.zeros_like(after)])) == pytest.approx(
-        rounding_sqnr(values, after), abs=0.01)
-    assert rounding_sqnr(values, values) == float("inf")
-
-
 def reader_for(model, data):
     return SourceReader(open_calibration(data, model_inputs(model)), list(range(len(data))), 16)
 
 
-def test_an_outlier_activation_is_kept_in_float_and_that_helps() -> None:
-    model, data = model_and_data()
-    test = data[:32].copy()
-    data[0, :, 4, 4] = 300  # one calibration pixel stretches the convs' minmax ranges ~50-fold
-    quantized = quantize_int8(model, reader_for(model, data))
-    assert quantized.kept_float and all(sqnr < FRAGILE_SQNR_DB for sqnr in quantized.kept_float.values())
-    assert set(quantized.kept_float) <= {n.name for n in quantized.model.graph.node}
-
-    # onnxruntime's quantizer alone, the same settings, nothing kept in float
-    with tempfile.TemporaryDirectory() as folder:
-        onnx.save(model, Path(folder) / "f.onnx")
-        quantize_static(str(Path(folder) / "f.onnx"), str(Path(folder) / "q.onnx"), reader_for(model, data),
-                        quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
-                        weight_type=QuantType.QInt8)
-        plain = onnx.load(Path(folder) / "q.onnx")
-    reference = run_model(model, {"input": test})[0]
-    kept_error = relative_error(reference, run_model(quantized.model, {"input": test})[0])
-    plain_error = relative_error(reference, run_model(plain, {"input": test})[0])
-    assert kept_error < 0.7 * plain_error
-    assert "QuantizeLinear" in {n.op_type for n in quantized.model.graph.node}  # the rest is still int8
-
-
-def test_well_behaved_activations_are_all_quantized() -> None:
-    model, data = model_and_data()
-    quantized = quantize_int8(model, reader_for(model, data))
-    assert quantized.kept_float == {}
-    ops = {n.op_type for n in quantized.model.graph.node}
-    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
-    reference = run_model(model, {"input": data})[0]
-    assert relative_error(reference, run_model(quantized.model, {"input": data})[0]) < 0.05
+def quantize_all(model, data, symmetric_activations: bool = False) -> onnx.ModelProto:
+    with Int8Quantizer(model, reader_for(model, data), symmetric_activations=symmetric_activations) as quantizer:
+        return quantizer.quantize()
 
 
 def test_compress_with_int8_reports_every_stage_against_an_independent_measurement() -> None:
@@ -100,7 +56,7 @@ def test_compress_with_int8_reports_every_stage_against_an_independent_measureme
 
 def test_a_quantized_or_half_precision_model_is_refused() -> None:
     model, data = model_and_data()
-    qdq = quantize_int8(model, reader_for(model, data)).model
+    qdq = quantize_all(model, data)
     with pytest.raises(ModelLoadError, match="already quantized"):
         compress(qdq, 2.0, calibration=data, bench=False)
     half = onnx.ModelProto()
@@ -149,7 +105,7 @@ def test_an_unknown_int8_calibration_is_refused() -> None:
 
 def test_symmetric_activations_for_tensorrt_have_int8_zero_points_of_zero() -> None:
     model, data = model_and_data()
-    quantized = quantize_int8(model, reader_for(model, data), symmetric_activations=True).model
+    quantized = quantize_all(model, data, symmetric_activations=True)
     initializers = {i.name: onnx.numpy_helper.to_array(i) for i in quantized.graph.initializer}
     zero_points = [initializers[n.input[2]] for n in quantized.graph.node if n.op_type == "QuantizeLinear"]
     assert zero_points and all(z.dtype == np.int8 and not z.any() for z in zero_points)
@@ -163,20 +119,7 @@ def test_a_failure_inside_onnxruntimes_quantizer_is_one_error(monkeypatch) -> No
     def broken(*args, **kwargs):
         raise RuntimeError("symbolic shape inference failed\nat node 7")
 
-    monkeypatch.setattr("onnx_lowrank.quantize.quant_pre_process", broken)
+    monkeypatch.setattr("onnx_lowrank.quantize.quantizer.quant_pre_process", broken)
     model, data = model_and_data()
     with pytest.raises(QuantizationError, match=r"quantizer failed on the model: symbolic shape inference failed \(hint"):
-        quantize_int8(model, reader_for(model, data))
-
-
-def test_the_noise_measurement_keeps_its_activations_within_a_memory_bound(monkeypatch, caplog) -> None:
-    """Every activation of every measured sample is held at once: on a large model only as many
-    samples as fit the bound are run (here one)."""
-    import logging
-
-    monkeypatch.setattr("onnx_lowrank.quantize.DEBUG_MEMORY", 1)
-    model, data = model_and_data()
-    with caplog.at_level(logging.DEBUG, logger="onnx_lowrank.quantize"):
-        quantized = quantize_int8(model, reader_for(model, data))
-    assert "noise measured on 1 samples" in caplog.text
-    assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in quantized.model.graph.node}
+        quantize_all(model, data)

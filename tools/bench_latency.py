@@ -28,7 +28,7 @@ from onnx_lowrank.calibration import model_inputs, open_calibration
 from onnx_lowrank.errors import InfeasibleTargetError
 from onnx_lowrank.evaluate import interleaved_times
 from onnx_lowrank.profile import Device, linear_op_times, rank_grid
-from onnx_lowrank.quantize import SourceReader, quantize_int8
+from onnx_lowrank.quantize import Int8Quantizer, SourceReader
 
 SETTINGS = [("1 thread, batch 1", 1, 1), ("default threads, batch 1", 0, 1), ("default threads, batch 8", 0, 8)]
 
@@ -88,7 +88,8 @@ def main() -> None:
         row["stages"] = [{k: v for k, v in s.items() if k != "latency_ms"} for s in quantized.report.stages]
         models["lowrank_int8"] = quantized.model
         calib = open_calibration(args.calib, model_inputs(original))  # the same samples the tool quantized with
-        models["int8"] = quantize_int8(original, SourceReader(calib, list(range(min(len(calib), 128))), 8)).model
+        with Int8Quantizer(original, SourceReader(calib, list(range(min(len(calib), 128))), 8)) as quantizer:
+            models["int8"] = quantizer.quantize()
         for name, model in models.items():
             onnx.save(model, args.keep / f"{args.model.stem}-{speedup:g}-{name}.onnx")
         row["measured"] = timings(original, models, sample, args.rounds)

@@ -1,0 +1,165 @@
+"""INT8 on top of the low-rank model, in the run: the guard's tolerance, and the stage table a
+user weighs (original, low-rank, low-rank + INT8, INT8 alone: fidelity and latency of each).
+
+The default tolerance limits what INT8 adds to the relative output error of the model it
+quantizes, measured against the original on the held-out set (worst output): ``--int8-tolerance``,
+0.05 by default. A low-rank model at error 0.18 may become 0.23 at most, INT8 alone may reach 0.05;
+a model INT8 breaks (a VGG-16 at 0.57) never passes. With an accuracy budget the budget is the
+tolerance. Where the guard finds no INT8 model within it, the float low-rank model is written,
+with one warning.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import numpy as np
+import onnx
+
+from onnx_lowrank.errors import ProviderError
+from onnx_lowrank.evaluate import compare_outputs, interleaved_times, model_outputs
+from onnx_lowrank.quantize.guard import RANKING_SAMPLES, Guarded, Verdict, guard_int8, max_evaluations
+from onnx_lowrank.quantize.quantizer import Int8Quantizer, SourceReader
+from onnx_lowrank.runtime import provider_available
+
+log = logging.getLogger(__name__)
+
+Judge = Callable[[dict], "tuple[float, bool]"]  # held-out outputs -> (value, met)
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """What INT8 may cost: ``judge(reference, float_outputs)`` is the held-out test of a model whose
+    float version gives ``float_outputs`` where the original gives ``reference``; ``text`` says it."""
+
+    text: str
+    judge: Callable[[dict, dict], Judge]
+
+    @classmethod
+    def error_added(cls, limit: float) -> "Tolerance":
+        return cls(f"INT8 adds at most {limit:g} to the relative output error (worst output, held-out)",
+                   lambda reference, floats: error_added(reference, floats, limit))
+
+
+def error_added(reference: dict, float_outputs: dict, tolerance: float) -> Judge:
+    """The default judge: the relative output error INT8 adds to the float model's, against the
+    original's outputs ``reference`` (the worst output), at most ``tolerance``."""
+    float_errors = compare_outputs(reference, float_outputs).output_rel_error
+
+    def judge(outputs: dict) -> tuple[float, bool]:
+        errors = compare_outputs(reference, outputs).output_rel_error
+        value = max(errors[name] - float_errors[name] for name in errors)
+        return value, bool(value <= tolerance)
+    return judge
+
+
+def int8_of(analysis, model: onnx.ModelProto, opts, judge: Judge) -> Guarded:
+    """``model`` quantized as the run asks, calibrated on the analysis' calibration samples, with
+    the fewest nodes in float that ``judge`` passes on the held-out set."""
+    data = analysis.data
+
+    def accept(candidate: onnx.ModelProto) -> Verdict:
+        outputs = model_outputs(candidate, data.eval_source, data.holdout_indices, data.batch, opts.threads)
+        value, met = judge(outputs)
+        return Verdict(value, met, outputs)
+
+    ranking = _ranking_indices(data.calib_indices, data.batch)
+    float_ranking = model_outputs(model, data.source, ranking, data.batch, opts.threads)
+
+    def ranking_error(candidate: onnx.ModelProto) -> float:
+        outputs = model_outputs(candidate, data.source, ranking, data.batch, opts.threads)
+        return max(compare_outputs(float_ranking, outputs).output_rel_error.values())
+
+    reader = SourceReader(data.source, data.calib_indices, data.batch)
+    with Int8Quantizer(model, reader, opts.int8_calibration, symmetric_activations(opts)) as quantizer:
+        return guard_int8(quantizer, accept, ranking_error)
+
+
+def symmetric_activations(opts) -> bool:
+    return opts.providers[0] == "tensorrt"  # TensorRT takes symmetric int8 activations only
+
+
+def _ranking_indices(indices: list[int], batch: int) -> list[int]:
+    """About ``RANKING_SAMPLES`` calibration samples spread over the set, in whole batches."""
+    count = max(1, RANKING_SAMPLES // batch) * batch
+    step = max(1, len(indices) // count)
+    chosen = indices[::step][:count]
+    return chosen if len(chosen) % batch == 0 else indices[:batch]
+
+
+def add_int8(analysis, lowrank: onnx.ModelProto, report, opts, lowrank_int8: Guarded | None = None,
+             tolerance: Tolerance | None = None) -> onnx.ModelProto:
+    """Quantize the low-rank model (``lowrank_int8`` when that is done already) and, for
+    comparison, the original; fidelity and latency of every stage go to ``report.stages``, the
+    guard's findings to ``report.int8``. ``tolerance``: a budget's, instead of
+    ``--int8-tolerance``. Returns what to write: the guarded INT8 model, or
+    the float low-rank model where no INT8 model met the tolerance."""
+    data, run = analysis.data, analysis.run
+    tolerance = tolerance or Tolerance.error_added(opts.int8_tolerance)
+    with run.stage("quantize", f"quantizing to INT8 ({opts.int8_calibration} calibration, accuracy-guarded)"):
+        expected = model_outputs(analysis.reference, data.eval_source, data.holdout_indices, data.batch, opts.threads)
+        lowrank_outputs = model_outputs(lowrank, data.eval_source, data.holdout_indices, data.batch, opts.threads)
+        if lowrank_int8 is None:
+            lowrank_int8 = int8_of(analysis, lowrank, opts, tolerance.judge(expected, lowrank_outputs))
+        # INT8 alone quantizes the normalised original: the folding is part of what it is compared with
+        original_int8 = int8_of(analysis, analysis.normalised, opts, tolerance.judge(expected, expected))
+    labels = getattr(data.eval_source, "labels", None)
+    labels = None if labels is None else labels[list(data.holdout_indices)]
+    stages = [_stage("original", analysis.reference, expected, expected, labels),
+              _stage("low-rank", lowrank, lowrank_outputs, expected, labels)]
+    stages += _guarded_stages("low-rank + int8", lowrank_int8, expected, labels)
+    stages += _guarded_stages("int8", original_int8, expected, labels)
+    if opts.bench:
+        _time_stages(analysis, stages, opts)
+    written = lowrank_int8.model is not None
+    for stage in stages:
+        stage["written"] = stage["stage"] == ("low-rank + int8" if written else "low-rank")
+    if not written:
+        run.warn(f"INT8 adds {lowrank_int8.unguarded_verdict.value:.4g} to the output error, more than the "
+                 f"tolerance, and {lowrank_int8.failure}: the float low-rank model is written")
+    report.stages = [{key: value for key, value in stage.items() if key != "model"} for stage in stages]
+    report.int8 = {"format": "QDQ, per-channel symmetric int8 weights, "
+                             + ("symmetric int8 activations" if symmetric_activations(opts) else "uint8 activations"),
+                   "calibration": opts.int8_calibration, "tolerance": tolerance.text,
+                   "written": "int8" if written else "float", "guard": _describe(lowrank_int8),
+                   "kept_float": {name: kept.describe() for name, kept in lowrank_int8.kept_float.items()},
+                   "int8_alone": {"guard": _describe(original_int8),
+                                  "kept_float": {n: k.describe() for n, k in original_int8.kept_float.items()}}}
+    return lowrank_int8.model if written else lowrank
+
+
+def _describe(guarded: Guarded) -> dict:
+    return {**guarded.describe(), "held_out_evaluations_bound": max_evaluations(guarded.ranked)}
+
+
+def _stage(name: str, model, outputs: dict, expected: dict, labels, kept_float: int = 0) -> dict:
+    return {"stage": name, "model": model, "fidelity": asdict(compare_outputs(expected, outputs, labels)),
+            "kept_float": kept_float, "latency_ms": {}}
+
+
+def _guarded_stages(name: str, guarded: Guarded, expected: dict, labels) -> list[dict]:
+    """The guarded model's stage, and the all-INT8 one beside it where the guard changed it."""
+    stages = []
+    if guarded.model is not None:
+        stages.append(_stage(name, guarded.model, guarded.verdict.outputs, expected, labels, len(guarded.kept_float)))
+    if guarded.model is not guarded.unguarded:
+        stages.append(_stage(f"{name}, all nodes", guarded.unguarded, guarded.unguarded_verdict.outputs, expected,
+                             labels))
+    return stages
+
+
+def _time_stages(analysis, stages: list[dict], opts) -> None:
+    with analysis.run.stage("benchmark", "measuring the latency of every stage"):
+        feeds = analysis.benchmark_feeds(opts.bench_batch)
+        for provider in [p for p in opts.providers if provider_available(p)]:
+            try:
+                times = interleaved_times([s["model"] for s in stages], feeds, provider=provider,
+                                          threads=opts.threads, rounds=opts.bench_rounds)
+            except ProviderError as exc:  # installed but cannot start: the main table says so too
+                log.info("INT8 stages not timed on %s: %s", provider, exc)
+                continue
+            for stage, measured in zip(stages, times):
+                stage["latency_ms"][provider] = {"p50": float(np.median(measured)),
+                                                 "p90": float(np.percentile(measured, 90))}
