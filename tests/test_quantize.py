@@ -123,3 +123,14 @@ def test_a_failure_inside_onnxruntimes_quantizer_is_one_error(monkeypatch) -> No
     model, data = model_and_data()
     with pytest.raises(QuantizationError, match=r"quantizer failed on the model: symbolic shape inference failed \(hint"):
         quantize_all(model, data)
+
+
+@pytest.mark.parametrize("method", ["entropy", "percentile"])
+def test_histogram_calibration_takes_a_count_that_is_not_a_multiple_of_the_batch(method: str) -> None:
+    model, data = model_and_data(21)
+    reader = SourceReader(open_calibration(data, model_inputs(model)), list(range(21)), 8)
+    assert len({len(next(iter(batch.values()))) for batch in iter(reader.get_next, None)}) == 1
+    with Int8Quantizer(model, reader, method) as quantizer:
+        quantized = quantizer.quantize()
+    reference = run_model(model, {"input": data})[0]
+    assert relative_error(reference, run_model(quantized, {"input": data})[0]) < 0.1

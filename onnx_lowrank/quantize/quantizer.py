@@ -37,9 +37,12 @@ _QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
 
 
 class SourceReader(CalibrationDataReader):
-    """onnxruntime's ``CalibrationDataReader`` protocol over samples of a calibration source."""
+    """onnxruntime's ``CalibrationDataReader`` protocol over samples of a calibration source, in
+    batches of equal size (at most ``batch_size``, a divisor of the count): onnxruntime's histogram
+    calibrators (entropy, percentile) stack the batches' outputs and fail on a shorter last one."""
 
     def __init__(self, source, indices: Sequence[int], batch_size: int) -> None:
+        batch_size = max(d for d in range(1, max(1, min(batch_size, len(indices))) + 1) if len(indices) % d == 0)
         self._batches = [list(indices[i:i + batch_size]) for i in range(0, len(indices), batch_size)]
         self._source = source
         self.rewind()
