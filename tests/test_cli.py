@@ -237,6 +237,24 @@ def test_quantize_int8_writes_a_qdq_model_with_the_four_stages(tiny) -> None:
     assert again.stderr.startswith("error: the model is already quantized") and again.stderr.count("\n") == 1
 
 
+def test_int8_that_misses_its_tolerance_writes_the_float_model_with_one_warning_line(tiny, monkeypatch) -> None:
+    # INT8 noise can lower the error of a low-rank model by chance: here every INT8 model misses
+    monkeypatch.setattr("onnx_lowrank.quantize.stages.error_added",
+                        lambda reference, floats, limit: lambda outputs: (1.0, False))
+    out, report = tiny / "fast.onnx", tiny / "report.json"
+    result = invoke(tiny / "tiny.onnx", out, "--speedup", "2", "--calib", tiny / "calib.npz", "--report", report,
+                    "--quantize", "int8", "--int8-tolerance", "1e-9", "--threads", "1", "--no-bench")
+    assert result.exit_code == 0, result.output
+    assert not {"QuantizeLinear", "DequantizeLinear"} & {n.op_type for n in onnx.load(out).graph.node}
+    warnings = [line for line in result.stderr.splitlines() if "float low-rank model is written" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("warning:")
+    data = json.loads(report.read_text())
+    assert data["int8"]["written"] == "float" and data["options"]["int8_tolerance"] == 1e-9
+    bad = invoke(tiny / "tiny.onnx", tiny / "other.onnx", "--calib", tiny / "calib.npz", "--quantize", "int8",
+                 "--int8-tolerance", "-1")
+    assert bad.exit_code == 2 and bad.stderr.startswith("error: int8_tolerance must be") and not (tiny / "other.onnx").exists()
+
+
 def test_objective_latency_keeps_its_cache_where_asked_and_never_over_an_input(tiny) -> None:
     refused = invoke(tiny / "tiny.onnx", tiny / "fast.onnx", "--calib", tiny / "calib.npz", "--objective", "latency",
                      "--latency-cache", tiny / "calib.npz")
