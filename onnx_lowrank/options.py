@@ -120,22 +120,18 @@ def _integer(minimum: int, maximum: int | None = None) -> Callable[[str, Any], i
     return check
 
 
-def _number_above_one(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real):
-        raise InvalidTypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
-    if not (math.isfinite(value) and value > 1.0):
-        raise InvalidOptionError(f"{name} must be a finite number greater than 1, got {value!r}",
-                                 hint="e.g. a speedup of 2 halves the conv FLOPs")
-    return float(value)
+def _number_above(minimum: float, hint: str) -> Callable[[str, Any], float]:
+    def check(name: str, value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, Real):
+            raise InvalidTypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+        if not (math.isfinite(value) and value > minimum):
+            raise InvalidOptionError(f"{name} must be a finite number greater than {minimum:g}, got {value!r}",
+                                     hint=hint)
+        return float(value)
+    return check
 
 
-def _positive_number(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real):
-        raise InvalidTypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
-    if not (math.isfinite(value) and value > 0):
-        raise InvalidOptionError(f"{name} must be a finite number greater than 0, got {value!r}",
-                                 hint="e.g. 0.05: INT8 may add 0.05 to the relative output error")
-    return float(value)
+_SPEEDUP = _number_above(1.0, "e.g. a speedup of 2 halves the conv FLOPs")
 
 
 def _optional(check: Callable[[str, Any], Any]) -> Callable[[str, Any], Any]:
@@ -185,11 +181,11 @@ def _size(name: str, value: Any) -> tuple[int, int]:
 
 
 _CONSTRAINTS: dict[str, Callable[[str, Any], Any]] = {
-    "speedup": _number_above_one,
+    "speedup": _SPEEDUP,
     "method": _choice(METHODS),
     "symmetric": _flag,
     "rank_selection": _optional(_choice(RANK_SELECTIONS)),
-    "channel_speedup": _optional(_number_above_one),
+    "channel_speedup": _optional(_SPEEDUP),
     "channel_only": _strings,
     "rank_multiple": _integer(1),
     "num_images": _integer(1),
@@ -212,5 +208,5 @@ _CONSTRAINTS: dict[str, Callable[[str, Any], Any]] = {
     "bench_batch": _integer(1),
     "quantize": _optional(_choice(QUANTIZATIONS)),
     "int8_calibration": _choice(INT8_CALIBRATIONS),
-    "int8_tolerance": _positive_number,
+    "int8_tolerance": _number_above(0.0, "e.g. 0.05: INT8 may add 0.05 to the relative output error"),
 }
