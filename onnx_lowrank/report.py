@@ -209,12 +209,13 @@ def _render_stages(report: Report, console) -> None:
         fidelity = stage["fidelity"] or {}
         error = fidelity.get("output_rel_error") or {}
         latency = stage["latency_ms"]
-        name = stage["stage"] + (f" ({stage['kept_float']} nodes float)" if stage.get("kept_float") else "")
-        table.add_row(name + (" → OUT" if stage.get("written") else ""), _number(max(error.values(), default=None), 4),
+        name = stage["stage"] + (f" ({stage['kept_float']} float)" if stage.get("kept_float") else "")
+        table.add_row(name + (" *" if stage.get("written") else ""), _number(max(error.values(), default=None), 4),
                       _percent(fidelity.get("top1_agreement")), _percent(fidelity.get("accuracy_optimized")),
                       *(f"{latency[p]['p50']:.2f} / {latency[p]['p90']:.2f}" for p in providers),
                       *(f"{base[p]['p50'] / latency[p]['p50']:.2f}×" for p in providers))
     console.print(table)
+    console.print("  * written to OUT", markup=False, highlight=False)
     if report.int8:
         _render_int8(report.int8, console)
 
@@ -226,10 +227,10 @@ def _render_int8(int8: dict, console) -> None:
 
     kept = int8["kept_float"]
     if kept:
-        say(f"  kept in float by the INT8 guard ({int8['tolerance']}; error removed by each alone, "
-            f"{int8['guard']['ranking_samples']} calibration samples):")
-        for name, why in sorted(kept.items(), key=lambda item: -item[1]["error_contribution"]):
-            say(f"    {name}: {why['reason']}, {why['error_contribution']:.4f}")
+        say(f"  kept in float by the INT8 guard ({int8['tolerance']}); output error with each alone in "
+            f"INT8 ({int8['guard']['ranking_samples']} calibration samples):")
+        for name, why in sorted(kept.items(), key=lambda item: -item[1]["error_alone"]):
+            say(f"    {name}: {why['error_alone']:.4f}, {why['reason']}")
     if int8["written"] == "float":
         say(f"  INT8 missed the tolerance ({int8['tolerance']}): {int8['guard']['failure']}; the float model "
             "was written")

@@ -154,9 +154,9 @@ def compress_to_budget(model, budget: Budget, *, calibration=None, evaluation=No
     report = report_for(analysis, searcher.plans[point.speedup_target], solved, final_opts)
     measure(analysis, optimized, report, final_opts)
     if int8 is not None:  # the budget was met by the INT8 model: that is the answer, and its figure
-        point = int8[0]
         optimized = add_int8(analysis, optimized, report, final_opts, lowrank_int8=int8[1],
                              tolerance=searcher.int8_tolerance())
+        point = int8[0] if report.int8["written"] == "int8" else point
     report.budget = {"target": budget.describe(), "kind": budget.kind, "limit": budget.limit,
                      "measured": point.value, "met": True, "held_out_samples": len(data.holdout_indices),
                      "search_s": time.perf_counter() - clock}

@@ -110,28 +110,58 @@ def test_compress_folds_the_dense_batchnorm_so_int8_needs_no_float_node() -> Non
     assert written_error - lowrank_error <= TOLERANCE
 
 
-def test_compress_reports_the_nodes_kept_in_float_with_their_reason_and_latency() -> None:
+def huge_channel_run(**options):
     model = with_one_huge_input_channel(conv_net([Layer(16), Layer(32), Layer(32), Layer(16)], size=(10, 10),
                                                  classifier=5))
     huge = [n.name for n in model.graph.node if n.op_type == "Conv"][2]
     data = np.random.default_rng(6).standard_normal((120, 3, 10, 10)).astype(np.float32)
     evaluation = np.random.default_rng(7).standard_normal((40, 3, 10, 10)).astype(np.float32)
-    result = compress(model, 1.5, calibration=data, evaluation=evaluation, quantize="int8", skip=huge,
-                      bench=True, bench_rounds=15, threads=1, rank_multiple=4)
+    result = compress(model, 1.5, calibration=data, evaluation=evaluation, quantize="int8", skip=huge, threads=1,
+                      rank_multiple=4, **options)
+    return model, huge, evaluation, result
+
+
+def test_compress_reports_the_nodes_kept_in_float_with_their_reason() -> None:
+    model, huge, evaluation, result = huge_channel_run(bench=False)
     int8 = result.report.int8
     assert int8["written"] == "int8" and int8["kept_float"][huge]["reason"] in ("weight rounding", "activation noise")
     assert int8["guard"]["held_out_evaluations"] <= int8["guard"]["held_out_evaluations_bound"]
     stages = {s["stage"]: s for s in result.report.stages}
     assert stages["low-rank + int8"]["written"] and stages["low-rank + int8"]["kept_float"] == len(int8["kept_float"])
-    assert "low-rank + int8, all nodes" in stages  # the price of the exclusions: latency and error beside it
-    for stage in stages.values():
-        assert stage["latency_ms"]["cpu"]["p50"] > 0
+    assert "low-rank + int8, all nodes" in stages  # what the exclusions buy, beside them
     reference = run_model(model, {"input": evaluation})[0]
     written = relative_error(reference, run_model(result.model, {"input": evaluation})[0])
     all_int8 = next(iter(stages["low-rank + int8, all nodes"]["fidelity"]["output_rel_error"].values()))
     lowrank = next(iter(stages["low-rank"]["fidelity"]["output_rel_error"].values()))
     assert written - lowrank <= TOLERANCE < all_int8 - lowrank
     assert not reads_int8(result.model, huge)
+
+
+@pytest.mark.parametrize("guarded_ms, written", [(0.5, "int8"), (2.0, "float")])
+def test_an_int8_model_with_nodes_in_float_is_written_only_if_it_measures_faster(monkeypatch, guarded_ms, written):
+    """Each stage's latency as measured (here set): a guarded model slower than the float one is not worth it."""
+    def timed(models, feeds, **kwargs):
+        names = {id(m): n for n, m in stage_models.items()}
+        return [np.full(15, guarded_ms if names.get(id(m)) == "guarded" else 1.0) for m in models]
+
+    import onnx_lowrank.quantize.stages as stages_module
+    stage_models = {}
+    real_stage = stages_module._stage
+
+    def remembered(name, model, *args, **kwargs):
+        if name == "low-rank + int8":
+            stage_models["guarded"] = model
+        return real_stage(name, model, *args, **kwargs)
+
+    monkeypatch.setattr(stages_module, "interleaved_times", timed)
+    monkeypatch.setattr(stages_module, "_stage", remembered)
+    _, _, _, result = huge_channel_run(bench=True, bench_rounds=15)
+    assert result.report.int8["written"] == written
+    assert any(n.op_type == "QuantizeLinear" for n in result.model.graph.node) == (written == "int8")
+    assert sum("measured" in w and "float low-rank model is written" in w for w in result.report.warnings) == (
+        written == "float")
+    for stage in result.report.stages:
+        assert stage["latency_ms"]["cpu"]["p50"] in (1.0, guarded_ms)
 
 
 def test_when_no_int8_model_meets_the_tolerance_the_float_model_is_written_with_one_warning() -> None:

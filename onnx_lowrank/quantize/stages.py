@@ -113,12 +113,17 @@ def add_int8(analysis, lowrank: onnx.ModelProto, report, opts, lowrank_int8: Gua
     stages += _guarded_stages("int8", original_int8, expected, labels)
     if opts.bench:
         _time_stages(analysis, stages, opts)
-    written = lowrank_int8.model is not None
+    slower = _slower_than_float(stages) if lowrank_int8.kept_float else None
+    written = lowrank_int8.model is not None and slower is None
     for stage in stages:
         stage["written"] = stage["stage"] == ("low-rank + int8" if written else "low-rank")
-    if not written:
+    if lowrank_int8.model is None:
         run.warn(f"INT8 adds {lowrank_int8.unguarded_verdict.value:.4g} to the output error, more than the "
                  f"tolerance, and {lowrank_int8.failure}: the float low-rank model is written")
+    elif slower is not None:
+        lowrank_int8.failure = slower
+        run.warn(f"INT8 meets the tolerance only with {len(lowrank_int8.kept_float)} nodes in float, and then "
+                 f"{slower}: the float low-rank model is written")
     report.stages = [{key: value for key, value in stage.items() if key != "model"} for stage in stages]
     report.int8 = {"format": "QDQ, per-channel symmetric int8 weights, "
                              + ("symmetric int8 activations" if symmetric_activations(opts) else "uint8 activations"),
@@ -148,6 +153,18 @@ def _guarded_stages(name: str, guarded: Guarded, expected: dict, labels) -> list
         stages.append(_stage(f"{name}, all nodes", guarded.unguarded, guarded.unguarded_verdict.outputs, expected,
                              labels))
     return stages
+
+
+def _slower_than_float(stages: list[dict]) -> str | None:
+    """Why the guarded INT8 model is not worth writing: it measured slower than the float low-rank
+    model on the first provider timed (each node kept in float costs int8/float conversions)."""
+    by_name = {stage["stage"]: stage["latency_ms"] for stage in stages}
+    floats, int8 = by_name["low-rank"], by_name.get("low-rank + int8", {})
+    provider = next((p for p in floats if p in int8), None)
+    if provider is None or int8[provider]["p50"] <= floats[provider]["p50"]:
+        return None
+    return (f"it measured {int8[provider]['p50']:.3g} ms against {floats[provider]['p50']:.3g} ms for the float "
+            f"model on {provider}")
 
 
 def _time_stages(analysis, stages: list[dict], opts) -> None:
