@@ -27,12 +27,14 @@ def run(args: argparse.Namespace) -> None:
     for speedup in args.speedups:
         with tempfile.TemporaryDirectory() as folder:
             report_path = Path(folder) / "report.json"
-            command = [sys.executable, "-m", "onnx_lowrank", args.model, str(Path(folder) / "out.onnx"),
+            command = [sys.executable, "-m", "onnx_lowrank", str(Path(args.model).resolve()),
+                       str(Path(folder) / "out.onnx"),
                        "--speedup", str(speedup), "--quantize", "int8", "--threads", "1", "--bench-batch", "1",
                        "--report", str(report_path), "-q", *args.cli]
             env = dict(os.environ, PYTHONPATH=args.checkout) if args.checkout else None
             clock = time.perf_counter()
-            done = subprocess.run(command, env=env, capture_output=True, text=True)
+            # -m puts the working folder first on the path: run in the checkout, so it is the code that runs
+            done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=args.checkout)
             seconds = time.perf_counter() - clock
             if done.returncode != 0:
                 rows.append({"speedup": speedup, "exit": done.returncode, "stderr": done.stderr.strip()[-2000:]})
