@@ -11,6 +11,7 @@ import pytest
 
 from onnx_lowrank import compress
 from onnx_lowrank.costs import ConvShape, decomposed_macs
+from onnx_lowrank.errors import InfeasibleTargetError, NothingToDecomposeError
 from onnx_lowrank.graph.normalise import normalise
 from onnx_lowrank.graph.units import find_units
 from tests.builders import NetBuilder, finish, gelu_written_out, relative_error, run_model
@@ -372,3 +373,37 @@ def test_a_dense_head_is_left_alone_but_not_a_layer_writing_into_a_residual_stre
     head = finish(b, b.node("Softmax", [b.node("Reshape", [y, b.const("shape", np.array([-1, 50]))])]), ["N", 6])
     assert [u.skipped_reason for u in find_units(normalise(head))] == [OUTPUT_HEAD_REASON]
     assert all(u.decomposable for u in find_units(normalise(mlp())))
+
+
+def two_layers(op: str, dims: int):
+    """Two layers of one kind in a row (the first conv is left alone by rule: the second is the one a method meets)."""
+    rng = np.random.default_rng(dims)
+    b = NetBuilder(dims)
+    k = [3] * dims
+    x = "input"
+    for c, d in ((4, 16), (16, 16)):
+        shape = (c, d, *k) if op == "ConvTranspose" else (d, c, *k)
+        x = b.node("Relu", [b.node(op, [x, b.const("w", rng.standard_normal(shape) / np.sqrt(c * 3 ** dims)),
+                                        b.const("b", rng.standard_normal(d) * 0.1)],
+                                   kernel_shape=k, pads=[1] * (2 * dims))])
+    return finish(b, x, ["N", 4, *[6] * dims]), [4, *[6] * dims]
+
+
+@pytest.mark.parametrize("method", ["asymmetric", "asym3d", "nonlinear", "linear", "jaderberg", "svd", "tucker2"])
+@pytest.mark.parametrize("op, dims", [("Conv", 1), ("Conv", 2), ("Conv", 3), ("ConvTranspose", 2), ("MatMul", 0)])
+def test_every_method_decomposes_each_layer_kind_or_says_why_it_leaves_it(method: str, op: str, dims: int) -> None:
+    model, shape = (mlp(width=16, hidden=32), [12, 16]) if op == "MatMul" else two_layers(op, dims)
+    data = np.random.default_rng(0).standard_normal((40, *shape)).astype(np.float32)
+    try:
+        result = compress(model, 1.2, calibration=data, method=method, bench=False, rank_multiple=2, threads=1,
+                          num_images=32, holdout=8)
+    except NothingToDecomposeError as exc:  # every layer left, each with its reason
+        assert method in ("jaderberg", "tucker2") and (op, dims) != ("Conv", 2), exc
+        return
+    except InfeasibleTargetError:
+        return
+    for layer in result.report.layers:
+        decomposed = layer.rank is not None or layer.spatial_rank is not None
+        assert decomposed != bool(layer.skipped_reason), layer
+    expected, actual = run_model(model, {"input": data[:4]})[0], run_model(result.model, {"input": data[:4]})[0]
+    assert actual.shape == expected.shape and np.all(np.isfinite(actual))

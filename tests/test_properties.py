@@ -1,7 +1,7 @@
 """Property-based: over random small conv graphs (kernels 1-7 and rectangular, strides, pads, dilations,
 auto_pad, groups, NHWC transposes, every supported activation, BN/Mul/Add to fold, fixed or dynamic
-batch, a tail of dense MatMul layers) a full-rank rewrite reproduces the original, and no graph makes the tool fail other than
-with a LowRankError."""
+batch, a tail of dense MatMul layers) a full-rank rewrite reproduces the original, and no graph makes the tool fail,
+for any method, other than by a speedup it cannot reach or a model with nothing it can decompose."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import onnx
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from onnx_lowrank import LowRankError, compress
+from onnx_lowrank import compress
+from onnx_lowrank.errors import InfeasibleTargetError, NothingToDecomposeError
 from onnx_lowrank.graph.normalise import normalise
 from onnx_lowrank.graph.rewrite import channel_chain, channel_decomposition, replace_units, spatial_decomposition
 from onnx_lowrank.graph.units import find_units
@@ -115,7 +116,7 @@ def test_no_graph_makes_the_tool_fail_other_than_with_a_lowrank_error(graph, met
     try:
         result = compress(model, speedup, calibration=calibration, method=method, bench=False, rank_multiple=1,
                           num_images=10, holdout=2, threads=1)
-    except LowRankError:
+    except (InfeasibleTargetError, NothingToDecomposeError):  # what a valid model and options may meet
         return
     out = run_model(result.model, {"input": x})[0]
     assert out.shape == run_model(model, {"input": x})[0].shape and np.all(np.isfinite(out))

@@ -29,7 +29,7 @@ from onnx_lowrank.solvers.factors import LowRankFactors, deterministic_signs, va
 def weight_svd(weight: np.ndarray, bias: np.ndarray, rank: int) -> LowRankFactors:
     """``P = Q = U_r`` (top left singular vectors of the weights): the chain computes
     ``U_r U_r^T W x + b``, so the new bias is ``b - U_r U_r^T b``."""
-    matrix = _validated(weight).reshape(weight.shape[0], -1).astype(np.float64)
+    matrix = _finite(weight).reshape(np.shape(weight)[0], -1).astype(np.float64)
     basis = _top_left_vectors(matrix, validate_rank(rank, min(matrix.shape)))
     bias = np.asarray(bias, np.float64)
     return LowRankFactors(basis, basis.copy(), bias - basis @ (basis.T @ bias))
@@ -97,7 +97,15 @@ def _top_left_vectors(matrix: np.ndarray, rank: int) -> np.ndarray:
 
 
 def _validated(weight: np.ndarray) -> np.ndarray:
-    w = np.asarray(weight)
-    if w.ndim != 4 or not np.all(np.isfinite(w)):
+    w = _finite(weight)
+    if w.ndim != 4:
         raise InvalidOptionError(f"expected a finite (d, c, kh, kw) conv weight, got shape {w.shape}")
+    return w
+
+
+def _finite(weight: np.ndarray) -> np.ndarray:
+    """A layer's weight in the common layout ``(d, c / group, *kernel)``: any kind, any dimension."""
+    w = np.asarray(weight)
+    if w.ndim < 2 or not np.all(np.isfinite(w)):
+        raise InvalidOptionError(f"expected a finite (d, c, ...) weight, got shape {w.shape}")
     return w
