@@ -13,15 +13,15 @@ __all__ = ["LowRankError", "compress", "compress_to_budget", "Budget", "Result",
 
 def __getattr__(name: str):
     if name in ("compress", "Result"):
-        from onnx_lowrank import api
+        from onnx_lowrank.pipeline import compress as module
 
-        return getattr(api, name)
+        return getattr(module, name)
     if name in ("compress_to_budget", "Budget"):
-        from onnx_lowrank import search
+        from onnx_lowrank.pipeline import search as module
 
-        return getattr(search, name)
+        return getattr(module, name)
     if name == "Report":
-        from onnx_lowrank.report import Report
+        from onnx_lowrank.output.report import Report
 
         return Report
     raise AttributeError(f"module 'onnx_lowrank' has no attribute {name!r}")

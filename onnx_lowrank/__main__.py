@@ -16,7 +16,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.stderr.write("error: onnxruntime is not installed (hint: pip install 'onnx-lowrank[cpu]', or [gpu] "
                          "for CUDA and TensorRT, [openvino] for OpenVINO)\n")
         sys.exit(2)
-    from onnx_lowrank.cli import main as run_cli
+    from onnx_lowrank.cli.app import main as run_cli
 
     run_cli(argv)
 

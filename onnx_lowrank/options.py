@@ -40,7 +40,7 @@ class Options:
     rank_multiple: int = 16
     num_images: int = 300
     holdout: int = 100
-    samples_per_image: int | None = None  # None: sized per layer (onnx_lowrank.sampling)
+    samples_per_image: int | None = None  # None: sized per layer (onnx_lowrank.planning.sampling)
     sample_memory_mb: int = 2048  # bound on the memory of all sampled responses
     seed: int = 0
     skip: tuple[str, ...] = ()

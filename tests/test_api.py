@@ -7,7 +7,7 @@ import onnx
 import pytest
 
 from onnx_lowrank import LowRankError, compress
-from onnx_lowrank.costs import ConvShape, channel_decomposed_macs
+from onnx_lowrank.planning.costs import ConvShape, channel_decomposed_macs
 from onnx_lowrank.errors import InvalidOptionError, NothingToDecomposeError
 from onnx_lowrank.graph.normalise import normalise
 from onnx_lowrank.graph.units import find_units
@@ -95,7 +95,7 @@ def test_a_provider_that_falls_back_to_cpu_is_never_reported_as_itself(calib_fil
 
     if "CUDAExecutionProvider" in ort.get_available_providers():
         pytest.skip("a CUDA provider is present")
-    monkeypatch.setattr("onnx_lowrank.evaluate.provider_available", lambda provider: True)
+    monkeypatch.setattr("onnx_lowrank.measure.fidelity.provider_available", lambda provider: True)
     report = compress(planted_model(), 2.0, calibration=str(calib_file), providers=("cpu", "cuda", "openvino"),
                       bench_rounds=15).report
     for provider in ("cuda", "openvino"):
@@ -107,10 +107,10 @@ def test_a_provider_that_falls_back_to_cpu_is_never_reported_as_itself(calib_fil
 def test_two_onnxruntime_builds_installed_together_are_warned_about(calib_file, monkeypatch) -> None:
     """Each build installs the module ``onnxruntime`` over the other's files: providers then go
     missing or fail to start, so every run says which to remove."""
-    from onnx_lowrank.runtime import mixed_builds_warning
+    from onnx_lowrank.runtime.sessions import mixed_builds_warning
 
     assert mixed_builds_warning({"onnxruntime-openvino": "1.24.1"}) is None
-    monkeypatch.setattr("onnx_lowrank.api.onnxruntime_builds",
+    monkeypatch.setattr("onnx_lowrank.pipeline.compress.onnxruntime_builds",
                         lambda: {"onnxruntime": "1.32.0", "onnxruntime-openvino": "1.24.1"})
     report = compress(planted_model(), 2.0, calibration=str(calib_file), bench=False).report
     [warning] = [w for w in report.warnings if "installed together" in w]

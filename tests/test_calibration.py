@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from onnx_lowrank.calibration import InputSpec, make_preprocess, open_calibration
+from onnx_lowrank.runtime.calibration import InputSpec, make_preprocess, open_calibration
 from onnx_lowrank.errors import CalibrationError, InvalidOptionError
 
 NCHW = InputSpec("input", (None, 3, 8, 10), np.dtype(np.float32))

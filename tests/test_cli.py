@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 import pytest
-from onnx_lowrank.cli import main
+from onnx_lowrank.cli.app import main
 from tests.builders import Layer, conv_net
 
 
@@ -160,7 +160,7 @@ def test_module_entry_point_shows_help() -> None:
 
 
 def test_report_says_what_produced_it(tiny) -> None:
-    from onnx_lowrank.provenance import sha256_of
+    from onnx_lowrank.output.provenance import sha256_of
 
     out, report = tiny / "fast.onnx", tiny / "report.json"
     assert invoke(tiny / "tiny.onnx", out, "--speedup", "2", "--calib", tiny / "calib.npz", "--report", report,
@@ -208,7 +208,7 @@ def test_internal_errors_exit_3_and_are_not_lowrank_errors(tiny, monkeypatch) ->
     def broken(model):
         raise InternalError("the rewritten model does not load")
 
-    monkeypatch.setattr("onnx_lowrank.api._check_rewritten", broken)
+    monkeypatch.setattr("onnx_lowrank.pipeline.compress._check_rewritten", broken)
     result = invoke(tiny / "tiny.onnx", tiny / "fast.onnx", "--speedup", "2", "--calib", tiny / "calib.npz")
     assert result.exit_code == 3 and result.stderr.strip().splitlines()[-1].startswith("internal error: ")
     assert not (tiny / "fast.onnx").exists()

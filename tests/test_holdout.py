@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from onnx_lowrank.api import _split
-from onnx_lowrank.calibration import ArraySource, InputSpec, RandomSource
+from onnx_lowrank.pipeline.compress import _split
+from onnx_lowrank.runtime.calibration import ArraySource, InputSpec, RandomSource
 from onnx_lowrank.options import Options
 
 SPEC = [InputSpec("input", (None, 3, 4, 4), np.dtype(np.float32))]
@@ -40,7 +40,7 @@ def test_few_held_out_samples_warn_and_every_figure_gives_its_count() -> None:
 
     from rich.console import Console
 
-    from onnx_lowrank.report import render
+    from onnx_lowrank.output.report import render
 
     console = Console(file=StringIO(), width=120)
     render(report.report, console)
@@ -52,7 +52,7 @@ def test_augmented_views_stay_on_the_calibration_side(tmp_path) -> None:
     from PIL import Image
 
     from onnx_lowrank import compress
-    from onnx_lowrank.calibration import AugmentedViews, ImageFolderSource, PRESETS
+    from onnx_lowrank.runtime.calibration import AugmentedViews, ImageFolderSource, PRESETS
     from tests.builders import Layer, conv_net
 
     for index in range(15):

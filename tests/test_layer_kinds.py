@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from onnx_lowrank import compress
-from onnx_lowrank.costs import ConvShape, decomposed_macs
+from onnx_lowrank.planning.costs import ConvShape, decomposed_macs
 from onnx_lowrank.errors import InfeasibleTargetError, NothingToDecomposeError
 from onnx_lowrank.graph.normalise import normalise
 from onnx_lowrank.graph.units import find_units
@@ -301,7 +301,7 @@ def test_hard_swish_and_silu_written_out_are_recognised() -> None:
 def test_a_grouped_conv_ranks_on_a_grid_of_its_groups(groups, expected_step) -> None:
     """Every rank energy selection gives a grouped conv splits evenly among its groups, and the
     plan's cost is the per-group chain's (counted by hand in test_costs_of_the_new_kinds)."""
-    from onnx_lowrank.ranks import RankCandidate, energy_ranks
+    from onnx_lowrank.planning.ranks import RankCandidate, energy_ranks
 
     channels = 8 * expected_step
     grouped = RankCandidate("grouped", ConvShape(channels, channels, (3, 3), (14, 14), group=groups))

@@ -16,7 +16,7 @@ import onnx
 import pytest
 
 from onnx_lowrank.graph import io as model_io
-from onnx_lowrank.provenance import sha256_of
+from onnx_lowrank.output.provenance import sha256_of
 from tests.builders import Layer, conv_net, relative_error, run_model
 from tests.test_cli import invoke
 
@@ -134,7 +134,7 @@ def test_missing_output_folders_are_created_and_removed_again_on_failure(folder,
     out = folder / "a" / "b" / "out.onnx"
     assert invoke(folder / "in.onnx", out, "--calib", folder / "calib.npz", *RUN).exit_code == 0
     assert out.is_file()
-    monkeypatch.setattr("onnx_lowrank.outputs.write_model", _disk_full)
+    monkeypatch.setattr("onnx_lowrank.output.staging.write_model", _disk_full)
     result = invoke(folder / "in.onnx", folder / "c" / "d" / "out.onnx", "--calib", folder / "calib.npz", *RUN)
     assert result.exit_code == 2 and "No space left" in result.stderr
     assert not (folder / "c").exists()
@@ -149,7 +149,7 @@ def _disk_full(model, path, data_name):
 def test_a_full_disk_leaves_nothing_and_the_next_run_succeeds(folder, monkeypatch) -> None:
     monkeypatch.setattr(model_io, "EXTERNAL_DATA_THRESHOLD", 1024)
     before = snapshot(folder)
-    monkeypatch.setattr("onnx_lowrank.outputs.write_model", _disk_full)
+    monkeypatch.setattr("onnx_lowrank.output.staging.write_model", _disk_full)
     result = invoke(folder / "in.onnx", folder / "out.onnx", "--calib", folder / "calib.npz", *RUN)
     assert result.exit_code == 2 and "error: could not write" in result.stderr
     assert snapshot(folder) == before
@@ -193,8 +193,8 @@ def test_an_interrupt_at_any_stage_writes_nothing(folder, monkeypatch, where) ->
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    target = {"compress": "onnx_lowrank.api.benchmark_providers", "staging-model": "onnx_lowrank.outputs.write_model",
-              "staging-report": "onnx_lowrank.report.Report.to_json"}[where]
+    target = {"compress": "onnx_lowrank.pipeline.compress.benchmark_providers", "staging-model": "onnx_lowrank.output.staging.write_model",
+              "staging-report": "onnx_lowrank.output.report.Report.to_json"}[where]
     monkeypatch.setattr(target, interrupt)
     before = snapshot(folder)
     result = invoke(folder / "in.onnx", folder / "out.onnx", "--calib", folder / "calib.npz",
@@ -205,13 +205,13 @@ def test_an_interrupt_at_any_stage_writes_nothing(folder, monkeypatch, where) ->
 
 
 def test_a_signal_after_the_outputs_are_committed_is_ignored(folder, monkeypatch) -> None:
-    monkeypatch.setattr("onnx_lowrank.report.render", lambda report, console: os.kill(os.getpid(), signal.SIGINT))
+    monkeypatch.setattr("onnx_lowrank.output.report.render", lambda report, console: os.kill(os.getpid(), signal.SIGINT))
     result = invoke(folder / "in.onnx", folder / "out.onnx", "--calib", folder / "calib.npz", *RUN)
     assert result.exit_code == 0 and (folder / "out.onnx").is_file()
 
 
 def test_sigterm_during_the_run_exits_143_and_writes_nothing(folder, monkeypatch) -> None:
-    monkeypatch.setattr("onnx_lowrank.api._check_rewritten", lambda model: os.kill(os.getpid(), signal.SIGTERM))
+    monkeypatch.setattr("onnx_lowrank.pipeline.compress._check_rewritten", lambda model: os.kill(os.getpid(), signal.SIGTERM))
     before = snapshot(folder)
     result = invoke(folder / "in.onnx", folder / "out.onnx", "--calib", folder / "calib.npz", *RUN)
     assert result.exit_code == 143 and snapshot(folder) == before
@@ -245,6 +245,6 @@ def test_running_out_of_memory_is_bad_input_not_a_bug(folder, monkeypatch) -> No
     def exhausted(*args, **kwargs):
         raise MemoryError
 
-    monkeypatch.setattr("onnx_lowrank.api.collect_responses", exhausted)
+    monkeypatch.setattr("onnx_lowrank.pipeline.compress.collect_responses", exhausted)
     result = invoke(folder / "in.onnx", folder / "out.onnx", "--calib", folder / "calib.npz", *RUN)
     assert result.exit_code == 2 and "out of memory" in result.stderr and not (folder / "out.onnx").exists()

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 from onnx_lowrank import compress
-from onnx_lowrank.costs import ConvShape
+from onnx_lowrank.planning.costs import ConvShape
 from onnx_lowrank.errors import InfeasibleTargetError, InvalidOptionError
 from onnx_lowrank.graph.units import find_units
-from onnx_lowrank.profile import Device, LatencyCache, layer_model, profile_layers
-from onnx_lowrank.ranks import WHOLE, Form, RankCandidate, _energy_curve, latency_ranks
+from onnx_lowrank.measure.latency import Device, LatencyCache, layer_model, profile_layers
+from onnx_lowrank.planning.ranks import WHOLE, Form, RankCandidate, _energy_curve, latency_ranks
 from tests.builders import Layer, conv_net, run_model
 
 
@@ -197,7 +197,7 @@ class FakePlan:
 @pytest.mark.parametrize("bias", [1.08, 0.93, 1.0])
 def test_a_latency_plan_is_made_again_until_it_measures_its_target_in_the_model(bias: float) -> None:
     """The model runs ``bias`` x what its layers alone predict (consecutive NCHWc convs skip reorders)."""
-    from onnx_lowrank.profile import in_model_plan
+    from onnx_lowrank.measure.latency import in_model_plan
 
     asked = []
 
@@ -212,7 +212,7 @@ def test_a_latency_plan_is_made_again_until_it_measures_its_target_in_the_model(
 
 
 def test_of_the_plans_tried_the_one_measuring_closest_to_the_target_is_kept() -> None:
-    from onnx_lowrank.profile import in_model_plan
+    from onnx_lowrank.measure.latency import in_model_plan
 
     measured = iter([4.6, 3.5, 3.9])  # a model that answers each correction unevenly
     plan, steps = in_model_plan(FakePlan, lambda p: next(measured), 4.0, steps=3, tolerance=0.01)
@@ -227,7 +227,7 @@ def test_of_the_plans_tried_the_one_measuring_closest_to_the_target_is_kept() ->
 def test_a_model_answering_far_from_proportionally_is_met_by_the_secant_through_its_measurements() -> None:
     """OpenVINO's lone layers on CRAFT: 1.45x predicted measured 1.80x, 2.00x measured 3.74x. A
     power law through 1x (the plan that decomposes nothing) is met by the second plan."""
-    from onnx_lowrank.profile import in_model_plan
+    from onnx_lowrank.measure.latency import in_model_plan
 
     def ratio(plan):
         return plan.predicted_ms[0] / plan.predicted_ms[1]
@@ -239,7 +239,7 @@ def test_a_model_answering_far_from_proportionally_is_met_by_the_secant_through_
 
 @pytest.mark.parametrize("bias", [1.5, 1.1])
 def test_a_target_the_layers_alone_cannot_reach_is_refused_only_if_the_model_misses_it_too(bias: float) -> None:
-    from onnx_lowrank.profile import in_model_plan
+    from onnx_lowrank.measure.latency import in_model_plan
 
     def plan_at(speedup):  # the layers alone reach at most 3x
         if speedup > 3.0:
@@ -260,7 +260,7 @@ def test_a_target_the_layers_alone_cannot_reach_is_refused_only_if_the_model_mis
 
 
 def test_a_correction_past_what_the_layers_reach_times_the_fastest_plan_once() -> None:
-    from onnx_lowrank.profile import in_model_plan
+    from onnx_lowrank.measure.latency import in_model_plan
 
     def plan_at(speedup):
         if speedup > 3.0:
@@ -274,7 +274,7 @@ def test_a_correction_past_what_the_layers_reach_times_the_fastest_plan_once() -
 
 @pytest.mark.parametrize("unmeasured", [math.nan, math.inf, 0.0])
 def test_a_plan_the_model_could_not_time_is_kept_as_planned_from_its_layers(unmeasured: float) -> None:
-    from onnx_lowrank.profile import in_model_plan
+    from onnx_lowrank.measure.latency import in_model_plan
 
     plan, steps = in_model_plan(FakePlan, lambda p: unmeasured, 4.0)
     assert plan.asked == 4.0 and steps == []
@@ -299,7 +299,7 @@ def test_the_rank_grid_is_the_vector_block_of_this_cpu_for_both_cpu_providers() 
         from numpy._core._multiarray_umath import __cpu_features__ as features
     except ImportError:
         from numpy.core._multiarray_umath import __cpu_features__ as features
-    from onnx_lowrank.profile import rank_grid
+    from onnx_lowrank.measure.latency import rank_grid
 
     expected = 16 if features["AVX512F"] else 8 if features["AVX2"] else None
     for provider in ("cpu", "openvino"):
@@ -312,14 +312,14 @@ def test_the_rank_grid_is_the_vector_block_of_this_cpu_for_both_cpu_providers() 
 def test_on_a_provider_whose_nodes_are_not_profiled_the_plan_is_checked_on_the_whole_model(monkeypatch) -> None:
     """OpenVINO, CUDA and TensorRT show onnxruntime's profiler one fused node: there the check
     times the whole model (played here by the CPU provider under OpenVINO's name)."""
-    from onnx_lowrank import runtime
+    from onnx_lowrank.runtime import sessions as runtime
 
     monkeypatch.setitem(runtime.PROVIDER_NAMES, "openvino", "CPUExecutionProvider")
 
     def no_profiler(*args, **kwargs):
         raise AssertionError("the profiler's node times were read on a provider that has none")
 
-    monkeypatch.setattr("onnx_lowrank.profile.linear_op_times", no_profiler)
+    monkeypatch.setattr("onnx_lowrank.measure.latency.linear_op_times", no_profiler)
     model = conv_net([Layer(16), Layer(64), Layer(64), Layer(64)], size=(16, 16), classifier=5)
     data = np.random.default_rng(0).standard_normal((64, 3, 16, 16)).astype(np.float32)
     report = compress(model, 1.5, calibration=data, objective="latency", providers=("openvino",), threads=1,

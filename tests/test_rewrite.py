@@ -219,6 +219,6 @@ def test_prefix_model_computes_the_same_tensor_with_fewer_nodes() -> None:
     assert len(prefix.graph.node) < len(model.graph.node)
     assert {n.name for n in prefix.graph.node if n.op_type == "Conv"} == {units[0].name, units[1].name}
     x = np.random.default_rng(2).standard_normal((2, 3, 12, 12)).astype(np.float32)
-    from onnx_lowrank.runtime import with_outputs
+    from onnx_lowrank.runtime.sessions import with_outputs
     full = run_model(with_outputs(model, [units[1].output]), {"input": x})[-1]
     np.testing.assert_array_equal(run_model(prefix, {"input": x})[0], full)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from onnx_lowrank.sampling import BASE_POSITIONS, ResponseShape, positions_per_image
+from onnx_lowrank.planning.sampling import BASE_POSITIONS, ResponseShape, positions_per_image
 
 GIB = 2**30
 

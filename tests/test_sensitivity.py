@@ -8,9 +8,9 @@ import itertools
 import numpy as np
 import pytest
 
-from onnx_lowrank.costs import ConvShape
+from onnx_lowrank.planning.costs import ConvShape
 from onnx_lowrank.errors import InvalidOptionError
-from onnx_lowrank.ranks import RankCandidate, _loss_curve, measured_ranks, rank_ladder  # noqa: F401
+from onnx_lowrank.planning.ranks import RankCandidate, _loss_curve, measured_ranks, rank_ladder  # noqa: F401
 
 SHAPE = ConvShape(64, 64, (3, 3), (8, 8))
 
@@ -83,7 +83,8 @@ def test_running_only_the_suffix_after_each_layer_measures_what_the_whole_model_
     run per rank."""
     import dataclasses
 
-    from onnx_lowrank import api, sensitivity
+    from onnx_lowrank.measure import sensitivity
+    from onnx_lowrank.pipeline import compress as api
     from onnx_lowrank.options import Options
     from tests.builders import Layer, conv_net
 

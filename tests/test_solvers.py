@@ -97,8 +97,8 @@ def test_activations() -> None:
 
 def test_math_modules_do_not_import_onnx() -> None:
     code = ("import sys, onnx_lowrank.solvers, onnx_lowrank.solvers.activations, onnx_lowrank.solvers.zstep, "
-            "onnx_lowrank.solvers.rrr, onnx_lowrank.solvers.nonlinear, onnx_lowrank.solvers.weights, onnx_lowrank.ranks, "
-            "onnx_lowrank.costs, onnx_lowrank.plans; "
+            "onnx_lowrank.solvers.rrr, onnx_lowrank.solvers.nonlinear, onnx_lowrank.solvers.weights, onnx_lowrank.planning.ranks, "
+            "onnx_lowrank.planning.costs, onnx_lowrank.planning.plans; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('onnx', 'onnxruntime', 'onnx_graphsurgeon')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -41,7 +41,7 @@ SETTINGS = {"b1_t1": (1, 1), "b1_default": (1, 0), "b8_default": (8, 0)}  # batc
 
 def build(args) -> None:
     from onnx_lowrank import compress
-    from onnx_lowrank.calibration import make_preprocess, model_inputs, open_calibration
+    from onnx_lowrank.runtime.calibration import make_preprocess, model_inputs, open_calibration
     from onnx_lowrank.errors import InfeasibleTargetError
 
     preprocess = make_preprocess(args.preset, None, None, None, None)
@@ -93,8 +93,8 @@ def build(args) -> None:
 
 
 def time_models(args) -> None:
-    from onnx_lowrank.calibration import model_inputs
-    from onnx_lowrank.evaluate import measure_latency
+    from onnx_lowrank.runtime.calibration import model_inputs
+    from onnx_lowrank.measure.fidelity import measure_latency
 
     data = json.loads(Path(args.json).read_text())
     original = onnx.load(data["model"]).SerializeToString()

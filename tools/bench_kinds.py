@@ -22,7 +22,7 @@ import numpy as np
 
 from onnx_lowrank import compress
 from onnx_lowrank.errors import LowRankError
-from onnx_lowrank.evaluate import model_outputs
+from onnx_lowrank.measure.fidelity import model_outputs
 
 
 def ctc_greedy(scores: np.ndarray) -> list[tuple[int, ...]]:
@@ -53,7 +53,7 @@ def run(model: str, speedup: float, ops: str, args) -> dict:
                samples=report.fidelity.samples, measured=report.actual_speedup.get("cpu"),
                latency_ms=report.latency_ms.get("cpu"), warnings=report.warnings)
     if args.decode == "ctc":
-        from onnx_lowrank.calibration import model_inputs, open_calibration
+        from onnx_lowrank.runtime.calibration import model_inputs, open_calibration
 
         source = open_calibration(args.eval, model_inputs(result.model), role="evaluation")
         indices = list(range(len(source)))

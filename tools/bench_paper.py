@@ -44,7 +44,7 @@ TEXT_THRESHOLD = 0.4  # CRAFT's low_text: pixels of the region score map counted
 
 def response_errors(original, optimized, names, acts, feeds_list) -> dict[str, float]:
     """Post-activation relative error of the responses ``names``, optimized vs original network."""
-    from onnx_lowrank.runtime import make_session, with_outputs
+    from onnx_lowrank.runtime.sessions import make_session, with_outputs
     from onnx_lowrank.solvers.activations import apply_activation
 
     sessions = [make_session(with_outputs(m, names), optimize=False) for m in (original, optimized)]
@@ -61,7 +61,7 @@ def response_errors(original, optimized, names, acts, feeds_list) -> dict[str, f
 
 def score_map_fidelity(original, optimized, feeds_list) -> dict:
     """CRAFT: relative error of the score maps and IoU of the thresholded region (text) masks."""
-    from onnx_lowrank.runtime import make_session
+    from onnx_lowrank.runtime.sessions import make_session
 
     sessions = [make_session(m) for m in (original, optimized)]
     err = ref_norm = inter = union = 0.0
@@ -78,7 +78,7 @@ def score_map_fidelity(original, optimized, feeds_list) -> dict:
 
 def run(args, save) -> list[dict]:
     from onnx_lowrank import compress
-    from onnx_lowrank.calibration import make_preprocess, model_inputs, open_calibration
+    from onnx_lowrank.runtime.calibration import make_preprocess, model_inputs, open_calibration
     from onnx_lowrank.errors import InfeasibleTargetError
     from onnx_lowrank.graph.normalise import normalise
     from onnx_lowrank.graph.units import find_units
@@ -145,7 +145,7 @@ def run(args, save) -> list[dict]:
 
 
 def top1_agreement(original, optimized, feeds_list) -> float:
-    from onnx_lowrank.runtime import make_session
+    from onnx_lowrank.runtime.sessions import make_session
 
     sessions = [make_session(m) for m in (original, optimized)]
     same = [int(np.argmax(sessions[0].run(None, f)[0]) == np.argmax(sessions[1].run(None, f)[0])) for f in feeds_list]

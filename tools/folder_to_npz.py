@@ -12,7 +12,7 @@ import argparse
 import numpy as np
 import onnx
 
-from onnx_lowrank.calibration import make_preprocess, model_inputs, open_calibration
+from onnx_lowrank.runtime.calibration import make_preprocess, model_inputs, open_calibration
 
 
 def main() -> None:

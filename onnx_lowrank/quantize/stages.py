@@ -19,10 +19,10 @@ import numpy as np
 import onnx
 
 from onnx_lowrank.errors import ProviderError
-from onnx_lowrank.evaluate import compare_outputs, interleaved_times, model_outputs
+from onnx_lowrank.measure.fidelity import compare_outputs, interleaved_times, model_outputs
 from onnx_lowrank.quantize.guard import RANKING_SAMPLES, Guarded, Verdict, guard_int8, max_evaluations
 from onnx_lowrank.quantize.quantizer import Int8Quantizer, SourceReader
-from onnx_lowrank.runtime import provider_available
+from onnx_lowrank.runtime.sessions import provider_available
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ def versions() -> dict[str, str]:
     import scipy
 
     from onnx_lowrank import __version__
-    from onnx_lowrank.runtime import onnxruntime_builds
+    from onnx_lowrank.runtime.sessions import onnxruntime_builds
 
     return {"onnx-lowrank": __version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
             "onnxruntime_builds": ", ".join(f"{name} {version}" for name, version in onnxruntime_builds().items()),

@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from onnx_lowrank.calibration import InputSpec
+from onnx_lowrank.runtime.calibration import InputSpec
 from onnx_lowrank.errors import ModelLoadError, ModelRunError, ProviderError
 from onnx_lowrank.graph.io import first_line, model_file, needs_file
 

@@ -12,8 +12,8 @@ from onnx_lowrank.graph.rewrite import (NodeSpec, channel_chain, channel_decompo
                                         spatial_decomposition, tucker2_decomposition)
 from onnx_lowrank.graph.surgery import prefix_model
 from onnx_lowrank.graph.units import Unit
-from onnx_lowrank.plans import ArchitecturePlan
-from onnx_lowrank.runtime import collect_responses
+from onnx_lowrank.planning.plans import ArchitecturePlan
+from onnx_lowrank.runtime.sessions import collect_responses
 from onnx_lowrank.solvers import LowRankFactors, ResponseStats, fit_pca
 from onnx_lowrank.solvers.activations import apply_activation, relative_error
 from onnx_lowrank.solvers.grouped import fit_per_group, part_stats

@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from onnx_lowrank.costs import SCHEMES, ConvShape, break_even_rank, decomposed_macs, macs_per_rank, max_rank
+from onnx_lowrank.planning.costs import SCHEMES, ConvShape, break_even_rank, decomposed_macs, macs_per_rank, max_rank
 from onnx_lowrank.errors import InfeasibleTargetError, InvalidOptionError
 
 FIRST_LAYER_REASON = "first conv layer: left alone, as in the paper"
@@ -36,7 +36,7 @@ WHOLE = Form(0)
 @dataclass(frozen=True)
 class RankCandidate:
     """A decomposable layer as rank selection sees it: its shape and how it would be factorised
-    (``scheme``, see :mod:`onnx_lowrank.costs`)."""
+    (``scheme``, see :mod:`onnx_lowrank.planning.costs`)."""
 
     name: str
     shape: ConvShape

@@ -20,13 +20,13 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from onnx_lowrank.evaluate import compare_outputs, model_outputs
+from onnx_lowrank.measure.fidelity import compare_outputs, model_outputs
 from onnx_lowrank.graph.rewrite import replace_units
 from onnx_lowrank.graph.surgery import suffix_model
-from onnx_lowrank.layers import PROBE_SCHEDULE, solve_layers
-from onnx_lowrank.plans import ArchitecturePlan
-from onnx_lowrank.ranks import RankPlan, leave_first_conv, rank_ladder
-from onnx_lowrank.runtime import make_session, run, run_in_batches, with_outputs
+from onnx_lowrank.methods.chains import PROBE_SCHEDULE, solve_layers
+from onnx_lowrank.planning.plans import ArchitecturePlan
+from onnx_lowrank.planning.ranks import RankPlan, leave_first_conv, rank_ladder
+from onnx_lowrank.runtime.sessions import make_session, run, run_in_batches, with_outputs
 
 log = logging.getLogger(__name__)
 

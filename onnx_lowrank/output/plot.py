@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from onnx_lowrank.report import INT8_SUFFIX, PROBE_LABEL, QUICK_SUFFIX, Report
+from onnx_lowrank.output.report import INT8_SUFFIX, PROBE_LABEL, QUICK_SUFFIX, Report
 
 
 def draw_frontier(report: Report, path: Path) -> None:

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from onnx_lowrank.costs import max_rank
+from onnx_lowrank.planning.costs import max_rank
 from onnx_lowrank.graph.units import Unit
-from onnx_lowrank.ranks import RankCandidate
+from onnx_lowrank.planning.ranks import RankCandidate
 from onnx_lowrank.solvers import ResponseStats
 from onnx_lowrank.solvers.grouped import group_slices, group_stats, interleaved_spectrum
 from onnx_lowrank.solvers.weights import weight_spectrum

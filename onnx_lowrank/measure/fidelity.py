@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 
 from onnx_lowrank.errors import ProviderError
-from onnx_lowrank.runtime import PROVIDER_NEEDS, make_session, provider_available, run_in_batches
+from onnx_lowrank.runtime.sessions import PROVIDER_NEEDS, make_session, provider_available, run_in_batches
 
 
 @dataclass

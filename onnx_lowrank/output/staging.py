@@ -20,7 +20,7 @@ import onnx
 
 from onnx_lowrank.errors import OutputPathError
 from onnx_lowrank.graph.io import external_data_files, write_model
-from onnx_lowrank.provenance import sha256_of
+from onnx_lowrank.output.provenance import sha256_of
 from onnx_lowrank.userfiles import names_file
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from onnx_lowrank.costs import ConvShape
+from onnx_lowrank.planning.costs import ConvShape
 from onnx_lowrank.graph.units import Unit
-from onnx_lowrank.runtime import batch_size_for, probe_shapes
+from onnx_lowrank.runtime.sessions import batch_size_for, probe_shapes
 
 
 def measure_shapes(model, source, units, inputs, threads) -> dict[str, ConvShape]:

@@ -196,7 +196,7 @@ def _selection(rank_selection: Optional[RankSelection], uniform: bool) -> Option
 
 def _budget(max_error, min_agreement, max_drop, metric, min_metric, speedup, plot):
     """The accuracy budget asked for, if any: exactly one, and then --speedup only as the search's start."""
-    from onnx_lowrank.search import Budget
+    from onnx_lowrank.pipeline.search import Budget
 
     given = {"--max-error": max_error, "--min-agreement": min_agreement, "--max-drop": max_drop, "--metric": metric}
     chosen = [flag for flag, value in given.items() if value is not None]
@@ -338,10 +338,10 @@ def run(
     code = 0
     with Signals() as signals:
         try:
-            from onnx_lowrank.api import compress
-            from onnx_lowrank.calibration import make_preprocess
-            from onnx_lowrank.outputs import Staging, check_outputs
-            from onnx_lowrank.report import render
+            from onnx_lowrank.pipeline.compress import compress
+            from onnx_lowrank.runtime.calibration import make_preprocess
+            from onnx_lowrank.output.staging import Staging, check_outputs
+            from onnx_lowrank.output.report import render
 
             budget = _budget(max_error, min_agreement, max_drop, metric, min_metric, speedup, plot)
             paths = check_outputs(input_model, None if dry_run else output_model, report, log_file,
@@ -363,7 +363,7 @@ def run(
                 if budget is None:
                     result = compress(input_model, 4.0 if speedup is None else speedup, progress=progress, **options)
                 else:
-                    from onnx_lowrank.search import compress_to_budget
+                    from onnx_lowrank.pipeline.search import compress_to_budget
 
                     result = compress_to_budget(input_model, budget, progress=progress,
                                                 **({} if speedup is None else {"speedup": speedup}), **options)
@@ -374,7 +374,7 @@ def run(
                 if paths.report is not None:
                     staging.text(paths.report, result.report.to_json())
                 if paths.plot is not None:
-                    from onnx_lowrank.plot import draw_frontier
+                    from onnx_lowrank.output.plot import draw_frontier
 
                     staging.file(paths.plot, lambda path: draw_frontier(result.report, path))
                 signals.commit(staging)
@@ -426,7 +426,7 @@ def _print_quietly_on_broken_pipe(print_report: Callable[[], None]) -> None:
 
 @contextmanager
 def _progress(quiet: bool):
-    from onnx_lowrank.api import NullProgress
+    from onnx_lowrank.pipeline.compress import NullProgress
 
     if quiet:
         yield NullProgress()

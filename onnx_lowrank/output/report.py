@@ -6,7 +6,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 
-from onnx_lowrank.evaluate import Fidelity
+from onnx_lowrank.measure.fidelity import Fidelity
 
 
 @dataclass

@@ -36,13 +36,13 @@ from typing import Callable
 
 import numpy as np
 
-from onnx_lowrank.api import Analysis, Result, analyse, measure, plan_for, report_for, rewrite, solve
+from onnx_lowrank.pipeline.compress import Analysis, Result, analyse, measure, plan_for, report_for, rewrite, solve
 from onnx_lowrank.errors import BudgetNotMetError, InfeasibleTargetError, InvalidOptionError
-from onnx_lowrank.evaluate import compare_outputs, model_outputs
+from onnx_lowrank.measure.fidelity import compare_outputs, model_outputs
 from onnx_lowrank.options import Options
 from onnx_lowrank.quantize import Tolerance, add_int8, int8_of
-from onnx_lowrank.report import INT8_SUFFIX, PROBE_LABEL, QUICK_SUFFIX, FrontierPoint
-from onnx_lowrank.layers import PROBE_SCHEDULE
+from onnx_lowrank.output.report import INT8_SUFFIX, PROBE_LABEL, QUICK_SUFFIX, FrontierPoint
+from onnx_lowrank.methods.chains import PROBE_SCHEDULE
 from onnx_lowrank.solvers.nonlinear import PAPER_SCHEDULE
 from onnx_lowrank.userfiles import load_from_file
 

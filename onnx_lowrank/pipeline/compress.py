@@ -20,30 +20,30 @@ from typing import Callable, Protocol, Sequence
 import numpy as np
 import onnx
 
-from onnx_lowrank.calibration import (AugmentedViews, CalibrationSource, ImageFolderSource, Preprocess, model_inputs,
+from onnx_lowrank.runtime.calibration import (AugmentedViews, CalibrationSource, ImageFolderSource, Preprocess, model_inputs,
                                       open_calibration)
-from onnx_lowrank.costs import ConvShape
+from onnx_lowrank.planning.costs import ConvShape
 from onnx_lowrank.errors import CalibrationError, InternalError, InvalidOptionError
-from onnx_lowrank.evaluate import benchmark_providers, measure_fidelity
+from onnx_lowrank.measure.fidelity import benchmark_providers, measure_fidelity
 from onnx_lowrank.graph.io import WeightStore, check_model, is_large, load_model, model_path
 from onnx_lowrank.graph.normalise import normalise
 from onnx_lowrank.graph.rewrite import replace_units
 from onnx_lowrank.graph.units import Unit, find_units
-from onnx_lowrank.plans import (ArchitecturePlan, channel_plan, latency_plan, spatial_plan, three_d_plan,
+from onnx_lowrank.planning.plans import (ArchitecturePlan, channel_plan, latency_plan, spatial_plan, three_d_plan,
                                 tucker2_plan)
-from onnx_lowrank.profile import LayerLatency, measure_layer_latency, plan_in_model
+from onnx_lowrank.measure.latency import LayerLatency, measure_layer_latency, plan_in_model
 from onnx_lowrank.options import LAYER_KINDS, Options
-from onnx_lowrank.provenance import describe_input, versions
+from onnx_lowrank.output.provenance import describe_input, versions
 from onnx_lowrank.quantize import add_int8
-from onnx_lowrank.ranks import RankCandidate
-from onnx_lowrank.report import LayerReport, Report
-from onnx_lowrank.selection import select_units
-from onnx_lowrank.shapes import measure_shapes
-from onnx_lowrank.spectra import padded, response_spectrum, weights_spectrum
-from onnx_lowrank.sampling import ResponseShape, positions_per_image
-from onnx_lowrank.sensitivity import measure_sensitivity
-from onnx_lowrank.layers import Solved, data_free_chains, solve_layers
-from onnx_lowrank.runtime import batch_size_for, collect_responses, make_session, mixed_builds_warning, onnxruntime_builds
+from onnx_lowrank.planning.ranks import RankCandidate
+from onnx_lowrank.output.report import LayerReport, Report
+from onnx_lowrank.graph.selection import select_units
+from onnx_lowrank.runtime.shapes import measure_shapes
+from onnx_lowrank.methods.spectra import padded, response_spectrum, weights_spectrum
+from onnx_lowrank.planning.sampling import ResponseShape, positions_per_image
+from onnx_lowrank.measure.sensitivity import measure_sensitivity
+from onnx_lowrank.methods.chains import Solved, data_free_chains, solve_layers
+from onnx_lowrank.runtime.sessions import batch_size_for, collect_responses, make_session, mixed_builds_warning, onnxruntime_builds
 from onnx_lowrank.solvers import ResponseStats
 from onnx_lowrank.solvers.nonlinear import PAPER_SCHEDULE
 from onnx_lowrank.solvers.factors import spectrum_energy
@@ -80,7 +80,7 @@ class Result:
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the model atomically to ``path`` (.onnx; large models with ``path.data`` beside it)."""
-        from onnx_lowrank.outputs import Staging, check_outputs
+        from onnx_lowrank.output.staging import Staging, check_outputs
 
         if self.model is None:
             raise InvalidOptionError("a dry run has no model to save")
