@@ -56,8 +56,20 @@ def test_spatial_scheme2_error_is_the_truncated_svd_optimum() -> None:
 
 
 def test_bad_weights_are_refused() -> None:
+    with pytest.raises(InvalidOptionError, match="weight"):
+        weight_svd(np.zeros(4), np.zeros(4), 2)
+    with pytest.raises(InvalidOptionError, match="weight"):
+        weight_svd(np.full((4, 4), np.nan), np.zeros(4), 2)
     with pytest.raises(InvalidOptionError, match="conv weight"):
-        weight_svd(np.zeros((4, 4)), np.zeros(4), 2)
+        spatial_filter_reconstruction(np.zeros((4, 4)), 2)
+
+
+def test_weight_svd_of_a_dense_layer_is_its_truncated_svd() -> None:
+    rng = np.random.default_rng(4)
+    weight, bias = rng.standard_normal((9, 6)), rng.standard_normal(9)
+    factors = weight_svd(weight, bias, 3)
+    left = np.linalg.svd(weight)[0][:, :3]
+    np.testing.assert_allclose(factors.P @ factors.Q.T, left @ left.T, atol=1e-10)
 
 
 def test_tucker2_reproduces_a_planted_tucker_weight() -> None:
