@@ -134,3 +134,21 @@ def test_histogram_calibration_takes_a_count_that_is_not_a_multiple_of_the_batch
         quantized = quantizer.quantize()
     reference = run_model(model, {"input": data})[0]
     assert relative_error(reference, run_model(quantized, {"input": data})[0]) < 0.1
+
+
+def test_where_symbolic_shape_inference_fails_int8_goes_on_and_leaves_nothing_in_the_working_folder(
+        monkeypatch, tmp_path) -> None:
+    """onnxruntime saves its partial model to ./sym_shape_infer_temp.onnx and raises (PP-OCR's
+    recogniser): the quantizer goes on without the symbolic pass, and the user's folder stays clean."""
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    def incomplete(model, *args, **kwargs):
+        onnx.save_model(model, "sym_shape_infer_temp.onnx", save_as_external_data=True)
+        raise Exception("Incomplete symbolic shape inference")
+
+    monkeypatch.setattr(SymbolicShapeInference, "infer_shapes", staticmethod(incomplete))
+    monkeypatch.chdir(tmp_path)
+    model, data = model_and_data()
+    quantized = quantize_all(model, data)
+    assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in quantized.graph.node}
+    assert list(tmp_path.iterdir()) == []

@@ -38,7 +38,7 @@ from onnx_lowrank.quantize.quantizer import Int8Quantizer, quantized_nodes
 
 log = logging.getLogger(__name__)
 
-RANKING_SAMPLES = 32  # calibration samples a node's damage is measured on: the ranking needs order, not precision
+RANKING_SAMPLES = 8  # calibration samples a node's damage is measured on: the ranking needs order, not precision
 MAX_FLOAT_SHARE = 0.5
 
 

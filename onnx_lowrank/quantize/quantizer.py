@@ -15,6 +15,7 @@ import contextlib
 import inspect
 import io
 import logging
+import os
 import tempfile
 from pathlib import Path
 from typing import Sequence
@@ -69,9 +70,9 @@ class Int8Quantizer:
         self._folder = tempfile.TemporaryDirectory(prefix="onnx-lowrank-int8-")
         folder = Path(self._folder.name)
         self._prepared, self._cache = folder / "prepared.onnx", folder / "calibration.json"
-        with _one_error():
+        with _one_error(), _working_folder(folder):
             onnx.save(model, folder / "float.onnx")
-            quant_pre_process(str(folder / "float.onnx"), str(self._prepared))
+            _pre_process(folder / "float.onnx", self._prepared)
         self.prepared = onnx.load(self._prepared)  # the float model onnxruntime quantizes: its node names
 
     def __enter__(self) -> "Int8Quantizer":
@@ -120,6 +121,29 @@ class Int8Quantizer:
                 edited.graph.initializer.append(restored)
                 target.input[index] = restored.name
         return edited
+
+
+def _pre_process(source: Path, target: Path) -> None:
+    """onnxruntime's pre-processing; where its symbolic shape inference cannot finish (it raises a
+    plain Exception: seen on PP-OCR's recogniser), without it: ONNX's own shape inference is what a
+    CNN's quantization needs."""
+    try:
+        quant_pre_process(str(source), str(target))
+    except Exception as exc:  # retried without the symbolic pass; a second failure is reported
+        log.info("onnxruntime's symbolic shape inference failed (%s): pre-processing without it", first_line(exc))
+        quant_pre_process(str(source), str(target), skip_symbolic_shape=True)
+
+
+@contextlib.contextmanager
+def _working_folder(folder: Path):
+    """onnxruntime's symbolic shape inference saves its partial model into the working folder when
+    it fails (``sym_shape_infer_temp.onnx`` and its data): into ours, never the user's."""
+    previous = os.getcwd()
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
 
 
 def quantized_nodes(model: onnx.ModelProto) -> list[str]:
