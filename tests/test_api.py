@@ -110,7 +110,7 @@ def test_two_onnxruntime_builds_installed_together_are_warned_about(calib_file, 
     from onnx_lowrank.runtime.sessions import mixed_builds_warning
 
     assert mixed_builds_warning({"onnxruntime-openvino": "1.24.1"}) is None
-    monkeypatch.setattr("onnx_lowrank.pipeline.compress.onnxruntime_builds",
+    monkeypatch.setattr("onnx_lowrank.pipeline.analysis.onnxruntime_builds",
                         lambda: {"onnxruntime": "1.32.0", "onnxruntime-openvino": "1.24.1"})
     report = compress(planted_model(), 2.0, calibration=str(calib_file), bench=False).report
     [warning] = [w for w in report.warnings if "installed together" in w]

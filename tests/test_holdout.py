@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from onnx_lowrank.pipeline.compress import _split
+from onnx_lowrank.pipeline.analysis import _split
 from onnx_lowrank.runtime.calibration import ArraySource, InputSpec, RandomSource
 from onnx_lowrank.options import Options
 

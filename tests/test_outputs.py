@@ -245,6 +245,6 @@ def test_running_out_of_memory_is_bad_input_not_a_bug(folder, monkeypatch) -> No
     def exhausted(*args, **kwargs):
         raise MemoryError
 
-    monkeypatch.setattr("onnx_lowrank.pipeline.compress.collect_responses", exhausted)
+    monkeypatch.setattr("onnx_lowrank.pipeline.analysis.collect_responses", exhausted)
     result = invoke(folder / "in.onnx", folder / "out.onnx", "--calib", folder / "calib.npz", *RUN)
     assert result.exit_code == 2 and "out of memory" in result.stderr and not (folder / "out.onnx").exists()

@@ -10,7 +10,8 @@ import pytest
 
 from onnx_lowrank.planning.costs import ConvShape
 from onnx_lowrank.errors import InvalidOptionError
-from onnx_lowrank.planning.ranks import RankCandidate, _loss_curve, measured_ranks, rank_ladder  # noqa: F401
+from onnx_lowrank.planning.ranks import RankCandidate, rank_ladder  # noqa: F401
+from onnx_lowrank.planning.measured import _loss_curve, measured_ranks
 
 SHAPE = ConvShape(64, 64, (3, 3), (8, 8))
 

@@ -426,7 +426,7 @@ def _print_quietly_on_broken_pipe(print_report: Callable[[], None]) -> None:
 
 @contextmanager
 def _progress(quiet: bool):
-    from onnx_lowrank.pipeline.compress import NullProgress
+    from onnx_lowrank.pipeline.analysis import NullProgress
 
     if quiet:
         yield NullProgress()

@@ -41,7 +41,8 @@ from onnx_lowrank.graph.rewrite import (NodeSpec, channel_chain, channel_decompo
                                         spatial_decomposition, whole_layer)
 from onnx_lowrank.graph.units import Unit
 from onnx_lowrank.planning.plans import ArchitecturePlan, has_spatial_extent
-from onnx_lowrank.planning.ranks import WHOLE, Form, latency_forms
+from onnx_lowrank.planning.ranks import WHOLE, Form
+from onnx_lowrank.planning.measured import latency_forms
 from onnx_lowrank.runtime.sessions import batch_size_for, make_session, provider_available
 
 log = logging.getLogger(__name__)

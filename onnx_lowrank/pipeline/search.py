@@ -36,7 +36,9 @@ from typing import Callable
 
 import numpy as np
 
-from onnx_lowrank.pipeline.compress import Analysis, Result, analyse, measure, plan_for, report_for, rewrite, solve
+from onnx_lowrank.pipeline.compress import measure, report_for, rewrite, solve
+from onnx_lowrank.pipeline.plan import plan_for
+from onnx_lowrank.pipeline.analysis import Analysis, Result, analyse
 from onnx_lowrank.errors import BudgetNotMetError, InfeasibleTargetError, InvalidOptionError
 from onnx_lowrank.measure.fidelity import compare_outputs, model_outputs
 from onnx_lowrank.options import Options

@@ -1,0 +1,64 @@
+"""The packages' layering, read from every import in the source (module level and inside functions):
+a package imports only the packages below it, and the pure layers import no ONNX library."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parent.parent / "onnx_lowrank"
+
+# Lowest first: each may import the ones before it. "core" is the package's own top-level modules.
+LAYERS = ["core", "solvers", "planning", "graph", "runtime", "methods", "measure", "quantize", "output",
+          "pipeline", "cli"]
+# Third-party imports a layer may add to those of the layers below it.
+LIBRARIES = {"core": {"numpy"}, "solvers": {"scipy"}, "graph": {"onnx", "onnx_graphsurgeon"},
+             "runtime": {"onnxruntime", "PIL"}, "output": {"rich", "matplotlib"}, "cli": {"typer", "rich"}}
+ENTRY_POINTS = {"__init__.py", "__main__.py"}  # lazy doors to the pipeline and the CLI
+
+
+def layer_of(path: Path) -> str:
+    parts = path.relative_to(PACKAGE).parts
+    return parts[0] if len(parts) > 1 else "core"
+
+
+def imports(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module)
+    return found
+
+
+def allowed_libraries(layer: str) -> set[str]:
+    allowed = set()
+    for lower in LAYERS[:LAYERS.index(layer) + 1]:
+        allowed |= LIBRARIES.get(lower, set())
+    return allowed
+
+
+SOURCES = sorted(p for p in PACKAGE.rglob("*.py") if p.name not in ENTRY_POINTS or p.parent != PACKAGE)
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=[str(p.relative_to(PACKAGE)) for p in SOURCES])
+def test_a_module_imports_only_the_layers_below_it(path: Path) -> None:
+    layer = layer_of(path)
+    assert layer in LAYERS, f"{path}: a package outside the layering"
+    for name in imports(path):
+        top = name.split(".")[0]
+        if top == "onnx_lowrank":
+            parts = name.split(".")
+            target = parts[1] if len(parts) > 2 or (len(parts) == 2 and (PACKAGE / parts[1]).is_dir()) else "core"
+            assert LAYERS.index(target) <= LAYERS.index(layer), f"{path}: {layer} imports {name} ({target})"
+        elif top in {"onnx", "onnx_graphsurgeon", "onnxruntime", "scipy", "PIL", "rich", "matplotlib", "typer",
+                     "torch"}:
+            assert top in allowed_libraries(layer), f"{path}: {layer} imports {name}"
+
+
+def test_no_module_is_over_400_lines() -> None:
+    long = {str(p.relative_to(PACKAGE)): n for p in PACKAGE.rglob("*.py") if (n := len(p.read_text().splitlines())) > 400}
+    assert not long, long
