@@ -16,10 +16,14 @@ def __getattr__(name: str):
         from onnx_lowrank.pipeline import compress as module
 
         return getattr(module, name)
-    if name in ("compress_to_budget", "Budget"):
-        from onnx_lowrank.pipeline import search as module
+    if name == "compress_to_budget":
+        from onnx_lowrank.pipeline.search import compress_to_budget
 
-        return getattr(module, name)
+        return compress_to_budget
+    if name == "Budget":
+        from onnx_lowrank.pipeline.budget import Budget
+
+        return Budget
     if name == "Report":
         from onnx_lowrank.output.report import Report
 

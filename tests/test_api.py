@@ -7,10 +7,10 @@ import onnx
 import pytest
 
 from onnx_lowrank import LowRankError, compress
-from onnx_lowrank.planning.costs import ConvShape, channel_decomposed_macs
 from onnx_lowrank.errors import InvalidOptionError, NothingToDecomposeError
 from onnx_lowrank.graph.normalise import normalise
 from onnx_lowrank.graph.units import find_units
+from onnx_lowrank.planning.costs import ConvShape, channel_decomposed_macs
 from onnx_lowrank.solvers.weights import spatial_filter_reconstruction, tucker2, weight_svd
 from tests.builders import Layer, conv_net, relative_error, run_model
 

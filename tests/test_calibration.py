@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from onnx_lowrank.runtime.calibration import InputSpec, make_preprocess, open_calibration
 from onnx_lowrank.errors import CalibrationError, InvalidOptionError
+from onnx_lowrank.runtime.calibration import InputSpec, open_calibration
+from onnx_lowrank.runtime.images import make_preprocess
 
 NCHW = InputSpec("input", (None, 3, 8, 10), np.dtype(np.float32))
 NHWC = InputSpec("input", (None, 8, 10, 3), np.dtype(np.float32))

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 import pytest
+
 from onnx_lowrank.cli.app import main
 from tests.builders import Layer, conv_net
-
 
 
 @pytest.fixture

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from onnx_lowrank.options import Options
 from onnx_lowrank.pipeline.analysis import _split
 from onnx_lowrank.runtime.calibration import ArraySource, InputSpec, RandomSource
-from onnx_lowrank.options import Options
 
 SPEC = [InputSpec("input", (None, 3, 4, 4), np.dtype(np.float32))]
 
@@ -52,7 +52,7 @@ def test_augmented_views_stay_on_the_calibration_side(tmp_path) -> None:
     from PIL import Image
 
     from onnx_lowrank import compress
-    from onnx_lowrank.runtime.calibration import AugmentedViews, ImageFolderSource, PRESETS
+    from onnx_lowrank.runtime.images import PRESETS, AugmentedViews, ImageFolderSource
     from tests.builders import Layer, conv_net
 
     for index in range(15):

@@ -9,11 +9,17 @@ import onnx
 import pytest
 
 from onnx_lowrank import compress
-from onnx_lowrank.runtime.calibration import model_inputs, open_calibration
 from onnx_lowrank.quantize import Int8Quantizer, SourceReader, Verdict, guard_int8
 from onnx_lowrank.quantize.guard import max_evaluations
-from tests.builders import (Layer, conv_net, dense_head_with_batchnorm, relative_error, run_model,
-                            with_one_huge_input_channel)
+from onnx_lowrank.runtime.calibration import model_inputs, open_calibration
+from tests.builders import (
+    Layer,
+    conv_net,
+    dense_head_with_batchnorm,
+    relative_error,
+    run_model,
+    with_one_huge_input_channel,
+)
 
 TOLERANCE = 0.05
 

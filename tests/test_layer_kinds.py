@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from onnx_lowrank import compress
-from onnx_lowrank.planning.costs import ConvShape, decomposed_macs
 from onnx_lowrank.errors import InfeasibleTargetError, NothingToDecomposeError
 from onnx_lowrank.graph.normalise import normalise
 from onnx_lowrank.graph.units import find_units
+from onnx_lowrank.planning.costs import ConvShape, decomposed_macs
 from tests.builders import NetBuilder, finish, gelu_written_out, relative_error, run_model
 from tests.test_rewrite import full_rank_rewrite, op_count
 

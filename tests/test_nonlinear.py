@@ -7,8 +7,8 @@ import pytest
 
 from onnx_lowrank.solvers import ResponseStats, fit_pca
 from onnx_lowrank.solvers.nonlinear import fit_nonlinear, linear_fit
-from onnx_lowrank.solvers.zstep import relu_z_update
 from onnx_lowrank.solvers.rrr import ReducedRankRegression
+from onnx_lowrank.solvers.zstep import relu_z_update
 
 
 def reduced_rank_regression(scatter, cross, rank):

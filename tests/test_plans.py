@@ -5,10 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from onnx_lowrank.planning.costs import ConvShape, break_even_rank, decomposed_macs, tucker2_macs
 from onnx_lowrank.errors import InfeasibleTargetError, InvalidOptionError
-from onnx_lowrank.planning.plans import (KEPT_CHANNEL_ONLY, NO_SPATIAL_KERNEL, channel_plan, spatial_plan, three_d_plan,
-                                tucker2_plan)
+from onnx_lowrank.planning.costs import ConvShape, break_even_rank, decomposed_macs, tucker2_macs
+from onnx_lowrank.planning.plans import (
+    KEPT_CHANNEL_ONLY,
+    NO_SPATIAL_KERNEL,
+    channel_plan,
+    spatial_plan,
+    three_d_plan,
+    tucker2_plan,
+)
 from onnx_lowrank.planning.ranks import FIRST_LAYER_REASON, RankCandidate
 
 

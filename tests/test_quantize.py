@@ -3,15 +3,14 @@ already quantized or half precision. The accuracy guard has its own tests (test_
 
 from __future__ import annotations
 
-
 import numpy as np
 import onnx
 import pytest
 
 from onnx_lowrank import compress
-from onnx_lowrank.runtime.calibration import model_inputs, open_calibration
 from onnx_lowrank.errors import InvalidOptionError, ModelLoadError
 from onnx_lowrank.quantize import Int8Quantizer, SourceReader
+from onnx_lowrank.runtime.calibration import model_inputs, open_calibration
 from tests.builders import Layer, conv_net, relative_error, run_model
 
 LAYERS = [Layer(16), Layer(32, weight_rank=8), Layer(32, weight_rank=8), Layer(16)]
@@ -69,7 +68,8 @@ def test_a_quantized_or_half_precision_model_is_refused() -> None:
 
 def test_with_a_budget_the_int8_model_is_the_answer_and_meets_it() -> None:
     """The budget holds for the model written, INT8 included: its held-out error, computed here."""
-    from onnx_lowrank.pipeline.search import Budget, compress_to_budget
+    from onnx_lowrank.pipeline.budget import Budget
+    from onnx_lowrank.pipeline.search import compress_to_budget
 
     model, data = model_and_data(100)
     result = compress_to_budget(model, Budget("error", 0.1), calibration=data, quantize="int8", bench=False,
@@ -85,7 +85,8 @@ def test_with_a_budget_the_int8_model_is_the_answer_and_meets_it() -> None:
 
 def test_when_int8_breaks_the_budget_slower_plans_are_tried_then_it_says_so(caplog) -> None:
     from onnx_lowrank.errors import BudgetNotMetError
-    from onnx_lowrank.pipeline.search import INT8_STEPS, Budget, compress_to_budget
+    from onnx_lowrank.pipeline.budget import Budget
+    from onnx_lowrank.pipeline.search import INT8_STEPS, compress_to_budget
 
     model, data = model_and_data(100)
     # float plans meet 2e-3 (this model is exactly low rank up to ~2x); INT8's own rounding error does not

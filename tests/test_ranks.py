@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from onnx_lowrank.planning.costs import ConvShape, break_even_rank, channel_decomposed_macs
 from onnx_lowrank.errors import InfeasibleTargetError, InvalidOptionError
+from onnx_lowrank.planning.costs import ConvShape, break_even_rank, channel_decomposed_macs
 from onnx_lowrank.planning.ranks import FIRST_LAYER_REASON, RankCandidate, energy_ranks, uniform_ranks
 
 

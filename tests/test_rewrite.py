@@ -8,8 +8,13 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_lowrank.graph.normalise import normalise
-from onnx_lowrank.graph.rewrite import (channel_chain, channel_decomposition, replace_units, spatial_decomposition,
-                                        tucker2_decomposition)
+from onnx_lowrank.graph.rewrite import (
+    channel_chain,
+    channel_decomposition,
+    replace_units,
+    spatial_decomposition,
+    tucker2_decomposition,
+)
 from onnx_lowrank.graph.surgery import prefix_model
 from onnx_lowrank.graph.units import find_units
 from onnx_lowrank.solvers import LowRankFactors

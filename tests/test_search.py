@@ -9,10 +9,11 @@ import numpy as np
 import onnx
 import pytest
 
-from onnx_lowrank.pipeline import search
 from onnx_lowrank.errors import BudgetNotMetError, InvalidOptionError
 from onnx_lowrank.methods.chains import PROBE_SCHEDULE
-from onnx_lowrank.pipeline.search import Budget, compress_to_budget
+from onnx_lowrank.pipeline import search
+from onnx_lowrank.pipeline.budget import Budget
+from onnx_lowrank.pipeline.search import compress_to_budget
 from onnx_lowrank.solvers.nonlinear import PAPER_SCHEDULE
 from tests.builders import Layer, conv_net, run_model
 from tests.test_cli import invoke

@@ -8,10 +8,10 @@ import itertools
 import numpy as np
 import pytest
 
-from onnx_lowrank.planning.costs import ConvShape
 from onnx_lowrank.errors import InvalidOptionError
-from onnx_lowrank.planning.ranks import RankCandidate, rank_ladder  # noqa: F401
+from onnx_lowrank.planning.costs import ConvShape
 from onnx_lowrank.planning.measured import _loss_curve, measured_ranks
+from onnx_lowrank.planning.ranks import RankCandidate, rank_ladder  # noqa: F401
 
 SHAPE = ConvShape(64, 64, (3, 3), (8, 8))
 
@@ -85,8 +85,8 @@ def test_running_only_the_suffix_after_each_layer_measures_what_the_whole_model_
     import dataclasses
 
     from onnx_lowrank.measure import sensitivity
-    from onnx_lowrank.pipeline import compress as api
     from onnx_lowrank.options import Options
+    from onnx_lowrank.pipeline import compress as api
     from tests.builders import Layer, conv_net
 
     model = conv_net([Layer(16), Layer(32, weight_rank=8), Layer(32), Layer(32, weight_rank=4)], size=(10, 10),

@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 
 from onnx_lowrank.errors import InvalidOptionError
-from onnx_lowrank.solvers.activations import (ACTIVATIONS, PIECEWISE_LINEAR, activation_derivative,
-                                              apply_activation)
+from onnx_lowrank.solvers.activations import ACTIVATIONS, PIECEWISE_LINEAR, activation_derivative, apply_activation
 from onnx_lowrank.solvers.nonlinear import fit_nonlinear, linear_fit
 from onnx_lowrank.solvers.zstep import z_update
 

@@ -41,8 +41,9 @@ SETTINGS = {"b1_t1": (1, 1), "b1_default": (1, 0), "b8_default": (8, 0)}  # batc
 
 def build(args) -> None:
     from onnx_lowrank import compress
-    from onnx_lowrank.runtime.calibration import make_preprocess, model_inputs, open_calibration
     from onnx_lowrank.errors import InfeasibleTargetError
+    from onnx_lowrank.runtime.calibration import model_inputs, open_calibration
+    from onnx_lowrank.runtime.images import make_preprocess
 
     preprocess = make_preprocess(args.preset, None, None, None, None)
     original = onnx.load(args.model)
@@ -93,8 +94,8 @@ def build(args) -> None:
 
 
 def time_models(args) -> None:
-    from onnx_lowrank.runtime.calibration import model_inputs
     from onnx_lowrank.measure.fidelity import measure_latency
+    from onnx_lowrank.runtime.calibration import model_inputs
 
     data = json.loads(Path(args.json).read_text())
     original = onnx.load(data["model"]).SerializeToString()

@@ -21,9 +21,9 @@ import json
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
-from onnx_lowrank.planning.costs import ConvShape, decomposed_macs
-from onnx_lowrank.measure.fidelity import interleaved_times
 from onnx_lowrank.graph.rewrite import channel_decomposition, replace_units
+from onnx_lowrank.measure.fidelity import interleaved_times
+from onnx_lowrank.planning.costs import ConvShape, decomposed_macs
 from onnx_lowrank.solvers import LowRankFactors
 from onnx_lowrank.solvers.grouped import fit_per_group
 

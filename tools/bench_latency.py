@@ -24,11 +24,11 @@ import numpy as np
 import onnx
 
 from onnx_lowrank import compress
-from onnx_lowrank.runtime.calibration import model_inputs, open_calibration
 from onnx_lowrank.errors import InfeasibleTargetError
 from onnx_lowrank.measure.fidelity import interleaved_times
 from onnx_lowrank.measure.latency import Device, linear_op_times, rank_grid
 from onnx_lowrank.quantize import Int8Quantizer, SourceReader
+from onnx_lowrank.runtime.calibration import model_inputs, open_calibration
 
 SETTINGS = [("1 thread, batch 1", 1, 1), ("default threads, batch 1", 0, 1), ("default threads, batch 8", 0, 8)]
 

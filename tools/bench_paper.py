@@ -78,10 +78,11 @@ def score_map_fidelity(original, optimized, feeds_list) -> dict:
 
 def run(args, save) -> list[dict]:
     from onnx_lowrank import compress
-    from onnx_lowrank.runtime.calibration import make_preprocess, model_inputs, open_calibration
     from onnx_lowrank.errors import InfeasibleTargetError
     from onnx_lowrank.graph.normalise import normalise
     from onnx_lowrank.graph.units import find_units
+    from onnx_lowrank.runtime.calibration import model_inputs, open_calibration
+    from onnx_lowrank.runtime.images import make_preprocess
 
     preprocess = make_preprocess(args.preset, [args.mean] * 3 if args.mean is not None else None,
                                  [args.std] * 3 if args.std is not None else None,

@@ -25,8 +25,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def run_one(model: str, speedup: float, calib: str, evaluation: str | None, num_images: int,
             preset: str, rounds: int) -> dict:
     from onnx_lowrank import compress
-    from onnx_lowrank.runtime.calibration import make_preprocess, model_inputs, open_calibration
     from onnx_lowrank.measure.fidelity import measure_latency
+    from onnx_lowrank.runtime.calibration import model_inputs, open_calibration
+    from onnx_lowrank.runtime.images import make_preprocess
 
     start = time.perf_counter()
     result = compress(model, speedup, calibration=calib, evaluation=evaluation, num_images=num_images,

@@ -22,13 +22,13 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnx_lowrank.pipeline import compress as api
-from onnx_lowrank.runtime.calibration import make_preprocess
 from onnx_lowrank.errors import InfeasibleTargetError
 from onnx_lowrank.graph.surgery import prefix_model
-from onnx_lowrank.options import Options
-from onnx_lowrank.runtime.sessions import collect_responses
 from onnx_lowrank.measure.sensitivity import measure_sensitivity
+from onnx_lowrank.options import Options
+from onnx_lowrank.pipeline import compress as api
+from onnx_lowrank.runtime.images import make_preprocess
+from onnx_lowrank.runtime.sessions import collect_responses
 
 WHOLE_CONV_POSITIONS = 64  # positions per image sampled for convs the plan leaves whole
 

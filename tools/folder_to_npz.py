@@ -12,7 +12,8 @@ import argparse
 import numpy as np
 import onnx
 
-from onnx_lowrank.runtime.calibration import make_preprocess, model_inputs, open_calibration
+from onnx_lowrank.runtime.calibration import model_inputs, open_calibration
+from onnx_lowrank.runtime.images import make_preprocess
 
 
 def main() -> None:

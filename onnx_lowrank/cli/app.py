@@ -8,28 +8,33 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
 import signal
 import sys
-import time
-from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import List, Optional
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from onnx_lowrank import __version__
+from onnx_lowrank.cli.console import (
+    Interrupted,
+    Signals,
+    configure_logging,
+    one_line,
+    print_quietly_on_broken_pipe,
+    progress_sink,
+    stderr,
+    stdout,
+    tell,
+)
 from onnx_lowrank.errors import InvalidOptionError, LowRankError
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
                   help="Make an ONNX CNN faster by low-rank decomposition of its convolutions.")
+
 # Typer vendors click in recent releases; its usage errors all derive from this class.
 _CLICK_ERROR = next(cls for cls in typer.BadParameter.__mro__ if cls.__name__ == "ClickException")
-stdout = Console()
-stderr = Console(stderr=True)
 log = logging.getLogger("onnx_lowrank")
 
 EXIT_BAD_INPUT, EXIT_INTERNAL = 2, 3
@@ -73,99 +78,6 @@ class Int8Calibration(str, Enum):
     percentile = "percentile"
 
 
-class Interrupted(BaseException):
-    """SIGINT or SIGTERM: like KeyboardInterrupt, not caught by ``except Exception``."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
-        self.exit_code = 128 + signum
-
-
-class Signals:
-    """SIGINT and SIGTERM interrupt the run until its outputs are committed; from the commit on they
-    are recorded and ignored, so exit 0 always means written and 130/143 means nothing written."""
-
-    HANDLED = (signal.SIGINT, signal.SIGTERM)
-
-    def __enter__(self) -> "Signals":
-        self.pending: list[int] = []
-        self.previous = {signum: signal.signal(signum, self._interrupt) for signum in self.HANDLED}
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        for signum, handler in self.previous.items():
-            signal.signal(signum, handler)
-
-    @staticmethod
-    def _interrupt(signum, frame) -> None:
-        raise Interrupted(signum)
-
-    def commit(self, staging) -> None:
-        for signum in self.HANDLED:
-            signal.signal(signum, lambda received, frame: self.pending.append(received))
-        if self.pending:
-            raise Interrupted(self.pending[0])
-        staging.commit()
-
-
-class BarProgress:
-    """Progress bars on a terminal."""
-
-    def __init__(self, progress: Progress) -> None:
-        self.progress = progress
-
-    def stage(self, description: str, total: int) -> Callable[[int], None]:
-        task = self.progress.add_task(description, total=total)
-        return lambda advance=1: self.progress.advance(task, advance)
-
-
-class LogProgress:
-    """Progress as log lines, for pipelines: a line when a stage starts, every ~30 s, and when it ends."""
-
-    INTERVAL_S = 30.0
-
-    def stage(self, description: str, total: int) -> Callable[[int], None]:
-        state = {"done": 0, "last": time.monotonic(), "start": time.monotonic()}
-        log.info("%s: 0/%d", description, total)
-
-        def advance(step: int = 1) -> None:
-            state["done"] += step
-            now = time.monotonic()
-            if state["done"] >= total:
-                log.info("%s: %d/%d done in %.1f s", description, state["done"], total, now - state["start"])
-            elif now - state["last"] >= self.INTERVAL_S:
-                state["last"] = now
-                log.info("%s: %d/%d", description, state["done"], total)
-        return advance
-
-
-class _ConsoleFormatter(logging.Formatter):
-    """``warning: …`` / ``error: …``; info lines timestamped when stderr is not a terminal."""
-
-    def __init__(self, timestamps: bool) -> None:
-        super().__init__("%(asctime)s %(message)s" if timestamps else "%(message)s", "%Y-%m-%d %H:%M:%S")
-
-    def format(self, record: logging.LogRecord) -> str:
-        if record.levelno >= logging.WARNING:
-            return f"{record.levelname.lower()}: {record.getMessage()}"
-        return super().format(record)
-
-
-def _configure_logging(quiet: bool, verbose: bool, log_file: Optional[Path]) -> None:
-    log.handlers.clear()
-    log.propagate = False
-    log.setLevel(logging.DEBUG)
-    console = logging.StreamHandler(sys.stderr)
-    console.setLevel(logging.ERROR if quiet else logging.DEBUG if verbose else logging.INFO)
-    console.setFormatter(_ConsoleFormatter(timestamps=not stderr.is_terminal))
-    log.addHandler(console)
-    if log_file is not None:
-        handler = logging.FileHandler(log_file, mode="a", encoding="utf-8")
-        handler.setLevel(logging.DEBUG)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        log.addHandler(handler)
-
-
 def _floats(text: Optional[str], option: str) -> Optional[list[float]]:
     if text is None:
         return None
@@ -196,7 +108,7 @@ def _selection(rank_selection: Optional[RankSelection], uniform: bool) -> Option
 
 def _budget(max_error, min_agreement, max_drop, metric, min_metric, speedup, plot):
     """The accuracy budget asked for, if any: exactly one, and then --speedup only as the search's start."""
-    from onnx_lowrank.pipeline.search import Budget
+    from onnx_lowrank.pipeline.budget import Budget
 
     given = {"--max-error": max_error, "--min-agreement": min_agreement, "--max-drop": max_drop, "--metric": metric}
     chosen = [flag for flag, value in given.items() if value is not None]
@@ -224,10 +136,20 @@ def _show_version(value: bool) -> None:
 
 
 DATA = "Data"
+
+
 PLAN = "Plan and method"
+
+
 BUDGET = "Accuracy budget (instead of --speedup)"
+
+
 QUANTIZE = "INT8 on top"
+
+
 RUN = "Measurement and output"
+
+
 FORMS = "an image folder, a .npy file, an .npz keyed by input name (optional 'labels'), or file.py:ReaderName"
 
 
@@ -338,15 +260,15 @@ def run(
     code = 0
     with Signals() as signals:
         try:
-            from onnx_lowrank.pipeline.compress import compress
-            from onnx_lowrank.runtime.calibration import make_preprocess
-            from onnx_lowrank.output.staging import Staging, check_outputs
             from onnx_lowrank.output.report import render
+            from onnx_lowrank.output.staging import Staging, check_outputs
+            from onnx_lowrank.pipeline.compress import compress
+            from onnx_lowrank.runtime.images import make_preprocess
 
             budget = _budget(max_error, min_agreement, max_drop, metric, min_metric, speedup, plot)
             paths = check_outputs(input_model, None if dry_run else output_model, report, log_file,
                                   data=(calib, eval_data), plot=plot, latency_cache=latency_cache)
-            _configure_logging(quiet, verbose, log_file)
+            configure_logging(quiet, verbose, log_file)
             options = dict(
                 calibration=calib, evaluation=eval_data,
                 preprocess=make_preprocess(preprocess.value, _floats(mean, "--mean"), _floats(std, "--std"),
@@ -359,7 +281,7 @@ def run(
                 quantize=None if quantize is None else quantize.value, int8_calibration=int8_calibration.value,
                 int8_tolerance=int8_tolerance,
                 objective=objective.value, latency_cache=latency_cache, bench_batch=bench_batch)
-            with _progress(quiet) as progress:
+            with progress_sink(quiet) as progress:
                 if budget is None:
                     result = compress(input_model, 4.0 if speedup is None else speedup, progress=progress, **options)
                 else:
@@ -380,62 +302,27 @@ def run(
                 signals.commit(staging)
             # From the commit on the run has succeeded: a reader gone from stdout does not change that.
             if not quiet:
-                _print_quietly_on_broken_pipe(lambda: render(result.report, stdout))
+                print_quietly_on_broken_pipe(lambda: render(result.report, stdout))
             if result.model is not None:
                 log.info("wrote %s", output_model)
         except LowRankError as exc:
-            _tell(f"error: {_one_line(str(exc))}")
+            tell(f"error: {one_line(str(exc))}")
             code = EXIT_BAD_INPUT
         except MemoryError:
-            _tell("error: out of memory (hint: lower --num-images, --samples-per-image or --input-size)")
+            tell("error: out of memory (hint: lower --num-images, --samples-per-image or --input-size)")
             code = EXIT_BAD_INPUT
         except (Interrupted, KeyboardInterrupt) as exc:
-            _tell("interrupted; nothing was written")
+            tell("interrupted; nothing was written")
             code = getattr(exc, "exit_code", 128 + signal.SIGINT)
         except Exception as exc:
             if verbose:
                 raise
             log.debug("internal error", exc_info=True)  # the traceback, for the --log-file
-            _tell(f"internal error: {type(exc).__name__}: {_one_line(str(exc))} (a bug: please report it; "
+            tell(f"internal error: {type(exc).__name__}: {one_line(str(exc))} (a bug: please report it; "
                   "-v shows the traceback)")
             code = EXIT_INTERNAL
     if code:
         raise typer.Exit(code)
-
-
-def _tell(line: str) -> None:
-    """The run's last word: one line on stderr, and in the --log-file when there is one."""
-    stderr.print(line, markup=False, highlight=False, soft_wrap=True)
-    for handler in log.handlers:
-        if isinstance(handler, logging.FileHandler):
-            handler.handle(log.makeRecord(log.name, logging.ERROR, __file__, 0, line, None, None))
-
-
-def _one_line(text: str) -> str:
-    """Names and paths may hold line breaks; an error stays one line."""
-    return text.replace("\r", "\\r").replace("\n", "\\n")
-
-
-def _print_quietly_on_broken_pipe(print_report: Callable[[], None]) -> None:
-    try:
-        print_report()
-    except BrokenPipeError:
-        # Point stdout at /dev/null so that the interpreter's final flush does not fail again.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-
-
-@contextmanager
-def _progress(quiet: bool):
-    from onnx_lowrank.pipeline.analysis import NullProgress
-
-    if quiet:
-        yield NullProgress()
-    elif not stderr.is_terminal:
-        yield LogProgress()
-    else:
-        with Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
-                      TimeElapsedColumn(), console=stderr, transient=True) as bars:
-            yield BarProgress(bars)
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -21,7 +21,6 @@ import onnx_graphsurgeon as gs
 from onnx_lowrank.errors import ModelLoadError
 from onnx_lowrank.graph.surgery import constant_value, export_like, name_all_nodes, sole_consumer
 
-
 QUANTIZED_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger",
                            "MatMulInteger", "DynamicQuantizeLinear"})
 _AFFINE_OPS = ("Mul", "Add", "Sub", "Div")

@@ -8,8 +8,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnx_lowrank.graph.written_out import written_out_activation
 from onnx_lowrank.graph.surgery import constant_value, sole_consumer
+from onnx_lowrank.graph.written_out import written_out_activation
 
 
 @dataclass(frozen=True)

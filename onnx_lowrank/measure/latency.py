@@ -33,16 +33,22 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
-from onnx_lowrank.planning.costs import ConvShape
 from onnx_lowrank.errors import InfeasibleTargetError, InvalidOptionError
-from onnx_lowrank.measure.fidelity import interleaved_times
 from onnx_lowrank.graph.io import first_line
-from onnx_lowrank.graph.rewrite import (NodeSpec, channel_chain, channel_decomposition, replace_units,
-                                        spatial_decomposition, whole_layer)
+from onnx_lowrank.graph.rewrite import (
+    NodeSpec,
+    channel_chain,
+    channel_decomposition,
+    replace_units,
+    spatial_decomposition,
+    whole_layer,
+)
 from onnx_lowrank.graph.units import Unit
+from onnx_lowrank.measure.fidelity import interleaved_times
+from onnx_lowrank.planning.costs import ConvShape
+from onnx_lowrank.planning.measured import latency_forms
 from onnx_lowrank.planning.plans import ArchitecturePlan, has_spatial_extent
 from onnx_lowrank.planning.ranks import WHOLE, Form
-from onnx_lowrank.planning.measured import latency_forms
 from onnx_lowrank.runtime.sessions import batch_size_for, make_session, provider_available
 
 log = logging.getLogger(__name__)

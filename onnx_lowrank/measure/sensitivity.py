@@ -20,9 +20,9 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from onnx_lowrank.measure.fidelity import compare_outputs, model_outputs
 from onnx_lowrank.graph.rewrite import replace_units
 from onnx_lowrank.graph.surgery import suffix_model
+from onnx_lowrank.measure.fidelity import compare_outputs, model_outputs
 from onnx_lowrank.methods.chains import PROBE_SCHEDULE, solve_layers
 from onnx_lowrank.planning.plans import ArchitecturePlan
 from onnx_lowrank.planning.ranks import RankPlan, leave_first_conv, rank_ladder

@@ -8,8 +8,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from onnx_lowrank.graph.rewrite import (NodeSpec, channel_chain, channel_decomposition, replace_units,
-                                        spatial_decomposition, tucker2_decomposition)
+from onnx_lowrank.graph.rewrite import (
+    NodeSpec,
+    channel_chain,
+    channel_decomposition,
+    replace_units,
+    spatial_decomposition,
+    tucker2_decomposition,
+)
 from onnx_lowrank.graph.surgery import prefix_model
 from onnx_lowrank.graph.units import Unit
 from onnx_lowrank.planning.plans import ArchitecturePlan

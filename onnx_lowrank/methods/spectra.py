@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from onnx_lowrank.planning.costs import max_rank
 from onnx_lowrank.graph.units import Unit
+from onnx_lowrank.planning.costs import max_rank
 from onnx_lowrank.planning.ranks import RankCandidate
 from onnx_lowrank.solvers import ResponseStats
 from onnx_lowrank.solvers.grouped import group_slices, group_stats, interleaved_spectrum

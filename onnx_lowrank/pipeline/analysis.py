@@ -15,24 +15,23 @@ from typing import Callable, Protocol
 import numpy as np
 import onnx
 
-from onnx_lowrank.runtime.calibration import (AugmentedViews, CalibrationSource, ImageFolderSource, Preprocess, model_inputs,
-                                      open_calibration)
-from onnx_lowrank.planning.costs import ConvShape
 from onnx_lowrank.errors import CalibrationError, InvalidOptionError
 from onnx_lowrank.graph.io import WeightStore, is_large, load_model, model_path
 from onnx_lowrank.graph.normalise import normalise
+from onnx_lowrank.graph.selection import select_units
 from onnx_lowrank.graph.units import Unit, find_units
 from onnx_lowrank.measure.latency import LayerLatency
 from onnx_lowrank.options import Options
-from onnx_lowrank.planning.ranks import RankCandidate
 from onnx_lowrank.output.report import Report
-from onnx_lowrank.graph.selection import select_units
-from onnx_lowrank.runtime.shapes import measure_shapes
-from onnx_lowrank.planning.sampling import ResponseShape, positions_per_image
-from onnx_lowrank.runtime.sessions import batch_size_for, collect_responses, mixed_builds_warning, onnxruntime_builds
-from onnx_lowrank.solvers import ResponseStats
 from onnx_lowrank.pipeline.plan import _plan
-
+from onnx_lowrank.planning.costs import ConvShape
+from onnx_lowrank.planning.ranks import RankCandidate
+from onnx_lowrank.planning.sampling import ResponseShape, positions_per_image
+from onnx_lowrank.runtime.calibration import CalibrationSource, model_inputs, open_calibration
+from onnx_lowrank.runtime.images import AugmentedViews, ImageFolderSource, Preprocess
+from onnx_lowrank.runtime.sessions import batch_size_for, collect_responses, mixed_builds_warning, onnxruntime_builds
+from onnx_lowrank.runtime.shapes import measure_shapes
+from onnx_lowrank.solvers import ResponseStats
 
 RANDOM_CALIBRATION_WARNING = ("no calibration data given: using random inputs. The responses of random "
                               "inputs say little about real ones, so expect a poor model; pass --calib")

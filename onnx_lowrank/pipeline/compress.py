@@ -16,25 +16,26 @@ from typing import Sequence
 
 import onnx
 
-from onnx_lowrank.runtime.calibration import (CalibrationSource, Preprocess)
-from onnx_lowrank.planning.costs import ConvShape
 from onnx_lowrank.errors import InternalError
-from onnx_lowrank.measure.fidelity import benchmark_providers, measure_fidelity
 from onnx_lowrank.graph.io import check_model
 from onnx_lowrank.graph.rewrite import replace_units
 from onnx_lowrank.graph.units import Unit
-from onnx_lowrank.planning.plans import (ArchitecturePlan)
+from onnx_lowrank.measure.fidelity import benchmark_providers, measure_fidelity
+from onnx_lowrank.methods.chains import Solved, data_free_chains, solve_layers
+from onnx_lowrank.methods.spectra import response_spectrum
 from onnx_lowrank.options import LAYER_KINDS, Options
 from onnx_lowrank.output.provenance import describe_input, versions
-from onnx_lowrank.quantize import add_int8
 from onnx_lowrank.output.report import LayerReport, Report
-from onnx_lowrank.methods.spectra import response_spectrum
-from onnx_lowrank.methods.chains import Solved, data_free_chains, solve_layers
-from onnx_lowrank.runtime.sessions import make_session
-from onnx_lowrank.solvers.nonlinear import PAPER_SCHEDULE
-from onnx_lowrank.solvers.factors import spectrum_energy
 from onnx_lowrank.pipeline.analysis import FEW_HELD_OUT, Analysis, ProgressSink, Result, Run, analyse
 from onnx_lowrank.pipeline.plan import plan_for
+from onnx_lowrank.planning.costs import ConvShape
+from onnx_lowrank.planning.plans import ArchitecturePlan
+from onnx_lowrank.quantize import add_int8
+from onnx_lowrank.runtime.calibration import CalibrationSource
+from onnx_lowrank.runtime.images import Preprocess
+from onnx_lowrank.runtime.sessions import make_session
+from onnx_lowrank.solvers.factors import spectrum_energy
+from onnx_lowrank.solvers.nonlinear import PAPER_SCHEDULE
 
 log = logging.getLogger(__name__)
 

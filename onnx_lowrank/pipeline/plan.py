@@ -7,16 +7,22 @@ import logging
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-
 from onnx_lowrank.graph.units import Unit
-from onnx_lowrank.planning.plans import (ArchitecturePlan, channel_plan, latency_plan, spatial_plan, three_d_plan,
-                                tucker2_plan)
 from onnx_lowrank.measure.latency import LayerLatency, measure_layer_latency, plan_in_model
-from onnx_lowrank.options import Options
-from onnx_lowrank.planning.ranks import RankCandidate
-from onnx_lowrank.methods.spectra import padded, response_spectrum, weights_spectrum
 from onnx_lowrank.measure.sensitivity import measure_sensitivity
+from onnx_lowrank.methods.spectra import padded, response_spectrum, weights_spectrum
+from onnx_lowrank.options import Options
+from onnx_lowrank.planning.plans import (
+    ArchitecturePlan,
+    channel_plan,
+    latency_plan,
+    spatial_plan,
+    three_d_plan,
+    tucker2_plan,
+)
+from onnx_lowrank.planning.ranks import RankCandidate
 from onnx_lowrank.solvers import ResponseStats
+
 if TYPE_CHECKING:
     from onnx_lowrank.pipeline.analysis import Analysis
 

@@ -8,9 +8,20 @@ import heapq
 import numpy as np
 
 from onnx_lowrank.errors import InfeasibleTargetError
-from onnx_lowrank.planning.ranks import (WHOLE, Form, RankCandidate, RankPlan, _effective_macs, _eligible, _energy_curve,
-                                         _finished, _lower_greedily, leave_first_conv, rank_ladder,
-                                         validate_speedup)
+from onnx_lowrank.planning.ranks import (
+    WHOLE,
+    Form,
+    RankCandidate,
+    RankPlan,
+    _effective_macs,
+    _eligible,
+    _energy_curve,
+    _finished,
+    _lower_greedily,
+    leave_first_conv,
+    rank_ladder,
+    validate_speedup,
+)
 
 
 def measured_ranks(candidates: list[RankCandidate], losses: dict[str, dict[int, float]], fixed_macs: int,

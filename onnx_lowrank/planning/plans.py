@@ -21,10 +21,18 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from onnx_lowrank.planning.costs import ConvShape, decomposed_macs, tucker2_macs
 from onnx_lowrank.errors import InfeasibleTargetError, InvalidOptionError
-from onnx_lowrank.planning.ranks import Form, RankCandidate, leave_first_conv, RankPlan, energy_ranks, uniform_ranks, validate_speedup
+from onnx_lowrank.planning.costs import ConvShape, decomposed_macs, tucker2_macs
 from onnx_lowrank.planning.measured import latency_ranks, measured_ranks
+from onnx_lowrank.planning.ranks import (
+    Form,
+    RankCandidate,
+    RankPlan,
+    energy_ranks,
+    leave_first_conv,
+    uniform_ranks,
+    validate_speedup,
+)
 
 NO_SPATIAL_KERNEL = "1-wide kernel: nothing to split spatially"
 KEPT_CHANNEL_ONLY = "kept channel-only (--channel-only)"

@@ -15,8 +15,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from onnx_lowrank.planning.costs import SCHEMES, ConvShape, break_even_rank, decomposed_macs, macs_per_rank, max_rank
 from onnx_lowrank.errors import InfeasibleTargetError, InvalidOptionError
+from onnx_lowrank.planning.costs import SCHEMES, ConvShape, break_even_rank, decomposed_macs, macs_per_rank, max_rank
 
 FIRST_LAYER_REASON = "first conv layer: left alone, as in the paper"
 

@@ -18,9 +18,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from onnx_lowrank.runtime.calibration import InputSpec
 from onnx_lowrank.errors import ModelLoadError, ModelRunError, ProviderError
 from onnx_lowrank.graph.io import first_line, model_file, needs_file
+from onnx_lowrank.runtime.calibration import InputSpec
 
 PROVIDER_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
                   "tensorrt": "TensorrtExecutionProvider", "openvino": "OpenVINOExecutionProvider"}

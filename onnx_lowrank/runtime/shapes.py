@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from onnx_lowrank.planning.costs import ConvShape
 from onnx_lowrank.graph.units import Unit
+from onnx_lowrank.planning.costs import ConvShape
 from onnx_lowrank.runtime.sessions import batch_size_for, probe_shapes
 
 

@@ -13,9 +13,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from onnx_lowrank.solvers.activations import (PIECEWISE_LINEAR, activation_derivative, apply_activation,
-                                              linear_pieces, linear_tails, smooth_interval,
-                                              validate_activation)
+from onnx_lowrank.solvers.activations import (
+    PIECEWISE_LINEAR,
+    activation_derivative,
+    apply_activation,
+    linear_pieces,
+    linear_tails,
+    smooth_interval,
+    validate_activation,
+)
 
 NEWTON_STEPS = 8
 
