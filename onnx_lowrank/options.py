@@ -14,16 +14,12 @@ from numbers import Integral, Real
 from typing import Any, Callable, Sequence
 
 from onnx_lowrank.errors import InvalidOptionError, InvalidTypeError
+from onnx_lowrank.registry import METHODS, Method, PlanFamily
 
-DATA_FREE_METHODS = ("jaderberg", "svd", "tucker2")
-METHODS = ("asymmetric", "asym3d", "nonlinear", "linear") + DATA_FREE_METHODS
-ASYMMETRIC_METHODS = ("asymmetric", "asym3d")
 RANK_SELECTIONS = ("energy", "sensitivity", "uniform")
-SENSITIVITY_METHODS = ("asymmetric", "asym3d", "nonlinear", "linear")  # the data-driven ones
 PROVIDERS = ("cpu", "cuda", "tensorrt", "openvino")
 QUANTIZATIONS = ("int8",)
 OBJECTIVES = ("flops", "latency")
-LATENCY_METHODS = ("asymmetric", "nonlinear", "linear", "asym3d")  # the forms profile.py times
 INT8_CALIBRATIONS = ("minmax", "entropy", "percentile")
 LAYER_KINDS = ("conv", "transpose", "dense")  # graph.units.Unit.kind: Conv (1-3-D), ConvTranspose, Gemm/MatMul
 MAX_THREADS = 256  # onnxruntime starts every thread it is given; thousands take minutes and gain nothing
@@ -67,38 +63,47 @@ class Options:
         self._check_combinations()
 
     def _check_combinations(self) -> None:
-        if self.method == "tucker2" and self.rank_selection == "energy":
-            raise InvalidOptionError("Tucker-2 has two ranks per layer; only uniform rank selection is built for it",
-                                     hint="drop the energy rank selection for --method tucker2")
-        if self.rank_selection == "sensitivity" and self.method not in SENSITIVITY_METHODS:
-            raise InvalidOptionError(f"sensitivity rank selection is built for the data-driven methods "
-                                     f"({', '.join(SENSITIVITY_METHODS)}), not --method {self.method}",
-                                     hint="use --rank-selection energy with this method")
-        if self.objective == "latency" and (self.method not in LATENCY_METHODS or self.selection != "energy"):
+        spec = self.spec
+        if self.rank_selection is not None and self.rank_selection not in spec.selections:
+            if self.rank_selection == "sensitivity":
+                data_driven = [name for name, m in METHODS.items() if "sensitivity" in m.selections]
+                raise InvalidOptionError(f"sensitivity rank selection is built for the data-driven methods "
+                                         f"({', '.join(data_driven)}), not --method {self.method}",
+                                         hint="use --rank-selection energy with this method")
+            raise InvalidOptionError(f"--method {self.method} plans {spec.plan.value} ranks; only "
+                                     f"{' or '.join(spec.selections)} rank selection is built for it",
+                                     hint=f"drop the {self.rank_selection} rank selection for --method {self.method}")
+        if self.objective == "latency" and (not spec.latency or self.selection != "energy"):
+            timed = [name for name, m in METHODS.items() if m.latency]
             raise InvalidOptionError(f"--objective latency plans channel and 3d decompositions by energy; not --method "
                                      f"{self.method} with {self.selection} ranks",
-                                     hint=f"use --method {' or '.join(LATENCY_METHODS)} with energy rank selection")
-        if self.symmetric and self.method not in ASYMMETRIC_METHODS:
+                                     hint=f"use --method {' or '.join(timed)} with energy rank selection")
+        if self.symmetric and not spec.asymmetric:
             raise InvalidOptionError(f"--symmetric changes the asymmetric methods; --method {self.method} "
                                      "is not one", hint="drop --symmetric, or use --method asymmetric or asym3d")
         if self.objective == "latency" and self.channel_speedup is not None:
             raise InvalidOptionError("--objective latency chooses each layer's channel and 3d parts on measured "
                                      "time; --channel-speedup fixes them by FLOPs", hint="drop --channel-speedup")
-        if self.method != "asym3d" and (self.channel_speedup is not None or self.channel_only):
+        if spec.plan is not PlanFamily.THREE_D and (self.channel_speedup is not None or self.channel_only):
             raise InvalidOptionError(f"--channel-speedup and --channel-only shape the 3d decomposition, not "
                                      f"--method {self.method}", hint="use them with --method asym3d")
 
     @property
+    def spec(self) -> Method:
+        """The method's declaration (``registry.METHODS``)."""
+        return METHODS[self.method]
+
+    @property
     def data_free(self) -> bool:
-        return self.method in DATA_FREE_METHODS
+        return self.spec.data_free
 
     @property
     def asymmetric(self) -> bool:
-        return self.method in ASYMMETRIC_METHODS and not self.symmetric
+        return self.spec.asymmetric and not self.symmetric
 
     @property
     def selection(self) -> str:
-        return self.rank_selection or ("uniform" if self.data_free else "energy")
+        return self.rank_selection or self.spec.default_selection
 
     def to_dict(self) -> dict[str, Any]:
         return {option.name: _plain(getattr(self, option.name)) for option in fields(self)}
@@ -182,7 +187,7 @@ def _size(name: str, value: Any) -> tuple[int, int]:
 
 _CONSTRAINTS: dict[str, Callable[[str, Any], Any]] = {
     "speedup": _SPEEDUP,
-    "method": _choice(METHODS),
+    "method": _choice(tuple(METHODS)),
     "symmetric": _flag,
     "rank_selection": _optional(_choice(RANK_SELECTIONS)),
     "channel_speedup": _optional(_SPEEDUP),

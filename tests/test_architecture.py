@@ -62,3 +62,26 @@ def test_a_module_imports_only_the_layers_below_it(path: Path) -> None:
 def test_no_module_is_over_400_lines() -> None:
     long = {str(p.relative_to(PACKAGE)): n for p in PACKAGE.rglob("*.py") if (n := len(p.read_text().splitlines())) > 400}
     assert not long, long
+
+
+def test_a_method_is_named_only_in_its_registry() -> None:
+    """The pipeline branches on what a method declares (registry.Method), never on its name."""
+    from onnx_lowrank.registry import METHODS
+
+    named = {}
+    for path in PACKAGE.rglob("*.py"):
+        if path.name == "registry.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and node.value in METHODS:
+                named.setdefault(str(path.relative_to(PACKAGE)), []).append(node.value)
+    # the default of the option (declared in Options and in compress's signature) is the only name left
+    assert all(values == ["asymmetric"] for values in named.values()), named
+    assert set(named) <= {"options.py", "pipeline/compress.py"}, named
+
+
+def test_the_cli_offers_exactly_the_registered_methods() -> None:
+    from onnx_lowrank.cli.app import Method
+    from onnx_lowrank.registry import METHODS
+
+    assert [m.value for m in Method] == list(METHODS)

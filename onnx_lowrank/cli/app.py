@@ -29,6 +29,7 @@ from onnx_lowrank.cli.console import (
     tell,
 )
 from onnx_lowrank.errors import InvalidOptionError, LowRankError
+from onnx_lowrank.registry import METHODS
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
                   help="Make an ONNX CNN faster by low-rank decomposition of its convolutions.")
@@ -47,14 +48,7 @@ class Preset(str, Enum):
     raw = "raw"
 
 
-class Method(str, Enum):
-    asymmetric = "asymmetric"
-    asym3d = "asym3d"
-    nonlinear = "nonlinear"
-    linear = "linear"
-    jaderberg = "jaderberg"
-    svd = "svd"
-    tucker2 = "tucker2"
+Method = Enum("Method", {name: name for name in METHODS}, type=str)  # the choices of --method, from the registry
 
 
 class RankSelection(str, Enum):

@@ -9,8 +9,6 @@ from onnx_lowrank.errors import InvalidOptionError, NothingToDecomposeError
 from onnx_lowrank.graph.units import Unit
 from onnx_lowrank.options import Options
 
-TWO_D_METHODS = ("jaderberg", "tucker2")  # their chains split a k x k kernel
-
 log = logging.getLogger(__name__)
 
 
@@ -24,7 +22,7 @@ def select_units(units: list[Unit], opts: Options) -> set[str]:
             unit.skipped_reason = "skipped by --skip"
         elif unit.kind not in opts.ops:
             unit.skipped_reason = f"{unit.kind} layers are not in --ops"
-        elif opts.method in TWO_D_METHODS and (unit.kind != "conv" or len(unit.kernel) != 2 or unit.group > 1):
+        elif opts.spec.splits_kernel and (unit.kind != "conv" or len(unit.kernel) != 2 or unit.group > 1):
             unit.skipped_reason = f"{opts.method} decomposes 2-D convs with group=1 only"
     channel_only = resolve_names(units, opts.channel_only, "channel_only")
     if not any(u.decomposable for u in units):

@@ -49,6 +49,7 @@ from onnx_lowrank.planning.costs import ConvShape
 from onnx_lowrank.planning.measured import latency_forms
 from onnx_lowrank.planning.plans import ArchitecturePlan, has_spatial_extent
 from onnx_lowrank.planning.ranks import WHOLE, Form
+from onnx_lowrank.registry import PlanFamily
 from onnx_lowrank.runtime.sessions import batch_size_for, make_session, provider_available
 
 log = logging.getLogger(__name__)
@@ -247,7 +248,7 @@ def measure_layer_latency(analysis, opts) -> LayerLatency:
                                  f"{', '.join(opts.providers)} is available here", hint="add --providers cpu")
     device = Device(available[0], opts.threads, batch_size_for(analysis.inputs, opts.bench_batch))
     candidates = {c.name: c for c in analysis.candidates}
-    split = {n for n, c in candidates.items() if opts.method == "asym3d" and has_spatial_extent(c.shape)
+    split = {n for n, c in candidates.items() if opts.spec.plan is PlanFamily.THREE_D and has_spatial_extent(c.shape)
              and n not in analysis.channel_only}
     ladders = {u.name: latency_forms(candidates[u.name], opts.rank_multiple, u.name in split)
                if u.name in candidates else []

@@ -26,6 +26,7 @@ from onnx_lowrank.measure.fidelity import compare_outputs, model_outputs
 from onnx_lowrank.methods.chains import PROBE_SCHEDULE, solve_layers
 from onnx_lowrank.planning.plans import ArchitecturePlan
 from onnx_lowrank.planning.ranks import RankPlan, leave_first_conv, rank_ladder
+from onnx_lowrank.registry import Solver
 from onnx_lowrank.runtime.sessions import make_session, run, run_in_batches, with_outputs
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ def measure_sensitivity(analysis, opts) -> dict[str, dict[int, float]]:
     step = max(1, len(data.calib_indices) // SUBSET)
     subset = data.calib_indices[::step][:SUBSET]
     reference = model_outputs(analysis.normalised, data.source, subset, data.batch, opts.threads)
-    method = "linear" if opts.method == "linear" else "nonlinear"
+    solver = Solver.PCA if opts.spec.solver is Solver.PCA else Solver.NONLINEAR  # symmetric chains of the method's kind
     units = analysis.by_name
     candidates = leave_first_conv(RankPlan(), list(analysis.candidates))  # as every plan does
     ladders = {c.name: rank_ladder(c, opts.rank_multiple) for c in candidates}
@@ -53,7 +54,7 @@ def measure_sensitivity(analysis, opts) -> dict[str, dict[int, float]]:
             suffix, feeds = _suffix_and_cut(analysis.normalised, candidate.name, data, subset, opts.threads)
             for rank in ladders[candidate.name]:
                 plan = ArchitecturePlan(ranks={candidate.name: rank})
-                solved = solve_layers(method, False, analysis.normalised, [units[candidate.name]], plan,
+                solved = solve_layers(solver, False, analysis.normalised, [units[candidate.name]], plan,
                                       analysis.responses, analysis.stats, analysis.shapes, analysis.collect,
                                       lambda step=1: None, cache, PROBE_SCHEDULE)
                 if suffix is None:

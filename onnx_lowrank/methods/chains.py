@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from onnx_lowrank.errors import InternalError
 from onnx_lowrank.graph.rewrite import (
     NodeSpec,
     channel_chain,
@@ -19,6 +20,7 @@ from onnx_lowrank.graph.rewrite import (
 from onnx_lowrank.graph.surgery import prefix_model
 from onnx_lowrank.graph.units import Unit
 from onnx_lowrank.planning.plans import ArchitecturePlan
+from onnx_lowrank.registry import Solver
 from onnx_lowrank.runtime.sessions import collect_responses
 from onnx_lowrank.solvers import LowRankFactors, ResponseStats, fit_pca
 from onnx_lowrank.solvers.activations import apply_activation, relative_error
@@ -42,20 +44,22 @@ class Solved:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def data_free_chains(method: str, chosen: list[Unit], plan: ArchitecturePlan) -> Solved:
+def data_free_chains(solver: Solver, chosen: list[Unit], plan: ArchitecturePlan) -> Solved:
     """The baselines: each layer's chain from its weights alone."""
     solved = Solved()
     clock = time.perf_counter()
     for unit in chosen:
-        if method == "svd":
+        if solver is Solver.WEIGHT_SVD:
             factors = fit_per_group(unit.weight.shape[0], unit.group, plan.ranks[unit.name],
                                     lambda part, rank: weight_svd(unit.weight[part], unit.bias[part], rank))
             chain = channel_chain(unit, factors.P, factors.Q, factors.bias)
-        elif method == "jaderberg":
+        elif solver is Solver.SPATIAL_FILTERS:
             chain = spatial_pair(unit, plan.spatial_ranks[unit.name])
-        else:
+        elif solver is Solver.TUCKER2:
             chain = tucker2_decomposition(unit.attrs, *tucker2(unit.weight, plan.input_ranks[unit.name],
                                                               plan.ranks[unit.name]), unit.bias)
+        else:
+            raise InternalError(f"{solver} is not a data-free solver")
         solved.chains[unit.name] = chain
     solved.timings["solve"] = time.perf_counter() - clock
     return solved
@@ -66,7 +70,7 @@ def spatial_pair(unit: Unit, rank: int) -> list[NodeSpec]:
     return spatial_decomposition(unit.attrs, *spatial_filter_reconstruction(unit.weight, rank), unit.bias)
 
 
-def solve_layers(method, asymmetric, normalised, chosen, plan: ArchitecturePlan, responses, stats, shapes,
+def solve_layers(solver: Solver, asymmetric, normalised, chosen, plan: ArchitecturePlan, responses, stats, shapes,
                  collect, advance, cache: dict | None = None, schedule=PAPER_SCHEDULE) -> Solved:
     """Solve the chosen layers shallow to deep. The fitted input ``W x-hat`` is the output of the
     layer in a network where (with ``asymmetric``, Eq. 12) the earlier layers are already replaced
@@ -98,7 +102,7 @@ def solve_layers(method, asymmetric, normalised, chosen, plan: ArchitecturePlan,
                                           **collect)[unit.output]
             solved.timings["collect_asymmetric"] += time.perf_counter() - clock
         clock = time.perf_counter()
-        factors, solved.iterations[unit.name] = _solve(method, unit, stats[unit.name], y_hat, y, plan.ranks[unit.name],
+        factors, solved.iterations[unit.name] = _solve(solver, unit, stats[unit.name], y_hat, y, plan.ranks[unit.name],
                                                        schedule)
         act = unit.activation
         solved.errors[unit.name] = relative_error(apply_activation(act.kind, act.params, y),
@@ -116,13 +120,13 @@ def solve_layers(method, asymmetric, normalised, chosen, plan: ArchitecturePlan,
     return solved
 
 
-def _solve(method: str, unit: Unit, stats: ResponseStats, y_hat: np.ndarray, y: np.ndarray,
+def _solve(solver: Solver, unit: Unit, stats: ResponseStats, y_hat: np.ndarray, y: np.ndarray,
            rank: int, schedule=PAPER_SCHEDULE) -> tuple[LowRankFactors, list[int] | None]:
     """PCA (Eq. 4) for ``linear``; the alternating solver of Eq. 6 for the layer's activation
     otherwise, asymmetric (Eq. 12) when ``y_hat`` differs from ``y``; per group for a grouped conv
     (``solvers.grouped``). Also returns the solver's iterations per stage (None for PCA; the most
     any group took)."""
-    if method == "linear":
+    if solver is Solver.PCA:
         return fit_per_group(stats.dim, unit.group, rank, lambda part, part_rank: fit_pca(
             stats if unit.group == 1 else part_stats(stats, part), part_rank)), None
     act, iterations = unit.activation, []

@@ -31,6 +31,7 @@ from onnx_lowrank.pipeline.plan import plan_for
 from onnx_lowrank.planning.costs import ConvShape
 from onnx_lowrank.planning.plans import ArchitecturePlan
 from onnx_lowrank.quantize import add_int8
+from onnx_lowrank.registry import Solver
 from onnx_lowrank.runtime.calibration import CalibrationSource
 from onnx_lowrank.runtime.images import Preprocess
 from onnx_lowrank.runtime.sessions import make_session
@@ -115,14 +116,14 @@ def compress(
 def solve(analysis: Analysis, plan: ArchitecturePlan, opts: Options, cache: dict | None = None,
           schedule=PAPER_SCHEDULE) -> Solved:
     """The replacement chain of every layer the plan decomposes (paper §3.1-3.5, or a baseline);
-    ``cache`` and ``schedule`` as for ``layers.solve_layers``."""
+    ``cache`` and ``schedule`` as for ``methods.chains.solve_layers``."""
     _warn_if_few_samples(opts, analysis.samples, plan.ranks, analysis.units, analysis.run)
     chosen = [u for u in analysis.units if u.name in plan.layers]
     log.info("solving %d layers (%s%s)", len(chosen), opts.method, ", symmetric" if not opts.asymmetric else "")
     if opts.data_free:
-        solved = data_free_chains(opts.method, chosen, plan)
+        solved = data_free_chains(opts.spec.solver, chosen, plan)
     else:
-        solved = solve_layers(opts.method, opts.asymmetric, analysis.normalised, chosen, plan, analysis.responses,
+        solved = solve_layers(opts.spec.solver, opts.asymmetric, analysis.normalised, chosen, plan, analysis.responses,
                               analysis.stats, analysis.shapes, analysis.collect,
                               analysis.progress.stage("solving", len(chosen)), cache, schedule)
     for key, seconds in solved.timings.items():
@@ -200,10 +201,10 @@ def _warn_if_few_samples(opts: Options, samples: dict[str, int], ranks, units, r
         return
     worst = min(decomposed, key=lambda u: samples[u.name] / u.weight.shape[0])
     count, channels = samples[worst.name], worst.weight.shape[0]
-    if opts.method == "linear" and count < channels:
+    if opts.spec.solver is Solver.PCA and count < channels:
         run.warn(f"{count} response samples for {channels} channels ({worst.name}): its PCA sees at most {count} "
                  "directions, and rank selection takes the rest for empty; give more calibration data")
-    elif opts.method != "linear" and count < SAMPLES_PER_CHANNEL * channels:
+    elif opts.spec.solver is not Solver.PCA and count < SAMPLES_PER_CHANNEL * channels:
         run.warn(f"{count} response samples for {channels} channels ({worst.name}): "
                  f"the {opts.method} fit may not generalise; aim for {SAMPLES_PER_CHANNEL} samples per "
                  "channel (more calibration images; a larger --sample-memory or --samples-per-image if set)")

@@ -21,6 +21,7 @@ from onnx_lowrank.planning.plans import (
     tucker2_plan,
 )
 from onnx_lowrank.planning.ranks import RankCandidate
+from onnx_lowrank.registry import PlanFamily
 from onnx_lowrank.solvers import ResponseStats
 
 if TYPE_CHECKING:
@@ -58,10 +59,11 @@ def _plan(opts: Options, candidates: list[RankCandidate], units: dict[str, Unit]
     """The decomposed architecture. Energy selection ranks by the PCA energy of the responses for
     the data-driven methods, by the spectrum of the weights each baseline truncates otherwise;
     before the responses are collected (no ``stats``) the ranks are uniform."""
-    if opts.method == "tucker2":
+    family = opts.spec.plan
+    if family is PlanFamily.TUCKER2:
         return tucker2_plan(candidates, fixed, opts.speedup, opts.rank_multiple)
     losses = sensitivity if opts.selection == "sensitivity" else None
-    scheme = "spatial" if opts.method == "jaderberg" else "channel"
+    scheme = "spatial" if family is PlanFamily.SPATIAL else "channel"
     spectra = None
     if opts.selection == "energy" and (stats or opts.data_free):
         spectra = ({n: response_spectrum(units[n], s) for n, s in stats.items()} if not opts.data_free else
@@ -69,18 +71,16 @@ def _plan(opts: Options, candidates: list[RankCandidate], units: dict[str, Unit]
     if latency is not None and spectra is not None:
         untimed = [c for c in candidates if c.name not in latency.table]
         split = {c.name: padded(weights_spectrum(units[c.name], "spatial"), c, "spatial") for c in candidates
-                 if opts.method == "asym3d" and any(form.spatial for form in latency.table.get(c.name, {}))}
+                 if family is PlanFamily.THREE_D and any(form.spatial for form in latency.table.get(c.name, {}))}
         plan = latency_plan([c for c in candidates if c.name in latency.table], spectra, latency.table,
                             latency.fixed_ms, fixed + sum(c.shape.macs for c in untimed), opts.speedup, split)
         plan.skipped.update({c.name: UNTIMED_REASON for c in untimed})
         return plan
-    if opts.method == "jaderberg":
+    if family is PlanFamily.SPATIAL:
         return spatial_plan(candidates, spectra, fixed, opts.speedup, opts.rank_multiple)
-    if opts.method == "asym3d":
+    if family is PlanFamily.THREE_D:
         return three_d_plan(candidates, spectra, fixed, opts.speedup, opts.rank_multiple, opts.channel_speedup,
                             tuple(sorted(channel_only)), losses)
-
-
     return channel_plan(candidates, spectra, fixed, opts.speedup, opts.rank_multiple, losses)
 
 

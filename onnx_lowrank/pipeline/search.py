@@ -7,7 +7,7 @@ each cheaper per plan than the next, so that the search costs about two fixed-sp
 
 1. *Probes*: plans at bracketing, then bisected, speedups are solved cheaply and symmetrically
    (each layer from the original network's input, so a layer's chain at a rank depends on nothing
-   else and is solved once for all probes: ``layers.solve_layers`` keeps them by (layer, rank));
+   else and is solved once for all probes: ``methods.chains.solve_layers`` keeps them by (layer, rank));
    channel methods probe with the PCA of the responses (Eq. 4), whose eigenvectors the analysis
    already has. Each probe is measured on the held-out set against the original's outputs,
    which are computed once; a plan probed before (same ranks) is not measured again.
@@ -42,6 +42,7 @@ from onnx_lowrank.pipeline.budget import Budget
 from onnx_lowrank.pipeline.compress import measure, report_for, rewrite, solve
 from onnx_lowrank.pipeline.plan import plan_for
 from onnx_lowrank.quantize import Tolerance, add_int8, int8_of
+from onnx_lowrank.registry import METHODS
 from onnx_lowrank.solvers.nonlinear import PAPER_SCHEDULE
 
 log = logging.getLogger(__name__)
@@ -116,7 +117,7 @@ class _Searcher:
         self.quick: dict[float, FrontierPoint] = {}  # speedup -> the method's quick run there
         # Only the solver's iterations differ between a quick run and the method: without any
         # (PCA, data-free baselines) every run of the method is already the answer's.
-        self.iterative = not opts.data_free and opts.method != "linear"
+        self.iterative = opts.spec.iterative
         self.kept = None  # without iterations: the fastest run of the method that met the budget
 
     def run(self, start: float):
@@ -289,8 +290,8 @@ class _Searcher:
         eigenvectors are already computed, so a probe costs its rewrite and its measurement); asym3d
         with its symmetric form (layers independent, so cached). Methods without iterations are
         their own probes (``_probe``)."""
-        method = "linear" if self.opts.method in ("asymmetric", "nonlinear") else self.opts.method
-        return dataclasses.replace(self.opts, method=method, symmetric=method == "asym3d")
+        probe = METHODS[self.opts.spec.probe or self.opts.method]
+        return dataclasses.replace(self.opts, method=probe.name, symmetric=probe.asymmetric)
 
     def _plan(self, speedup: float, opts: Options):
         try:
