@@ -329,3 +329,15 @@ def test_on_a_provider_whose_nodes_are_not_profiled_the_plan_is_checked_on_the_w
     assert report.latency_plan["in_model_measure"] == "whole model"
     assert report.latency_plan["in_model"] and all(math.isfinite(s["measured"]) and s["measured"] > 0
                                                    for s in report.latency_plan["in_model"])
+
+
+def test_a_latency_plan_says_when_the_first_provider_is_not_the_one_it_plans_on(caplog) -> None:
+    model = conv_net([Layer(16), Layer(32), Layer(32)], size=(10, 10), classifier=5)
+    data = np.random.default_rng(0).standard_normal((24, 3, 10, 10)).astype(np.float32)
+    with caplog.at_level("WARNING", logger="onnx_lowrank"):
+        try:  # on a model this small no plan may gain: what matters is where it was planned
+            compress(model, 1.5, calibration=data, objective="latency", providers=("tensorrt", "cpu"), bench=False,
+                     rank_multiple=8, threads=1, num_images=16, holdout=8)
+        except InfeasibleTargetError:
+            pass
+    assert "--objective latency plans on cpu: tensorrt is not available" in caplog.text

@@ -151,7 +151,7 @@ FORMS = "an image folder, a .npy file, an .npz keyed by input name (optional 'la
 def run(
     input_model: Path = typer.Argument(..., metavar="IN.onnx", help="Model to accelerate."),
     output_model: Path = typer.Argument(..., metavar="OUT.onnx", help="Where to write the faster model."),
-    speedup: Optional[float] = typer.Option(None, help="Target theoretical conv speedup (> 1; default 4), or, with "
+    speedup: Optional[float] = typer.Option(None, help="Target theoretical speedup of the decomposed layers (> 1; default 4), or, with "
                                             "a budget, where the search starts (default 2).", rich_help_panel=PLAN),
     max_error: Optional[float] = typer.Option(None, help="Budget: the fastest plan whose relative output error on "
                                               "held-out data is at most this.", rich_help_panel=BUDGET),
@@ -166,7 +166,7 @@ def run(
     min_metric: Optional[float] = typer.Option(None, help="The least value of --metric to accept.",
                                                rich_help_panel=BUDGET),
     plot: Optional[Path] = typer.Option(None, help="Budget search: draw the explored frontier to this PNG "
-                                        "(pip install onnx-lowrank[plots]).", rich_help_panel=BUDGET),
+                                        "(pip install 'onnx-lowrank\\[plots]').", rich_help_panel=BUDGET),
     calib: Optional[str] = typer.Option(None, help=f"Calibration data: {FORMS}; without it random inputs are "
                                                    "used.", rich_help_panel=DATA),
     eval_data: Optional[str] = typer.Option(None, "--eval", help=f"Data to measure fidelity on instead of the "
@@ -228,7 +228,7 @@ def run(
                                          "float model is written. With an accuracy budget, the budget decides.",
                                          rich_help_panel=QUANTIZE),
     objective: Objective = typer.Option(Objective.flops, help="What --speedup counts: conv FLOPs, or conv latency "
-                                        "measured on the first --providers entry (each layer's candidate forms "
+                                        "measured on the first --providers entry installed here (each layer's candidate forms "
                                         "timed alone at --bench-batch; channel methods).", rich_help_panel=PLAN),
     latency_cache: Optional[Path] = typer.Option(None, help="--objective latency: keep the layer timings in this "
                                                  "JSON file, so the next run on this machine reuses them.",

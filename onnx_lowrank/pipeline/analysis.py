@@ -20,7 +20,7 @@ from onnx_lowrank.graph.io import WeightStore, is_large, load_model, model_path
 from onnx_lowrank.graph.normalise import normalise
 from onnx_lowrank.graph.selection import select_units
 from onnx_lowrank.graph.units import Unit, find_units
-from onnx_lowrank.measure.latency import LayerLatency
+from onnx_lowrank.measure.latency import LayerLatency, nchwc_block
 from onnx_lowrank.options import Options
 from onnx_lowrank.output.report import Report
 from onnx_lowrank.pipeline.plan import _plan
@@ -146,10 +146,11 @@ def analyse(model, opts: Options, calibration: CalibrationSource = None, evaluat
                                           **collect)
             stats = {u.name: ResponseStats.from_responses(responses[u.output]) for u in decomposable}
             samples = {u.name: len(responses[u.output]) for u in decomposable}
-    if opts.rank_multiple % NCHWC_BLOCK:
-        run.warn(f"--rank-multiple {opts.rank_multiple} is not a multiple of {NCHWC_BLOCK}: onnxruntime's CPU "
+    block = nchwc_block()
+    if block and opts.rank_multiple % block:
+        run.warn(f"--rank-multiple {opts.rank_multiple} is not a multiple of {block}: onnxruntime's CPU "
                  "NCHWc kernels only take a conv whose input channels are a multiple of their block (16 with "
-                 "AVX-512, 8 with AVX2), so off-grid ranks run as slower NCHW convs with reorders")
+                 "AVX-512, 8 with AVX2, as on this CPU), so off-grid ranks run as slower NCHW convs with reorders")
     return Analysis(model, reference, normalised, store, units, channel_only_names, inputs, data, shapes,
                     candidates, fixed, collect, stats, responses, samples, run, progress)
 
@@ -216,7 +217,6 @@ def _open_data(calibration, evaluation, preprocess, inputs, opts: Options, run: 
 FEW_HELD_OUT = 50
 
 
-NCHWC_BLOCK = 16
 
 
 def _positions(opts: Options, units: list[Unit], shapes: dict[str, ConvShape], images: int) -> dict[str, int]:
