@@ -50,7 +50,7 @@ from onnx_lowrank.planning.measured import latency_forms
 from onnx_lowrank.planning.plans import ArchitecturePlan, has_spatial_extent
 from onnx_lowrank.planning.ranks import WHOLE, Form
 from onnx_lowrank.registry import PlanFamily
-from onnx_lowrank.runtime.sessions import PROVIDER_NEEDS, batch_size_for, make_session, provider_available
+from onnx_lowrank.runtime.sessions import batch_size_for, make_session, provider_available
 
 log = logging.getLogger(__name__)
 
@@ -247,8 +247,7 @@ def measure_layer_latency(analysis, opts) -> LayerLatency:
         raise InvalidOptionError(f"--objective latency measures on a provider, and none of "
                                  f"{', '.join(opts.providers)} is available here", hint="add --providers cpu")
     if available[0] != opts.providers[0]:
-        analysis.run.warn(f"--objective latency plans on {available[0]}: {opts.providers[0]} is not available here "
-                          f"(needs {PROVIDER_NEEDS[opts.providers[0]]})")
+        analysis.run.warn(f"--objective latency plans on {available[0]}: {opts.providers[0]} is not available here")
     device = Device(available[0], opts.threads, batch_size_for(analysis.inputs, opts.bench_batch))
     candidates = {c.name: c for c in analysis.candidates}
     split = {n for n, c in candidates.items() if opts.spec.plan is PlanFamily.THREE_D and has_spatial_extent(c.shape)

@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from onnx_lowrank.errors import InfeasibleTargetError, InvalidOptionError
+from onnx_lowrank.errors import InfeasibleTargetError
 from onnx_lowrank.planning.costs import SCHEMES, ConvShape, break_even_rank, decomposed_macs, macs_per_rank, max_rank
 
 FIRST_LAYER_REASON = "first conv layer: left alone, as in the paper"
@@ -45,8 +45,7 @@ class RankCandidate:
 
     def __post_init__(self) -> None:
         if self.scheme not in SCHEMES:
-            raise InvalidOptionError(f"unknown factorisation scheme {self.scheme!r}",
-                                     hint=f"choose one of {', '.join(SCHEMES)}")
+            raise ValueError(f"unknown factorisation scheme {self.scheme!r}")
 
     def macs_at(self, rank: int) -> int:
         return decomposed_macs(self.shape, rank, self.scheme)
@@ -86,15 +85,13 @@ class RankPlan:
 
 def validate_speedup(speedup: float) -> float:
     if not isinstance(speedup, (int, float)) or not speedup > 1.0 or speedup != speedup:
-        raise InvalidOptionError(f"speedup must be a number greater than 1, got {speedup!r}",
-                                 hint="e.g. --speedup 2 halves the conv FLOPs")
+        raise ValueError(f"speedup must be a number greater than 1, got {speedup!r}")
     return float(speedup)
 
 
 def validate_multiple(multiple: int) -> int:
     if not isinstance(multiple, int) or multiple < 1:
-        raise InvalidOptionError(f"rank multiple must be a positive integer, got {multiple!r}",
-                                 hint="16 suits onnxruntime's CPU kernels, 1 disables rounding")
+        raise ValueError(f"rank multiple must be a positive integer, got {multiple!r}")
     return multiple
 
 
@@ -229,7 +226,7 @@ def _energy_curve(eigenvalues: np.ndarray, dim: int) -> np.ndarray:
     """``curve[r]`` = fraction of the energy in the top ``r`` eigenvalues, for r = 0..dim."""
     values = np.clip(np.asarray(eigenvalues, dtype=np.float64), 0.0, None)
     if values.shape != (dim,):
-        raise InvalidOptionError(f"expected {dim} eigenvalues, got shape {values.shape}")
+        raise ValueError(f"expected {dim} eigenvalues, got shape {values.shape}")
     total = values.sum()
     curve = np.concatenate([[0.0], np.cumsum(values)])
     return curve / total if total > 0 else np.ones(dim + 1)

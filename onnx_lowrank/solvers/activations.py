@@ -12,7 +12,6 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.special
 
-from onnx_lowrank.errors import InvalidOptionError
 
 PIECEWISE_LINEAR = ("none", "relu", "clip", "leaky_relu", "hard_sigmoid")
 SMOOTH = ("silu", "hard_swish", "gelu", "tanh", "sigmoid")
@@ -32,7 +31,7 @@ class LinearPiece:
 
 def validate_activation(kind: str) -> str:
     if kind not in ACTIVATIONS:
-        raise InvalidOptionError(f"unknown activation {kind!r}", hint=f"known: {', '.join(ACTIVATIONS)}")
+        raise ValueError(f"unknown activation {kind!r}")
     return kind
 
 
@@ -98,15 +97,15 @@ def linear_pieces(kind: str, params: dict[str, float]) -> tuple[LinearPiece, ...
     if kind == "clip":
         low, high = float(params.get("min", -inf)), float(params.get("max", inf))
         if not low <= high:
-            raise InvalidOptionError(f"clip bounds must satisfy min <= max, got {low} and {high}")
+            raise ValueError(f"clip bounds must satisfy min <= max, got {low} and {high}")
         return (LinearPiece(-inf, low, 0.0, low), LinearPiece(low, high, 1.0, 0.0), LinearPiece(high, inf, 0.0, high))
     if kind == "hard_sigmoid":
         alpha, beta = float(params.get("alpha", 0.2)), float(params.get("beta", 0.5))
         if alpha <= 0:
-            raise InvalidOptionError(f"hard_sigmoid needs alpha > 0, got {alpha}")
+            raise ValueError(f"hard_sigmoid needs alpha > 0, got {alpha}")
         low, high = -beta / alpha, (1.0 - beta) / alpha
         return (LinearPiece(-inf, low, 0.0, 0.0), LinearPiece(low, high, alpha, beta), LinearPiece(high, inf, 0.0, 1.0))
-    raise InvalidOptionError(f"{kind!r} is not piecewise linear")
+    raise ValueError(f"{kind!r} is not piecewise linear")
 
 
 def smooth_interval(kind: str) -> tuple[float, float]:

@@ -70,9 +70,9 @@ def spectrum_energy(spectrum: np.ndarray, rank: int) -> float:
 def validate_responses(responses: np.ndarray) -> np.ndarray:
     y = np.asarray(responses)
     if y.ndim != 2:
-        raise InvalidOptionError(f"responses must be a 2-D (samples, channels) array, got shape {y.shape}")
+        raise ValueError(f"responses must be a 2-D (samples, channels) array, got shape {y.shape}")
     if y.shape[0] < 2:
-        raise InvalidOptionError(f"need at least 2 response samples, got {y.shape[0]}")
+        raise ValueError(f"need at least 2 response samples, got {y.shape[0]}")
     if not np.all(np.isfinite(y)):
         raise InvalidOptionError("responses contain NaN or infinite values",
                                  hint="check the calibration data and the model's outputs")
@@ -81,7 +81,7 @@ def validate_responses(responses: np.ndarray) -> np.ndarray:
 
 def validate_rank(rank: int, dim: int) -> int:
     if not isinstance(rank, (int, np.integer)) or not 1 <= rank <= dim:
-        raise InvalidOptionError(f"rank must be an integer in [1, {dim}], got {rank!r}")
+        raise ValueError(f"rank must be an integer in [1, {dim}], got {rank!r}")
     return int(rank)
 
 

@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from onnx_lowrank.errors import InvalidOptionError
 from onnx_lowrank.solvers.activations import SMOOTH, apply_activation, validate_activation
 from onnx_lowrank.solvers.factors import LowRankFactors, validate_rank, validate_responses
 from onnx_lowrank.solvers.rrr import ReducedRankRegression
@@ -93,9 +92,9 @@ def fit_nonlinear(y_hat: np.ndarray, y: np.ndarray, rank: int, activation: str =
     params = params or {}
     for lam, iterations in schedule:
         if not lam > 0 or not isinstance(iterations, int) or iterations < 0:
-            raise InvalidOptionError(f"schedule entries must be (lambda > 0, iterations >= 0), got {(lam, iterations)}")
+            raise ValueError(f"schedule entries must be (lambda > 0, iterations >= 0), got {(lam, iterations)}")
     if not tol >= 0:
-        raise InvalidOptionError(f"tol must be >= 0, got {tol!r}")
+        raise ValueError(f"tol must be >= 0, got {tol!r}")
     inputs = _CentredInput(y_hat)
     fit = inputs.regress(y.mean(axis=0, dtype=np.float64), _gram(y, inputs.values), rank)
     result = NonlinearFit(inputs.factors(fit))
@@ -154,7 +153,7 @@ def _relaxed_objective(activation, params, target, z, prediction, lam) -> float:
 def _validated_pair(y_hat: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     y_hat, y = validate_responses(y_hat), validate_responses(y)
     if y_hat.shape != y.shape:
-        raise InvalidOptionError(f"yhat and y must have the same shape, got {y_hat.shape} and {y.shape}")
+        raise ValueError(f"yhat and y must have the same shape, got {y_hat.shape} and {y.shape}")
     return y_hat, y
 
 

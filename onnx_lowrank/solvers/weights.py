@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from onnx_lowrank.errors import InvalidOptionError
 from onnx_lowrank.solvers.factors import LowRankFactors, deterministic_signs, validate_rank
 
 
@@ -85,7 +84,7 @@ def weight_spectrum(weight: np.ndarray, scheme: str) -> np.ndarray:
     elif scheme == "spatial":
         matrix = w.transpose(1, 2, 0, 3).reshape(c * kh, d * kw)
     else:
-        raise InvalidOptionError(f"unknown factorisation scheme {scheme!r}", hint="channel or spatial")
+        raise ValueError(f"unknown factorisation scheme {scheme!r}")
     return np.linalg.svd(matrix, compute_uv=False) ** 2
 
 
@@ -99,7 +98,7 @@ def _top_left_vectors(matrix: np.ndarray, rank: int) -> np.ndarray:
 def _validated(weight: np.ndarray) -> np.ndarray:
     w = _finite(weight)
     if w.ndim != 4:
-        raise InvalidOptionError(f"expected a finite (d, c, kh, kw) conv weight, got shape {w.shape}")
+        raise ValueError(f"expected a finite (d, c, kh, kw) conv weight, got shape {w.shape}")
     return w
 
 
@@ -107,5 +106,5 @@ def _finite(weight: np.ndarray) -> np.ndarray:
     """A layer's weight in the common layout ``(d, c / group, *kernel)``: any kind, any dimension."""
     w = np.asarray(weight)
     if w.ndim < 2 or not np.all(np.isfinite(w)):
-        raise InvalidOptionError(f"expected a finite (d, c, ...) weight, got shape {w.shape}")
+        raise ValueError(f"expected a finite (d, c, ...) weight, got shape {w.shape}")
     return w
