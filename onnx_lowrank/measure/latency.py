@@ -4,8 +4,8 @@ the cost model of ``--objective latency``.
 Each layer is timed in isolation, with its real input shape, as a one-layer model per candidate:
 the original conv, the channel decomposition (k x k, c -> r) then (1 x 1, r -> d) at each rank of
 its ladder and, for 3d (``asym3d``), that chain with its k x k part split. A layer's candidates
-are timed interleaved in one process (medians), so a drift in machine load hits them alike.
-Weights are random: latency does not depend on values.
+are timed interleaved in one process (medians), so a drift in machine load hits them alike;
+their weights are random (latency does not depend on values).
 
 Measurements are kept by (layer shape, candidate, provider, threads, batch, onnxruntime version,
 CPU) in memory and, when the user names one, in a JSON cache file, so a second run is fast.
