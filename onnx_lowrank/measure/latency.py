@@ -1,5 +1,4 @@
-"""Measured latency of every candidate form of every decomposable layer, on the user's provider:
-the cost model of ``--objective latency``.
+"""The cost model of ``--objective latency``: every form of every layer, timed on the user's provider.
 
 Each layer is timed in isolation, with its real input shape, as a one-layer model per candidate:
 the original conv, the channel decomposition (k x k, c -> r) then (1 x 1, r -> d) at each rank of
