@@ -153,3 +153,14 @@ def test_where_symbolic_shape_inference_fails_int8_goes_on_and_leaves_nothing_in
     quantized = quantize_all(model, data)
     assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in quantized.graph.node}
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_model_of_an_opset_before_13_gets_per_channel_weights_onnxruntime_loads() -> None:
+    """DequantizeLinear's axis came with opset 13: an opset-12 model (PP-OCR's recogniser) is upgraded first."""
+    model = conv_net(LAYERS, size=(10, 10), classifier=5, opset=12)
+    data = np.random.default_rng(1).standard_normal((32, 3, 10, 10)).astype(np.float32)
+    quantized = quantize_all(model, data)
+    onnx.checker.check_model(quantized)
+    assert any(a.name == "axis" for n in quantized.graph.node if n.op_type == "DequantizeLinear" for a in n.attribute)
+    reference = run_model(model, {"input": data})[0]
+    assert relative_error(reference, run_model(quantized, {"input": data})[0]) < 0.05

@@ -22,6 +22,7 @@ from typing import Sequence
 
 import numpy as np
 import onnx
+import onnx.version_converter
 from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -70,7 +71,7 @@ class Int8Quantizer:
         folder = Path(self._folder.name)
         self._prepared, self._cache = folder / "prepared.onnx", folder / "calibration.json"
         with _one_error(), _working_folder(folder):
-            onnx.save(model, folder / "float.onnx")
+            onnx.save(_with_per_channel_opset(model), folder / "float.onnx")
             _pre_process(folder / "float.onnx", self._prepared)
         self.prepared = onnx.load(self._prepared)  # the float model onnxruntime quantizes: its node names
 
@@ -120,6 +121,20 @@ class Int8Quantizer:
                 edited.graph.initializer.append(restored)
                 target.input[index] = restored.name
         return edited
+
+
+PER_CHANNEL_OPSET = 13  # DequantizeLinear's axis (per-channel weights) came with opset 13
+
+
+def _with_per_channel_opset(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` at opset 13 or later: onnxruntime's quantizer writes per-channel weights with an
+    ``axis`` that an older opset's DequantizeLinear does not have (PP-OCR's opset-12 recogniser came
+    out as a model onnxruntime refused to load). ONNX's version converter upgrades it."""
+    version = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), PER_CHANNEL_OPSET)
+    if version >= PER_CHANNEL_OPSET:
+        return model
+    log.info("INT8: the model's opset %d is converted to %d for per-channel weights", version, PER_CHANNEL_OPSET)
+    return onnx.version_converter.convert_version(model, PER_CHANNEL_OPSET)
 
 
 def _pre_process(source: Path, target: Path) -> None:
