@@ -91,16 +91,18 @@ class Guarded:
 
 
 def guard_int8(quantizer: Int8Quantizer, accept: Callable[[onnx.ModelProto], Verdict],
-               ranking_error: Callable[[onnx.ModelProto], float]) -> Guarded:
+               ranking_error: Callable[[onnx.ModelProto], float], restore: bool = True) -> Guarded:
     """The INT8 model of ``quantizer`` with the fewest nodes in float that ``accept`` (a held-out
     measurement) passes. ``ranking_error``: a model's output error against the float model on the
-    ranking samples."""
+    ranking samples. Without ``restore``, only the all-INT8 model is measured."""
     clock = time.perf_counter()
     unguarded = quantizer.quantize()
     first = accept(unguarded)
     result = Guarded(unguarded if first.met else None, first if first.met else None, unguarded, first)
-    if not first.met:
+    if not first.met and restore:
         _restore(quantizer, accept, ranking_error, result)
+    elif not first.met:
+        result.failure = "not searched (a comparison)"
     result.seconds = time.perf_counter() - clock
     return result
 
