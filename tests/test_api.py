@@ -183,6 +183,7 @@ def test_nonlinear_methods_reproduce_the_planted_layer(calib_file, method) -> No
     assert result.report.fidelity.output_rel_error[model.graph.output[0].name] < 1e-3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("selection", ["uniform", "energy"])
 def test_asymmetric_corrects_the_error_of_earlier_layers(calib_file, selection) -> None:
     model = conv_net([Layer(32), Layer(64), Layer(64), Layer(64)], size=(12, 12), seed=3)

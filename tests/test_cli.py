@@ -221,6 +221,7 @@ def test_the_error_line_is_in_the_log_file_too(tiny) -> None:
     assert "error: a 1000x conv speedup cannot be reached" in (tiny / "run.log").read_text()
 
 
+@pytest.mark.slow
 def test_quantize_int8_writes_a_qdq_model_with_the_four_stages(tiny) -> None:
     out, report = tiny / "fast.onnx", tiny / "report.json"
     result = invoke(tiny / "tiny.onnx", out, "--speedup", "2", "--calib", tiny / "calib.npz", "--report", report,

@@ -195,6 +195,7 @@ def test_a_planted_low_rank_dense_layer_is_recovered_from_its_responses() -> Non
     assert relative_error(expected, actual) < 1e-4
 
 
+@pytest.mark.slow
 def test_dense_layers_are_planned_with_the_convs_unless_ops_leaves_them_out() -> None:
     model = mlp()
     data = np.random.default_rng(1).standard_normal((60, 12, 32)).astype(np.float32)
@@ -314,6 +315,7 @@ def test_a_grouped_conv_ranks_on_a_grid_of_its_groups(groups, expected_step) -> 
     assert plan.speedup >= 2.0
 
 
+@pytest.mark.slow
 def test_asym3d_and_sensitivity_plan_dense_layers_too() -> None:
     """Nothing to split spatially: asym3d's channel part must make the whole target itself (it
     once returned a plan short of it); sensitivity measures the first dense layer (the paper's

@@ -38,6 +38,7 @@ class Reader:
         return next(({"input": batch} for batch in self.batches), None)
 
 
+@pytest.mark.slow
 def test_every_model_form_gives_the_same_result(model, samples, tmp_path) -> None:
     onnx.save(model, tmp_path / "m.onnx")
     forms = [str(tmp_path / "m.onnx"), tmp_path / "m.onnx", model, model.SerializeToString()]
@@ -47,6 +48,7 @@ def test_every_model_form_gives_the_same_result(model, samples, tmp_path) -> Non
     assert reports[0].files["input"]["sha256"] and reports[2].files["input"] is None
 
 
+@pytest.mark.slow
 def test_every_data_form_gives_the_same_result(model, samples, tmp_path) -> None:
     np.save(tmp_path / "x.npy", samples)
     forms = [samples, {"input": samples}, Reader(samples), str(tmp_path / "x.npy"), tmp_path / "x.npy"]

@@ -217,6 +217,7 @@ def test_sigterm_during_the_run_exits_143_and_writes_nothing(folder, monkeypatch
     assert result.exit_code == 143 and snapshot(folder) == before
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_real_signal_to_the_command_mid_run(folder, signum) -> None:
     process = subprocess.Popen([sys.executable, "-m", "onnx_lowrank", folder / "in.onnx", folder / "out.onnx",

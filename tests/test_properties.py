@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -17,6 +18,8 @@ from onnx_lowrank.graph.rewrite import channel_chain, channel_decomposition, rep
 from onnx_lowrank.graph.units import find_units
 from onnx_lowrank.solvers.weights import spatial_filter_reconstruction
 from tests.builders import Layer, conv_net, relative_error, run_model
+
+pytestmark = pytest.mark.slow  # end-to-end budget searches / many generated graphs
 
 ACTIVATIONS = ["relu", "clip", "leaky", "silu", "hard_swish", "hard_sigmoid", "gelu", "tanh", "sigmoid", "none"]
 PROPERTY = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -83,6 +83,7 @@ def test_with_a_budget_the_int8_model_is_the_answer_and_meets_it() -> None:
     assert int8_points and int8_points[-1].met and [s["stage"] for s in result.report.stages][-1] == "int8"
 
 
+@pytest.mark.slow
 def test_when_int8_breaks_the_budget_slower_plans_are_tried_then_it_says_so(caplog) -> None:
     from onnx_lowrank.errors import BudgetNotMetError
     from onnx_lowrank.pipeline.budget import Budget

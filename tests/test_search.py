@@ -18,6 +18,8 @@ from onnx_lowrank.solvers.nonlinear import PAPER_SCHEDULE
 from tests.builders import Layer, conv_net, run_model
 from tests.test_cli import invoke
 
+pytestmark = pytest.mark.slow  # end-to-end budget searches / many generated graphs
+
 
 @pytest.fixture(scope="module")
 def model() -> onnx.ModelProto:

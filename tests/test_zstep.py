@@ -60,6 +60,7 @@ def planted_layer(kind: str, n: int = 5000, d: int = 24, rank: int = 5, seed: in
     return (y + 2.0 * rng.standard_normal((n, d)) * squashed).astype(np.float32)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", [k for k in ACTIVATIONS if k not in ("none", "relu")])
 def test_nonlinear_beats_linear_for_other_activations(kind: str) -> None:
     params = PARAMS.get(kind, {})
