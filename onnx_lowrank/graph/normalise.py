@@ -20,12 +20,11 @@ import onnx_graphsurgeon as gs
 
 from onnx_lowrank.errors import ModelLoadError
 from onnx_lowrank.graph.surgery import constant_value, export_like, name_all_nodes, sole_consumer
+from onnx_lowrank.graph.written_out import ELEMENTWISE_OPS
 
 QUANTIZED_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger",
                            "MatMulInteger", "DynamicQuantizeLinear"})
 _AFFINE_OPS = ("Mul", "Add", "Sub", "Div")
-# What exporters write activations out in (graph.written_out), with scalar constants only.
-_WRITTEN_OUT_OPS = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "Erf", "Tanh", "Sqrt", "Sigmoid", "Relu", "Clip"})
 
 
 def normalise(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -252,7 +251,7 @@ def _fold_before(graph: gs.Graph, layer: _Affine) -> bool:
     operand = None if computed is None else _constant_operand(producer, computed)
     if operand is None or (layer.node.op == "Gemm" and layer.node.attrs.get("transA", 0)):
         return False
-    if operand.size == 1 and computed.inputs and computed.inputs[0].op in _WRITTEN_OUT_OPS:
+    if operand.size == 1 and computed.inputs and computed.inputs[0].op in ELEMENTWISE_OPS:
         return False  # the scalar tail of a written-out activation (GELU's 0.5): recognised, not folded
     channels = layer.matrix.shape[1] * int(layer.node.attrs.get("group", 1)) if layer.is_conv else layer.matrix.shape[0]
     vector = _along(operand, channels, layer.input_rank, 1 if layer.is_conv else -1)

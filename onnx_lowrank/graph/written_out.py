@@ -20,6 +20,7 @@ from onnx_lowrank.solvers.activations import apply_activation
 _BINARY = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": np.divide, "Pow": np.power}
 _UNARY = {"Erf": scipy.special.erf, "Tanh": np.tanh, "Sqrt": np.sqrt, "Sigmoid": scipy.special.expit,
           "Relu": lambda x: np.maximum(x, 0.0)}
+ELEMENTWISE_OPS = frozenset(_BINARY) | frozenset(_UNARY) | {"Clip"}  # what a written-out activation is made of
 # What a group is compared with, in this order: the kinds and parameters of solvers.activations.
 CANDIDATES = (("gelu", {"tanh_approximation": 0.0}), ("gelu", {"tanh_approximation": 1.0}), ("silu", {}),
               ("hard_swish", {}))
@@ -37,7 +38,7 @@ def written_out_activation(graph: gs.Graph, response: gs.Tensor) -> tuple[str, d
     frontier = list(response.outputs)
     while frontier and len(nodes) < _MAX_NODES:
         node = next((n for n in frontier if _ready(n, values)), None)
-        if node is None or node.op not in _BINARY and node.op not in _UNARY and node.op != "Clip":
+        if node is None or node.op not in ELEMENTWISE_OPS:
             return None
         frontier.remove(node)
         result = _evaluate(node, values)
