@@ -1,11 +1,23 @@
-"""Code the user names as ``file.py:Name`` (a calibration reader, a metric), loaded with every failure
-of the user's file, ``sys.exit()`` included, turned into the caller's one-line error."""
+"""The user's files: what a run does to each path it is given (:class:`FileUse`, declared with
+every path option), and the code a user names as ``file.py:Name`` (a calibration reader, a metric),
+loaded with every failure of the user's file, ``sys.exit()`` included, turned into a one-line error."""
 
 from __future__ import annotations
 
+import enum
 import importlib.util
+import os
 from pathlib import Path
 from typing import Callable
+
+
+class FileUse(enum.Enum):
+    """What a run does to a path option's file; the file-safety checks (``output.staging``) read it."""
+
+    READ = "read"  # an input: never written, never the target of an output (data, scripts, the model)
+    WRITTEN = "written"  # staged and renamed into place with OUT, only when the run succeeds
+    APPENDED = "appended"  # written as the run goes (the log); may be a pipe or a device
+    CACHE = "cache"  # read, then replaced whole when the run succeeds; refused unless it is one of ours
 
 
 def names_file(text: str) -> bool:
@@ -28,3 +40,12 @@ def load_from_file(text: str, error: Callable[[str], Exception], role: str) -> o
     if not hasattr(module, attr):
         raise error(f"{path} defines no {attr!r}")
     return getattr(module, attr)
+
+
+def mode_for_replacement(path: Path) -> int:
+    """A replaced file keeps its mode; a new one gets the umask's, as ``cp`` and ``onnx.save`` do."""
+    if path.is_file():
+        return path.stat().st_mode & 0o7777
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask

@@ -75,13 +75,59 @@ def test_a_method_is_named_only_in_its_registry() -> None:
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Constant) and node.value in METHODS:
                 named.setdefault(str(path.relative_to(PACKAGE)), []).append(node.value)
-    # the default of the option (declared in Options and in compress's signature) is the only name left
-    assert all(values == ["asymmetric"] for values in named.values()), named
-    assert set(named) <= {"options.py", "pipeline/compress.py"}, named
+    # the default of the option, declared once in Options, is the only name left
+    assert named == {"options.py": ["asymmetric"]}, named
 
 
-def test_the_cli_offers_exactly_the_registered_methods() -> None:
-    from onnx_lowrank.cli.app import Method
+def _cli_parameters() -> dict:
+    import typer
+
+    from onnx_lowrank.cli.app import app
+
+    return {p.name: p for p in typer.main.get_command(app).params}
+
+
+def test_every_option_is_a_cli_flag_with_its_declared_choices() -> None:
+    """One declaration (a field of Options) is the library keyword and the CLI flag."""
+    from dataclasses import fields
+
+    from onnx_lowrank.options import Options, declaration
     from onnx_lowrank.registry import METHODS
 
-    assert [m.value for m in Method] == list(METHODS)
+    cli = _cli_parameters()
+    for option in fields(Options):
+        assert option.name in cli, f"{option.name} has no CLI flag"
+        choices = declaration(option).check.choices
+        if choices and not declaration(option).check.multiple:
+            assert [c.value for c in cli[option.name].type_descriptor.annotation] == list(choices), option.name
+    assert [c.value for c in cli["method"].type_descriptor.annotation] == list(METHODS)
+
+
+def test_an_option_is_declared_in_one_place() -> None:
+    """No function re-lists the options (a stage may take the few it needs): the library entries take them
+    as **options, the CLI builds its flags from the declarations."""
+    from dataclasses import fields
+
+    from onnx_lowrank.options import Options
+
+    names = {f.name for f in fields(Options)} - {"speedup"}
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                declared = {a.arg for a in node.args.args + node.args.kwonlyargs} & names
+                assert len(declared) < 6, f"{path.name}:{node.name} re-declares options {sorted(declared)}"
+
+
+def test_every_path_parameter_says_what_the_run_does_to_its_file() -> None:
+    from dataclasses import fields
+
+    from onnx_lowrank.cli.app import CLI_ONLY
+    from onnx_lowrank.options import Options, declaration
+
+    for name, parameter in CLI_ONLY.items():
+        if name in {"calib", "eval_data", "metric"} or "Path" in str(parameter.annotation):
+            assert parameter.use is not None, name
+    for option in fields(Options):
+        check = declaration(option).check
+        if check.cli_type.__name__ == "Path":
+            assert check.use is not None, option.name

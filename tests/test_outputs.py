@@ -70,12 +70,21 @@ def test_no_output_may_be_a_data_file_or_a_file_in_a_data_folder(folder) -> None
     (folder / "photos").mkdir()
     Image.new("RGB", (12, 12)).save(folder / "photos" / "a.png")
     (folder / "reader.py").write_text("class R:\n    def get_next(self):\n        return None\n")
-    assert_refused(folder, [folder / "in.onnx", folder / "out.onnx", "--report", folder / "calib.npz"], "input data")
+    assert_refused(folder, [folder / "in.onnx", folder / "out.onnx", "--report", folder / "calib.npz"],
+                   "is the --calib file")
+    (folder / "score.py").write_text("def score(a, b, labels):\n    return 1.0\n")
+    metric = ["--metric", f"{folder / 'score.py'}:score", "--min-metric", "0.5"]
     before = snapshot(folder)
     for args in ([folder / "in.onnx", folder / "out.onnx", "--calib", folder / "photos", "--report",
                   folder / "photos" / "a.png"],
                  [folder / "in.onnx", folder / "out.onnx", "--calib", f"{folder / 'reader.py'}:R", "--log-file",
-                  folder / "reader.py"]):
+                  folder / "reader.py"],
+                 [folder / "in.onnx", folder / "out.onnx", *metric, "--report", folder / "score.py"],
+                 [folder / "in.onnx", folder / "out.onnx", *metric, "--log-file", folder / "score.py"],
+                 [folder / "in.onnx", folder / "out.onnx", *metric, "--objective", "latency", "--method", "linear",
+                  "--latency-cache", folder / "score.py"],
+                 [folder / "in.onnx", folder / "out.onnx", "--objective", "latency", "--method", "linear",
+                  "--latency-cache", folder / "same.json", "--report", folder / "same.json"]):
         result = invoke(*args, *RUN)
         assert result.exit_code == 2 and "refusing to write over" in result.stderr, result.output
     assert snapshot(folder) == before

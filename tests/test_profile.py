@@ -12,7 +12,8 @@ import pytest
 from onnx_lowrank import compress
 from onnx_lowrank.errors import InfeasibleTargetError, InvalidOptionError
 from onnx_lowrank.graph.units import find_units
-from onnx_lowrank.measure.latency import Device, LatencyCache, layer_model, profile_layers
+from onnx_lowrank.measure.latency import Device, layer_model, profile_layers
+from onnx_lowrank.measure.latency_cache import LatencyCache
 from onnx_lowrank.planning.costs import ConvShape
 from onnx_lowrank.planning.measured import latency_ranks
 from onnx_lowrank.planning.ranks import WHOLE, Form, RankCandidate, _energy_curve

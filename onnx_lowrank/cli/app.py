@@ -1,5 +1,10 @@
 """``onnx-lowrank IN.onnx OUT.onnx --speedup S``: parses options, calls :func:`compress`, writes, prints.
 
+The command is built from declarations: each field of ``options.Options`` is a flag (its help,
+choices and checks declared there), and the options only the command line has (how images are
+read, the budget, the files it writes, how it talks) are declared once here, in ``CLI_ONLY``. A
+path option says what the run does to its file, so the file-safety checks cover every one.
+
 Exit codes: 0 done, 2 bad input (one ``error:`` line), 130/143 interrupted by SIGINT/SIGTERM
 (nothing written), 3 internal error (a bug to report).
 """
@@ -7,12 +12,14 @@ Exit codes: 0 done, 2 bad input (one ``error:`` line), 130/143 interrupted by SI
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import logging
 import signal
 import sys
+from dataclasses import dataclass, fields
 from enum import Enum
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Optional
 
 import typer
 
@@ -29,7 +36,8 @@ from onnx_lowrank.cli.console import (
     tell,
 )
 from onnx_lowrank.errors import InvalidOptionError, LowRankError
-from onnx_lowrank.registry import METHODS
+from onnx_lowrank.options import BUDGET, DATA, FORMS, PLAN, QUANTIZE, RUN, Options, declaration
+from onnx_lowrank.userfiles import FileUse
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
                   help="Make an ONNX CNN faster by low-rank decomposition of its convolutions.")
@@ -48,28 +56,132 @@ class Preset(str, Enum):
     raw = "raw"
 
 
-Method = Enum("Method", {name: name for name in METHODS}, type=str)  # the choices of --method, from the registry
+def _show_version(value: bool) -> None:
+    if value:
+        print(f"onnx-lowrank {__version__}")
+        raise typer.Exit(0)
 
 
-class RankSelection(str, Enum):
-    energy = "energy"
-    sensitivity = "sensitivity"
-    uniform = "uniform"
+@dataclass(frozen=True)
+class CliOnly:
+    """A parameter only the command line has (the library takes an object in its place, or none)."""
+
+    annotation: Any
+    info: Any  # typer.Argument(...) or typer.Option(...)
+    use: FileUse | None = None  # a path: what the run does to it
 
 
-class Objective(str, Enum):
-    flops = "flops"
-    latency = "latency"
+def _opt(annotation, default, *decls, use: FileUse | None = None, **info) -> CliOnly:
+    return CliOnly(annotation, typer.Option(default, *decls, **info), use)
 
 
-class Quantization(str, Enum):
-    int8 = "int8"
+# The library takes a model and data objects, a ``preprocess`` callable (``make_preprocess``) and a
+# ``Budget``; it returns the report and the model rather than writing them; it logs to ``logging``.
+CLI_ONLY: dict[str, CliOnly] = {
+    "input_model": CliOnly(Path, typer.Argument(..., metavar="IN.onnx", help="Model to accelerate."), FileUse.READ),
+    "output_model": CliOnly(Path, typer.Argument(..., metavar="OUT.onnx", help="Where to write the faster model."),
+                            FileUse.WRITTEN),
+    "max_error": _opt(Optional[float], None, help="Budget: the fastest plan whose relative output error on held-out "
+                      "data (its worst output) is at most this.", rich_help_panel=BUDGET),
+    "min_agreement": _opt(Optional[float], None, help="Budget (classifiers): top-1 agreement with the original of "
+                          "at least this fraction, e.g. 0.99.", rich_help_panel=BUDGET),
+    "max_drop": _opt(Optional[float], None, help="Budget: accuracy loss of at most this many points (needs "
+                     "labels).", rich_help_panel=BUDGET),
+    "metric": _opt(Optional[str], None, metavar="FILE.py:FN", use=FileUse.READ, help="Budget: your "
+                   "fn(original_outputs, candidate_outputs, labels) -> float (higher is better; outputs are dicts by "
+                   "output name), with --min-metric.", rich_help_panel=BUDGET),
+    "min_metric": _opt(Optional[float], None, help="The least value of --metric to accept.", rich_help_panel=BUDGET),
+    "plot": _opt(Optional[Path], None, use=FileUse.WRITTEN, help="Budget search: draw the explored frontier to this "
+                 "PNG (pip install 'onnx-lowrank\\[plots]').", rich_help_panel=BUDGET),
+    "calib": _opt(Optional[str], None, use=FileUse.READ, help=f"Calibration data: {FORMS}; without it random "
+                  "inputs are used.", rich_help_panel=DATA),
+    "eval_data": _opt(Optional[str], None, "--eval", use=FileUse.READ, help=f"Data to measure fidelity on instead "
+                      f"of the held-out calibration samples: {FORMS}. With labels (class indices) accuracy is "
+                      "measured too.", rich_help_panel=DATA),
+    "preprocess": _opt(Preset, Preset.imagenet, help="Preprocessing of image folders.", rich_help_panel=DATA),
+    "mean": _opt(Optional[str], None, help="Per-channel mean, e.g. 0.485,0.456,0.406 (after --scale).",
+                 rich_help_panel=DATA),
+    "std": _opt(Optional[str], None, help="Per-channel std, e.g. 0.229,0.224,0.225.", rich_help_panel=DATA),
+    "scale": _opt(Optional[float], None, help="Pixel multiplier applied before mean/std.", rich_help_panel=DATA),
+    "bgr": _opt(Optional[bool], None, "--bgr/--rgb", help="Channel order fed to the model.", rich_help_panel=DATA),
+    "uniform": _opt(bool, False, "--uniform", help="Same as --rank-selection uniform.", rich_help_panel=PLAN),
+    "report": _opt(Optional[Path], None, use=FileUse.WRITTEN, help="Write the report as JSON here.",
+                   rich_help_panel=RUN),
+    "quiet": _opt(bool, False, "-q", "--quiet", help="Print errors only.", rich_help_panel=RUN),
+    "verbose": _opt(bool, False, "-v", "--verbose", help="Debug messages, and the traceback of an internal "
+                    "error.", rich_help_panel=RUN),
+    "log_file": _opt(Optional[Path], None, use=FileUse.APPENDED, help="Also append every message, debug included, "
+                     "to this file.", rich_help_panel=RUN),
+    "version": _opt(bool, False, "--version", callback=_show_version, is_eager=True,
+                    help="Print the version and exit."),
+}
 
 
-class Int8Calibration(str, Enum):
-    minmax = "minmax"
-    entropy = "entropy"
-    percentile = "percentile"
+def _flag_of(name: str) -> str:
+    if name in CLI_ONLY:
+        decls = CLI_ONLY[name].info.param_decls
+        return decls[0].split("/")[0] if decls else "--" + name.replace("_", "-")
+    return declaration(next(f for f in fields(Options) if f.name == name)).flag or "--" + name.replace("_", "-")
+
+
+def _declared_parameter(option_field) -> inspect.Parameter:
+    """The typer parameter of an ``Options`` field, its default the declared one."""
+    declared = declaration(option_field)
+    check = declared.check
+    dashed = option_field.name.replace("_", "-")
+    if check.cli_type is bool:
+        decls = [declared.flag or (f"--{dashed}/--no-{dashed}" if option_field.default else f"--{dashed}")]
+    else:
+        decls = [declared.flag] if declared.flag else []
+    kind = check.cli_type
+    if check.choices and not check.multiple:
+        kind = Enum(option_field.name, {choice: choice for choice in check.choices}, type=str)
+    metavar = declared.metavar or (f"[{'|'.join(check.choices)}]" if check.choices and check.multiple else None)
+    default = None if declared.default_depends else option_field.default
+    if isinstance(default, tuple):
+        default = [",".join(default)] if default and check.choices else list(default) or None
+    info = typer.Option(default, *decls, help=declared.help, rich_help_panel=declared.panel, metavar=metavar)
+    annotation = List[kind] if check.multiple else Optional[kind]
+    return inspect.Parameter(option_field.name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=annotation)
+
+
+def _signature() -> inspect.Signature:
+    for name, parameter in CLI_ONLY.items():
+        # By construction: a parameter that takes a path declares what the run does to it.
+        if "Path" in str(parameter.annotation) and parameter.use is None:
+            raise AssertionError(f"CLI parameter {name} takes a path and declares no FileUse")
+    params = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD if name.endswith("_model")
+                                else inspect.Parameter.KEYWORD_ONLY, default=p.info, annotation=p.annotation)
+              for name, p in CLI_ONLY.items()]
+    params += [_declared_parameter(f) for f in fields(Options)]
+    panels = [PLAN, BUDGET, DATA, QUANTIZE, RUN]
+    # The panels in --help come in the order their first flag does.
+    order = {p.name: (p.kind is not inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                      panels.index(p.default.rich_help_panel) if p.default.rich_help_panel in panels else 0, i)
+             for i, p in enumerate(params)}
+    return inspect.Signature(sorted(params, key=lambda p: order[p.name]))
+
+
+def _library_options(given: dict[str, Any]) -> dict[str, Any]:
+    """The ``Options`` keywords the command line gave, in the library's form; the rest keep its defaults."""
+    options = {}
+    for option_field in fields(Options):
+        value = given[option_field.name]
+        if value is None or (isinstance(value, (list, tuple)) and not value):
+            continue
+        options[option_field.name] = declaration(option_field).check.from_cli(
+            value.value if isinstance(value, Enum) else list(value) if isinstance(value, tuple) else value)
+    return options
+
+
+def _path_options(given: dict[str, Any]):
+    """Every path the user gave with what the run does to it, for ``output.staging.check_outputs``."""
+    from onnx_lowrank.output.staging import PathOption
+
+    uses = {name: p.use for name, p in CLI_ONLY.items() if not name.endswith("_model")}
+    uses.update({f.name: declaration(f).check.use for f in fields(Options)})
+    return [PathOption(_flag_of(name), given[name], use) for name, use in uses.items()
+            if use is not None and given.get(name) is not None]
 
 
 def _floats(text: Optional[str], option: str) -> Optional[list[float]]:
@@ -81,224 +193,40 @@ def _floats(text: Optional[str], option: str) -> Optional[list[float]]:
         raise InvalidOptionError(f"{option} takes comma-separated numbers, got {text!r}") from None
 
 
-def _size(text: Optional[str]) -> Optional[tuple[int, int]]:
-    if text is None:
-        return None
-    try:
-        height, width = (int(part) for part in text.lower().split("x"))
-    except ValueError:
-        raise InvalidOptionError(f"--input-size takes HxW, e.g. 224x224, got {text!r}") from None
-    if height < 1 or width < 1:
-        raise InvalidOptionError(f"--input-size must be positive, got {text!r}")
-    return height, width
-
-
-def _selection(rank_selection: Optional[RankSelection], uniform: bool) -> Optional[str]:
-    chosen = rank_selection.value if rank_selection is not None else None
+def _with_uniform(options: dict[str, Any], uniform: bool) -> dict[str, Any]:
+    chosen = options.get("rank_selection")
     if uniform and chosen not in (None, "uniform"):
         raise InvalidOptionError(f"--uniform contradicts --rank-selection {chosen}", hint="give one of them")
-    return "uniform" if uniform else chosen
+    return {**options, "rank_selection": "uniform"} if uniform else options
 
 
-def _budget(max_error, min_agreement, max_drop, metric, min_metric, speedup, plot):
+def _budget(given: dict[str, Any]):
     """The accuracy budget asked for, if any: exactly one, and then --speedup only as the search's start."""
     from onnx_lowrank.pipeline.budget import Budget
 
-    given = {"--max-error": max_error, "--min-agreement": min_agreement, "--max-drop": max_drop, "--metric": metric}
-    chosen = [flag for flag, value in given.items() if value is not None]
+    limits = {"max_error": "error", "min_agreement": "agreement", "max_drop": "drop", "metric": "metric"}
+    chosen = [name for name in limits if given[name] is not None]
     if len(chosen) > 1:
-        raise InvalidOptionError(f"give one budget, not {' and '.join(chosen)}")
-    if (metric is None) != (min_metric is None):
+        raise InvalidOptionError(f"give one budget, not {' and '.join(_flag_of(n) for n in chosen)}")
+    if (given["metric"] is None) != (given["min_metric"] is None):
         raise InvalidOptionError("--metric and --min-metric go together", hint="give both, or neither")
-    if plot is not None:
+    if given["plot"] is not None:
         if not chosen:
             raise InvalidOptionError("--plot draws the frontier of a budget search", hint="give a budget too")
         if importlib.util.find_spec("matplotlib") is None:
             raise InvalidOptionError("--plot needs matplotlib", hint="pip install 'onnx-lowrank[plots]'")
     if not chosen:
         return None
-    if metric is not None:
-        return Budget.from_file(metric, min_metric)
-    kind = {"--max-error": "error", "--min-agreement": "agreement", "--max-drop": "drop"}[chosen[0]]
-    return Budget(kind, given[chosen[0]])
+    if chosen[0] == "metric":
+        return Budget.from_file(given["metric"], given["min_metric"])
+    return Budget(limits[chosen[0]], given[chosen[0]])
 
 
-def _show_version(value: bool) -> None:
-    if value:
-        print(f"onnx-lowrank {__version__}")
-        raise typer.Exit(0)
-
-
-DATA = "Data"
-
-
-PLAN = "Plan and method"
-
-
-BUDGET = "Accuracy budget (instead of --speedup)"
-
-
-QUANTIZE = "INT8 on top"
-
-
-RUN = "Measurement and output"
-
-
-FORMS = "an image folder, a .npy file, an .npz keyed by input name (optional 'labels'), or file.py:ReaderName"
-
-
-@app.command()
-def run(
-    input_model: Path = typer.Argument(..., metavar="IN.onnx", help="Model to accelerate."),
-    output_model: Path = typer.Argument(..., metavar="OUT.onnx", help="Where to write the faster model."),
-    speedup: Optional[float] = typer.Option(None, help="Target theoretical speedup of the decomposed layers (> 1; default 4), or, with "
-                                            "a budget, where the search starts (default 2).", rich_help_panel=PLAN),
-    max_error: Optional[float] = typer.Option(None, help="Budget: the fastest plan whose relative output error on "
-                                              "held-out data is at most this.", rich_help_panel=BUDGET),
-    min_agreement: Optional[float] = typer.Option(None, help="Budget (classifiers): top-1 agreement with the "
-                                                  "original of at least this fraction, e.g. 0.99.",
-                                                  rich_help_panel=BUDGET),
-    max_drop: Optional[float] = typer.Option(None, help="Budget: accuracy loss of at most this many points "
-                                             "(needs labels).", rich_help_panel=BUDGET),
-    metric: Optional[str] = typer.Option(None, metavar="FILE.py:FN", help="Budget: your fn(original_outputs, "
-                                         "candidate_outputs, labels) -> float (higher is better; outputs are "
-                                         "dicts by output name), with --min-metric.", rich_help_panel=BUDGET),
-    min_metric: Optional[float] = typer.Option(None, help="The least value of --metric to accept.",
-                                               rich_help_panel=BUDGET),
-    plot: Optional[Path] = typer.Option(None, help="Budget search: draw the explored frontier to this PNG "
-                                        "(pip install 'onnx-lowrank\\[plots]').", rich_help_panel=BUDGET),
-    calib: Optional[str] = typer.Option(None, help=f"Calibration data: {FORMS}; without it random inputs are "
-                                                   "used.", rich_help_panel=DATA),
-    eval_data: Optional[str] = typer.Option(None, "--eval", help=f"Data to measure fidelity on instead of the "
-                                            f"held-out calibration samples: {FORMS}. With labels (class indices) "
-                                            "accuracy is measured too.", rich_help_panel=DATA),
-    preprocess: Preset = typer.Option(Preset.imagenet, help="Preprocessing of image folders.", rich_help_panel=DATA),
-    mean: Optional[str] = typer.Option(None, help="Per-channel mean, e.g. 0.485,0.456,0.406 (after --scale).",
-                                       rich_help_panel=DATA),
-    std: Optional[str] = typer.Option(None, help="Per-channel std, e.g. 0.229,0.224,0.225.", rich_help_panel=DATA),
-    scale: Optional[float] = typer.Option(None, help="Pixel multiplier applied before mean/std.", rich_help_panel=DATA),
-    bgr: Optional[bool] = typer.Option(None, "--bgr/--rgb", help="Channel order fed to the model.",
-                                       rich_help_panel=DATA),
-    input_size: Optional[str] = typer.Option(None, help="HxW to calibrate at when the model's is dynamic.",
-                                             rich_help_panel=DATA),
-    num_images: int = typer.Option(300, help="Calibration samples to use (capped at what there is).",
-                                   rich_help_panel=DATA),
-    samples_per_image: Optional[int] = typer.Option(None, help="Spatial positions sampled per image, the same "
-                                                    "for every layer (default: sized per layer, at least 40 "
-                                                    "samples per channel where the data allows).",
-                                                    rich_help_panel=DATA),
-    sample_memory: int = typer.Option(2048, metavar="MB", help="Bound on the memory of all sampled responses.",
-                                      rich_help_panel=DATA),
-    seed: int = typer.Option(0, help="Seed for sampling and random inputs.", rich_help_panel=DATA),
-    augment: int = typer.Option(0, metavar="VIEWS", help="Image folders: calibrate on this many views of each "
-                                "calibration picture (itself, mirrored, random 80-100 % crops; 0 = off).",
-                                rich_help_panel=DATA),
-    method: Method = typer.Option(Method.asymmetric, help="asymmetric (default: nonlinear + Eq. 12), asym3d (also "
-                                  "split k x k into k x 1 and 1 x k, paper 3.5), nonlinear, linear; data-free "
-                                  "baselines: jaderberg, svd, tucker2.", rich_help_panel=PLAN),
-    skip: List[str] = typer.Option([], help="Layer (node) name to leave alone (repeat; a value naming no layer is "
-                                            "read as comma-separated names).", rich_help_panel=PLAN),
-    ops: List[str] = typer.Option(["conv,transpose,dense"], metavar="[conv|transpose|dense]", help="Kinds of layer "
-                                  "to decompose (repeat, or comma-separate): conv (1-, 2-, 3-D Conv), transpose "
-                                  "(ConvTranspose), dense (Gemm, MatMul by a constant). --speedup counts their "
-                                  "compute.", rich_help_panel=PLAN),
-    rank_multiple: int = typer.Option(16, help="Round ranks to this multiple (1 disables).", rich_help_panel=PLAN),
-    symmetric: bool = typer.Option(False, "--symmetric", help="Ablation: solve every layer from the original "
-                                   "network's inputs, not the approximated ones.", rich_help_panel=PLAN),
-    rank_selection: Optional[RankSelection] = typer.Option(None, help="energy (Eq. 13-14; default for the "
-                                                           "data-driven methods), sensitivity (measured end-to-end "
-                                                           "loss per layer and rank; data-driven methods) or uniform "
-                                                           "(default for the baselines).", rich_help_panel=PLAN),
-    uniform: bool = typer.Option(False, "--uniform", help="Same as --rank-selection uniform.", rich_help_panel=PLAN),
-    channel_speedup: Optional[float] = typer.Option(None, help="asym3d: the channel part's speedup (default "
-                                                    "sqrt of --speedup, more where the split cannot make up the "
-                                                    "rest); the spatial split does the rest.",
-                                                    rich_help_panel=PLAN),
-    channel_only: List[str] = typer.Option([], help="asym3d: conv to decompose by channels only, without the "
-                                           "k x 1 / 1 x k split (repeat, as --skip).", rich_help_panel=PLAN),
-    quantize: Optional[Quantization] = typer.Option(None, help="int8: then quantize the low-rank model with "
-                                                    "onnxruntime's static quantizer (QDQ, per-channel weights, the "
-                                                    "calibration data), nodes that cost more than --int8-tolerance "
-                                                    "kept in float; the report compares original, low-rank, "
-                                                    "low-rank + int8 and int8 alone.", rich_help_panel=QUANTIZE),
-    int8_calibration: Int8Calibration = typer.Option(Int8Calibration.minmax, help="How INT8 activation ranges are "
-                                                     "calibrated.", rich_help_panel=QUANTIZE),
-    int8_tolerance: float = typer.Option(0.05, help="What INT8 may add to the relative output error on held-out "
-                                         "data; nodes that cost more are kept in float, and if none can be, the "
-                                         "float model is written. With an accuracy budget, the budget decides.",
-                                         rich_help_panel=QUANTIZE),
-    objective: Objective = typer.Option(Objective.flops, help="What --speedup counts: conv FLOPs, or conv latency "
-                                        "measured on the first --providers entry installed here (each layer's candidate forms "
-                                        "timed alone at --bench-batch; channel methods).", rich_help_panel=PLAN),
-    latency_cache: Optional[Path] = typer.Option(None, help="--objective latency: keep the layer timings in this "
-                                                 "JSON file, so the next run on this machine reuses them.",
-                                                 rich_help_panel=PLAN),
-    report: Optional[Path] = typer.Option(None, help="Write the report as JSON here.", rich_help_panel=RUN),
-    bench: bool = typer.Option(True, "--bench/--no-bench", help="Measure latency original vs optimized.",
-                               rich_help_panel=RUN),
-    providers: List[str] = typer.Option(["cpu"], metavar="[cpu|cuda|tensorrt|openvino]", help="Provider to benchmark (repeat, or "
-                                        "comma-separate).", rich_help_panel=RUN),
-    threads: int = typer.Option(0, help="onnxruntime intra-op threads (0 = its default).", rich_help_panel=RUN),
-    bench_batch: int = typer.Option(1, help="Batch size latency is measured at (and planned at, with --objective "
-                                    "latency).", rich_help_panel=RUN),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Analyse and print the plan; write no model.",
-                                 rich_help_panel=RUN),
-    quiet: bool = typer.Option(False, "-q", "--quiet", help="Print errors only.", rich_help_panel=RUN),
-    verbose: bool = typer.Option(False, "-v", "--verbose", help="Debug messages, and the traceback of an "
-                                 "internal error.", rich_help_panel=RUN),
-    log_file: Optional[Path] = typer.Option(None, help="Also append every message, debug included, to this file.",
-                                            rich_help_panel=RUN),
-    version: bool = typer.Option(False, "--version", callback=_show_version, is_eager=True,
-                                 help="Print the version and exit."),
-) -> None:
+def _run(**given: Any) -> None:
     code = 0
     with Signals() as signals:
         try:
-            from onnx_lowrank.output.report import render
-            from onnx_lowrank.output.staging import Staging, check_outputs
-            from onnx_lowrank.pipeline.compress import compress
-            from onnx_lowrank.runtime.images import make_preprocess
-
-            budget = _budget(max_error, min_agreement, max_drop, metric, min_metric, speedup, plot)
-            paths = check_outputs(input_model, None if dry_run else output_model, report, log_file,
-                                  data=(calib, eval_data), plot=plot, latency_cache=latency_cache)
-            configure_logging(quiet, verbose, log_file)
-            options = dict(
-                calibration=calib, evaluation=eval_data,
-                preprocess=make_preprocess(preprocess.value, _floats(mean, "--mean"), _floats(std, "--std"),
-                                           scale, bgr),
-                method=method.value, symmetric=symmetric, rank_selection=_selection(rank_selection, uniform),
-                channel_speedup=channel_speedup, channel_only=channel_only, rank_multiple=rank_multiple,
-                num_images=num_images, samples_per_image=samples_per_image, sample_memory_mb=sample_memory,
-                seed=seed, skip=skip, ops=[o for value in ops for o in value.split(",") if o], providers=[p for value in providers for p in value.split(",") if p],
-                threads=threads, bench=bench, dry_run=dry_run, input_size=_size(input_size), augment=augment,
-                quantize=None if quantize is None else quantize.value, int8_calibration=int8_calibration.value,
-                int8_tolerance=int8_tolerance,
-                objective=objective.value, latency_cache=latency_cache, bench_batch=bench_batch)
-            with progress_sink(quiet) as progress:
-                if budget is None:
-                    result = compress(input_model, 4.0 if speedup is None else speedup, progress=progress, **options)
-                else:
-                    from onnx_lowrank.pipeline.search import compress_to_budget
-
-                    result = compress_to_budget(input_model, budget, progress=progress,
-                                                **({} if speedup is None else {"speedup": speedup}), **options)
-            with Staging(paths) as staging:
-                if result.model is not None:
-                    staging.model(result.model)
-                    result.report.files["output"] = staging.describe_model()
-                if paths.report is not None:
-                    staging.text(paths.report, result.report.to_json())
-                if paths.plot is not None:
-                    from onnx_lowrank.output.plot import draw_frontier
-
-                    staging.file(paths.plot, lambda path: draw_frontier(result.report, path))
-                signals.commit(staging)
-            # From the commit on the run has succeeded: a reader gone from stdout does not change that.
-            if not quiet:
-                print_quietly_on_broken_pipe(lambda: render(result.report, stdout))
-            if result.model is not None:
-                log.info("wrote %s", output_model)
+            code = _compress_and_write(given, signals)
         except LowRankError as exc:
             tell(f"error: {one_line(str(exc))}")
             code = EXIT_BAD_INPUT
@@ -309,14 +237,58 @@ def run(
             tell("interrupted; nothing was written")
             code = getattr(exc, "exit_code", 128 + signal.SIGINT)
         except Exception as exc:
-            if verbose:
+            if given["verbose"]:
                 raise
             log.debug("internal error", exc_info=True)  # the traceback, for the --log-file
             tell(f"internal error: {type(exc).__name__}: {one_line(str(exc))} (a bug: please report it; "
-                  "-v shows the traceback)")
+                 "-v shows the traceback)")
             code = EXIT_INTERNAL
     if code:
         raise typer.Exit(code)
+
+
+def _compress_and_write(given: dict[str, Any], signals: Signals) -> int:
+    from onnx_lowrank.output.report import render
+    from onnx_lowrank.output.staging import Staging, check_outputs
+    from onnx_lowrank.pipeline.compress import compress
+    from onnx_lowrank.runtime.images import make_preprocess
+
+    options = _with_uniform(_library_options(given), given["uniform"])
+    budget = _budget(given)
+    dry_run = options.get("dry_run", False)
+    paths = check_outputs(given["input_model"], None if dry_run else given["output_model"], _path_options(given))
+    configure_logging(given["quiet"], given["verbose"], paths.get("--log-file"))
+    data = dict(calibration=given["calib"], evaluation=given["eval_data"],
+                preprocess=make_preprocess(given["preprocess"].value, _floats(given["mean"], "--mean"),
+                                           _floats(given["std"], "--std"), given["scale"], given["bgr"]))
+    with progress_sink(given["quiet"]) as progress:
+        if budget is None:
+            result = compress(given["input_model"], progress=progress, **data, **options)
+        else:
+            from onnx_lowrank.pipeline.search import compress_to_budget
+
+            result = compress_to_budget(given["input_model"], budget, progress=progress, **data, **options)
+    with Staging(paths) as staging:
+        if result.model is not None:
+            staging.model(result.model)
+            result.report.files["output"] = staging.describe_model()
+        if paths.get("--report") is not None:
+            staging.text(paths.get("--report"), result.report.to_json())
+        if paths.get("--plot") is not None:
+            from onnx_lowrank.output.plot import draw_frontier
+
+            staging.file(paths.get("--plot"), lambda path: draw_frontier(result.report, path))
+        signals.commit(staging)
+    # From the commit on the run has succeeded: a reader gone from stdout does not change that.
+    if not given["quiet"]:
+        print_quietly_on_broken_pipe(lambda: render(result.report, stdout))
+    if result.model is not None:
+        log.info("wrote %s", given["output_model"])
+    return 0
+
+
+_run.__signature__ = _signature()
+run = app.command(name="run")(_run)
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -15,6 +15,8 @@ from typing import Callable, Optional
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from onnx_lowrank.errors import OutputPathError
+
 log = logging.getLogger("onnx_lowrank")
 stdout = Console()
 stderr = Console(stderr=True)
@@ -108,7 +110,11 @@ def configure_logging(quiet: bool, verbose: bool, log_file: Optional[Path]) -> N
     console.setFormatter(ConsoleFormatter(timestamps=not stderr.is_terminal))
     log.addHandler(console)
     if log_file is not None:
-        handler = logging.FileHandler(log_file, mode="a", encoding="utf-8")
+        try:  # the log is written as the run goes, so its folder is made now, as a staged output's is
+            log_file.parent.mkdir(parents=True, exist_ok=True)
+            handler = logging.FileHandler(log_file, mode="a", encoding="utf-8")
+        except OSError as exc:
+            raise OutputPathError(f"cannot append to --log-file {log_file}: {exc.strerror or exc}") from None
         handler.setLevel(logging.DEBUG)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         log.addHandler(handler)

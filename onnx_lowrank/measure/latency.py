@@ -20,10 +20,9 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import platform
 import tempfile
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -33,7 +32,6 @@ import onnxruntime as ort
 from onnx import TensorProto, helper
 
 from onnx_lowrank.errors import InfeasibleTargetError, InvalidOptionError
-from onnx_lowrank.graph.io import first_line
 from onnx_lowrank.graph.rewrite import (
     NodeSpec,
     channel_chain,
@@ -44,6 +42,7 @@ from onnx_lowrank.graph.rewrite import (
 )
 from onnx_lowrank.graph.units import Unit
 from onnx_lowrank.measure.fidelity import interleaved_times
+from onnx_lowrank.measure.latency_cache import LatencyCache
 from onnx_lowrank.planning.costs import ConvShape
 from onnx_lowrank.planning.measured import latency_forms
 from onnx_lowrank.planning.plans import ArchitecturePlan, has_spatial_extent
@@ -58,7 +57,6 @@ IN_MODEL_ROUNDS = 15
 IN_MODEL_STEPS = 4  # plans timed in the whole model, the first included
 IN_MODEL_TOLERANCE = 0.03  # a plan measuring within this of the target is taken as it is
 LINEAR_OPS = {"Conv", "FusedConv", "ConvTranspose", "Gemm", "FusedGemm", "MatMul", "FusedMatMul"}
-CACHE_VERSION = 1
 
 
 def cpu_name() -> str:
@@ -92,44 +90,6 @@ def rank_grid(provider: str) -> tuple[int | None, str]:
         return block, (f"{layout} {block} ({'AVX-512' if block == 16 else 'AVX2'})" if block
                        else f"no {layout} (neither AVX2 nor AVX-512)")
     return 8, "tensor-core multiple of 8"
-
-
-@dataclass
-class LatencyCache:
-    """Measured medians (ms) by key; read from and written back to ``path`` when one is given."""
-
-    path: Path | None = None
-    entries: dict[str, float] = field(default_factory=dict)
-    hits: int = 0
-
-    @classmethod
-    def open(cls, path: str | os.PathLike[str] | None) -> "LatencyCache":
-        cache = cls(Path(path) if path is not None else None)
-        if cache.path is not None and cache.path.exists():
-            try:
-                data = json.loads(cache.path.read_text())
-                if isinstance(data, dict) and data.get("version") == CACHE_VERSION:
-                    cache.entries = {str(k): float(v) for k, v in dict(data.get("entries", {})).items()}
-                elif not isinstance(data, dict) or "version" not in data:
-                    raise ValueError("no 'version' key")
-            except (OSError, ValueError, TypeError) as exc:
-                raise InvalidOptionError(f"--latency-cache {cache.path} is not a latency cache: {first_line(exc)}",
-                                         hint="give a new file name, or delete that file") from None
-        return cache
-
-    def save(self) -> None:
-        """Written whole and renamed into place, so a reader never sees half a file."""
-        if self.path is None:
-            return
-        folder = self.path.parent
-        handle, temporary = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=folder)
-        try:
-            with os.fdopen(handle, "w") as stream:
-                json.dump({"version": CACHE_VERSION, "entries": self.entries}, stream, indent=0, sort_keys=True)
-            os.replace(temporary, self.path)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
 
 
 @dataclass(frozen=True)
@@ -254,12 +214,11 @@ def measure_layer_latency(analysis, opts) -> LayerLatency:
     ladders = {u.name: latency_forms(candidates[u.name], opts.rank_multiple, u.name in split)
                if u.name in candidates else []
                for u in analysis.units if u.name in analysis.shapes and timed_kind(u) and u.weight_shape}
-    cache = LatencyCache.open(opts.latency_cache)
+    cache = analysis.latency_cache
     forms = sum(len(ladder) + 1 for ladder in ladders.values())
     with analysis.run.stage("profile", f"timing {forms} layer candidates "
                                        f"on {device.provider}"):
         table = profile_layers(analysis.units, analysis.shapes, ladders, device, cache)
-    cache.save()
     fixed = sum(ms[WHOLE] for name, ms in table.items() if name not in candidates)
     block, grid = rank_grid(device.provider)
     if block and opts.rank_multiple % block:

@@ -12,62 +12,67 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import onnx
 
 from onnx_lowrank.errors import OutputPathError
 from onnx_lowrank.graph.io import external_data_files, write_model
 from onnx_lowrank.output.provenance import sha256_of
-from onnx_lowrank.userfiles import names_file
+from onnx_lowrank.userfiles import FileUse, mode_for_replacement, names_file
+
+
+@dataclass(frozen=True)
+class PathOption:
+    """A path the user gave, by the flag that gave it, and what the run does to it."""
+
+    flag: str
+    path: str | os.PathLike
+    use: FileUse
 
 
 @dataclass(frozen=True)
 class OutputPaths:
     model: Path | None  # None for a dry run
     data: Path | None  # the model's external-data file, written only for a model too large for one protobuf
-    report: Path | None = None
-    log: Path | None = None  # appended to as the run goes, so never staged
-    plot: Path | None = None
-    latency_cache: Path | None = None  # read, then replaced whole by the profiling, never staged
+    others: dict[str, Path] = field(default_factory=dict)  # by flag: the other files the run writes
 
-    def named(self) -> list[tuple[str, Path]]:
-        named = [("OUT", self.model), ("OUT's external-data file", self.data), ("--report", self.report),
-                 ("--log-file", self.log), ("--plot", self.plot), ("--latency-cache", self.latency_cache)]
-        return [(role, path) for role, path in named if path is not None]
+    def get(self, flag: str) -> Path | None:
+        return self.others.get(flag)
 
 
 def check_outputs(input_model: str | os.PathLike | None, output_model: str | os.PathLike | None,
-                  report: str | os.PathLike | None = None, log: str | os.PathLike | None = None,
-                  data: tuple[str | None, ...] = (), plot: str | os.PathLike | None = None,
-                  latency_cache: str | os.PathLike | None = None) -> OutputPaths:
+                  options: Sequence[PathOption] = ()) -> OutputPaths:
     """The run's output paths (no model for a dry run), or OutputPathError if any could harm a file
-    or cannot be written. ``data`` are the --calib/--eval arguments: their files (a reader script
-    too) and the files inside their folders are inputs as much as the model is."""
+    or cannot be written. ``options`` are every path option the user gave, with its use: what is
+    read (a data file or folder, a ``file.py:Name`` script) is an input as much as the model is,
+    and nothing the run writes, appends to or replaces may be an input or another output."""
     model = Path(output_model) if output_model is not None else None
     if model is not None and model.suffix.lower() != ".onnx":
         raise OutputPathError(f"output path must end in .onnx, got {model}")
-    paths = OutputPaths(model, model.with_name(model.name + ".data") if model is not None else None,
-                        Path(report) if report is not None else None, Path(log) if log is not None else None,
-                        Path(plot) if plot is not None else None,
-                        Path(latency_cache) if latency_cache is not None else None)
+    data_file = model.with_name(model.name + ".data") if model is not None else None
+    named = [(role, path) for role, path in (("OUT", model), ("OUT's external-data file", data_file))
+             if path is not None]
     inputs, folders = [], []
     if input_model is not None and Path(input_model).is_file():
         inputs = [("the input model", Path(input_model))]
         inputs += [("an external-data file of the input model", f) for f in external_data_files(Path(input_model))]
-    for argument in (a for a in data if a is not None):
-        text = os.fspath(argument)
+    for option in options:
+        text = os.fspath(option.path)
+        if option.use is not FileUse.READ:
+            named.append((option.flag, Path(text)))
+            continue
         if names_file(text):
             text = text.rsplit(":", 1)[0]
         if os.path.isdir(text):
             folders.append(Path(text))
         else:
-            inputs.append(("input data", Path(text)))
-    named = paths.named()
+            inputs.append((f"the {option.flag} file", Path(text)))
+    uses = {option.flag: option.use for option in options}
     for index, (role, path) in enumerate(named):
-        _check_creatable(role, path)
+        _check_creatable(role, path, may_be_special=uses.get(role) is FileUse.APPENDED)
         for other_role, other in inputs + named[:index]:
             if _same_file(path, other):
                 raise OutputPathError(f"{role} {path} is {other_role} ({other}); refusing to write over it",
@@ -76,15 +81,15 @@ def check_outputs(input_model: str | os.PathLike | None, output_model: str | os.
             if path.exists() and Path(os.path.realpath(folder)) in Path(os.path.realpath(path)).parents:
                 raise OutputPathError(f"{role} {path} is a file of the data folder {folder}; refusing to write "
                                       "over it", hint="choose another output path")
-    return paths
+    return OutputPaths(model, data_file, {role: path for role, path in named[2 if model else 0:]})
 
 
-def _check_creatable(role: str, path: Path) -> None:
+def _check_creatable(role: str, path: Path, may_be_special: bool) -> None:
     try:
         if path.is_dir():
             raise OutputPathError(f"{role} {path} is a directory", hint="give a file path")
-        # Renaming over a device, pipe or socket would replace it with a file; the log is appended to, so it may be one.
-        if role != "--log-file" and path.exists() and not path.is_file():
+        # Renaming over a device, pipe or socket would replace it with a file; what is appended to may be one.
+        if not may_be_special and path.exists() and not path.is_file():
             raise OutputPathError(f"{role} {path} exists and is not a regular file", hint="give a file path")
         ancestor = path.parent
         while not ancestor.exists():
@@ -161,7 +166,7 @@ class Staging:
             written = [Path(p) for p in write(folder / target.name)]
             for tmp in written:
                 final = target.parent / tmp.name
-                os.chmod(tmp, _mode_for(final))
+                os.chmod(tmp, mode_for_replacement(final))
                 with open(tmp, "rb") as handle:
                     os.fsync(handle.fileno())
                 self.sha256[str(final)] = sha256_of(tmp)
@@ -197,12 +202,3 @@ class Staging:
 
 def _referenced_files(model_path: Path) -> list[Path]:
     return external_data_files(model_path) if model_path.is_file() else []
-
-
-def _mode_for(path: Path) -> int:
-    """A replaced file keeps its mode; a new one gets the umask's, as ``cp`` and ``onnx.save`` do."""
-    if path.is_file():
-        return path.stat().st_mode & 0o7777
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask

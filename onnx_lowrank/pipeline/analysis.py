@@ -21,6 +21,7 @@ from onnx_lowrank.graph.normalise import normalise
 from onnx_lowrank.graph.selection import select_units
 from onnx_lowrank.graph.units import Unit, find_units
 from onnx_lowrank.measure.latency import LayerLatency, nchwc_block
+from onnx_lowrank.measure.latency_cache import LatencyCache
 from onnx_lowrank.options import Options
 from onnx_lowrank.output.report import Report
 from onnx_lowrank.pipeline.plan import _plan
@@ -76,6 +77,7 @@ class Analysis:
     progress: "ProgressSink"
     sensitivity: dict[str, dict[int, float]] | None = None  # measured once, when a plan asks for it
     latency: LayerLatency | None = None  # --objective latency: measured once
+    latency_cache: LatencyCache = field(default_factory=LatencyCache)  # saved by ``finish``, when the run succeeds
 
     @property
     def by_name(self) -> dict[str, Unit]:
@@ -93,6 +95,7 @@ class Analysis:
         return self.data.eval_source.get(self.data.holdout_indices[:1] * batch_size_for(self.inputs, batch))
 
     def finish(self, optimized: onnx.ModelProto | None, report: Report) -> "Result":
+        self.latency_cache.save()
         self.run.timings["total"] = time.perf_counter() - self.run.started
         return Result(optimized, report, self.store)
 
@@ -105,6 +108,7 @@ def analyse(model, opts: Options, calibration: CalibrationSource = None, evaluat
     ``needs_labels`` names the option that makes labels necessary, refused without them."""
     progress = progress or NullProgress()
     run = Run()
+    latency_cache = LatencyCache.open(opts.latency_cache)  # a file that is not one is refused before any work
     if mixed := mixed_builds_warning(onnxruntime_builds()):
         run.warn(mixed)
     # Bad input shows up here; it is told in one line, without stage lines before it.
@@ -152,7 +156,8 @@ def analyse(model, opts: Options, calibration: CalibrationSource = None, evaluat
                  "NCHWc kernels only take a conv whose input channels are a multiple of their block (16 with "
                  "AVX-512, 8 with AVX2, as on this CPU), so off-grid ranks run as slower NCHW convs with reorders")
     return Analysis(model, reference, normalised, store, units, channel_only_names, inputs, data, shapes,
-                    candidates, fixed, collect, stats, responses, samples, run, progress)
+                    candidates, fixed, collect, stats, responses, samples, run, progress,
+                    latency_cache=latency_cache)
 
 
 @dataclass

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from numbers import Real
 from typing import Callable
 
 import numpy as np
 
 from onnx_lowrank.errors import InvalidOptionError
 from onnx_lowrank.measure.fidelity import compare_outputs
-from onnx_lowrank.userfiles import load_from_file
+from onnx_lowrank.userfiles import load_from_file, names_file
 
 Metric = Callable[[dict, dict, "np.ndarray | None"], float]
 
@@ -33,8 +34,9 @@ class Budget:
     def __post_init__(self) -> None:
         if self.kind not in self.KINDS:
             raise InvalidOptionError(f"unknown budget {self.kind!r}", hint=f"choose one of {', '.join(self.KINDS)}")
-        if isinstance(self.limit, bool) or not isinstance(self.limit, (int, float)) or not math.isfinite(self.limit):
+        if isinstance(self.limit, bool) or not isinstance(self.limit, Real) or not math.isfinite(self.limit):
             raise InvalidOptionError(f"the {self.kind} budget must be a finite number, got {self.limit!r}")
+        object.__setattr__(self, "limit", float(self.limit))  # NumPy scalars too, and plain in the report
         if self.kind in ("error", "drop") and self.limit < 0:
             raise InvalidOptionError(f"the {self.kind} budget must be >= 0, got {self.limit}")
         if self.kind == "agreement" and not 0 <= self.limit <= 1:
@@ -45,6 +47,9 @@ class Budget:
     @classmethod
     def from_file(cls, text: str, limit: float) -> "Budget":
         """``--metric file.py:fn --min-metric limit``."""
+        if not names_file(text):
+            raise InvalidOptionError(f"--metric takes FILE.py:FUNCTION, got {text!r}",
+                                     hint="name the function, e.g. --metric score.py:accuracy")
         return cls("metric", limit, load_from_file(text, InvalidOptionError, "metric"), name=text)
 
     @property
@@ -59,7 +64,7 @@ class Budget:
     def value(self, reference: dict, outputs: dict, labels: np.ndarray | None) -> float:
         fidelity = compare_outputs(reference, outputs, labels)
         if self.kind == "error":
-            return float(next(iter(fidelity.output_rel_error.values())))
+            return float(max(fidelity.output_rel_error.values()))  # every output, as the INT8 tolerance
         if self.kind == "agreement":
             if fidelity.top1_agreement is None:
                 raise InvalidOptionError("--min-agreement needs a classifier (its first output as class scores)",
@@ -68,9 +73,16 @@ class Budget:
         if self.kind == "drop":
             return 100 * (fidelity.accuracy_original - fidelity.accuracy_optimized)
         try:
-            return float(self.metric(reference, outputs, labels))
-        except Exception as exc:
-            raise InvalidOptionError(f"the metric {self.name} failed: {type(exc).__name__}: {exc}") from None
+            value = self.metric(reference, outputs, labels)
+            value = float(value)
+        except (Exception, SystemExit) as exc:  # the user's code: sys.exit() in it must not end the run as done
+            raise InvalidOptionError(f"the metric {self.name or 'function'} failed: {type(exc).__name__}: {exc}",
+                                     hint="it takes (original_outputs, candidate_outputs, labels) and returns a "
+                                          "number") from None
+        if not math.isfinite(value):
+            raise InvalidOptionError(f"the metric {self.name or 'function'} returned {value}, not a finite number",
+                                     hint="return a finite score, higher is better")
+        return value
 
     def met(self, value: float) -> bool:
         return value >= self.limit if self.higher_is_better else value <= self.limit

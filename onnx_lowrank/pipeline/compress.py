@@ -12,7 +12,6 @@ from __future__ import annotations
 import gc
 import logging
 import os
-from typing import Sequence
 
 import onnx
 
@@ -23,7 +22,7 @@ from onnx_lowrank.graph.units import Unit
 from onnx_lowrank.measure.fidelity import benchmark_providers, measure_fidelity
 from onnx_lowrank.methods.chains import Solved, data_free_chains, solve_layers
 from onnx_lowrank.methods.spectra import response_spectrum
-from onnx_lowrank.options import LAYER_KINDS, Options
+from onnx_lowrank.options import Options, takes_options
 from onnx_lowrank.output.provenance import describe_input, versions
 from onnx_lowrank.output.report import LayerReport, Report
 from onnx_lowrank.pipeline.analysis import FEW_HELD_OUT, Analysis, ProgressSink, Result, Run, analyse
@@ -43,6 +42,7 @@ log = logging.getLogger(__name__)
 
 
 
+@takes_options
 def compress(
     model: str | os.PathLike[str] | onnx.ModelProto | bytes,
     speedup: float = 4.0,
@@ -51,33 +51,7 @@ def compress(
     evaluation: CalibrationSource = None,
     preprocess: Preprocess | None = None,
     progress: ProgressSink | None = None,
-    method: str = "asymmetric",
-    symmetric: bool = False,
-    rank_selection: str | None = None,
-    channel_speedup: float | None = None,
-    channel_only: str | Sequence[str] = (),
-    rank_multiple: int = 16,
-    num_images: int = 300,
-    holdout: int = 100,
-    samples_per_image: int | None = None,
-    sample_memory_mb: int = 2048,
-    seed: int = 0,
-    skip: str | Sequence[str] = (),
-    ops: str | Sequence[str] = LAYER_KINDS,
-    providers: str | Sequence[str] = ("cpu",),
-    threads: int = 0,
-    bench: bool = True,
-    bench_rounds: int = 30,
-    batch_size: int = 8,
-    dry_run: bool = False,
-    input_size: tuple[int, int] | None = None,
-    augment: int = 0,
-    objective: str = "flops",
-    latency_cache: str | os.PathLike[str] | None = None,
-    bench_batch: int = 1,
-    quantize: str | None = None,
-    int8_calibration: str = "minmax",
-    int8_tolerance: float = 0.05,
+    **options,
 ) -> Result:
     """Make ``model``'s linear layers (convs, transposed convs, dense) about ``speedup`` times
     cheaper in FLOPs by low-rank decomposition.
@@ -88,17 +62,11 @@ def compress(
     ``CalibrationDataReader``), or None (random inputs: a warning, and a poor result).
     ``evaluation`` takes the same forms (with ``labels`` in an .npz or dict for accuracy) and is
     used to measure fidelity instead of the held-out part of the calibration data. The other
-    keywords are the fields of :class:`~onnx_lowrank.options.Options`; a name option (``skip``,
-    ``channel_only``, ``providers``) takes one string or a sequence of them.
+    keywords are the fields of :class:`~onnx_lowrank.options.Options` (the CLI's flags, without
+    the dashes); a name option (``skip``, ``channel_only``, ``ops``, ``providers``) takes one
+    string or a sequence of them.
     """
-    opts = Options(speedup=speedup, method=method, symmetric=symmetric, rank_selection=rank_selection,
-                   channel_speedup=channel_speedup, channel_only=channel_only, rank_multiple=rank_multiple,
-                   num_images=num_images, holdout=holdout, samples_per_image=samples_per_image,
-                   sample_memory_mb=sample_memory_mb, seed=seed,
-                   skip=skip, ops=ops, providers=providers, threads=threads, bench=bench, bench_rounds=bench_rounds,
-                   batch_size=batch_size, dry_run=dry_run, input_size=input_size, augment=augment,
-                   objective=objective, latency_cache=latency_cache, bench_batch=bench_batch, quantize=quantize,
-                   int8_calibration=int8_calibration, int8_tolerance=int8_tolerance)
+    opts = Options.from_keywords(speedup=speedup, **options)
     analysis = analyse(model, opts, calibration, evaluation, preprocess, progress)
     plan = plan_for(analysis, opts)
     solved = solve(analysis, plan, opts) if not opts.dry_run else Solved()

@@ -32,10 +32,10 @@ import logging
 import math
 import time
 
-from onnx_lowrank.errors import BudgetNotMetError, InfeasibleTargetError, InvalidOptionError
+from onnx_lowrank.errors import BudgetNotMetError, InfeasibleTargetError, InvalidOptionError, InvalidTypeError
 from onnx_lowrank.measure.fidelity import model_outputs
 from onnx_lowrank.methods.chains import PROBE_SCHEDULE
-from onnx_lowrank.options import Options
+from onnx_lowrank.options import Options, takes_options
 from onnx_lowrank.output.report import INT8_SUFFIX, PROBE_LABEL, QUICK_SUFFIX, FrontierPoint
 from onnx_lowrank.pipeline.analysis import Analysis, Result, analyse
 from onnx_lowrank.pipeline.budget import Budget
@@ -60,13 +60,17 @@ BEYOND_STEPS = 2  # runs of the method above the first plan that met the budget
 INT8_STEPS = 2  # slower plans tried when INT8 on top of the one found breaks the budget
 
 
+@takes_options
 def compress_to_budget(model, budget: Budget, *, calibration=None, evaluation=None, preprocess=None,
                        progress=None, **options) -> Result:
     """The fastest plan of ``model`` whose fidelity on held-out data meets ``budget``. Keywords
     are those of :func:`onnx_lowrank.compress`, without ``speedup`` (``speedup`` here is only where
     the search starts, 2 by default). Raises BudgetNotMetError when no decomposition meets it."""
+    if not isinstance(budget, Budget):
+        raise InvalidTypeError(f"budget must be a Budget, got {type(budget).__name__} {budget!r}",
+                               hint="e.g. Budget('error', 0.05) or Budget('agreement', 0.99)")
     start = options.pop("speedup", 2.0)
-    opts = Options(speedup=start, **options)
+    opts = Options.from_keywords(speedup=start, **options)
     if opts.dry_run:
         raise InvalidOptionError("a budget search measures models; it has no dry run", hint="drop --dry-run")
     clock = time.perf_counter()
