@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from google.protobuf.message import DecodeError
 from onnx import numpy_helper
 from onnx.external_data_helper import uses_external_data
 
@@ -55,7 +56,7 @@ def load_model(source) -> onnx.ModelProto:
             onnx.checker.check_model(model)
         elif isinstance(source, (str, os.PathLike)):
             onnx.checker.check_model(str(source))
-    except Exception as exc:
+    except (onnx.checker.ValidationError, ValueError, OSError) as exc:  # what the checker raises on a bad model
         raise ModelLoadError(f"{where} fails the ONNX checker: {first_line(exc)}") from None
     return model
 
@@ -126,7 +127,7 @@ def model_path(source: str | os.PathLike) -> Path:
 def _parse(data: bytes) -> onnx.ModelProto:
     try:
         return onnx.load_from_string(data)
-    except Exception as exc:
+    except (DecodeError, ValueError) as exc:
         raise ModelLoadError(f"the given bytes are not a serialized ONNX model ({type(exc).__name__})") from None
 
 
@@ -139,7 +140,7 @@ def external_data_files(path: Path) -> list[Path]:
     """The files a model file's tensors live in, besides the model file itself."""
     try:
         model = onnx.load(str(path), load_external_data=False)
-    except Exception:
+    except (DecodeError, ValueError, OSError):  # not a model: it references no files
         return []
     files = set()
     for tensor in _all_tensors(model):

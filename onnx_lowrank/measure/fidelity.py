@@ -33,12 +33,14 @@ def looks_like_class_scores(array: np.ndarray) -> bool:
 
 
 def model_outputs(model: onnx.ModelProto | Path, source, indices: Sequence[int], batch_size: int,
-                  threads: int = 0) -> dict[str, np.ndarray]:
-    """Every output of ``model`` on the samples ``indices``, by output name (rows in index order)."""
-    session = make_session(model, threads=threads)
+                  threads: int = 0, produced: bool = False) -> dict[str, np.ndarray]:
+    """Every output of ``model`` on the samples ``indices``, by output name (rows in index order);
+    ``produced``: a model this tool made (a failure is a bug, ``runtime.sessions.make_session``)."""
+    session = make_session(model, threads=threads, produced=produced)
     names = [o.name for o in session.get_outputs()]
     parts: list[list[np.ndarray]] = []
-    run_in_batches(session, source, indices, batch_size, lambda chunk, feeds, outputs: parts.append(outputs))
+    run_in_batches(session, source, indices, batch_size, lambda chunk, feeds, outputs: parts.append(outputs),
+                   produced=produced)
     return {name: np.concatenate([batch[i] for batch in parts]) for i, name in enumerate(names)}
 
 
@@ -48,7 +50,7 @@ def measure_fidelity(original: onnx.ModelProto | Path, optimized: onnx.ModelProt
     # One session at a time: the original's outputs are kept (they are small next to the weights of
     # a large model), then the optimized model runs on the same samples.
     reference = model_outputs(original, source, indices, batch_size, threads)
-    return compare_outputs(reference, model_outputs(optimized, source, indices, batch_size, threads),
+    return compare_outputs(reference, model_outputs(optimized, source, indices, batch_size, threads, produced=True),
                            None if labels is None else labels[list(indices)])
 
 
@@ -99,18 +101,19 @@ def measure_latency(original: onnx.ModelProto | Path, optimized: onnx.ModelProto
 
 def interleaved_times(models: Sequence[onnx.ModelProto | Path], feeds: dict[str, np.ndarray], *,
                       provider: str = "cpu", threads: int = 0, rounds: int = 30, warmup: int = 5,
-                      warm: bool = False) -> list[np.ndarray]:
+                      warm: bool = False, produced_from: int = 1) -> list[np.ndarray]:
     """Run times (ms) of each model, timed interleaved in this process after warm-up. Each round
     runs every model, rotating which goes first, so drifts in machine load hit all alike. ``warm``:
     each turn runs the model once untimed first, so it is timed with its input, weights and
     buffers in cache (as a layer inside a model, whose input was just written), not after the
-    other models evicted them."""
-    sessions = [make_session(m, optimize=True, threads=threads, provider=provider) for m in models]
+    other models evicted them. ``models[produced_from:]`` are models this tool made."""
+    sessions = [make_session(m, optimize=True, threads=threads, provider=provider, produced=i >= produced_from)
+                for i, m in enumerate(models)]
     for session in sessions:
         for _ in range(warmup):
             session.run(None, feeds)
     times: list[list[float]] = [[] for _ in sessions]
-    for round_index in range(max(rounds, 15)):
+    for round_index in range(rounds):
         for offset in range(len(sessions)):
             which = (round_index + offset) % len(sessions)
             if warm:

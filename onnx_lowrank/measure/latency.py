@@ -121,7 +121,7 @@ def profile_layers(units: Sequence[Unit], shapes: dict[str, ConvShape], ladders:
             feeds = {"x": np.random.default_rng(0).standard_normal(_input_shape(unit, shape, device.batch)
                                                                   ).astype(np.float32)}
             times = interleaved_times(models, feeds, provider=device.provider, threads=device.threads, rounds=rounds,
-                                      warm=True)
+                                      warm=True, produced_from=0)
             for form, measured in zip(missing, times):
                 cache.entries[keys[form]] = float(np.median(measured))
         table[unit.name] = {form: cache.entries[key] for form, key in keys.items()}
@@ -235,7 +235,7 @@ def linear_op_times(models: Sequence[onnx.ModelProto], feeds: dict[str, np.ndarr
     by onnxruntime's profiler, the models run in turn round by round: the conv time a latency plan
     aims at, without the other ops a whole-model latency includes."""
     with tempfile.TemporaryDirectory() as folder:
-        sessions = [make_session(m, threads=device.threads, provider=device.provider,
+        sessions = [make_session(m, threads=device.threads, provider=device.provider, produced=i > 0,
                                  profile_prefix=str(Path(folder) / f"model{i}")) for i, m in enumerate(models)]
         for session in sessions:
             for _ in range(warmup):

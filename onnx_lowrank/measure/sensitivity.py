@@ -59,7 +59,7 @@ def measure_sensitivity(analysis, opts) -> dict[str, dict[int, float]]:
                                       lambda step=1: None, cache, PROBE_SCHEDULE)
                 if suffix is None:
                     outputs = model_outputs(replace_units(analysis.normalised, solved.chains), data.source, subset,
-                                            data.batch, opts.threads)
+                                            data.batch, opts.threads, produced=True)
                 else:
                     outputs = _run_on(replace_units(suffix, solved.chains), feeds, opts.threads)
                 fidelity = compare_outputs(reference, outputs)
@@ -106,8 +106,8 @@ class _CutTooLarge(Exception):
 
 
 def _run_on(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], threads: int) -> dict[str, np.ndarray]:
-    session = make_session(model, threads=threads)
+    session = make_session(model, threads=threads, produced=True)
     names = [o.name for o in session.get_outputs()]
-    parts = [run(session, names, batch) for batch in feeds]
+    parts = [run(session, names, batch, produced=True) for batch in feeds]
     return {name: np.concatenate([part[i] for part in parts]) for i, name in enumerate(names)}
 

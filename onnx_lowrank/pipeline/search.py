@@ -316,7 +316,8 @@ class _Searcher:
         optimized = rewrite(self.analysis, solved)
         data = self.analysis.data
         with self.analysis.run.stage("search", f"measuring the plan at {speedup:.2f}x", logging.DEBUG):
-            outputs = model_outputs(optimized, data.eval_source, data.holdout_indices, data.batch, opts.threads)
+            outputs = model_outputs(optimized, data.eval_source, data.holdout_indices, data.batch, opts.threads,
+                                produced=True)
         value = self.budget.value(self.reference, outputs, self.labels)
         point = FrontierPoint(speedup, plan.speedup, value, self.budget.met(value), label)
         self.frontier.append(point)

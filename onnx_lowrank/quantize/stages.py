@@ -62,7 +62,8 @@ def int8_of(analysis, model: onnx.ModelProto, opts, judge: Judge, restore: bool 
     data = analysis.data
 
     def accept(candidate: onnx.ModelProto) -> Verdict:
-        outputs = model_outputs(candidate, data.eval_source, data.holdout_indices, data.batch, opts.threads)
+        outputs = model_outputs(candidate, data.eval_source, data.holdout_indices, data.batch, opts.threads,
+                                produced=True)
         value, met = judge(outputs)
         return Verdict(value, met, outputs)
 
@@ -72,7 +73,8 @@ def int8_of(analysis, model: onnx.ModelProto, opts, judge: Judge, restore: bool 
     def ranking_error(candidate: onnx.ModelProto) -> float:
         if not float_ranking:
             float_ranking.update(model_outputs(model, data.source, ranking, data.batch, opts.threads))
-        outputs = model_outputs(candidate, data.source, ranking, data.batch, opts.threads)
+        outputs = model_outputs(candidate, data.source, ranking, data.batch, opts.threads,
+                                produced=True)
         return max(compare_outputs(float_ranking, outputs).output_rel_error.values())
 
     reader = SourceReader(data.source, data.calib_indices, data.batch)
@@ -103,7 +105,8 @@ def add_int8(analysis, lowrank: onnx.ModelProto, report, opts, lowrank_int8: Gua
     tolerance = tolerance or Tolerance.error_added(opts.int8_tolerance)
     with run.stage("quantize", f"quantizing to INT8 ({opts.int8_calibration} calibration, accuracy-guarded)"):
         expected = model_outputs(analysis.reference, data.eval_source, data.holdout_indices, data.batch, opts.threads)
-        lowrank_outputs = model_outputs(lowrank, data.eval_source, data.holdout_indices, data.batch, opts.threads)
+        lowrank_outputs = model_outputs(lowrank, data.eval_source, data.holdout_indices, data.batch, opts.threads,
+                                        produced=True)
         if lowrank_int8 is None:
             lowrank_int8 = int8_of(analysis, lowrank, opts, tolerance.judge(expected, lowrank_outputs))
         # INT8 alone quantizes the normalised original (the folding is part of what it is compared

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Protocol, Sequence, Union
@@ -239,7 +240,7 @@ def _load_numpy(path: Path):
     try:
         loaded = np.load(path, allow_pickle=False)
         return dict(loaded) if isinstance(loaded, np.lib.npyio.NpzFile) else loaded
-    except Exception as exc:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:  # what np.load raises on a bad file
         raise CalibrationError(f"cannot read {path}: {type(exc).__name__}: {exc}") from None
 
 

@@ -3,6 +3,7 @@ to the model's input, and the augmented views of each picture."""
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
@@ -104,7 +105,7 @@ class ImageFolderSource:
         try:
             with Image.open(path) as opened:
                 image = opened.convert("L" if self.channels == 1 else "RGB")
-        except Exception as exc:  # PIL raises OSError, ValueError, DecompressionBombError, SyntaxError...
+        except unreadable_image_errors() as exc:
             raise CalibrationError(f"cannot read image {path}: {type(exc).__name__}: {exc}") from None
         if mirror:
             image = ImageOps.mirror(image)
@@ -149,6 +150,13 @@ class AugmentedViews:
         return {self.source.spec.name: np.ascontiguousarray(np.stack(batch).astype(self.source.spec.dtype))}
 
 
+def unreadable_image_errors() -> tuple[type[BaseException], ...]:
+    """What Pillow raises for a file it cannot decode (truncated, corrupt, not an image, too large)."""
+    from PIL import Image
+
+    return OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError
+
+
 def _image_problem(path: Path) -> str | None:
     """Why ``path`` cannot be used as an image (read from its header only), or None."""
     from PIL import Image
@@ -160,7 +168,7 @@ def _image_problem(path: Path) -> str | None:
             limit = Image.MAX_IMAGE_PIXELS
             if limit and image.width * image.height > limit:
                 return f"{image.width}x{image.height} pixels, over Pillow's decompression-bomb limit"
-    except Exception as exc:
+    except unreadable_image_errors() as exc:
         return type(exc).__name__
     return None
 

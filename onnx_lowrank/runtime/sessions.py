@@ -18,9 +18,14 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from onnx_lowrank.errors import ModelLoadError, ModelRunError, ProviderError
+from onnx_lowrank.errors import InternalError, ModelLoadError, ModelRunError, ProviderError
 from onnx_lowrank.graph.io import first_line, model_file, needs_file
 from onnx_lowrank.runtime.calibration import InputSpec
+
+# What onnxruntime raises for a model or data it cannot take: its own exception classes, and the
+# ValueError/TypeError/RuntimeError its Python layer raises for feeds; anything else is a bug of ours.
+ORT_ERRORS = tuple(cls for cls in vars(ort.capi.onnxruntime_pybind11_state).values()
+                   if isinstance(cls, type) and issubclass(cls, Exception)) + (ValueError, TypeError, RuntimeError)
 
 PROVIDER_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
                   "tensorrt": "TensorrtExecutionProvider", "openvino": "OpenVINOExecutionProvider"}
@@ -65,10 +70,12 @@ def provider_available(provider: str) -> bool:
 
 
 def make_session(model: onnx.ModelProto | bytes | Path, *, optimize: bool = True, threads: int = 0,
-                 provider: str = "cpu", profile_prefix: str | None = None) -> ort.InferenceSession:
+                 provider: str = "cpu", profile_prefix: str | None = None, produced: bool = False
+                 ) -> ort.InferenceSession:
     """A session of ``model``: a model file as it is (external data and all), a model too large for
     one protobuf through a file with external data (see ``graph.io.model_file``); with a
-    ``profile_prefix``, onnxruntime's profiler writes its node timings there."""
+    ``profile_prefix``, onnxruntime's profiler writes its node timings there. A model this tool
+    ``produced`` that onnxruntime refuses is a bug of ours (``InternalError``), not bad input."""
     options = ort.SessionOptions()
     if profile_prefix is not None:
         options.enable_profiling = True
@@ -90,7 +97,9 @@ def make_session(model: onnx.ModelProto | bytes | Path, *, optimize: bool = True
         else:
             with model_file(model) as path:  # onnxruntime has read the weights once the session exists
                 session = ort.InferenceSession(str(path), options, providers=providers)
-    except Exception as exc:
+    except ORT_ERRORS as exc:
+        if produced:
+            raise InternalError(f"onnxruntime cannot load a model onnx-lowrank made: {first_line(exc)}") from None
         raise ModelLoadError(f"onnxruntime cannot load the model: {first_line(exc)}") from None
     # onnxruntime falls back to CPU without a word when a provider cannot start (no device, a
     # missing library): a CPU figure must never be reported as another provider's.
@@ -100,11 +109,15 @@ def make_session(model: onnx.ModelProto | bytes | Path, *, optimize: bool = True
     return session
 
 
-def run(session: ort.InferenceSession, names: list[str] | None, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    """``session.run`` for the user's model on the user's data: a failure is bad input, one line."""
+def run(session: ort.InferenceSession, names: list[str] | None, feeds: dict[str, np.ndarray],
+        produced: bool = False) -> list[np.ndarray]:
+    """``session.run`` on the user's data: a failure of the user's model is bad input, one line; of a
+    model this tool ``produced``, on data the original ran on, a bug of ours."""
     try:
         return session.run(names, feeds)
-    except Exception as exc:
+    except ORT_ERRORS as exc:
+        if produced:
+            raise InternalError(f"onnxruntime cannot run a model onnx-lowrank made: {first_line(exc)}") from None
         raise ModelRunError(f"onnxruntime cannot run the model on the given data: {first_line(exc)}",
                             hint="check that the data has the shape, type and range the model expects") from None
 
@@ -136,10 +149,10 @@ def iterate_batches(source, indices: Sequence[int], batch_size: int):
 
 def run_in_batches(session: ort.InferenceSession, source, indices: Sequence[int], batch_size: int,
                    on_batch: Callable[[list[int], dict[str, np.ndarray], list[np.ndarray]], None],
-                   names: list[str] | None = None) -> None:
+                   names: list[str] | None = None, produced: bool = False) -> None:
     names = names or [o.name for o in session.get_outputs()]
     for chunk, feeds in iterate_batches(source, indices, batch_size):
-        on_batch(chunk, feeds, run(session, names, feeds))
+        on_batch(chunk, feeds, run(session, names, feeds, produced))
 
 
 def sample_positions(seed: int, image_index: int, tensor: str, spatial: int, count: int) -> np.ndarray:

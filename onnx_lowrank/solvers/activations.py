@@ -12,7 +12,6 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.special
 
-
 PIECEWISE_LINEAR = ("none", "relu", "clip", "leaky_relu", "hard_sigmoid")
 SMOOTH = ("silu", "hard_swish", "gelu", "tanh", "sigmoid")
 ACTIVATIONS = PIECEWISE_LINEAR + SMOOTH

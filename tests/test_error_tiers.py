@@ -1,0 +1,47 @@
+"""Errors in their tiers: onnxruntime refusing the user's model is bad input (exit 2), refusing a
+model this tool made is a bug of ours (InternalError, exit 3), and anything else propagates."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from onnx_lowrank.errors import InternalError, LowRankError, ModelLoadError, ModelRunError
+from onnx_lowrank.runtime import sessions
+from onnx_lowrank.runtime.sessions import make_session, run
+from tests.builders import Layer, conv_net
+
+
+def unknown_op_model() -> onnx.ModelProto:
+    node = helper.make_node("NoSuchOp", ["x"], ["y"], domain="no.such.domain")
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("no.such.domain", 1)])
+
+
+def test_a_model_onnxruntime_refuses_is_bad_input_when_it_is_the_users_and_a_bug_when_it_is_ours() -> None:
+    with pytest.raises(ModelLoadError, match="cannot load the model"):
+        make_session(unknown_op_model())
+    with pytest.raises(InternalError, match="a model onnx-lowrank made") as raised:
+        make_session(unknown_op_model(), produced=True)
+    assert not isinstance(raised.value, LowRankError)
+
+
+def test_a_run_that_fails_is_bad_input_on_the_users_model_and_a_bug_on_ours() -> None:
+    session = make_session(conv_net([Layer(8)], size=(8, 8)))
+    wrong = {"input": np.zeros((1, 5, 8, 8), np.float32)}  # five channels where the model takes three
+    with pytest.raises(ModelRunError):
+        run(session, None, wrong)
+    with pytest.raises(InternalError):
+        run(session, None, wrong, produced=True)
+
+
+def test_a_fault_that_is_not_onnxruntime_refusing_the_model_is_not_turned_into_bad_input(monkeypatch) -> None:
+    def broken(*args, **kwargs):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(sessions.ort, "InferenceSession", broken)
+    with pytest.raises(KeyError):
+        make_session(conv_net([Layer(8)], size=(8, 8)))
