@@ -10,7 +10,7 @@ from onnx_lowrank import LowRankError, compress
 from onnx_lowrank.errors import InvalidOptionError, NothingToDecomposeError
 from onnx_lowrank.graph.normalise import normalise
 from onnx_lowrank.graph.units import find_units
-from onnx_lowrank.planning.costs import ConvShape, channel_decomposed_macs
+from onnx_lowrank.planning.costs import ConvShape, decomposed_macs
 from onnx_lowrank.solvers.weights import spatial_filter_reconstruction, tucker2, weight_svd
 from tests.builders import Layer, conv_net, relative_error, run_model
 
@@ -26,7 +26,7 @@ def speedup_for_rank(rank: int) -> float:
     c0 = ConvShape(3, 64, (3, 3), (12, 12)).macs
     c1 = ConvShape(64, 64, (3, 3), (12, 12))
     c2 = ConvShape(64, 8, (1, 1), (12, 12)).macs
-    return (c0 + c1.macs + c2) / (c0 + channel_decomposed_macs(c1, rank) + c2) * 0.99
+    return (c0 + c1.macs + c2) / (c0 + decomposed_macs(c1, rank, "channel") + c2) * 0.99
 
 
 @pytest.fixture

@@ -8,8 +8,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from onnx_lowrank.errors import InfeasibleTargetError
-from onnx_lowrank.planning.costs import ConvShape, break_even_rank, channel_decomposed_macs
+from onnx_lowrank.planning.costs import ConvShape, break_even_rank, decomposed_macs
 from onnx_lowrank.planning.ranks import FIRST_LAYER_REASON, RankCandidate, energy_ranks, uniform_ranks
+
+
+def channel_macs(shape: ConvShape, rank: int) -> int:
+    return decomposed_macs(shape, rank, "channel")
 
 
 def vgg_like() -> list[RankCandidate]:
@@ -21,13 +25,13 @@ def vgg_like() -> list[RankCandidate]:
 def test_break_even_rank_matches_brute_force() -> None:
     for c, d, k in [(3, 64, 3), (64, 64, 3), (16, 16, 1), (256, 512, 3), (32, 8, 5)]:
         shape = ConvShape(c, d, (k, k), (7, 7))
-        cheaper = [r for r in range(1, d + 1) if channel_decomposed_macs(shape, r) < shape.macs]
+        cheaper = [r for r in range(1, d + 1) if channel_macs(shape, r) < shape.macs]
         assert break_even_rank(shape) == (max(cheaper) + 1 if cheaper else 1)
 
 
 def test_decomposed_cost_counts_both_layers() -> None:
     shape = ConvShape(64, 128, (3, 3), (10, 10))
-    assert channel_decomposed_macs(shape, 32) == 100 * (32 * 64 * 9 + 128 * 32)
+    assert channel_macs(shape, 32) == 100 * (32 * 64 * 9 + 128 * 32)
 
 
 @pytest.mark.parametrize("speedup", [2, 3, 4, 5])
@@ -63,7 +67,7 @@ def test_uniform_ranks_never_exceed_the_budget(layers, speedup, multiple, fixed)
         return
     assert plan.macs_after <= plan.macs_before / speedup + 1e-6
     assert set(plan.ranks) | set(plan.skipped) == {c.name for c in candidates}
-    recomputed = fixed + sum(channel_decomposed_macs(c.shape, plan.ranks[c.name]) if c.name in plan.ranks
+    recomputed = fixed + sum(channel_macs(c.shape, plan.ranks[c.name]) if c.name in plan.ranks
                              else c.shape.macs for c in candidates)
     assert recomputed == plan.macs_after
 
@@ -113,11 +117,11 @@ def test_energy_selection_meets_the_target_with_rounded_ranks(speedup: float, mu
     candidates = vgg_like()
     plan = energy_ranks(candidates, decaying_spectra(candidates), 0, speedup, multiple)
     shapes = {c.name: c.shape for c in candidates}
-    recomputed = sum(channel_decomposed_macs(shapes[n], r) for n, r in plan.ranks.items()) + sum(
+    recomputed = sum(channel_macs(shapes[n], r) for n, r in plan.ranks.items()) + sum(
         shapes[n].macs for n in plan.skipped)
     assert recomputed == plan.macs_after <= plan.macs_before / speedup
     assert plan.speedup < speedup * 1.1
-    assert all(r % multiple == 0 and channel_decomposed_macs(shapes[n], r) < shapes[n].macs
+    assert all(r % multiple == 0 and channel_macs(shapes[n], r) < shapes[n].macs
                for n, r in plan.ranks.items())
 
 

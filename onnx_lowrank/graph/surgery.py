@@ -41,15 +41,8 @@ def prefix_model(model: onnx.ModelProto, outputs: list[str]) -> onnx.ModelProto:
             kept.append(node)
             needed.update(name for name in node.input if name)
             needed.update(_names_read_by_subgraphs(node))
-    # Built up rather than copied and pruned: only the weights the prefix reads are copied.
-    graph = onnx.GraphProto(name=model.graph.name, node=reversed(kept), input=model.graph.input,
-                            output=[onnx.helper.make_empty_tensor_value_info(name) for name in outputs],
-                            initializer=[init for init in model.graph.initializer if init.name in needed],
-                            value_info=[info for info in model.graph.value_info if info.name in needed])
-    prefix = onnx.ModelProto(ir_version=model.ir_version, opset_import=model.opset_import,
-                             producer_name=model.producer_name, domain=model.domain,
-                             functions=model.functions, graph=graph)
-    return prefix
+    return _part_of(model, list(reversed(kept)), model.graph.input,
+                    [onnx.helper.make_empty_tensor_value_info(name) for name in outputs], needed)
 
 
 def suffix_model(model: onnx.ModelProto, node_name: str) -> tuple[onnx.ModelProto, list[str]]:
@@ -64,15 +57,19 @@ def suffix_model(model: onnx.ModelProto, node_name: str) -> tuple[onnx.ModelProt
     read_after = {name for node in nodes[start:] for name in (*node.input, *_names_read_by_subgraphs(node)) if name}
     read_after |= {o.name for o in model.graph.output}
     cut = sorted((produced_before & read_after) - initializers)
-    graph = onnx.GraphProto(name=model.graph.name, node=nodes[start:],
-                            input=[onnx.helper.make_empty_tensor_value_info(name) for name in cut],
-                            output=model.graph.output,
-                            initializer=[init for init in model.graph.initializer if init.name in read_after],
-                            value_info=[info for info in model.graph.value_info if info.name in read_after])
-    suffix = onnx.ModelProto(ir_version=model.ir_version, opset_import=model.opset_import,
-                             producer_name=model.producer_name, domain=model.domain,
-                             functions=model.functions, graph=graph)
-    return suffix, cut
+    inputs = [onnx.helper.make_empty_tensor_value_info(name) for name in cut]
+    return _part_of(model, nodes[start:], inputs, model.graph.output, read_after), cut
+
+
+def _part_of(model: onnx.ModelProto, nodes, inputs, outputs, read: set[str]) -> onnx.ModelProto:
+    """A model of ``nodes`` of ``model``, built up rather than copied and pruned: only the weights
+    (and shape annotations) of the tensors in ``read`` are copied."""
+    graph = onnx.GraphProto(name=model.graph.name, node=nodes, input=inputs, output=outputs,
+                            initializer=[init for init in model.graph.initializer if init.name in read],
+                            value_info=[info for info in model.graph.value_info if info.name in read])
+    return onnx.ModelProto(ir_version=model.ir_version, opset_import=model.opset_import,
+                           producer_name=model.producer_name, domain=model.domain, functions=model.functions,
+                           graph=graph)
 
 
 def _names_read_by_subgraphs(node: onnx.NodeProto) -> set[str]:

@@ -223,9 +223,6 @@ _PLAIN_OPS = {"Relu": "relu", "Tanh": "tanh", "HardSwish": "hard_swish"}
 
 def _activation_after(graph: gs.Graph, response: gs.Tensor) -> Activation:
     """The activation reading ``response`` alone (so the error after it is what the model sees)."""
-    silu = _silu_after(graph, response)
-    if silu is not None:
-        return silu
     written = written_out_activation(graph, response)
     if written is not None:
         return Activation(*written)
@@ -248,19 +245,6 @@ def _activation_after(graph: gs.Graph, response: gs.Tensor) -> Activation:
         if bounds is not None:
             return Activation("clip", {"min": bounds[0], "max": bounds[1]})
     return Activation()
-
-
-def _silu_after(graph: gs.Graph, response: gs.Tensor) -> Activation | None:
-    """SiLU as exporters write it: ``Mul(y, Sigmoid(y))``, with y read by nothing else."""
-    if response in graph.outputs or len(response.outputs) != 2:
-        return None
-    sigmoid = next((n for n in response.outputs if n.op == "Sigmoid"), None)
-    mul = next((n for n in response.outputs if n.op == "Mul"), None)
-    if sigmoid is None or mul is None or sole_consumer(graph, sigmoid.outputs[0]) is not mul:
-        return None
-    if {t.name for t in mul.inputs} != {response.name, sigmoid.outputs[0].name}:
-        return None
-    return Activation("silu")
 
 
 def _clip_bounds(node: gs.Node) -> tuple[float, float] | None:

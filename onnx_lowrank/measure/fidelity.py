@@ -12,6 +12,7 @@ import onnx
 
 from onnx_lowrank.errors import ProviderError
 from onnx_lowrank.runtime.sessions import PROVIDER_NEEDS, make_session, provider_available, run_in_batches
+from onnx_lowrank.runtime.split import DataSplit
 
 
 @dataclass
@@ -44,14 +45,20 @@ def model_outputs(model: onnx.ModelProto | Path, source, indices: Sequence[int],
     return {name: np.concatenate([batch[i] for batch in parts]) for i, name in enumerate(names)}
 
 
-def measure_fidelity(original: onnx.ModelProto | Path, optimized: onnx.ModelProto, source,
-                     indices: Sequence[int], batch_size: int, labels: np.ndarray | None = None,
+def held_out_outputs(model: onnx.ModelProto | Path, data: DataSplit, threads: int = 0,
+                     produced: bool = False) -> dict[str, np.ndarray]:
+    """Every output of ``model`` on the held-out samples (``model_outputs``)."""
+    return model_outputs(model, data.eval_source, data.holdout_indices, data.batch, threads, produced)
+
+
+def measure_fidelity(original: onnx.ModelProto | Path, optimized: onnx.ModelProto, data: DataSplit,
                      threads: int = 0) -> Fidelity:
+    """``optimized`` against ``original`` on the held-out samples (accuracy too where they have labels)."""
     # One session at a time: the original's outputs are kept (they are small next to the weights of
     # a large model), then the optimized model runs on the same samples.
-    reference = model_outputs(original, source, indices, batch_size, threads)
-    return compare_outputs(reference, model_outputs(optimized, source, indices, batch_size, threads, produced=True),
-                           None if labels is None else labels[list(indices)])
+    reference = held_out_outputs(original, data, threads)
+    return compare_outputs(reference, held_out_outputs(optimized, data, threads, produced=True),
+                           data.held_out_labels())
 
 
 def compare_outputs(reference: dict[str, np.ndarray], approx: dict[str, np.ndarray],
@@ -78,25 +85,6 @@ def compare_outputs(reference: dict[str, np.ndarray], approx: dict[str, np.ndarr
             fidelity.accuracy_original = float(np.mean(scores_ref.argmax(1) == labels))
             fidelity.accuracy_optimized = float(np.mean(scores_out.argmax(1) == labels))
     return fidelity
-
-
-@dataclass(frozen=True)
-class Latency:
-    original_ms: float
-    optimized_ms: float
-
-    @property
-    def speedup(self) -> float:
-        return self.original_ms / self.optimized_ms
-
-
-def measure_latency(original: onnx.ModelProto | Path, optimized: onnx.ModelProto,
-                    feeds: dict[str, np.ndarray], *, provider: str = "cpu", threads: int = 0,
-                    rounds: int = 30, warmup: int = 5) -> Latency:
-    """Median latency of both models, timed interleaved in this process after warm-up."""
-    first, second = interleaved_times([original, optimized], feeds, provider=provider, threads=threads,
-                                      rounds=rounds, warmup=warmup)
-    return Latency(float(np.median(first)), float(np.median(second)))
 
 
 def interleaved_times(models: Sequence[onnx.ModelProto | Path], feeds: dict[str, np.ndarray], *,

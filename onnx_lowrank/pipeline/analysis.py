@@ -32,6 +32,7 @@ from onnx_lowrank.runtime.calibration import CalibrationSource, model_inputs, op
 from onnx_lowrank.runtime.images import AugmentedViews, ImageFolderSource, Preprocess
 from onnx_lowrank.runtime.sessions import batch_size_for, collect_responses, mixed_builds_warning, onnxruntime_builds
 from onnx_lowrank.runtime.shapes import measure_shapes
+from onnx_lowrank.runtime.split import DataSplit
 from onnx_lowrank.solvers import ResponseStats
 
 RANDOM_CALIBRATION_WARNING = ("no calibration data given: using random inputs. The responses of random "
@@ -65,7 +66,7 @@ class Analysis:
     units: list[Unit]
     channel_only: set[str]
     inputs: list
-    data: "_Data"
+    data: DataSplit
     shapes: dict[str, ConvShape]
     candidates: list[RankCandidate]
     fixed: int
@@ -181,18 +182,7 @@ class Run:
             self.warnings.append(message)
 
 
-@dataclass
-class _Data:
-    """Calibration and evaluation sources, the disjoint index sets used from them, the batch size."""
-
-    source: object
-    eval_source: object
-    calib_indices: list[int]
-    holdout_indices: list[int]
-    batch: int
-
-
-def _open_data(calibration, evaluation, preprocess, inputs, opts: Options, run: Run) -> _Data:
+def _open_data(calibration, evaluation, preprocess, inputs, opts: Options, run: Run) -> DataSplit:
     source = open_calibration(calibration, inputs, preprocess=preprocess, random_count=opts.num_images,
                               seed=opts.seed, input_size=opts.input_size, limit=opts.num_images + opts.holdout)
     if calibration is None:
@@ -216,7 +206,7 @@ def _open_data(calibration, evaluation, preprocess, inputs, opts: Options, run: 
     if batch_size_for(inputs, 0) > 1:  # a fixed batch of B > 1 can only be fed whole batches
         calib_indices, holdout_indices = (_whole_batches(calib_indices, batch),
                                           _whole_batches(holdout_indices, batch))
-    return _Data(source, eval_source, calib_indices, holdout_indices, batch)
+    return DataSplit(source, eval_source, calib_indices, holdout_indices, batch)
 
 
 FEW_HELD_OUT = 50

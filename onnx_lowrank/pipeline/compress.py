@@ -29,6 +29,7 @@ from onnx_lowrank.pipeline.analysis import FEW_HELD_OUT, Analysis, ProgressSink,
 from onnx_lowrank.pipeline.plan import plan_for
 from onnx_lowrank.planning.costs import ConvShape
 from onnx_lowrank.planning.plans import ArchitecturePlan
+from onnx_lowrank.planning.sampling import FEWEST_PER_CHANNEL
 from onnx_lowrank.quantize import add_int8
 from onnx_lowrank.registry import Solver
 from onnx_lowrank.runtime.calibration import CalibrationSource
@@ -145,18 +146,13 @@ def measure(analysis: Analysis, optimized: onnx.ModelProto, report: Report, opts
         run.warn(f"fidelity is measured on only {len(data.holdout_indices)} held-out samples: its figures are "
                  f"rough (aim for {FEW_HELD_OUT} or more: more calibration data, or --eval)")
     with run.stage("fidelity", f"measuring fidelity on {len(data.holdout_indices)} held-out samples"):
-        report.fidelity = measure_fidelity(analysis.reference, optimized, data.eval_source, data.holdout_indices,
-                                           data.batch, labels=getattr(data.eval_source, "labels", None),
-                                           threads=opts.threads)
+        report.fidelity = measure_fidelity(analysis.reference, optimized, data, opts.threads)
     if opts.bench:
         with run.stage("benchmark", "measuring latency, original vs optimized"):
             feeds = analysis.benchmark_feeds(opts.bench_batch)
             report.latency_ms, report.actual_speedup = benchmark_providers(
                 analysis.reference, optimized, feeds, opts.providers, threads=opts.threads, rounds=opts.bench_rounds,
                 advance=analysis.progress.stage("benchmarking", len(opts.providers)))
-
-
-SAMPLES_PER_CHANNEL = 20
 
 
 def _warn_if_few_samples(opts: Options, samples: dict[str, int], ranks, units, run: Run) -> None:
@@ -172,9 +168,9 @@ def _warn_if_few_samples(opts: Options, samples: dict[str, int], ranks, units, r
     if opts.spec.solver is Solver.PCA and count < channels:
         run.warn(f"{count} response samples for {channels} channels ({worst.name}): its PCA sees at most {count} "
                  "directions, and rank selection takes the rest for empty; give more calibration data")
-    elif opts.spec.solver is not Solver.PCA and count < SAMPLES_PER_CHANNEL * channels:
+    elif opts.spec.solver is not Solver.PCA and count < FEWEST_PER_CHANNEL * channels:
         run.warn(f"{count} response samples for {channels} channels ({worst.name}): "
-                 f"the {opts.method} fit may not generalise; aim for {SAMPLES_PER_CHANNEL} samples per "
+                 f"the {opts.method} fit may not generalise; aim for {FEWEST_PER_CHANNEL} samples per "
                  "channel (more calibration images; a larger --sample-memory or --samples-per-image if set)")
 
 

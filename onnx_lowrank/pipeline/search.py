@@ -33,7 +33,7 @@ import math
 import time
 
 from onnx_lowrank.errors import BudgetNotMetError, InfeasibleTargetError, InvalidOptionError, InvalidTypeError
-from onnx_lowrank.measure.fidelity import model_outputs
+from onnx_lowrank.measure.fidelity import held_out_outputs
 from onnx_lowrank.methods.chains import PROBE_SCHEDULE
 from onnx_lowrank.options import Options, takes_options
 from onnx_lowrank.output.report import INT8_SUFFIX, PROBE_LABEL, QUICK_SUFFIX, FrontierPoint
@@ -77,10 +77,9 @@ def compress_to_budget(model, budget: Budget, *, calibration=None, evaluation=No
     analysis = analyse(model, opts, calibration, evaluation, preprocess, progress, fixed_target=False,
                        needs_labels="--max-drop" if budget.kind == "drop" else None)
     data = analysis.data
-    labels = getattr(data.eval_source, "labels", None)
-    labels = None if labels is None else labels[data.holdout_indices]
+    labels = data.held_out_labels()
     with analysis.run.stage("reference", "running the original on the held-out set"):
-        reference = model_outputs(analysis.reference, data.eval_source, data.holdout_indices, data.batch, opts.threads)
+        reference = held_out_outputs(analysis.reference, data, opts.threads)
     searcher = _Searcher(analysis, opts, budget, reference, labels)
     best = searcher.run(start)
     int8 = None
@@ -316,8 +315,7 @@ class _Searcher:
         optimized = rewrite(self.analysis, solved)
         data = self.analysis.data
         with self.analysis.run.stage("search", f"measuring the plan at {speedup:.2f}x", logging.DEBUG):
-            outputs = model_outputs(optimized, data.eval_source, data.holdout_indices, data.batch, opts.threads,
-                                produced=True)
+            outputs = held_out_outputs(optimized, data, opts.threads, produced=True)
         value = self.budget.value(self.reference, outputs, self.labels)
         point = FrontierPoint(speedup, plan.speedup, value, self.budget.met(value), label)
         self.frontier.append(point)

@@ -79,11 +79,6 @@ def decomposed_macs(shape: ConvShape, rank: int, scheme: str = "channel") -> int
     return rank * macs_per_rank(shape, scheme)
 
 
-def channel_decomposed_macs(shape: ConvShape, rank: int) -> int:
-    """Exact MACs of (k x k, c -> rank) followed by (1 x 1, rank -> d), both at the output resolution."""
-    return decomposed_macs(shape, rank, "channel")
-
-
 def max_rank(shape: ConvShape, scheme: str = "channel") -> int:
     """The rank at which the factorisation is exact: ``d`` for channel, ``min(c kh, d kw)`` for spatial."""
     kh, kw = shape.kernel

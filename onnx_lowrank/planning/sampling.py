@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass
 
 SAMPLES_PER_CHANNEL = 40  # the paper: 3,000 images x 10 positions for d <= 512, i.e. >= 58 per channel
+FEWEST_PER_CHANNEL = 20  # below it the nonlinear and asymmetric fits overfit the calibration set (CRAFT)
 BASE_POSITIONS = 32
 BYTES_PER_VALUE = 4
 

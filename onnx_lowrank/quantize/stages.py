@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 
 from onnx_lowrank.errors import ProviderError
-from onnx_lowrank.measure.fidelity import compare_outputs, interleaved_times, model_outputs
+from onnx_lowrank.measure.fidelity import compare_outputs, held_out_outputs, interleaved_times, model_outputs
 from onnx_lowrank.quantize.guard import RANKING_SAMPLES, Guarded, Verdict, guard_int8, max_evaluations
 from onnx_lowrank.quantize.quantizer import Int8Quantizer, SourceReader
 from onnx_lowrank.runtime.sessions import provider_available
@@ -62,8 +62,7 @@ def int8_of(analysis, model: onnx.ModelProto, opts, judge: Judge, restore: bool 
     data = analysis.data
 
     def accept(candidate: onnx.ModelProto) -> Verdict:
-        outputs = model_outputs(candidate, data.eval_source, data.holdout_indices, data.batch, opts.threads,
-                                produced=True)
+        outputs = held_out_outputs(candidate, data, opts.threads, produced=True)
         value, met = judge(outputs)
         return Verdict(value, met, outputs)
 
@@ -104,16 +103,14 @@ def add_int8(analysis, lowrank: onnx.ModelProto, report, opts, lowrank_int8: Gua
     data, run = analysis.data, analysis.run
     tolerance = tolerance or Tolerance.error_added(opts.int8_tolerance)
     with run.stage("quantize", f"quantizing to INT8 ({opts.int8_calibration} calibration, accuracy-guarded)"):
-        expected = model_outputs(analysis.reference, data.eval_source, data.holdout_indices, data.batch, opts.threads)
-        lowrank_outputs = model_outputs(lowrank, data.eval_source, data.holdout_indices, data.batch, opts.threads,
-                                        produced=True)
+        expected = held_out_outputs(analysis.reference, data, opts.threads)
+        lowrank_outputs = held_out_outputs(lowrank, data, opts.threads, produced=True)
         if lowrank_int8 is None:
             lowrank_int8 = int8_of(analysis, lowrank, opts, tolerance.judge(expected, lowrank_outputs))
         # INT8 alone quantizes the normalised original (the folding is part of what it is compared
         # with), measured but not searched: on CRAFT its search cost more than the rest of the run
         original_int8 = int8_of(analysis, analysis.normalised, opts, tolerance.judge(expected, expected), False)
-    labels = getattr(data.eval_source, "labels", None)
-    labels = None if labels is None else labels[list(data.holdout_indices)]
+    labels = data.held_out_labels()
     stages = [_stage("original", analysis.reference, expected, expected, labels),
               _stage("low-rank", lowrank, lowrank_outputs, expected, labels)]
     stages += _guarded_stages("low-rank + int8", lowrank_int8, expected, labels)

@@ -91,3 +91,22 @@ def deterministic_signs(vectors: np.ndarray) -> np.ndarray:
     signs = np.sign(vectors[pivots, np.arange(vectors.shape[1])])
     signs[signs == 0] = 1.0
     return vectors * signs
+
+
+def top_left_singular_vectors(matrix: np.ndarray, rank: int) -> np.ndarray:
+    """The ``rank`` top left singular vectors of ``matrix``, through the smaller Gram matrix (a
+    1024 x 9216 unfolding takes a tenth of the time of its SVD), by SVD where the right Gram
+    matrix is too ill-conditioned for the vectors to be recovered from it."""
+    rows, columns = matrix.shape
+    if rows < columns:  # the eigenvectors of A A^T are the left singular vectors themselves
+        values, vectors = np.linalg.eigh(matrix @ matrix.T)
+        return vectors[:, np.argsort(values)[::-1][:rank]]
+    if rank <= columns:
+        values, vectors = np.linalg.eigh(matrix.T @ matrix)
+        top, top_vectors = values[:-rank - 1:-1], vectors[:, :-rank - 1:-1]
+        if top[-1] > 1e-10 * max(float(top[0]), np.finfo(float).tiny):
+            return (matrix @ top_vectors) / np.sqrt(top)
+    # Fewer useful directions than the rank: the extra columns (zero singular values) are any
+    # orthonormal completion, and their factor B^T U is zero.
+    left, _, _ = np.linalg.svd(matrix, full_matrices=rank > min(matrix.shape))
+    return left[:, :rank]

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from onnx_lowrank.errors import InvalidOptionError
-from onnx_lowrank.solvers.factors import deterministic_signs, validate_rank
+from onnx_lowrank.solvers.factors import deterministic_signs, top_left_singular_vectors, validate_rank
 
 
 class ReducedRankRegression:
@@ -34,26 +34,8 @@ class ReducedRankRegression:
         self.dim = scatter_yy.shape[0]
         self.transform = vectors[:, kept] / np.sqrt(values[kept])
 
-    def solve(self, cross_zy: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
-        """``(P, Q)`` with ``M = P Q^T``; ``cross_zy = Z Y^T`` for centred ``Z`` and ``Y``."""
-        P, whitened_q = self.solve_whitened(cross_zy @ self.transform, rank)
-        return P, self.transform @ whitened_q
-
     def solve_whitened(self, cross_zw: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
         """From ``B = Z W^T`` (d x m): ``P = U_r`` and ``B^T U_r``, the factor acting on ``W``."""
         rank = validate_rank(rank, self.dim)
-        basis = deterministic_signs(_top_left_singular_vectors(cross_zw, rank))
+        basis = deterministic_signs(top_left_singular_vectors(cross_zw, rank))
         return basis, cross_zw.T @ basis
-
-
-def _top_left_singular_vectors(matrix: np.ndarray, rank: int) -> np.ndarray:
-    """Through the small Gram matrix when it is well conditioned enough, by SVD otherwise."""
-    if rank <= matrix.shape[1]:
-        values, vectors = np.linalg.eigh(matrix.T @ matrix)
-        top, top_vectors = values[:-rank - 1:-1], vectors[:, :-rank - 1:-1]
-        if top[-1] > 1e-10 * max(float(top[0]), np.finfo(float).tiny):
-            return (matrix @ top_vectors) / np.sqrt(top)
-    # Fewer useful directions than the rank: the extra columns (zero singular values) are any
-    # orthonormal completion, and their factor B^T U is zero.
-    left, _, _ = np.linalg.svd(matrix, full_matrices=rank > min(matrix.shape))
-    return left[:, :rank]
