@@ -143,7 +143,7 @@ def print_quietly_on_broken_pipe(print_report: Callable[[], None]) -> None:
 
 @contextmanager
 def progress_sink(quiet: bool):
-    from onnx_lowrank.pipeline.analysis import NullProgress
+    from onnx_lowrank.measure.context import NullProgress
 
     if quiet:
         yield NullProgress()

@@ -41,8 +41,10 @@ from onnx_lowrank.graph.rewrite import (
     whole_layer,
 )
 from onnx_lowrank.graph.units import Unit
+from onnx_lowrank.measure.context import LayerAnalysis
 from onnx_lowrank.measure.fidelity import interleaved_times
 from onnx_lowrank.measure.latency_cache import LatencyCache
+from onnx_lowrank.options import Options
 from onnx_lowrank.planning.costs import ConvShape
 from onnx_lowrank.planning.measured import latency_forms
 from onnx_lowrank.planning.plans import ArchitecturePlan, has_spatial_extent
@@ -199,7 +201,7 @@ class LayerLatency:
                 "onnxruntime": ort.__version__, "cpu": cpu_name()}
 
 
-def measure_layer_latency(analysis, opts) -> LayerLatency:
+def measure_layer_latency(analysis: LayerAnalysis, opts: Options) -> LayerLatency:
     """Profile every decomposable layer's candidates (and the other convs whole) for ``opts``."""
     available = [p for p in opts.providers if provider_available(p)]
     if not available:
@@ -337,10 +339,10 @@ def in_model_measure(provider: str) -> str:
     return "linear ops" if provider == "cpu" else "whole model"
 
 
-def plan_in_model(analysis, opts, plan_at: Callable[[float], ArchitecturePlan]) -> ArchitecturePlan:
+def plan_in_model(analysis: LayerAnalysis, opts: Options, plan_at: Callable[[float], ArchitecturePlan]) -> ArchitecturePlan:
     """``in_model_plan`` on the analysed model, timed by ``in_model_measure`` of its provider."""
     device = analysis.latency.device
-    feeds = analysis.benchmark_feeds(device.batch)
+    feeds = analysis.measuring().benchmark_feeds(device.batch)
 
     def conv_speedup(plan: ArchitecturePlan) -> float:  # the median of per-round ratios: a load drift hits both
         models = [analysis.normalised, architecture_model(analysis.normalised, analysis.units, plan)]

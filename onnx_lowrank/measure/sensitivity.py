@@ -22,8 +22,10 @@ from onnx import helper
 
 from onnx_lowrank.graph.rewrite import replace_units
 from onnx_lowrank.graph.surgery import suffix_model
+from onnx_lowrank.measure.context import LayerAnalysis
 from onnx_lowrank.measure.fidelity import compare_outputs, model_outputs
 from onnx_lowrank.methods.chains import PROBE_SCHEDULE, solve_layers
+from onnx_lowrank.options import Options
 from onnx_lowrank.planning.plans import ArchitecturePlan
 from onnx_lowrank.planning.ranks import RankPlan, leave_first_conv, rank_ladder
 from onnx_lowrank.registry import Solver
@@ -35,7 +37,7 @@ SUBSET = 32  # calibration samples the losses are measured on
 CUT_MEMORY = 1 << 30
 
 
-def measure_sensitivity(analysis, opts) -> dict[str, dict[int, float]]:
+def measure_sensitivity(analysis: LayerAnalysis, opts: Options) -> dict[str, dict[int, float]]:
     """``losses[layer][rank]`` for every decomposable conv but the first (left whole anyway)."""
     data = analysis.data
     step = max(1, len(data.calib_indices) // SUBSET)

@@ -8,9 +8,7 @@ import gc
 import logging
 import os
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
 
 import numpy as np
 import onnx
@@ -20,6 +18,7 @@ from onnx_lowrank.graph.io import WeightStore, is_large, load_model, model_path
 from onnx_lowrank.graph.normalise import normalise
 from onnx_lowrank.graph.selection import select_units
 from onnx_lowrank.graph.units import Unit, find_units
+from onnx_lowrank.measure.context import Measuring, NullProgress, ProgressSink, Run
 from onnx_lowrank.measure.latency import LayerLatency, nchwc_block
 from onnx_lowrank.measure.latency_cache import LatencyCache
 from onnx_lowrank.options import Options
@@ -39,19 +38,6 @@ RANDOM_CALIBRATION_WARNING = ("no calibration data given: using random inputs. T
                               "inputs say little about real ones, so expect a poor model; pass --calib")
 
 log = logging.getLogger(__name__)
-
-
-class ProgressSink(Protocol):
-    """Where a run reports its progress: ``stage(description, total)`` returns ``advance(n=1)``."""
-
-    def stage(self, description: str, total: int) -> Callable[[int], None]: ...
-
-
-class NullProgress:
-    """Progress sink that shows nothing; the CLI passes one that draws bars or logs lines."""
-
-    def stage(self, description: str, total: int) -> Callable[[int], None]:
-        return lambda advance=1: None
 
 
 @dataclass
@@ -74,8 +60,8 @@ class Analysis:
     stats: dict[str, ResponseStats]
     responses: dict[str, np.ndarray]
     samples: dict[str, int]
-    run: "Run"
-    progress: "ProgressSink"
+    run: Run
+    progress: ProgressSink
     sensitivity: dict[str, dict[int, float]] | None = None  # measured once, when a plan asks for it
     latency: LayerLatency | None = None  # --objective latency: measured once
     latency_cache: LatencyCache = field(default_factory=LatencyCache)  # saved by ``finish``, when the run succeeds
@@ -91,18 +77,17 @@ class Analysis:
                 kinds[unit.kind] = kinds.get(unit.kind, 0) + self.shapes[unit.name].macs
         return kinds
 
-    def benchmark_feeds(self, batch: int) -> dict:
-        """The first held-out sample, repeated to the batch latency is measured at."""
-        return self.data.eval_source.get(self.data.holdout_indices[:1] * batch_size_for(self.inputs, batch))
+    def measuring(self) -> Measuring:
+        """The context of the stages after the rewrite, which need none of the layers' responses."""
+        return Measuring(self.reference, self.normalised, self.inputs, self.data, self.run, self.progress)
 
-    def finish(self, optimized: onnx.ModelProto | None, report: Report) -> "Result":
-        self.latency_cache.save()
-        self.run.timings["total"] = time.perf_counter() - self.run.started
-        return Result(optimized, report, self.store)
+    def ending(self) -> "Ending":
+        """What the run keeps once its layers and their responses are let go."""
+        return Ending(self.measuring(), self.store, self.latency_cache)
 
 
 def analyse(model, opts: Options, calibration: CalibrationSource = None, evaluation: CalibrationSource = None,
-            preprocess: Preprocess | None = None, progress: "ProgressSink | None" = None,
+            preprocess: Preprocess | None = None, progress: ProgressSink | None = None,
             fixed_target: bool = True, needs_labels: str | None = None) -> Analysis:
     """Load, normalise, find the convs, open the data, measure shapes and collect the responses.
     With a ``fixed_target`` (not a search) an infeasible speedup is refused before the collection;
@@ -159,27 +144,6 @@ def analyse(model, opts: Options, calibration: CalibrationSource = None, evaluat
     return Analysis(model, reference, normalised, store, units, channel_only_names, inputs, data, shapes,
                     candidates, fixed, collect, stats, responses, samples, run, progress,
                     latency_cache=latency_cache)
-
-
-@dataclass
-class Run:
-    """Wall time per stage and the warnings of one run; a warning is logged as it happens."""
-
-    timings: dict[str, float] = field(default_factory=dict)
-    warnings: list[str] = field(default_factory=list)
-    started: float = field(default_factory=time.perf_counter)
-
-    @contextmanager
-    def stage(self, key: str, description: str, level: int = logging.INFO):
-        log.log(level, "%s", description)
-        clock = time.perf_counter()
-        yield
-        self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - clock
-
-    def warn(self, message: str) -> None:
-        if message not in self.warnings:
-            log.warning(message)
-            self.warnings.append(message)
 
 
 def _open_data(calibration, evaluation, preprocess, inputs, opts: Options, run: Run) -> DataSplit:
@@ -249,6 +213,23 @@ def _whole_batches(indices: list[int], batch: int) -> list[int]:
         raise CalibrationError(f"the model takes a fixed batch of {batch}, but only {len(indices)} "
                                "samples are left for this step", hint="give more calibration samples")
     return indices[:len(indices) // batch * batch]
+
+@dataclass(frozen=True)
+class Ending:
+    """What a run keeps to its end once the layers are solved and let go: the context it measures
+    with, the weight store of a model too large for one protobuf, the latency cache to save."""
+
+    measuring: Measuring
+    store: WeightStore | None
+    latency_cache: LatencyCache
+
+    def finish(self, optimized: onnx.ModelProto | None, report: Report) -> "Result":
+        """The run's result; the measured layer latencies are kept now that it has succeeded."""
+        self.latency_cache.save()
+        run = self.measuring.run
+        run.timings["total"] = time.perf_counter() - run.started
+        return Result(optimized, report, self.store)
+
 
 @dataclass
 class Result:

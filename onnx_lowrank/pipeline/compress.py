@@ -19,13 +19,14 @@ from onnx_lowrank.errors import InternalError
 from onnx_lowrank.graph.io import check_model
 from onnx_lowrank.graph.rewrite import replace_units
 from onnx_lowrank.graph.units import Unit
+from onnx_lowrank.measure.context import Measuring, ProgressSink, Run
 from onnx_lowrank.measure.fidelity import benchmark_providers, measure_fidelity
 from onnx_lowrank.methods.chains import Solved, data_free_chains, solve_layers
 from onnx_lowrank.methods.spectra import response_spectrum
 from onnx_lowrank.options import Options, takes_options
 from onnx_lowrank.output.provenance import describe_input, versions
 from onnx_lowrank.output.report import LayerReport, Report
-from onnx_lowrank.pipeline.analysis import FEW_HELD_OUT, Analysis, ProgressSink, Result, Run, analyse
+from onnx_lowrank.pipeline.analysis import FEW_HELD_OUT, Analysis, Result, analyse
 from onnx_lowrank.pipeline.plan import plan_for
 from onnx_lowrank.planning.costs import ConvShape
 from onnx_lowrank.planning.plans import ArchitecturePlan
@@ -72,14 +73,15 @@ def compress(
     plan = plan_for(analysis, opts)
     solved = solve(analysis, plan, opts) if not opts.dry_run else Solved()
     report = report_for(analysis, plan, solved, opts)
+    ending = analysis.ending()
     if opts.dry_run:
-        return analysis.finish(None, report)
-    optimized = rewrite(analysis, solved, final=True)
-    del solved
-    measure(analysis, optimized, report, opts)
+        return ending.finish(None, report)
+    optimized = rewrite(analysis, solved)
+    del analysis, solved  # the layers, their responses and factors go before the measurements
+    measure(ending.measuring, optimized, report, opts)
     if opts.quantize:
-        optimized = add_int8(analysis, optimized, report, opts)
-    return analysis.finish(optimized, report)
+        optimized = add_int8(ending.measuring, optimized, report, opts)
+    return ending.finish(optimized, report)
 
 
 def solve(analysis: Analysis, plan: ArchitecturePlan, opts: Options, cache: dict | None = None,
@@ -125,13 +127,11 @@ def report_for(analysis: Analysis, plan: ArchitecturePlan, solved: Solved, opts:
         files={"input": describe_input(analysis.model_source)}, versions=versions())
 
 
-def rewrite(analysis: Analysis, solved: Solved, final: bool = False) -> onnx.ModelProto:
-    """The model with the solved chains in place, checked. ``final``: nothing else will be built
-    from the analysis, so its graph and weights are let go before the measurements."""
-    with analysis.run.stage("rewrite", "rewriting the graph", logging.INFO if final else logging.DEBUG):
+def rewrite(analysis: Analysis, solved: Solved, level: int = logging.INFO) -> onnx.ModelProto:
+    """The model with the solved chains in place, checked; a large model's weights go to disk.
+    ``level``: of the stage's log line (a search rewrites many times)."""
+    with analysis.run.stage("rewrite", "rewriting the graph", level):
         optimized = replace_units(analysis.normalised, solved.chains)
-        if final:  # only the sessions below hold weights from here on: a large model's go to disk too
-            analysis.units, analysis.responses = [], {}
         if analysis.store is not None:
             optimized = analysis.store.keep(optimized)
         gc.collect()  # graphsurgeon graphs are reference cycles that hold the factors' arrays
@@ -139,20 +139,20 @@ def rewrite(analysis: Analysis, solved: Solved, final: bool = False) -> onnx.Mod
     return optimized
 
 
-def measure(analysis: Analysis, optimized: onnx.ModelProto, report: Report, opts: Options) -> None:
+def measure(measuring: Measuring, optimized: onnx.ModelProto, report: Report, opts: Options) -> None:
     """Fidelity on the held-out set and, with ``bench``, latency original vs optimized."""
-    data, run = analysis.data, analysis.run
+    data, run = measuring.data, measuring.run
     if len(data.holdout_indices) < FEW_HELD_OUT:
         run.warn(f"fidelity is measured on only {len(data.holdout_indices)} held-out samples: its figures are "
                  f"rough (aim for {FEW_HELD_OUT} or more: more calibration data, or --eval)")
     with run.stage("fidelity", f"measuring fidelity on {len(data.holdout_indices)} held-out samples"):
-        report.fidelity = measure_fidelity(analysis.reference, optimized, data, opts.threads)
+        report.fidelity = measure_fidelity(measuring.reference, optimized, data, opts.threads)
     if opts.bench:
         with run.stage("benchmark", "measuring latency, original vs optimized"):
-            feeds = analysis.benchmark_feeds(opts.bench_batch)
+            feeds = measuring.benchmark_feeds(opts.bench_batch)
             report.latency_ms, report.actual_speedup = benchmark_providers(
-                analysis.reference, optimized, feeds, opts.providers, threads=opts.threads, rounds=opts.bench_rounds,
-                advance=analysis.progress.stage("benchmarking", len(opts.providers)))
+                measuring.reference, optimized, feeds, opts.providers, threads=opts.threads, rounds=opts.bench_rounds,
+                advance=measuring.progress.stage("benchmarking", len(opts.providers)))
 
 
 def _warn_if_few_samples(opts: Options, samples: dict[str, int], ranks, units, run: Run) -> None:

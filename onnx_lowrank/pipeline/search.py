@@ -93,9 +93,10 @@ def compress_to_budget(model, budget: Budget, *, calibration=None, evaluation=No
     point, solved, optimized = best
     final_opts = dataclasses.replace(opts, speedup=point.speedup_target)
     report = report_for(analysis, searcher.plans[point.speedup_target], solved, final_opts)
-    measure(analysis, optimized, report, final_opts)
+    ending = analysis.ending()
+    measure(ending.measuring, optimized, report, final_opts)
     if int8 is not None:  # the budget was met by the INT8 model: that is the answer, and its figure
-        optimized = add_int8(analysis, optimized, report, final_opts, lowrank_int8=int8[1],
+        optimized = add_int8(ending.measuring, optimized, report, final_opts, lowrank_int8=int8[1],
                              tolerance=searcher.int8_tolerance())
         point = int8[0] if report.int8["written"] == "int8" else point
     report.budget = {"target": budget.describe(), "kind": budget.kind, "limit": budget.limit,
@@ -104,7 +105,7 @@ def compress_to_budget(model, budget: Budget, *, calibration=None, evaluation=No
     report.frontier = sorted(searcher.frontier, key=lambda p: (p.theoretical_speedup or math.inf, p.solver))
     log.info("budget met: %s measured %.4g at a theoretical conv speedup of %.2fx", budget.describe(), point.value,
              point.theoretical_speedup)
-    return analysis.finish(optimized, report)
+    return ending.finish(optimized, report)
 
 
 class _Searcher:
@@ -194,7 +195,7 @@ class _Searcher:
             if candidate is not None and candidate[0].met:
                 point, _, optimized = candidate
                 with self.analysis.run.stage("quantize", f"INT8 on the plan at {point.speedup_target:.2f}x"):
-                    quantized = int8_of(self.analysis, optimized, self.opts,
+                    quantized = int8_of(self.analysis.measuring(), optimized, self.opts,
                                         self.int8_tolerance().judge(self.reference, None))
                 verdict = quantized.verdict or quantized.unguarded_verdict
                 int8_point = FrontierPoint(point.speedup_target, point.theoretical_speedup, verdict.value,
@@ -312,7 +313,7 @@ class _Searcher:
             return None
         # The cache also keeps the responses for the next plan.
         solved = solve(self.analysis, plan, opts, cache=self.cache, schedule=schedule)
-        optimized = rewrite(self.analysis, solved)
+        optimized = rewrite(self.analysis, solved, logging.DEBUG)
         data = self.analysis.data
         with self.analysis.run.stage("search", f"measuring the plan at {speedup:.2f}x", logging.DEBUG):
             outputs = held_out_outputs(optimized, data, opts.threads, produced=True)

@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 
 from onnx_lowrank.errors import ProviderError
+from onnx_lowrank.measure.context import Measuring
 from onnx_lowrank.measure.fidelity import compare_outputs, held_out_outputs, interleaved_times, model_outputs
 from onnx_lowrank.quantize.guard import RANKING_SAMPLES, Guarded, Verdict, guard_int8, max_evaluations
 from onnx_lowrank.quantize.quantizer import Int8Quantizer, SourceReader
@@ -55,11 +56,11 @@ def error_added(reference: dict, float_outputs: dict, tolerance: float) -> Judge
     return judge
 
 
-def int8_of(analysis, model: onnx.ModelProto, opts, judge: Judge, restore: bool = True) -> Guarded:
-    """``model`` quantized as the run asks, calibrated on the analysis' calibration samples, with
+def int8_of(measuring: Measuring, model: onnx.ModelProto, opts, judge: Judge, restore: bool = True) -> Guarded:
+    """``model`` quantized as the run asks, calibrated on the run's calibration samples, with
     the fewest nodes in float that ``judge`` passes on the held-out set (``restore``: searched for;
     otherwise the all-INT8 model, measured)."""
-    data = analysis.data
+    data = measuring.data
 
     def accept(candidate: onnx.ModelProto) -> Verdict:
         outputs = held_out_outputs(candidate, data, opts.threads, produced=True)
@@ -93,30 +94,30 @@ def _ranking_indices(indices: list[int], batch: int) -> list[int]:
     return chosen if len(chosen) % batch == 0 else indices[:batch]
 
 
-def add_int8(analysis, lowrank: onnx.ModelProto, report, opts, lowrank_int8: Guarded | None = None,
+def add_int8(measuring: Measuring, lowrank: onnx.ModelProto, report, opts, lowrank_int8: Guarded | None = None,
              tolerance: Tolerance | None = None) -> onnx.ModelProto:
     """Quantize the low-rank model (``lowrank_int8`` when that is done already) and, for
     comparison, the original; fidelity and latency of every stage go to ``report.stages``, the
     guard's findings to ``report.int8``. ``tolerance``: a budget's, instead of
     ``--int8-tolerance``. Returns what to write: the guarded INT8 model, or
     the float low-rank model where no INT8 model met the tolerance."""
-    data, run = analysis.data, analysis.run
+    data, run = measuring.data, measuring.run
     tolerance = tolerance or Tolerance.error_added(opts.int8_tolerance)
     with run.stage("quantize", f"quantizing to INT8 ({opts.int8_calibration} calibration, accuracy-guarded)"):
-        expected = held_out_outputs(analysis.reference, data, opts.threads)
+        expected = held_out_outputs(measuring.reference, data, opts.threads)
         lowrank_outputs = held_out_outputs(lowrank, data, opts.threads, produced=True)
         if lowrank_int8 is None:
-            lowrank_int8 = int8_of(analysis, lowrank, opts, tolerance.judge(expected, lowrank_outputs))
+            lowrank_int8 = int8_of(measuring, lowrank, opts, tolerance.judge(expected, lowrank_outputs))
         # INT8 alone quantizes the normalised original (the folding is part of what it is compared
         # with), measured but not searched: on CRAFT its search cost more than the rest of the run
-        original_int8 = int8_of(analysis, analysis.normalised, opts, tolerance.judge(expected, expected), False)
+        original_int8 = int8_of(measuring, measuring.normalised, opts, tolerance.judge(expected, expected), False)
     labels = data.held_out_labels()
-    stages = [_stage("original", analysis.reference, expected, expected, labels),
+    stages = [_stage("original", measuring.reference, expected, expected, labels),
               _stage("low-rank", lowrank, lowrank_outputs, expected, labels)]
     stages += _guarded_stages("low-rank + int8", lowrank_int8, expected, labels)
     stages += _guarded_stages("int8", original_int8, expected, labels)
     if opts.bench:
-        _time_stages(analysis, stages, opts)
+        _time_stages(measuring, stages, opts)
     slower = _slower_than_float(stages) if lowrank_int8.kept_float else None
     written = lowrank_int8.model is not None and slower is None
     for stage in stages:
@@ -171,9 +172,9 @@ def _slower_than_float(stages: list[dict]) -> str | None:
             f"model on {provider}")
 
 
-def _time_stages(analysis, stages: list[dict], opts) -> None:
-    with analysis.run.stage("benchmark", "measuring the latency of every stage"):
-        feeds = analysis.benchmark_feeds(opts.bench_batch)
+def _time_stages(measuring: Measuring, stages: list[dict], opts) -> None:
+    with measuring.run.stage("benchmark", "measuring the latency of every stage"):
+        feeds = measuring.benchmark_feeds(opts.bench_batch)
         for provider in [p for p in opts.providers if provider_available(p)]:
             try:
                 times = interleaved_times([s["model"] for s in stages], feeds, provider=provider,
