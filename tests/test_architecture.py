@@ -131,3 +131,12 @@ def test_every_path_parameter_says_what_the_run_does_to_its_file() -> None:
         check = declaration(option).check
         if check.cli_type.__name__ == "Path":
             assert check.use is not None, option.name
+
+
+def test_no_function_is_over_60_lines() -> None:
+    long = {}
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60:
+                long[f"{path.relative_to(PACKAGE)}:{node.name}"] = node.end_lineno - node.lineno + 1
+    assert not long, long

@@ -114,6 +114,15 @@ def _shape_text(layer: LayerReport) -> str:
 
 def render(report: Report, console) -> None:
     """Print the report as rich tables on ``console``."""
+    _render_layers(report, console)
+    _render_summary(report, console)
+    if report.stages:
+        _render_stages(report, console)
+    if report.frontier:
+        _render_frontier(report, console)
+
+
+def _render_layers(report: Report, console) -> None:
     from rich.markup import escape
     from rich.table import Table
 
@@ -142,6 +151,10 @@ def render(report: Report, console) -> None:
         console.print("  ranks: d'' = channels of the k×1 conv, d' = channels before the 1×1 conv",
                       markup=False, highlight=False)
 
+
+def _render_summary(report: Report, console) -> None:
+    from rich.table import Table
+
     summary = Table(title="speedup and fidelity", show_header=False)
     summary.add_column("what")
     summary.add_column("value", justify="right")
@@ -163,6 +176,14 @@ def render(report: Report, console) -> None:
             summary.add_row(f"  plan for {step['asked']:.2f}×: predicted / measured "
                             f"({report.latency_plan['in_model_measure']})",
                             f"{step['predicted']:.2f}× / {step['measured']:.2f}×")
+    _latency_rows(report, summary)
+    _fidelity_rows(report.fidelity, summary)
+    console.print(summary)
+
+
+def _latency_rows(report: Report, summary) -> None:
+    from rich.markup import escape
+
     for provider, latency in report.latency_ms.items():
         if latency.get("original") is None:
             summary.add_row(escape(f"latency {provider}"), escape(latency.get("status", "not measured")))
@@ -175,7 +196,11 @@ def render(report: Report, console) -> None:
             summary.add_row(f"throughput {provider} (batch {latency['batch']}), original / optimized",
                             f"{latency['throughput']['original']:.0f} / {latency['throughput']['optimized']:.0f} /s")
         summary.add_row(f"measured speedup {provider}", f"{report.actual_speedup[provider]:.2f}×")
-    fidelity = report.fidelity
+
+
+def _fidelity_rows(fidelity, summary) -> None:
+    from rich.markup import escape
+
     if fidelity is not None:
         on = f" (n={fidelity.samples})"  # every figure says how many held-out samples back it
         for name, error in fidelity.output_rel_error.items():
@@ -187,11 +212,6 @@ def render(report: Report, console) -> None:
         if fidelity.accuracy_original is not None:
             summary.add_row("accuracy original → optimized",
                             f"{_percent(fidelity.accuracy_original)} → {_percent(fidelity.accuracy_optimized)}{on}")
-    console.print(summary)
-    if report.stages:
-        _render_stages(report, console)
-    if report.frontier:
-        _render_frontier(report, console)
 
 
 def _render_stages(report: Report, console) -> None:

@@ -106,6 +106,41 @@ def latency_forms(candidate: RankCandidate, multiple: int, split: bool) -> list[
     return forms
 
 
+def _pareto_front(cand: RankCandidate, eigenvalues: np.ndarray, latency: dict[Form, float],
+                  spatial: np.ndarray | None) -> list[tuple[float, float, Form]]:
+    """(ms, kept energy, form) of the layer's measured forms that no faster form keeps more energy
+    than, fastest first."""
+    energy = _energy_curve(eigenvalues, cand.full_rank)
+    split = _energy_curve(spatial, len(spatial)) if spatial is not None else None
+
+    def kept(form: Form) -> float:
+        if form.rank == 0:
+            return 1.0
+        channel = float(energy[form.rank])
+        return channel if not form.spatial else channel * float(split[min(form.spatial, len(split) - 1)])
+
+    options = sorted((ms, kept(form), form) for form, ms in latency.items()
+                     if form.rank < cand.full_rank and (not form.spatial or split is not None))
+    front: list[tuple[float, float, Form]] = []
+    for option in options:
+        if not front or option[1] > front[-1][1]:
+            front.append(option)
+    return front
+
+
+def _fill_plan(plan: RankPlan, chosen: dict[str, Form]) -> dict[str, int]:
+    """Each layer's chosen form into ``plan``; returns the spatial ranks of the 3d forms."""
+    spatial_ranks = {}
+    for name, form in chosen.items():
+        if form.rank == 0:
+            plan.skipped[name] = "measured latency: no faster form of it is worth its energy"
+        else:
+            plan.ranks[name] = form.rank
+            if form.spatial:
+                spatial_ranks[name] = form.spatial
+    return spatial_ranks
+
+
 def latency_ranks(candidates: list[RankCandidate], eigenvalues: dict[str, np.ndarray],
                   latency: dict[str, dict[Form, float]], fixed_ms: float, speedup: float,
                   spatial_eigenvalues: dict[str, np.ndarray] | None = None,
@@ -116,37 +151,20 @@ def latency_ranks(candidates: list[RankCandidate], eigenvalues: dict[str, np.nda
     product of its channel energy and the energy of the spatial split of the layer's weights
     (``spatial_eigenvalues``, the proxy its filter reconstruction truncates).
 
-    A layer's options are its measured forms on their Pareto front (no option both slower and
-    keeping less energy than another), so an off-grid rank or a chain no faster than the original
-    is never chosen. Greedy: every layer starts whole; each step moves the layer whose next faster
-    option loses the least log-energy per millisecond saved, until the target is met; then the
-    time the last step overshot is spent back on the best moves up. Returns the plan (MACs
-    filled in by the caller), the spatial ranks of the layers given a 3d form, and the predicted
-    latency before and after, in ms."""
+    A layer's options are its measured forms on their Pareto front (``_pareto_front``), so an
+    off-grid rank or a chain no faster than the original is never chosen. Greedy: every layer starts
+    whole; each step moves the layer whose next faster option loses the least log-energy per ms
+    saved, until the target is met; the last step's overshoot is then spent on the best moves up.
+    Returns the plan (MACs filled in by the caller), the spatial ranks of the 3d forms, and the
+    predicted latency before and after, in ms."""
     validate_speedup(speedup)
     plan = RankPlan()
     active = list(candidates)
     if leave_first:
         active = leave_first_conv(plan, active)
-    fronts: dict[str, list[tuple[float, float, Form]]] = {}
-    for cand in active:
-        energy = _energy_curve(eigenvalues[cand.name], cand.full_rank)
-        spatial = spatial_eigenvalues.get(cand.name) if spatial_eigenvalues else None
-        split = _energy_curve(spatial, len(spatial)) if spatial is not None else None
-
-        def kept(form: Form) -> float:
-            if form.rank == 0:
-                return 1.0
-            channel = float(energy[form.rank])
-            return channel if not form.spatial else channel * float(split[min(form.spatial, len(split) - 1)])
-
-        options = sorted((ms, kept(form), form) for form, ms in latency[cand.name].items()
-                         if form.rank < cand.full_rank and (not form.spatial or split is not None))
-        front: list[tuple[float, float, Form]] = []
-        for option in options:  # fastest first; keep an option only if it keeps more energy than all faster ones
-            if not front or option[1] > front[-1][1]:
-                front.append(option)
-        fronts[cand.name] = front
+    fronts = {cand.name: _pareto_front(cand, eigenvalues[cand.name], latency[cand.name],
+                                       spatial_eigenvalues.get(cand.name) if spatial_eigenvalues else None)
+              for cand in active}
     before = fixed_ms + sum(latency[c.name][WHOLE] for c in candidates)
     target = before / speedup
     position = {name: len(front) - 1 for name, front in fronts.items()}  # the most energy: the whole layer
@@ -175,21 +193,9 @@ def latency_ranks(candidates: list[RankCandidate], eigenvalues: dict[str, np.nda
         position[name] -= 1
         if (score := step_score(name, True)) is not None:
             heapq.heappush(heap, (score, name))
-    while True:  # spend the overshoot of the last step on the moves up that buy the most energy
-        slack = target - total()
-        ups = [(s, n) for n in fronts if (s := step_score(n, False)) is not None
-               and fronts[n][position[n] + 1][0] - fronts[n][position[n]][0] <= slack]
-        if not ups:
-            break
-        position[max(ups)[1]] += 1
+    while ups := [(s, n) for n in fronts if (s := step_score(n, False)) is not None
+                  and fronts[n][position[n] + 1][0] - fronts[n][position[n]][0] <= target - total()]:
+        position[max(ups)[1]] += 1  # the last step's overshoot, spent on the moves up that buy the most energy
     after = total()
-    spatial_ranks = {}
-    for name, i in position.items():
-        form = fronts[name][i][2]
-        if form.rank == 0:
-            plan.skipped[name] = "measured latency: no faster form of it is worth its energy"
-        else:
-            plan.ranks[name] = form.rank
-            if form.spatial:
-                spatial_ranks[name] = form.spatial
+    spatial_ranks = _fill_plan(plan, {name: fronts[name][i][2] for name, i in position.items()})
     return plan, spatial_ranks, before, after
