@@ -4,6 +4,7 @@ a package imports only the packages below it, and the pure layers import no ONNX
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -140,3 +141,11 @@ def test_no_function_is_over_60_lines() -> None:
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60:
                 long[f"{path.relative_to(PACKAGE)}:{node.name}"] = node.end_lineno - node.lineno + 1
     assert not long, long
+
+
+def test_every_cli_flag_is_in_the_option_reference() -> None:
+    reference = (PACKAGE.parent / "docs" / "options.md").read_text()
+    for parameter in _cli_parameters().values():
+        for flag in parameter.opts:
+            if flag.startswith("--") and flag != "--help":
+                assert re.search(rf"[`/ ]{re.escape(flag)}[` ,/]", reference), flag

@@ -7,7 +7,7 @@ a padded conv is not: the padding's zeros would not be shifted). A layer's outpu
 linear response ``y = W x + b`` whose low-rank structure the solver exploits, the following
 activation reads it directly, and INT8 sees one layer instead of a per-feature scale vector it
 would round per tensor (the BatchNorm of a dense layer, exported as ``Mul``/``Add``, broke a VGG-16
-head that way: BENCHMARKS.md, issue 21).
+head that way: benchmarks/HISTORY.md, issue 21).
 """
 
 from __future__ import annotations

@@ -90,7 +90,7 @@ def find_units(model: onnx.ModelProto) -> list[Unit]:
 
 
 OUTPUT_HEAD_REASON = ("output layer (a dense head): left alone, as the first conv is; energy selection "
-                      "misjudges what an argmax over its outputs needs (BENCHMARKS.md, issue 13)")
+                      "misjudges what an argmax over its outputs needs (benchmarks/HISTORY.md, issue 13)")
 # Ops between a head and the model's output: one input computed, the rest (if any) constant.
 _HEAD_TAIL_OPS = frozenset({"Softmax", "LogSoftmax", "Sigmoid", "Reshape", "Transpose", "Squeeze", "Unsqueeze",
                             "Flatten", "Identity", "Cast", "ArgMax", "TopK"})

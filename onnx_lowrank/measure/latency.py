@@ -10,7 +10,7 @@ Measurements are kept by (layer shape, candidate, provider, threads, batch, onnx
 CPU) in memory and, when the user names one, in a JSON cache file, so a second run is fast.
 
 Layers timed alone mispredict the model they sit in (inside it, consecutive NCHWc convs skip the
-reorders a lone layer pays: plans measured 7-10 % faster than predicted, BENCHMARKS.md), so on
+reorders a lone layer pays: plans measured 7-10 % faster than predicted, benchmarks/HISTORY.md), so on
 the CPU provider a plan is then timed in the whole model, its linear ops summed by onnxruntime's
 profiler, and made again for a target corrected by what was measured (``in_model_plan``).
 """

@@ -157,7 +157,7 @@ def measure(measuring: Measuring, optimized: onnx.ModelProto, report: Report, op
 
 def _warn_if_few_samples(opts: Options, samples: dict[str, int], ranks, units, run: Run) -> None:
     """The nonlinear and asymmetric fits regress d outputs on d inputs; with few samples per channel
-    they fit the calibration set better than new inputs (measured on CRAFT: BENCHMARKS.md). Even
+    they fit the calibration set better than new inputs (measured on CRAFT: benchmarks/HISTORY.md). Even
     PCA sees at most as many directions as it has samples (a dense head gets one per image), and
     rank selection takes the rest for empty. Told for the layer with the fewest per channel."""
     decomposed = [u for u in units if u.name in ranks and u.name in samples]

@@ -48,7 +48,7 @@ def plan_for(analysis: Analysis, opts: Options) -> ArchitecturePlan:
     if grouped and opts.objective == "flops":
         analysis.run.warn(f"{len(grouped)} grouped conv(s) decomposed per group ({grouped[0]}, ...): onnxruntime's "
                           "CPU grouped convs do little work per call, and with many groups their chains measured "
-                          "slower than the original (BENCHMARKS.md); --objective latency times them first")
+                          "slower than the original (benchmarks/HISTORY.md); --objective latency times them first")
     return plan
 
 

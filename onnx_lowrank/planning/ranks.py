@@ -4,7 +4,7 @@ Pure arithmetic on the cost model (no ONNX). Costs are exact MACs of the factori
 candidate's scheme (channel: the 1x1 layer's ``d * d'`` included; spatial: the k x 1 conv on
 every input column). Ranks are kept to multiples of ``multiple`` because onnxruntime's NCHWc CPU
 layout only takes a conv whose input channels are a multiple of its block (8 or 16): an off-grid
-rank sends the rest of the chain back to NCHW with reorders (measured in BENCHMARKS.md).
+rank sends the rest of the chain back to NCHW with reorders (measured in benchmarks/HISTORY.md).
 """
 
 from __future__ import annotations
