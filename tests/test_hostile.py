@@ -17,14 +17,6 @@ from tests.test_outputs import snapshot
 RUN = ["--speedup", "1.5", "--no-bench", "--threads", "1"]
 
 
-@pytest.fixture
-def folder(tmp_path):
-    onnx.save(conv_net([Layer(16), Layer(32), Layer(32)], size=(10, 10), classifier=5), tmp_path / "in.onnx")
-    rng = np.random.default_rng(0)
-    np.savez(tmp_path / "calib.npz", input=rng.standard_normal((40, 3, 10, 10)).astype(np.float32))
-    return tmp_path
-
-
 def one_error(folder, *args, message: str) -> None:
     before = snapshot(folder)
     result = invoke(folder / "in.onnx", folder / "out.onnx", *args, *RUN)

@@ -8,7 +8,6 @@ import os
 import stat
 
 import numpy as np
-import onnx
 import pytest
 
 from onnx_lowrank import Budget, compress_to_budget
@@ -20,14 +19,6 @@ from tests.test_hostile import RUN, one_error
 from tests.test_outputs import snapshot
 
 LATENCY = ["--objective", "latency", "--method", "linear", "--bench-rounds", "15"]
-
-
-@pytest.fixture
-def folder(tmp_path):
-    onnx.save(conv_net([Layer(16), Layer(32), Layer(32)], size=(10, 10), classifier=5), tmp_path / "in.onnx")
-    rng = np.random.default_rng(0)
-    np.savez(tmp_path / "calib.npz", input=rng.standard_normal((40, 3, 10, 10)).astype(np.float32))
-    return tmp_path
 
 
 @pytest.mark.parametrize("text", ['{"version": 1, "name": "my settings"}', '{"version": 1, "entries": {}, "owner": "me"}',

@@ -17,17 +17,10 @@ import pytest
 
 from onnx_lowrank.graph import io as model_io
 from onnx_lowrank.output.provenance import sha256_of
-from tests.builders import Layer, conv_net, relative_error, run_model
+from tests.builders import relative_error, run_model
 from tests.test_cli import invoke
 
 RUN = ["--speedup", "1.5", "--no-bench", "--threads", "1"]
-
-
-@pytest.fixture
-def folder(tmp_path):
-    onnx.save(conv_net([Layer(16), Layer(32), Layer(32)], size=(10, 10), classifier=5), tmp_path / "in.onnx")
-    np.savez(tmp_path / "calib.npz", input=np.random.default_rng(0).standard_normal((40, 3, 10, 10)).astype(np.float32))
-    return tmp_path
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
