@@ -39,9 +39,7 @@ def load_model(source) -> onnx.ModelProto:
         where = str(path)
         try:
             model = _load_file(path)
-        except ModelLoadError:
-            raise
-        except Exception as exc:  # protobuf, onnx and the OS raise many unrelated types on bad files
+        except (DecodeError, ValueError, OSError, onnx.checker.ValidationError) as exc:  # what a bad file raises
             raise ModelLoadError(f"{path} is not a readable ONNX model ({type(exc).__name__}: {first_line(exc)})",
                                  hint="is the file truncated, of another format, or missing its external data?"
                                  ) from None
