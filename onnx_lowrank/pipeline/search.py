@@ -62,15 +62,14 @@ INT8_STEPS = 2  # slower plans tried when INT8 on top of the one found breaks th
 
 @takes_options
 def compress_to_budget(model, budget: Budget, *, calibration=None, evaluation=None, preprocess=None,
-                       progress=None, **options) -> Result:
+                       progress=None, speedup: float = 2.0, **options) -> Result:
     """The fastest plan of ``model`` whose fidelity on held-out data meets ``budget``. Keywords
     are those of :func:`onnx_lowrank.compress`, without ``speedup`` (``speedup`` here is only where
     the search starts, 2 by default). Raises BudgetNotMetError when no decomposition meets it."""
     if not isinstance(budget, Budget):
         raise InvalidTypeError(f"budget must be a Budget, got {type(budget).__name__} {budget!r}",
                                hint="e.g. Budget('error', 0.05) or Budget('agreement', 0.99)")
-    start = options.pop("speedup", 2.0)
-    opts = Options.from_keywords(speedup=start, **options)
+    opts = Options.from_keywords(speedup=speedup, **options)
     if opts.dry_run:
         raise InvalidOptionError("a budget search measures models; it has no dry run", hint="drop --dry-run")
     clock = time.perf_counter()
@@ -81,7 +80,7 @@ def compress_to_budget(model, budget: Budget, *, calibration=None, evaluation=No
     with analysis.run.stage("reference", "running the original on the held-out set"):
         reference = held_out_outputs(analysis.reference, data, opts.threads)
     searcher = _Searcher(analysis, opts, budget, reference, labels)
-    best = searcher.run(start)
+    best = searcher.run(speedup)
     int8 = None
     if best is not None and opts.quantize:
         best, int8 = searcher.with_int8(best)
