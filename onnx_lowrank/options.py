@@ -35,8 +35,9 @@ MAX_THREADS = 256  # onnxruntime starts every thread it is given; thousands take
 MIN_BENCH_ROUNDS = 15  # a median of fewer interleaved rounds moves with the machine's noise
 
 # The CLI's help panels.
-DATA, PLAN, BUDGET, QUANTIZE, RUN = ("Data", "Plan and method", "Accuracy budget (instead of --speedup)",
-                                     "INT8 on top", "Measurement and output")
+DATA, PLAN, BUDGET, DISTILL, QUANTIZE, RUN = ("Data", "Plan and method", "Accuracy budget (instead of --speedup)",
+                                              "Distillation (paper 3.6)", "INT8 on top", "Measurement and output")
+DEVICES = ("cpu", "cuda")
 
 
 class Check:
@@ -254,6 +255,17 @@ class Options:
                                        "them (written when the run succeeds).", PLAN)
     bench_batch: int = option(1, Integer(1), "Batch size latency is measured at (and planned at, with --objective "
                               "latency).", RUN)
+    distill: bool = option(False, Flag(), "Then train the low-rank model toward the original on the calibration "
+                           "data, no labels (its outputs and each decomposed layer's output); kept only if it "
+                           "measures better on held-out data. Needs pip install 'onnx-lowrank\\[distill]'.", DISTILL)
+    distill_time: float = option(600.0, NumberAbove(0.0, "e.g. 600: ten minutes"), "Wall-clock budget of --distill "
+                                 "in seconds (it also stops when the validation loss stops improving).", DISTILL,
+                                 metavar="SECONDS")
+    distill_steps: int | None = option(None, OrNone(Integer(1)), "Most training steps of --distill (default: the "
+                                       "time budget and early stopping decide).", DISTILL)
+    distill_all_weights: bool = option(False, Flag(), "--distill trains every float weight, not only the factors "
+                                       "and their biases.", DISTILL)
+    distill_device: str = option("cpu", Choice(DEVICES), "Where --distill trains (cuda: a GPU torch sees).", DISTILL)
     quantize: str | None = option(None, OrNone(Choice(QUANTIZATIONS)), "int8: then quantize the low-rank model "
                                   "with onnxruntime's static quantizer (QDQ, per-channel weights, the calibration "
                                   "data), nodes that cost more than --int8-tolerance kept in float; the report "

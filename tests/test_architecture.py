@@ -12,11 +12,12 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "onnx_lowrank"
 
 # Lowest first: each may import the ones before it. "core" is the package's own top-level modules.
-LAYERS = ["core", "solvers", "planning", "graph", "runtime", "methods", "measure", "quantize", "output",
+LAYERS = ["core", "solvers", "planning", "graph", "runtime", "methods", "measure", "quantize", "distill", "output",
           "pipeline", "cli"]
 # Third-party imports a layer may add to those of the layers below it.
 LIBRARIES = {"core": {"numpy"}, "solvers": {"scipy"}, "graph": {"onnx", "onnx_graphsurgeon"},
-             "runtime": {"onnxruntime", "PIL"}, "output": {"rich", "matplotlib"}, "cli": {"typer", "rich"}}
+             "runtime": {"onnxruntime", "PIL"}, "distill": {"torch", "onnx2torch"}, "output": {"rich", "matplotlib"},
+             "cli": {"typer", "rich"}}
 ENTRY_POINTS = {"__init__.py", "__main__.py"}  # lazy doors to the pipeline and the CLI
 
 
@@ -56,7 +57,7 @@ def test_a_module_imports_only_the_layers_below_it(path: Path) -> None:
             target = parts[1] if len(parts) > 2 or (len(parts) == 2 and (PACKAGE / parts[1]).is_dir()) else "core"
             assert LAYERS.index(target) <= LAYERS.index(layer), f"{path}: {layer} imports {name} ({target})"
         elif top in {"onnx", "onnx_graphsurgeon", "onnxruntime", "scipy", "PIL", "rich", "matplotlib", "typer",
-                     "torch"}:
+                     "torch", "onnx2torch"}:
             assert top in allowed_libraries(layer), f"{path}: {layer} imports {name}"
 
 

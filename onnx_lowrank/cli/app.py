@@ -36,7 +36,7 @@ from onnx_lowrank.cli.console import (
     tell,
 )
 from onnx_lowrank.errors import InvalidOptionError, LowRankError
-from onnx_lowrank.options import BUDGET, DATA, FORMS, PLAN, QUANTIZE, RUN, Options, declaration
+from onnx_lowrank.options import BUDGET, DATA, DISTILL, FORMS, PLAN, QUANTIZE, RUN, Options, declaration
 from onnx_lowrank.userfiles import FileUse
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
@@ -154,7 +154,7 @@ def _signature() -> inspect.Signature:
                                 else inspect.Parameter.KEYWORD_ONLY, default=p.info, annotation=p.annotation)
               for name, p in CLI_ONLY.items()]
     params += [_declared_parameter(f) for f in fields(Options)]
-    panels = [PLAN, BUDGET, DATA, QUANTIZE, RUN]
+    panels = [PLAN, BUDGET, DATA, DISTILL, QUANTIZE, RUN]
     # The panels in --help come in the order their first flag does.
     order = {p.name: (p.kind is not inspect.Parameter.POSITIONAL_OR_KEYWORD,
                       panels.index(p.default.rich_help_panel) if p.default.rich_help_panel in panels else 0, i)

@@ -49,7 +49,7 @@ class FrontierPoint:
 
 
 # Bumped whenever a key of the JSON report changes meaning or disappears (README: "The report").
-SCHEMA_VERSION = 4  # 4: int8.kept_float maps a node to its reason and measured cost; stages say what was written
+SCHEMA_VERSION = 5  # 5: distill; 4: int8.kept_float maps a node to its reason and measured cost
 
 
 @dataclass
@@ -86,6 +86,7 @@ class Report:
     # --objective latency: where the layers were timed, and the conv time (ms) before / after they predict
     latency_plan: dict | None = None
     int8: dict | None = None  # how INT8 was applied, and the nodes it kept in float
+    distill: dict | None = None  # --distill: what was trained, the loss at each evaluation, held-out error before/after
 
     def to_dict(self) -> dict:
         data = {"schema_version": SCHEMA_VERSION, **asdict(self)}
@@ -176,9 +177,21 @@ def _render_summary(report: Report, console) -> None:
             summary.add_row(f"  plan for {step['asked']:.2f}×: predicted / measured "
                             f"({report.latency_plan['in_model_measure']})",
                             f"{step['predicted']:.2f}× / {step['measured']:.2f}×")
+    if report.distill is not None:
+        _distill_rows(report.distill, summary)
     _latency_rows(report, summary)
     _fidelity_rows(report.fidelity, summary)
     console.print(summary)
+
+
+def _distill_rows(distill: dict, summary) -> None:
+    from rich.markup import escape
+
+    if "held_out_error" in distill:
+        error = distill["held_out_error"]
+        summary.add_row(f"distillation ({distill['trained']}, {distill['steps']} steps, {distill['seconds']:.0f} s, "
+                        f"{distill['device']}): held-out error", f"{error['before']:.4f} → {error['after']:.4f}")
+    summary.add_row("distilled model written", "yes" if distill["applied"] else escape(f"no: {distill['reason']}"))
 
 
 def _latency_rows(report: Report, summary) -> None:

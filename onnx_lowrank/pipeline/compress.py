@@ -15,6 +15,7 @@ import os
 
 import onnx
 
+from onnx_lowrank.distill import require as require_distillation
 from onnx_lowrank.errors import InternalError
 from onnx_lowrank.graph.io import check_model
 from onnx_lowrank.graph.rewrite import replace_units
@@ -69,6 +70,8 @@ def compress(
     string or a sequence of them.
     """
     opts = Options.from_keywords(speedup=speedup, **options)
+    if opts.distill:
+        require_distillation(opts.distill_device)
     analysis = analyse(model, opts, calibration, evaluation, preprocess, progress)
     plan = plan_for(analysis, opts)
     solved = solve(analysis, plan, opts) if not opts.dry_run else Solved()
@@ -77,7 +80,10 @@ def compress(
     if opts.dry_run:
         return ending.finish(None, report)
     optimized = rewrite(analysis, solved)
+    hints = hint_tensors(analysis, solved)
     del analysis, solved  # the layers, their responses and factors go before the measurements
+    if opts.distill:
+        optimized = distill(ending.measuring, optimized, hints, report, opts)
     measure(ending.measuring, optimized, report, opts)
     if opts.quantize:
         optimized = add_int8(ending.measuring, optimized, report, opts)
@@ -137,6 +143,21 @@ def rewrite(analysis: Analysis, solved: Solved, level: int = logging.INFO) -> on
         gc.collect()  # graphsurgeon graphs are reference cycles that hold the factors' arrays
         _check_rewritten(optimized)
     return optimized
+
+
+def hint_tensors(analysis: Analysis, solved: Solved) -> list[str]:
+    """The decomposed layers' output tensors, which distillation matches to the original's."""
+    return [u.output for u in analysis.units if u.name in solved.chains]
+
+
+def distill(measuring: Measuring, optimized: onnx.ModelProto, hints: list[str], report: Report,
+            opts: Options) -> onnx.ModelProto:
+    """The low-rank model trained toward the original (``distill.stage``), or as it was."""
+    from onnx_lowrank.distill.stage import distill as distill_stage
+
+    distilled = distill_stage(measuring, optimized, hints, opts)
+    report.distill = distilled.section
+    return distilled.model
 
 
 def measure(measuring: Measuring, optimized: onnx.ModelProto, report: Report, opts: Options) -> None:

@@ -32,6 +32,7 @@ import logging
 import math
 import time
 
+from onnx_lowrank.distill import require as require_distillation
 from onnx_lowrank.errors import BudgetNotMetError, InfeasibleTargetError, InvalidOptionError, InvalidTypeError
 from onnx_lowrank.measure.fidelity import held_out_outputs
 from onnx_lowrank.methods.chains import PROBE_SCHEDULE
@@ -39,7 +40,7 @@ from onnx_lowrank.options import Options, takes_options
 from onnx_lowrank.output.report import INT8_SUFFIX, PROBE_LABEL, QUICK_SUFFIX, FrontierPoint
 from onnx_lowrank.pipeline.analysis import Analysis, Result, analyse
 from onnx_lowrank.pipeline.budget import Budget
-from onnx_lowrank.pipeline.compress import measure, report_for, rewrite, solve
+from onnx_lowrank.pipeline.compress import distill, hint_tensors, measure, report_for, rewrite, solve
 from onnx_lowrank.pipeline.plan import plan_for
 from onnx_lowrank.quantize import Tolerance, add_int8, int8_of
 from onnx_lowrank.registry import METHODS
@@ -70,6 +71,8 @@ def compress_to_budget(model, budget: Budget, *, calibration=None, evaluation=No
         raise InvalidTypeError(f"budget must be a Budget, got {type(budget).__name__} {budget!r}",
                                hint="e.g. Budget('error', 0.05) or Budget('agreement', 0.99)")
     opts = Options.from_keywords(speedup=speedup, **options)
+    if opts.distill:
+        require_distillation(opts.distill_device)
     if opts.dry_run:
         raise InvalidOptionError("a budget search measures models; it has no dry run", hint="drop --dry-run")
     clock = time.perf_counter()
@@ -93,6 +96,8 @@ def compress_to_budget(model, budget: Budget, *, calibration=None, evaluation=No
     final_opts = dataclasses.replace(opts, speedup=point.speedup_target)
     report = report_for(analysis, searcher.plans[point.speedup_target], solved, final_opts)
     ending = analysis.ending()
+    if opts.distill:  # the plan found, trained; kept only where it measures better on the held-out data
+        optimized = distill(ending.measuring, optimized, hint_tensors(analysis, solved), report, final_opts)
     measure(ending.measuring, optimized, report, final_opts)
     if int8 is not None:  # the budget was met by the INT8 model: that is the answer, and its figure
         optimized = add_int8(ending.measuring, optimized, report, final_opts, lowrank_int8=int8[1],
