@@ -19,6 +19,7 @@ import torch
 
 from onnx_lowrank.distill.convert import TorchStudent, with_weights
 from onnx_lowrank.distill.train import Budget, distillation_loss, train
+from onnx_lowrank.graph.surgery import prefix_model
 from onnx_lowrank.measure.context import Measuring
 from onnx_lowrank.measure.fidelity import compare_outputs, held_out_outputs, looks_like_class_scores
 from onnx_lowrank.options import Options
@@ -44,15 +45,13 @@ def distill(measuring: Measuring, student_model: onnx.ModelProto, hints: list[st
     torch.manual_seed(opts.seed)
     torch.set_num_threads(opts.threads or os.cpu_count() or 1)
     device = torch.device(opts.distill_device)
-    outputs = [o.name for o in student_model.graph.output]
     train_indices, validation_indices = _split(measuring.data.source, measuring.data.calib_indices)
-    teacher = make_session(with_outputs(measuring.normalised, outputs + hints), threads=opts.threads)
     trainable = _trainable(student_model, measuring.normalised, opts.distill_all_weights)
-    try:
-        student = TorchStudent(with_outputs(student_model, outputs + hints), trainable)
-    except Exception as exc:  # onnx2torch raises what each converter does on an op it cannot take
-        return _not_applied(student_model, f"the model does not convert to torch ({type(exc).__name__}: "
-                                           f"{str(exc).splitlines()[0] if str(exc) else ''})", measuring)
+    converted = _convert(student_model, hints, trainable)
+    if isinstance(converted, str):
+        return _not_applied(student_model, converted, measuring)
+    student, outputs, scope = converted
+    teacher = make_session(with_outputs(measuring.normalised, outputs + hints), threads=opts.threads)
     student.module.to(device)
     batches = _Batches(measuring.data.source, teacher, outputs + hints, measuring.data.batch, device)
     validation = batches.of(validation_indices)
@@ -70,12 +69,12 @@ def distill(measuring: Measuring, student_model: onnx.ModelProto, hints: list[st
         history = train(student, lambda epoch: batches.of(rng.permutation(train_indices).tolist()), validation,
                         loss_of, Budget(opts.distill_steps, opts.distill_time), ticker)
     distilled = with_weights(student_model, student.state())
-    section = {"applied": False, "trained": "all weights" if opts.distill_all_weights else "factors",
+    section = {"applied": False, "scope": scope, "trained": "all weights" if opts.distill_all_weights else "factors",
                "tensors": len(student.trainable), "parameters": int(sum(p.numel() for p in student.parameters())),
                "train_samples": len(train_indices), "validation_samples": len(validation_indices),
                "hints": len(hints), "device": device.type, "steps": history.steps, "best_step": history.best_step,
                "stopped": history.stopped, "history": history.evaluations}
-    gap = _reproduction_gap(distilled, student, first, outputs, opts.threads)
+    gap = _reproduction_gap(distilled, student, first, outputs or hints, opts.threads)
     section["onnxruntime_vs_torch"] = gap
     if gap > REPRODUCTION_TOLERANCE:
         measuring.run.warn(f"distillation: onnxruntime does not reproduce the trained weights ({gap:.2g} relative); "
@@ -91,6 +90,26 @@ def distill(measuring: Measuring, student_model: onnx.ModelProto, hints: list[st
                            "the undistilled model is kept")
         return Distilled(student_model, {**section, "reason": "no better on the held-out data"})
     return Distilled(distilled, {**section, "applied": True})
+
+
+def _convert(model: onnx.ModelProto, hints: list[str], trainable: list[str]
+             ) -> tuple[TorchStudent, list[str], str] | str:
+    """The student as torch, the outputs it is trained on, and what of the model that is; where the
+    whole model does not convert, the sub-graph up to the last decomposed layer (every layer that
+    was decomposed, and the hints as its only targets); else why not."""
+    outputs = [o.name for o in model.graph.output]
+    try:
+        return TorchStudent(with_outputs(model, outputs + hints), trainable), outputs, "the whole model"
+    except Exception as exc:  # onnx2torch raises what each converter does on an op it cannot take
+        whole = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    prefix = prefix_model(model, hints)
+    try:
+        student = TorchStudent(prefix, [name for name in trainable if name in {i.name for i in prefix.graph.initializer}])
+    except Exception as exc:  # as above
+        return (f"the model does not convert to torch ({whole}), nor its part up to the last decomposed layer "
+                f"({type(exc).__name__})")
+    return student, [], (f"the part up to the last decomposed layer ({len(prefix.graph.node)} of "
+                         f"{len(model.graph.node)} nodes): the rest does not convert to torch ({whole})")
 
 
 def _not_applied(model: onnx.ModelProto, why: str, measuring: Measuring) -> Distilled:
@@ -168,7 +187,7 @@ def _reproduction_gap(model: onnx.ModelProto, student: TorchStudent, batch, outp
     """The largest difference between onnxruntime on the written weights and the torch module,
     relative to each output's largest magnitude."""
     inputs, _ = batch
-    session = make_session(model, threads=threads, produced=True)
+    session = make_session(with_outputs(model, outputs), threads=threads, produced=True)
     feeds = {i.name: tensor.cpu().numpy() for i, tensor in zip(session.get_inputs(), inputs)}
     expected = dict(zip(outputs, run(session, outputs, feeds, produced=True)))
     with torch.no_grad():

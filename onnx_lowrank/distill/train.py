@@ -60,9 +60,8 @@ def distillation_loss(student: dict[str, torch.Tensor], teacher: dict[str, torch
         target = teacher[name]
         return torch.mean((student[name] - target) ** 2) / (torch.mean(target ** 2) + 1e-12)
 
-    loss = torch.stack([relative(name) for name in outputs]).mean()
-    if hints:
-        loss = loss + torch.stack([relative(name) for name in hints]).mean()
+    terms = [torch.stack([relative(name) for name in names]).mean() for names in (outputs, hints) if names]
+    loss = torch.stack(terms).sum()
     for name in class_scores:
         t = TEMPERATURE
         target = torch.log_softmax(teacher[name].flatten(1) / t, dim=1)
@@ -99,7 +98,7 @@ def train(student: TorchStudent, batches: Callable[[int], list[tuple[list[torch.
             loss = loss_of(student(inputs), targets)
             loss.backward()
             optimizer.step()
-            recent.append(float(loss))
+            recent.append(float(loss.detach()))
             history.steps += 1
             progress(1)
             over_time = time.perf_counter() - started > budget.seconds
