@@ -166,7 +166,7 @@ def test_report_says_what_produced_it(tiny) -> None:
     assert invoke(tiny / "tiny.onnx", out, "--speedup", "2", "--calib", tiny / "calib.npz", "--report", report,
                   "--no-bench", "--seed", "7").exit_code == 0
     data = json.loads(report.read_text())
-    assert data["schema_version"] == 4
+    assert data["schema_version"] == 5
     assert set(data["versions"]) == {"onnx-lowrank", "onnx", "onnxruntime", "onnxruntime_builds", "numpy", "scipy"}
     from importlib import metadata
 

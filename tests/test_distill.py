@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 
 import numpy as np
+import onnx
 import pytest
 from onnx import helper
 
@@ -16,7 +18,7 @@ torch = pytest.importorskip("torch")
 if importlib.util.find_spec("onnx2torch") is None:  # imported by the code under test, which copes with torchvision
     pytest.skip("the [distill] extra is not installed", allow_module_level=True)
 
-from onnx_lowrank.distill.convert import TorchStudent, with_weights  # noqa: E402
+from onnx_lowrank.distill.convert import TorchStudent, with_weights  # noqa: E402  (after the skip)
 
 
 def data(count: int = 120, size: int = 12, seed: int = 0) -> np.ndarray:
@@ -95,3 +97,18 @@ def test_an_op_after_the_last_decomposed_layer_that_does_not_convert_leaves_the_
     distill = result.report.distill
     assert distill["scope"].startswith("the part up to the last decomposed layer"), distill["scope"]
     assert distill["applied"] and distill["held_out_error"]["after"] < 0.5 * distill["held_out_error"]["before"]
+
+
+def test_the_cli_distils_reports_and_plots_the_loss(tmp_path) -> None:
+    from tests.test_cli import invoke
+
+    onnx.save(conv_net([Layer(16), Layer(48), Layer(48)], size=(12, 12), classifier=5), tmp_path / "in.onnx")
+    np.savez(tmp_path / "calib.npz", input=data(80))
+    result = invoke(tmp_path / "in.onnx", tmp_path / "out.onnx", "--calib", tmp_path / "calib.npz", "--speedup", "2",
+                    "--distill", "--distill-time", "5", "--distill-steps", "40", "--no-bench", "--threads", "1",
+                    "--report", tmp_path / "r.json", "--plot", tmp_path / "loss.png")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["options"]["distill"] is True and report["distill"]["steps"] <= 40
+    assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert "held-out error" in result.stdout

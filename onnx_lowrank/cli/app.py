@@ -91,8 +91,8 @@ CLI_ONLY: dict[str, CliOnly] = {
                    "fn(original_outputs, candidate_outputs, labels) -> float (higher is better; outputs are dicts by "
                    "output name), with --min-metric.", rich_help_panel=BUDGET),
     "min_metric": _opt(Optional[float], None, help="The least value of --metric to accept.", rich_help_panel=BUDGET),
-    "plot": _opt(Optional[Path], None, use=FileUse.WRITTEN, help="Budget search: draw the explored frontier to this "
-                 "PNG (pip install 'onnx-lowrank\\[plots]').", rich_help_panel=BUDGET),
+    "plot": _opt(Optional[Path], None, use=FileUse.WRITTEN, help="Draw the budget search's frontier and/or the "
+                 "--distill loss to this PNG (pip install 'onnx-lowrank\\[plots]').", rich_help_panel=BUDGET),
     "calib": _opt(Optional[str], None, use=FileUse.READ, help=f"Calibration data: {FORMS}; without it random "
                   "inputs are used.", rich_help_panel=DATA),
     "eval_data": _opt(Optional[str], None, "--eval", use=FileUse.READ, help=f"Data to measure fidelity on instead "
@@ -211,8 +211,9 @@ def _budget(given: dict[str, Any]):
     if (given["metric"] is None) != (given["min_metric"] is None):
         raise InvalidOptionError("--metric and --min-metric go together", hint="give both, or neither")
     if given["plot"] is not None:
-        if not chosen:
-            raise InvalidOptionError("--plot draws the frontier of a budget search", hint="give a budget too")
+        if not chosen and not given["distill"]:
+            raise InvalidOptionError("--plot draws the frontier of a budget search or the loss of --distill",
+                                     hint="give a budget or --distill too")
         if importlib.util.find_spec("matplotlib") is None:
             raise InvalidOptionError("--plot needs matplotlib", hint="pip install 'onnx-lowrank[plots]'")
     if not chosen:
@@ -275,9 +276,9 @@ def _compress_and_write(given: dict[str, Any], signals: Signals) -> int:
         if paths.get("--report") is not None:
             staging.text(paths.get("--report"), result.report.to_json())
         if paths.get("--plot") is not None:
-            from onnx_lowrank.output.plot import draw_frontier
+            from onnx_lowrank.output.plot import draw
 
-            staging.file(paths.get("--plot"), lambda path: draw_frontier(result.report, path))
+            staging.file(paths.get("--plot"), lambda path: draw(result.report, path))
         signals.commit(staging)
     # From the commit on the run has succeeded: a reader gone from stdout does not change that.
     if not given["quiet"]:

@@ -6,7 +6,8 @@ there, so every term is scale-free and a layer counts as much as another; output
 scores also get the KL divergence of their softmax at a temperature. Adam with a *relative* step
 (each tensor's learning rate scaled by its RMS), so one default moves every layer of every model
 by the same fraction; the best weights by validation loss are kept (early stopping), the step
-halves when validation stalls, and the loop ends at the step or time budget.
+warms up over the first steps and halves when validation stalls, and the loop ends at the step or
+time budget.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from onnx_lowrank.distill.convert import TorchStudent
 
 log = logging.getLogger(__name__)
 
-RELATIVE_STEP = 2e-3  # Adam's step per tensor, as a fraction of the tensor's RMS
+RELATIVE_STEP = 5e-4  # Adam's step per tensor, as a fraction of the tensor's RMS
+WARMUP_STEPS = 10  # the step grows linearly to it: Adam's first steps move every weight by the full step
 TEMPERATURE = 2.0  # of the KL term on class scores
 EVALUATIONS_PER_EPOCH = 2
 PATIENCE = 6  # evaluations without a better validation loss before stopping
@@ -79,6 +81,7 @@ def train(student: TorchStudent, batches: Callable[[int], list[tuple[list[torch.
     groups = [{"params": [p], "lr": RELATIVE_STEP * max(float(p.detach().pow(2).mean().sqrt()), 1e-8)}
               for p in parameters]
     optimizer = torch.optim.Adam(groups)
+    warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / WARMUP_STEPS))
     history, best_state = History(), student.state()
     started = time.perf_counter()
 
@@ -98,6 +101,7 @@ def train(student: TorchStudent, batches: Callable[[int], list[tuple[list[torch.
             loss = loss_of(student(inputs), targets)
             loss.backward()
             optimizer.step()
+            warmup.step()
             recent.append(float(loss.detach()))
             history.steps += 1
             progress(1)
@@ -115,8 +119,7 @@ def train(student: TorchStudent, batches: Callable[[int], list[tuple[list[torch.
             else:
                 stale += 1
                 if stale % HALVE_AFTER == 0:
-                    for group in optimizer.param_groups:
-                        group["lr"] /= 2
+                    warmup.base_lrs = [lr / 2 for lr in warmup.base_lrs]
             if over_time or over_steps or stale >= PATIENCE:
                 history.stopped = "time" if over_time else "steps" if over_steps else "no better validation loss"
                 break

@@ -1,4 +1,5 @@
-"""The frontier of a budget search as a PNG (matplotlib, from the ``plots`` extra)."""
+"""``--plot``: the frontier of a budget search and/or the loss curve of ``--distill``, as one PNG
+(matplotlib, from the ``plots`` extra)."""
 
 from __future__ import annotations
 
@@ -7,14 +8,39 @@ from pathlib import Path
 from onnx_lowrank.output.report import INT8_SUFFIX, PROBE_LABEL, QUICK_SUFFIX, Report
 
 
-def draw_frontier(report: Report, path: Path) -> None:
+def draw(report: Report, path: Path) -> None:
+    """One panel per thing the run has to show: the budget search's frontier, the distillation."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    panels = [draw for draw, shown in ((_frontier, report.budget), (_distillation, (report.distill or {}).get("history")))
+              if shown]
+    figure, axes = plt.subplots(1, len(panels), figsize=(6.4 * len(panels), 4.2), dpi=120, squeeze=False)
+    for panel, ax in zip(panels, axes[0]):
+        panel(report, ax)
+    figure.tight_layout()
+    figure.savefig(path, format="png")
+    plt.close(figure)
+
+
+def _distillation(report: Report, axes) -> None:
+    history = report.distill["history"]
+    axes.plot([e["step"] for e in history], [e["validation_loss"] for e in history], marker="o", label="validation")
+    trained = [e for e in history if e["train_loss"] is not None]
+    axes.plot([e["step"] for e in trained], [e["train_loss"] for e in trained], marker=".", label="training (mean)")
+    axes.axvline(report.distill["best_step"], color="grey", linestyle="--", label="kept (best validation)")
+    axes.set_xlabel("step")
+    axes.set_ylabel("distillation loss")
+    axes.set_yscale("log")
+    axes.set_title("onnx-lowrank distillation")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+
+
+def _frontier(report: Report, axes) -> None:
     points = [p for p in report.frontier if p.value is not None]
-    figure, axes = plt.subplots(figsize=(6.4, 4.2), dpi=120)
     for solver in dict.fromkeys(p.solver for p in points):
         chosen = [p for p in points if p.solver == solver]
         marker = ("o" if solver == PROBE_LABEL else "^" if solver.endswith(INT8_SUFFIX)
@@ -30,6 +56,3 @@ def draw_frontier(report: Report, path: Path) -> None:
     axes.set_title("onnx-lowrank budget search (green: met, red: missed)")
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, format="png")
-    plt.close(figure)
