@@ -61,13 +61,16 @@ def distill(measuring: Measuring, student_model: onnx.ModelProto, hints: list[st
     def loss_of(student_outputs, targets):
         return distillation_loss(student_outputs, targets, outputs, hints, class_scores)
 
+    def score_of(student_outputs, targets):  # the outputs alone where there are any: what the run is judged on
+        return distillation_loss(student_outputs, targets, outputs, [] if outputs else hints, class_scores)
+
     rng = np.random.default_rng(opts.seed)
     advance = measuring.progress.stage("distilling (seconds of --distill-time)", int(opts.distill_time))
     ticker = _SecondsTicker(advance)
     with measuring.run.stage("distill", f"distilling {len(student.trainable)} weight tensors on "
                                         f"{len(train_indices)} samples ({device.type})"):
         history = train(student, lambda epoch: batches.of(rng.permutation(train_indices).tolist()), validation,
-                        loss_of, Budget(opts.distill_steps, opts.distill_time), ticker)
+                        loss_of, score_of, Budget(opts.distill_steps, opts.distill_time), ticker)
     distilled = with_weights(student_model, student.state())
     section = {"applied": False, "scope": scope, "trained": "all weights" if opts.distill_all_weights else "factors",
                "tensors": len(student.trainable), "parameters": int(sum(p.numel() for p in student.parameters())),

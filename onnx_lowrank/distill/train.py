@@ -13,7 +13,6 @@ time budget.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -50,10 +49,6 @@ class History:
     steps: int = 0
     stopped: str = ""
 
-    @property
-    def best_loss(self) -> float:
-        return min((e["validation_loss"] for e in self.evaluations), default=math.inf)
-
 
 def distillation_loss(student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor],
                       outputs: list[str], hints: list[str], class_scores: set[str]) -> torch.Tensor:
@@ -73,10 +68,11 @@ def distillation_loss(student: dict[str, torch.Tensor], teacher: dict[str, torch
 
 
 def train(student: TorchStudent, batches: Callable[[int], list[tuple[list[torch.Tensor], dict]]],
-          validation: list[tuple[list[torch.Tensor], dict]], loss_of: Callable, budget: Budget,
+          validation: list[tuple[list[torch.Tensor], dict]], loss_of: Callable, score_of: Callable, budget: Budget,
           progress: Callable[[int], None] = lambda n=1: None) -> History:
-    """Train ``student`` on ``batches(epoch)`` (inputs, teacher targets) until the budget or
-    patience ends; the best weights by loss on ``validation`` are loaded at the end."""
+    """Train ``student`` on ``batches(epoch)`` (inputs, teacher targets) by ``loss_of`` until the
+    budget or patience ends; the best weights by ``score_of`` on ``validation`` (what the run is
+    judged on: the outputs) are loaded at the end."""
     parameters = student.parameters()
     groups = [{"params": [p], "lr": RELATIVE_STEP * max(float(p.detach().pow(2).mean().sqrt()), 1e-8)}
               for p in parameters]
@@ -87,7 +83,7 @@ def train(student: TorchStudent, batches: Callable[[int], list[tuple[list[torch.
 
     def validation_loss() -> float:
         with torch.no_grad():
-            return float(np.mean([float(loss_of(student(inputs), targets)) for inputs, targets in validation]))
+            return float(np.mean([float(score_of(student(inputs), targets)) for inputs, targets in validation]))
 
     history.evaluations.append({"step": 0, "epoch": 0.0, "validation_loss": validation_loss(), "train_loss": None,
                                 "seconds": 0.0})

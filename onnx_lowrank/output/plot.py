@@ -27,9 +27,9 @@ def draw(report: Report, path: Path) -> None:
 
 def _distillation(report: Report, axes) -> None:
     history = report.distill["history"]
-    axes.plot([e["step"] for e in history], [e["validation_loss"] for e in history], marker="o", label="validation")
+    axes.plot([e["step"] for e in history], [e["validation_loss"] for e in history], marker="o", label="validation (outputs)")
     trained = [e for e in history if e["train_loss"] is not None]
-    axes.plot([e["step"] for e in trained], [e["train_loss"] for e in trained], marker=".", label="training (mean)")
+    axes.plot([e["step"] for e in trained], [e["train_loss"] for e in trained], marker=".", label="training (outputs + hints, mean)")
     axes.axvline(report.distill["best_step"], color="grey", linestyle="--", label="kept (best validation)")
     axes.set_xlabel("step")
     axes.set_ylabel("distillation loss")
