@@ -112,3 +112,18 @@ def test_the_cli_distils_reports_and_plots_the_loss(tmp_path) -> None:
     assert report["options"]["distill"] is True and report["distill"]["steps"] <= 40
     assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
     assert "held-out error" in result.stdout
+
+
+@pytest.mark.slow
+def test_a_budget_search_distils_the_plan_it_found_and_marks_it_in_the_frontier() -> None:
+    from onnx_lowrank import Budget, compress_to_budget
+
+    model = conv_net([Layer(16), Layer(48), Layer(48), Layer(48)], size=(12, 12), classifier=10)
+    result = compress_to_budget(model, Budget("error", 0.6), calibration=data(), method="svd", distill=True,
+                                distill_time=120, distill_steps=400, bench=False, threads=1, rank_multiple=4,
+                                num_images=100, holdout=20)
+    report = result.report
+    assert report.distill["applied"], report.distill
+    distilled = [p for p in report.frontier if p.solver == "svd (distilled)"]
+    assert len(distilled) == 1 and report.budget["measured"] == distilled[0].value and report.budget["met"]
+    assert distilled[0].value == pytest.approx(max(report.fidelity.output_rel_error.values()), rel=1e-5)

@@ -43,7 +43,7 @@ def _frontier(report: Report, axes) -> None:
     points = [p for p in report.frontier if p.value is not None]
     for solver in dict.fromkeys(p.solver for p in points):
         chosen = [p for p in points if p.solver == solver]
-        marker = ("o" if solver == PROBE_LABEL else "^" if solver.endswith(INT8_SUFFIX)
+        marker = ("o" if solver == PROBE_LABEL else "*" if "(distilled" in solver else "^" if solver.endswith(INT8_SUFFIX)
                   else "D" if solver.endswith(QUICK_SUFFIX) else "s")
         axes.scatter([p.theoretical_speedup for p in chosen], [p.value for p in chosen], marker=marker,
                      c=["tab:green" if p.met else "tab:red" for p in chosen],

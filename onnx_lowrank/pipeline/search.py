@@ -96,15 +96,23 @@ def compress_to_budget(model, budget: Budget, *, calibration=None, evaluation=No
     final_opts = dataclasses.replace(opts, speedup=point.speedup_target)
     report = report_for(analysis, searcher.plans[point.speedup_target], solved, final_opts)
     ending = analysis.ending()
+    undistilled = optimized
     if opts.distill:  # the plan found, trained; kept only where it measures better on the held-out data
         optimized = distill(ending.measuring, optimized, hint_tensors(analysis, solved), report, final_opts)
+    distilled = optimized is not undistilled
     measure(ending.measuring, optimized, report, final_opts)
     if int8 is not None:  # the budget was met by the INT8 model: that is the answer, and its figure
-        optimized = add_int8(ending.measuring, optimized, report, final_opts, lowrank_int8=int8[1],
-                             tolerance=searcher.int8_tolerance())
-        point = int8[0] if report.int8["written"] == "int8" else point
+        optimized = add_int8(ending.measuring, optimized, report, final_opts,
+                             lowrank_int8=None if distilled else int8[1], tolerance=searcher.int8_tolerance())
+        point = int8[0] if report.int8["written"] == "int8" and not distilled else point
+    if distilled:  # the model written is measured again by the budget, and marked in the frontier
+        value = budget.value(reference, held_out_outputs(optimized, data, opts.threads, produced=True), labels)
+        int8_written = report.int8 is not None and report.int8["written"] == "int8"
+        point = FrontierPoint(point.speedup_target, point.theoretical_speedup, value, budget.met(value),
+                              f"{opts.method} (distilled{' + int8' if int8_written else ''})")
+        searcher.frontier.append(point)
     report.budget = {"target": budget.describe(), "kind": budget.kind, "limit": budget.limit,
-                     "measured": point.value, "met": True, "held_out_samples": len(data.holdout_indices),
+                     "measured": point.value, "met": point.met, "held_out_samples": len(data.holdout_indices),
                      "search_s": time.perf_counter() - clock}
     report.frontier = sorted(searcher.frontier, key=lambda p: (p.theoretical_speedup or math.inf, p.solver))
     log.info("budget met: %s measured %.4g at a theoretical conv speedup of %.2fx", budget.describe(), point.value,
