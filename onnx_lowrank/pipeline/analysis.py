@@ -105,8 +105,9 @@ def analyse(model, opts: Options, calibration: CalibrationSource = None, evaluat
         normalised = normalise(original)
         del original
         store = WeightStore() if is_large(normalised) else None
-        if store is not None and opts.quantize:
-            raise InvalidOptionError("--quantize is not built for models over 2 GiB yet", hint="drop --quantize")
+        for asked, flag in ((opts.quantize, "--quantize"), (opts.distill, "--distill")):
+            if store is not None and asked:
+                raise InvalidOptionError(f"{flag} is not built for models over 2 GiB yet", hint=f"drop {flag}")
         if store is not None:  # from here on the weights are on disk, read as memory maps
             normalised = store.keep(normalised)
             gc.collect()
