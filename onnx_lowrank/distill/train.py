@@ -24,7 +24,7 @@ from onnx_lowrank.distill.convert import TorchStudent
 
 log = logging.getLogger(__name__)
 
-RELATIVE_STEP = 5e-4  # Adam's step per tensor, as a fraction of the tensor's RMS
+RELATIVE_STEP = 1e-3  # Adam's step per tensor, as a fraction of the tensor's RMS
 WARMUP_STEPS = 10  # the step grows linearly to it: Adam's first steps move every weight by the full step
 TEMPERATURE = 2.0  # of the KL term on class scores
 EVALUATIONS_PER_EPOCH = 2
