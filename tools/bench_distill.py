@@ -91,12 +91,12 @@ def main() -> None:
     runner.add_argument("--methods", nargs="+", default=["asymmetric", "asym3d"])
     runner.add_argument("--variant", action="append", default=[])
     runner.add_argument("--json")
-    runner.add_argument("cli", nargs=argparse.REMAINDER)
     renderer = commands.add_parser("render")
     renderer.add_argument("files", nargs="+")
-    args = parser.parse_args()
-    if args.command == "run" and args.cli[:1] == ["--"]:
-        args.cli = args.cli[1:]
+    argv = sys.argv[1:]
+    split = argv.index("--") if "--" in argv else len(argv)
+    args = parser.parse_args(argv[:split])
+    args.cli = argv[split + 1:]
     (run if args.command == "run" else render)(args)
 
 

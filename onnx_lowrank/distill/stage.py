@@ -57,6 +57,12 @@ def distill(measuring: Measuring, student_model: onnx.ModelProto, hints: list[st
     validation = batches.of(validation_indices)
     first = next(iter(validation))
     class_scores = {n for n in outputs if looks_like_class_scores(first[1][n].cpu().numpy())}
+    try:
+        with torch.no_grad():
+            student(first[0])
+    except (RuntimeError, NotImplementedError, ValueError, TypeError) as exc:  # a converted op torch cannot run
+        return _not_applied(student_model, f"the converted model does not run in torch ({type(exc).__name__}: "
+                                           f"{str(exc).splitlines()[0][:200] if str(exc) else ''})", measuring)
 
     def loss_of(student_outputs, targets):
         return distillation_loss(student_outputs, targets, outputs, hints, class_scores)
