@@ -89,15 +89,22 @@ def distill(measuring: Measuring, student_model: onnx.ModelProto, hints: list[st
         measuring.run.warn(f"distillation: onnxruntime does not reproduce the trained weights ({gap:.2g} relative); "
                            "the undistilled model is kept")
         return Distilled(student_model, {**section, "reason": "onnxruntime does not reproduce the trained module"})
-    reference = held_out_outputs(measuring.reference, measuring.data, opts.threads)
-    before = _worst_error(reference, held_out_outputs(student_model, measuring.data, opts.threads, produced=True))
-    after = _worst_error(reference, held_out_outputs(distilled, measuring.data, opts.threads, produced=True))
-    section.update(held_out_error={"before": before, "after": after}, seconds=round(time.perf_counter() - clock, 2))
-    log.info("distillation: held-out output error %.4f -> %.4f in %d steps", before, after, history.steps)
+    section["seconds"] = round(time.perf_counter() - clock, 2)
+    return _better_of(measuring, student_model, distilled, section, opts.threads)
+
+
+def _better_of(measuring: Measuring, undistilled: onnx.ModelProto, distilled: onnx.ModelProto, section: dict,
+               threads: int) -> Distilled:
+    """The distilled model where its worst output error on the held-out data is lower, else the undistilled."""
+    reference = held_out_outputs(measuring.reference, measuring.data, threads)
+    before = _worst_error(reference, held_out_outputs(undistilled, measuring.data, threads, produced=True))
+    after = _worst_error(reference, held_out_outputs(distilled, measuring.data, threads, produced=True))
+    section["held_out_error"] = {"before": before, "after": after}
+    log.info("distillation: held-out output error %.4f -> %.4f in %d steps", before, after, section["steps"])
     if not after < before:
         measuring.run.warn(f"distillation did not help on the held-out data ({before:.4f} -> {after:.4f}); "
                            "the undistilled model is kept")
-        return Distilled(student_model, {**section, "reason": "no better on the held-out data"})
+        return Distilled(undistilled, {**section, "reason": "no better on the held-out data"})
     return Distilled(distilled, {**section, "applied": True})
 
 
