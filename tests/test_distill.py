@@ -127,3 +127,18 @@ def test_a_budget_search_distils_the_plan_it_found_and_marks_it_in_the_frontier(
     distilled = [p for p in report.frontier if p.solver == "svd (distilled)"]
     assert len(distilled) == 1 and report.budget["measured"] == distilled[0].value and report.budget["met"]
     assert distilled[0].value == pytest.approx(max(report.fidelity.output_rel_error.values()), rel=1e-5)
+
+
+def test_an_op_torch_cannot_run_after_the_layers_leaves_the_part_before_it_distilled() -> None:
+    """onnx2torch converts a reflect Pad over channels, but torch cannot run it (Silero's encoder
+    pads so): the part up to the last decomposed layer is distilled, never a failed run."""
+    model = conv_net([Layer(16), Layer(48), Layer(48), Layer(48)], size=(12, 12))
+    out = model.graph.output[0].name
+    model.graph.initializer.append(helper.make_tensor("pads", onnx.TensorProto.INT64, [8], [0, 1, 0, 0, 0, 1, 0, 0]))
+    model.graph.node.append(helper.make_node("Pad", [out, "pads"], ["padded"], mode="reflect"))
+    model.graph.output[0].CopyFrom(helper.make_tensor_value_info("padded", onnx.TensorProto.FLOAT, [None] * 4))
+    result = compress(model, 3.0, calibration=data(), method="svd", distill=True, distill_time=120, distill_steps=800,
+                      bench=False, threads=1, num_images=100, holdout=20, rank_multiple=4)
+    distill = result.report.distill
+    assert "does not run in torch" in distill["scope"], distill["scope"]
+    assert distill["applied"] and distill["held_out_error"]["after"] < 0.7 * distill["held_out_error"]["before"]

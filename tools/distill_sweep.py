@@ -47,6 +47,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=300)
     parser.add_argument("--setting", action="append", default=[])
     parser.add_argument("--json")
+    parser.add_argument("--device", default="cpu", help="--distill-device")
+    parser.add_argument("--threads", type=int, default=2)
     argv = sys.argv[1:]
     split = argv.index("--") if "--" in argv else len(argv)
     args = parser.parse_args(argv[:split])
@@ -56,8 +58,8 @@ def main() -> None:
                                  [float(v) for v in data.pop("std").split(",")] if "std" in data else None,
                                  float(data.pop("scale")) if "scale" in data else None, None)
     calibration, evaluation = data.pop("calibration", None), data.pop("evaluation", None)
-    opts = Options(speedup=args.speedup, method=args.method, bench=False, threads=2, distill=True,
-                   distill_time=args.seconds, **data)
+    opts = Options(speedup=args.speedup, method=args.method, bench=False, threads=args.threads, distill=True,
+                   distill_time=args.seconds, distill_device=args.device, **data)
     analysis = analyse(args.model, opts, calibration, evaluation, preprocess)
     plan = plan_for(analysis, opts)
     solved = solve(analysis, plan, opts)
@@ -85,6 +87,7 @@ def main() -> None:
         train.RELATIVE_STEP, measuring = saved_step, dataclasses.replace(measuring, data=saved_data)
         section = distilled.section
         row = {"model": Path(args.model).name, "speedup": args.speedup, "method": args.method, "setting": setting,
+               "device": args.device, "threads": args.threads,
                "seconds": round(time.perf_counter() - clock, 1),
                **{k: section.get(k) for k in ("applied", "reason", "steps", "best_step", "stopped", "held_out_error",
                                               "train_samples", "parameters")},

@@ -47,7 +47,7 @@ def distill(measuring: Measuring, student_model: onnx.ModelProto, hints: list[st
     device = torch.device(opts.distill_device)
     train_indices, validation_indices = _split(measuring.data.source, measuring.data.calib_indices)
     trainable = _trainable(student_model, measuring.normalised, opts.distill_all_weights)
-    converted = _convert(student_model, hints, trainable)
+    converted = _convert(student_model, hints, trainable, _inputs_of(student_model, measuring, validation_indices[0]))
     if isinstance(converted, str):
         return _not_applied(student_model, converted, measuring)
     student, outputs, scope = converted
@@ -57,12 +57,6 @@ def distill(measuring: Measuring, student_model: onnx.ModelProto, hints: list[st
     validation = batches.of(validation_indices)
     first = next(iter(validation))
     class_scores = {n for n in outputs if looks_like_class_scores(first[1][n].cpu().numpy())}
-    try:
-        with torch.no_grad():
-            student(first[0])
-    except (RuntimeError, NotImplementedError, ValueError, TypeError) as exc:  # a converted op torch cannot run
-        return _not_applied(student_model, f"the converted model does not run in torch ({type(exc).__name__}: "
-                                           f"{str(exc).splitlines()[0][:200] if str(exc) else ''})", measuring)
 
     def loss_of(student_outputs, targets):
         return distillation_loss(student_outputs, targets, outputs, hints, class_scores)
@@ -77,6 +71,9 @@ def distill(measuring: Measuring, student_model: onnx.ModelProto, hints: list[st
                                         f"{len(train_indices)} samples ({device.type})"):
         history = train(student, lambda epoch: batches.of(rng.permutation(train_indices).tolist()), validation,
                         loss_of, score_of, Budget(opts.distill_steps, opts.distill_time), ticker)
+    # The check against onnxruntime runs in float32 on the CPU: CUDA's convolutions use TF32 (about
+    # 1e-3 relative on the H200), which would fail a faithful write-back.
+    student.module.cpu()
     distilled = with_weights(student_model, student.state())
     section = {"applied": False, "scope": scope, "trained": "all weights" if opts.distill_all_weights else "factors",
                "tensors": len(student.trainable), "parameters": int(sum(p.numel() for p in student.parameters())),
@@ -108,24 +105,47 @@ def _better_of(measuring: Measuring, undistilled: onnx.ModelProto, distilled: on
     return Distilled(distilled, {**section, "applied": True})
 
 
-def _convert(model: onnx.ModelProto, hints: list[str], trainable: list[str]
+def _convert(model: onnx.ModelProto, hints: list[str], trainable: list[str], sample: list[torch.Tensor]
              ) -> tuple[TorchStudent, list[str], str] | str:
     """The student as torch, the outputs it is trained on, and what of the model that is; where the
-    whole model does not convert, the sub-graph up to the last decomposed layer (every layer that
-    was decomposed, and the hints as its only targets); else why not."""
+    whole model does not convert or run in torch, the sub-graph up to the last decomposed layer
+    (every layer that was decomposed, and the hints as its only targets); else why not."""
     outputs = [o.name for o in model.graph.output]
-    try:
-        return TorchStudent(with_outputs(model, outputs + hints), trainable), outputs, "the whole model"
-    except Exception as exc:  # onnx2torch raises what each converter does on an op it cannot take
-        whole = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    whole = _runnable(with_outputs(model, outputs + hints), trainable, sample)
+    if isinstance(whole, TorchStudent):
+        return whole, outputs, "the whole model"
     prefix = prefix_model(model, hints)
+    kept = {i.name for i in prefix.graph.initializer}
+    part = _runnable(prefix, [name for name in trainable if name in kept], sample)
+    if isinstance(part, TorchStudent):
+        return part, [], (f"the part up to the last decomposed layer ({len(prefix.graph.node)} of "
+                          f"{len(model.graph.node)} nodes): the rest {whole}")
+    return f"the model {whole}, nor its part up to the last decomposed layer ({part})"
+
+
+def _runnable(model: onnx.ModelProto, trainable: list[str], sample: list[torch.Tensor]) -> TorchStudent | str:
+    """The model as a torch student that runs on ``sample``, or why not."""
     try:
-        student = TorchStudent(prefix, [name for name in trainable if name in {i.name for i in prefix.graph.initializer}])
-    except Exception as exc:  # as above
-        return (f"the model does not convert to torch ({whole}), nor its part up to the last decomposed layer "
-                f"({type(exc).__name__})")
-    return student, [], (f"the part up to the last decomposed layer ({len(prefix.graph.node)} of "
-                         f"{len(model.graph.node)} nodes): the rest does not convert to torch ({whole})")
+        student = TorchStudent(model, trainable)
+    except Exception as exc:  # onnx2torch raises what each converter does on an op it cannot take
+        return f"does not convert to torch ({_first_line(exc)})"
+    try:
+        with torch.no_grad():
+            student(sample)
+    except (RuntimeError, NotImplementedError, ValueError, TypeError) as exc:  # a converted op torch cannot run
+        return f"does not run in torch ({_first_line(exc)})"
+    return student
+
+
+def _first_line(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+
+
+def _inputs_of(model: onnx.ModelProto, measuring: Measuring, index: int) -> list[torch.Tensor]:
+    """One sample's feeds, in the order of the model's inputs, as the converted module takes them."""
+    weights = {i.name for i in model.graph.initializer}
+    feeds = measuring.data.source.get([index])
+    return [torch.from_numpy(np.ascontiguousarray(feeds[i.name])) for i in model.graph.input if i.name not in weights]
 
 
 def _not_applied(model: onnx.ModelProto, why: str, measuring: Measuring) -> Distilled:
@@ -202,7 +222,7 @@ class _SecondsTicker:
 def _reproduction_gap(model: onnx.ModelProto, student: TorchStudent, batch, outputs: list[str], threads: int) -> float:
     """The largest difference between onnxruntime on the written weights and the torch module,
     relative to each output's largest magnitude."""
-    inputs, _ = batch
+    inputs = [tensor.cpu() for tensor in batch[0]]
     session = make_session(with_outputs(model, outputs), threads=threads, produced=True)
     feeds = {i.name: tensor.cpu().numpy() for i, tensor in zip(session.get_inputs(), inputs)}
     expected = dict(zip(outputs, run(session, outputs, feeds, produced=True)))
