@@ -76,31 +76,24 @@ def solve_layers(solver: Solver, asymmetric, normalised, chosen, plan: Architect
     layer in a network where (with ``asymmetric``, Eq. 12) the earlier layers are already replaced
     and (for a 3d layer, §3.5) the layer itself is split spatially; the target is always the
     original network's response. Only the sub-graph up to the layer is re-run, and only when
-    something in it is replaced. ``responses`` are consumed, unless a ``cache`` is given: then
-    they are kept, and the chains of symmetric, channel-only layers are kept in it by
-    (layer, rank, solver schedule), so that plans sharing a layer's rank solve it once."""
+    something in it is replaced and the solver reads it (PCA, Eq. 4, reads the responses alone).
+    ``responses`` are consumed, unless a ``cache`` is given: then they are kept, and the chains
+    that depend on nothing but the layer's own ranks (PCA's; symmetric channel-only ones) are kept
+    in it by (layer, ranks, solver schedule), so that plans sharing a layer's ranks solve it once."""
     solved = Solved(timings={"collect_asymmetric": 0.0, "solve": 0.0})
     for unit in chosen:
         y = responses[unit.output] if cache is not None else responses.pop(unit.output)
         y_hat = y
-        spatial = spatial_pair(unit, plan.spatial_ranks[unit.name]) if unit.name in plan.spatial_ranks else None
-        key = (unit.name, plan.ranks[unit.name], schedule)
-        if cache is not None and not asymmetric and spatial is None and key in cache:
+        spatial_rank = plan.spatial_ranks.get(unit.name)
+        key = (unit.name, plan.ranks[unit.name], spatial_rank, solver, schedule)
+        independent = cache is not None and (solver is Solver.PCA or (not asymmetric and spatial_rank is None))
+        if independent and key in cache:
             solved.chains[unit.name], solved.errors[unit.name], solved.iterations[unit.name] = cache[key]
             advance(1)
             continue
-        if asymmetric or spatial is not None:
-            clock = time.perf_counter()
-            prefix = prefix_model(normalised, [unit.output])
-            replaced = {n.name: solved.chains[n.name] for n in prefix.graph.node
-                        if asymmetric and n.name in solved.chains}
-            if spatial is not None:
-                replaced[unit.name] = spatial
-            if replaced:
-                solved.prefix_macs += sum(shapes[n.name].macs for n in prefix.graph.node if n.name in shapes)
-                y_hat = collect_responses(replace_units(prefix, replaced), tensors=[unit.output],
-                                          **collect)[unit.output]
-            solved.timings["collect_asymmetric"] += time.perf_counter() - clock
+        spatial = None if spatial_rank is None else spatial_pair(unit, spatial_rank)
+        if (asymmetric or spatial is not None) and solver is not Solver.PCA:
+            y_hat = _refitted_input(unit, y, normalised, solved, spatial, asymmetric, shapes, collect)
         clock = time.perf_counter()
         factors, solved.iterations[unit.name] = _solve(solver, unit, stats[unit.name], y_hat, y, plan.ranks[unit.name],
                                                        schedule)
@@ -113,11 +106,27 @@ def solve_layers(solver: Solver, asymmetric, normalised, chosen, plan: Architect
             vertical, horizontal = spatial
             solved.chains[unit.name] = [vertical] + channel_decomposition(
                 horizontal.attrs, horizontal.weight, horizontal.bias, factors.P, factors.Q, factors.bias)
-        if cache is not None and not asymmetric and spatial is None:
+        if independent:
             cache[key] = solved.chains[unit.name], solved.errors[unit.name], solved.iterations[unit.name]
         solved.timings["solve"] += time.perf_counter() - clock
         advance(1)
     return solved
+
+
+def _refitted_input(unit: Unit, y: np.ndarray, normalised, solved: Solved, spatial, asymmetric: bool, shapes,
+                    collect) -> np.ndarray:
+    """The layer's output where the earlier chains (Eq. 12) and its own spatial split (§3.5)
+    replace the original's, from the sub-graph up to it; the original's responses where nothing is."""
+    clock = time.perf_counter()
+    prefix = prefix_model(normalised, [unit.output])
+    replaced = {n.name: solved.chains[n.name] for n in prefix.graph.node if asymmetric and n.name in solved.chains}
+    if spatial is not None:
+        replaced[unit.name] = spatial
+    if replaced:
+        solved.prefix_macs += sum(shapes[n.name].macs for n in prefix.graph.node if n.name in shapes)
+        y = collect_responses(replace_units(prefix, replaced), tensors=[unit.output], **collect)[unit.output]
+    solved.timings["collect_asymmetric"] += time.perf_counter() - clock
+    return y
 
 
 def _solve(solver: Solver, unit: Unit, stats: ResponseStats, y_hat: np.ndarray, y: np.ndarray,

@@ -5,12 +5,14 @@ compression-ratio selection with an eval callback, Olive's accuracy goals).
 The analysis (load, responses, statistics) runs once. The speedup is then searched in phases,
 each cheaper per plan than the next, so that the search costs about two fixed-speedup runs:
 
-1. *Probes*: plans at bracketing, then bisected, speedups are solved cheaply and symmetrically
-   (each layer from the original network's input, so a layer's chain at a rank depends on nothing
-   else and is solved once for all probes: ``methods.chains.solve_layers`` keeps them by (layer, rank));
-   channel methods probe with the PCA of the responses (Eq. 4), whose eigenvectors the analysis
-   already has. Each probe is measured on the held-out set against the original's outputs,
-   which are computed once; a plan probed before (same ranks) is not measured again.
+1. *Probes*: the method's own plans at bracketing, then bisected, speedups, solved with the
+   linear solver (PCA of the responses, Eq. 4, whose eigenvectors the analysis already has and
+   which are nested: one decomposition gives every rank; asym3d's k x 1 / 1 x k split is the
+   closed-form filter reconstruction), so a probe re-collects nothing and costs its rewrite and
+   one run of the held-out set; a layer's chain at the same ranks is built once for all probes
+   (``methods.chains.solve_layers`` keeps them). Each probe is measured on the held-out set
+   against the original's outputs, which are computed once; a plan probed before (same ranks) is
+   not measured again. Methods without iterations are their own probes.
 2. *Quick runs of the method* (asymmetric by default, usually better than its symmetric probe),
    with a fifth of the solver's schedule: at the fastest probe that met the budget, which measures
    the method's gain over its probe, then faster where the probes scaled by that gain meet it
@@ -43,7 +45,6 @@ from onnx_lowrank.pipeline.budget import Budget
 from onnx_lowrank.pipeline.compress import distill, hint_tensors, measure, report_for, rewrite, solve
 from onnx_lowrank.pipeline.plan import plan_for
 from onnx_lowrank.quantize import Tolerance, add_int8, int8_of
-from onnx_lowrank.registry import METHODS
 from onnx_lowrank.solvers.nonlinear import PAPER_SCHEDULE
 
 log = logging.getLogger(__name__)
@@ -280,18 +281,17 @@ class _Searcher:
         ranks as a plan probed before) was measured already."""
         if speedup in self.probes or speedup in self.infeasible:
             return
-        if not self.iterative:  # the method costs what a probe costs: its runs are the probes
+        if self.opts.spec.probe_solver is None:  # the method costs what a probe costs: its runs are the probes
             point = self._quick_run(speedup)
             if point is not None:
                 self.probes[speedup] = point.value
             return
-        probe = self._probe_options()
-        plan = self._plan(speedup, probe)
+        plan = self._plan(speedup, self.opts)
         if plan is None:
             return
         key = (tuple(sorted(plan.ranks.items())), tuple(sorted(plan.spatial_ranks.items())))
         if key not in self.probed_plans:
-            result = self._evaluate(speedup, probe, PROBE_LABEL, PROBE_SCHEDULE, plan)
+            result = self._evaluate(speedup, self.opts, PROBE_LABEL, PROBE_SCHEDULE, plan, self.opts.spec.probe_solver)
             self.probed_plans[key] = result[0].value
         self.probes[speedup] = self.probed_plans[key]
 
@@ -301,14 +301,6 @@ class _Searcher:
         loss = self.budget.loss(value)
         return loss * scale <= self.budget.loss(self.budget.limit) if loss is not None else self.budget.met(value)
 
-    def _probe_options(self) -> Options:
-        """Channel methods probe with PCA of the responses (Eq. 4: no solver iterations, the
-        eigenvectors are already computed, so a probe costs its rewrite and its measurement); asym3d
-        with its symmetric form (layers independent, so cached). Methods without iterations are
-        their own probes (``_probe``)."""
-        probe = METHODS[self.opts.spec.probe or self.opts.method]
-        return dataclasses.replace(self.opts, method=probe.name, symmetric=probe.asymmetric)
-
     def _plan(self, speedup: float, opts: Options):
         try:
             return plan_for(self.analysis, dataclasses.replace(opts, speedup=speedup))
@@ -317,14 +309,15 @@ class _Searcher:
             self.infeasible.add(speedup)
             return None
 
-    def _evaluate(self, speedup: float, opts: Options, label: str, schedule=PAPER_SCHEDULE, plan=None):
-        """Plan, solve, rewrite and measure at ``speedup``; None when the plan is infeasible."""
+    def _evaluate(self, speedup: float, opts: Options, label: str, schedule=PAPER_SCHEDULE, plan=None, solver=None):
+        """Plan, solve (with ``solver`` in place of the method's), rewrite and measure at ``speedup``;
+        None when the plan is infeasible."""
         opts = dataclasses.replace(opts, speedup=speedup)
         plan = plan or self._plan(speedup, opts)
         if plan is None:
             return None
         # The cache also keeps the responses for the next plan.
-        solved = solve(self.analysis, plan, opts, cache=self.cache, schedule=schedule)
+        solved = solve(self.analysis, plan, opts, cache=self.cache, schedule=schedule, solver=solver)
         optimized = rewrite(self.analysis, solved, logging.DEBUG)
         data = self.analysis.data
         with self.analysis.run.stage("search", f"measuring the plan at {speedup:.2f}x", logging.DEBUG):
