@@ -41,9 +41,10 @@ class Method:
     splits_kernel: bool = False  # its chain splits a k x k kernel: 2-D convs with group=1 only
     selections: tuple[str, ...] = ("energy", "sensitivity", "uniform")
     latency: bool = True  # --objective latency can time its forms
-    # The solver the budget search probes its plans with: the linear one (Eq. 4) is nested (the
-    # eigenvectors of the responses give every rank) and needs no re-collection, so a probe costs
-    # its rewrite and its measurement. None: the method is its own probe.
+    # The solver the budget search probes its plans with, symmetrically (each layer from the
+    # original network's input, so a layer's chain is solved once for all plans): PCA (Eq. 4) is
+    # nested and re-collects nothing; a 3d chain needs the solver to correct its spatial split.
+    # None: the method is its own probe.
     probe_solver: Solver | None = None
 
     @property
@@ -63,7 +64,7 @@ class Method:
 _BASELINE = {"selections": ("energy", "uniform"), "latency": False}
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("asymmetric", Solver.NONLINEAR, PlanFamily.CHANNEL, asymmetric=True, probe_solver=Solver.PCA),
-    Method("asym3d", Solver.NONLINEAR, PlanFamily.THREE_D, asymmetric=True, probe_solver=Solver.PCA),
+    Method("asym3d", Solver.NONLINEAR, PlanFamily.THREE_D, asymmetric=True, probe_solver=Solver.NONLINEAR),
     Method("nonlinear", Solver.NONLINEAR, PlanFamily.CHANNEL, probe_solver=Solver.PCA),
     Method("linear", Solver.PCA, PlanFamily.CHANNEL),
     Method("jaderberg", Solver.SPATIAL_FILTERS, PlanFamily.SPATIAL, splits_kernel=True, **_BASELINE),

@@ -130,3 +130,52 @@ def test_the_method_is_solved_in_full_once_at_the_fastest_plan_its_quick_runs_me
     assert len(full) == 1 and full[0].met and quick and probes
     assert full[0].theoretical_speedup == max(p.theoretical_speedup for p in quick if p.met)
     assert len({p.theoretical_speedup for p in probes}) == len(probes)  # no plan probed twice
+
+
+def _analysed(model, data, method: str = "asym3d", speedup: float = 3.0):
+    from onnx_lowrank.options import Options
+    from onnx_lowrank.pipeline.analysis import analyse
+    from onnx_lowrank.pipeline.plan import plan_for
+
+    opts = Options(method=method, speedup=speedup, bench=False, threads=1, rank_multiple=8, symmetric=True)
+    analysis = analyse(model, opts, data, None, None, fixed_target=False)
+    return analysis, plan_for(analysis, opts), opts
+
+
+def test_a_3d_probe_runs_the_network_once_and_a_plan_at_known_ranks_not_at_all(model, data, monkeypatch) -> None:
+    """A symmetric 3d solve (the budget search's probe of asym3d) takes every split layer's input
+    from one run of the network, not one sub-graph run per layer; at ranks solved before, none."""
+    from onnx_lowrank.methods import chains
+    from onnx_lowrank.methods.chains import CLOSED_FORM
+    from onnx_lowrank.pipeline.compress import solve
+
+    analysis, plan, opts = _analysed(model, data)
+    runs = []
+    collect = chains.collect_responses
+    monkeypatch.setattr(chains, "collect_responses", lambda *a, **kw: runs.append(1) or collect(*a, **kw))
+    cache = {}
+    first = solve(analysis, plan, opts, cache=cache, schedule=CLOSED_FORM)
+    assert len(plan.spatial_ranks) >= 2 and len(runs) == 1
+    assert all(len(first.chains[name]) == 3 for name in plan.spatial_ranks)  # k x 1, 1 x k, 1 x 1
+    again = solve(analysis, plan, opts, cache=cache, schedule=CLOSED_FORM)
+    assert len(runs) == 1 and again.chains == first.chains
+
+
+def test_the_split_layers_outputs_from_one_run_are_those_of_their_own_sub_graphs(model, data) -> None:
+    """Independent reference: each split layer's output re-collected from the sub-graph up to it
+    with only that layer split (the per-layer path), sample by sample."""
+    from onnx_lowrank.graph.rewrite import replace_units
+    from onnx_lowrank.graph.surgery import prefix_model
+    from onnx_lowrank.methods.chains import Solved, _split_outputs, spatial_pair
+    from onnx_lowrank.runtime.sessions import collect_responses
+
+    analysis, plan, _ = _analysed(model, data)
+    units = [u for u in analysis.units if u.name in plan.spatial_ranks]
+    pairs = {u.name: spatial_pair(u, plan.spatial_ranks[u.name]) for u in units}
+    together = _split_outputs(analysis.normalised, units, pairs, analysis.collect, analysis.shapes, Solved(timings={
+        "collect_asymmetric": 0.0}))
+    for unit in units:
+        alone = collect_responses(replace_units(prefix_model(analysis.normalised, [unit.output]),
+                                                {unit.name: pairs[unit.name]}), tensors=[unit.output],
+                                  **analysis.collect)[unit.output]
+        assert together[unit.name].shape == alone.shape and np.allclose(together[unit.name], alone, atol=1e-4)

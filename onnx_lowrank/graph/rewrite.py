@@ -159,26 +159,44 @@ def replace_units(model: onnx.ModelProto, chains: dict[str, list[NodeSpec]]) -> 
     graph = gs.import_onnx(model)
     taken = {n.name for n in graph.nodes} | set(graph.tensors())
     for node in [n for n in graph.nodes if n.name in chains]:
-        current = node.inputs[0]
         output = node.outputs[0]
         node.outputs.clear()
-        chain = chains[node.name]
-        for index, spec in enumerate(chain):
-            stem = _unique(f"{node.name}_lowrank{index}", taken)
-            last = index == len(chain) - 1
-            out = output if last else gs.Variable(_unique(f"{stem}_out", taken), dtype=output.dtype)
-            inputs = [current, gs.Constant(_unique(f"{stem}.weight", taken), spec.weight)]
-            bias = None if spec.bias is None else gs.Constant(_unique(f"{stem}.bias", taken), spec.bias)
-            if spec.op == "MatMul" and bias is not None:
-                product = gs.Variable(_unique(f"{stem}_product", taken), dtype=output.dtype)
-                graph.nodes.append(gs.Node("MatMul", name=stem, inputs=inputs, outputs=[product]))
-                graph.nodes.append(gs.Node("Add", name=_unique(f"{stem}_bias", taken), inputs=[product, bias],
-                                           outputs=[out]))
-            else:
-                graph.nodes.append(gs.Node(spec.op, name=stem, attrs=dict(spec.attrs),
-                                           inputs=inputs + ([bias] if bias is not None else []), outputs=[out]))
-            current = out
+        _append_chain(graph, node.name, node.inputs[0], output, chains[node.name], taken)
     return export_like(graph, model)
+
+
+def beside_units(model: onnx.ModelProto, chains: dict[str, list[NodeSpec]]) -> tuple[onnx.ModelProto, dict[str, str]]:
+    """A copy of ``model`` where each named node keeps its place and its chain runs beside it, from
+    the same input; and the tensor each chain writes, by node name. One run of it gives every
+    chain's output on the original network's inputs."""
+    graph = gs.import_onnx(model)
+    taken = {n.name for n in graph.nodes} | set(graph.tensors())
+    written = {}
+    for node in [n for n in graph.nodes if n.name in chains]:
+        output = gs.Variable(_unique(f"{node.name}_beside", taken), dtype=node.outputs[0].dtype)
+        _append_chain(graph, f"{node.name}_beside", node.inputs[0], output, chains[node.name], taken)
+        written[node.name] = output.name
+        graph.outputs.append(output)
+    return export_like(graph, model), written
+
+
+def _append_chain(graph: gs.Graph, stem_base: str, current: gs.Tensor, output: gs.Tensor, chain: list[NodeSpec],
+                  taken: set[str]) -> None:
+    for index, spec in enumerate(chain):
+        stem = _unique(f"{stem_base}_lowrank{index}", taken)
+        last = index == len(chain) - 1
+        out = output if last else gs.Variable(_unique(f"{stem}_out", taken), dtype=output.dtype)
+        inputs = [current, gs.Constant(_unique(f"{stem}.weight", taken), spec.weight)]
+        bias = None if spec.bias is None else gs.Constant(_unique(f"{stem}.bias", taken), spec.bias)
+        if spec.op == "MatMul" and bias is not None:
+            product = gs.Variable(_unique(f"{stem}_product", taken), dtype=output.dtype)
+            graph.nodes.append(gs.Node("MatMul", name=stem, inputs=inputs, outputs=[product]))
+            graph.nodes.append(gs.Node("Add", name=_unique(f"{stem}_bias", taken), inputs=[product, bias],
+                                       outputs=[out]))
+        else:
+            graph.nodes.append(gs.Node(spec.op, name=stem, attrs=dict(spec.attrs),
+                                       inputs=inputs + ([bias] if bias is not None else []), outputs=[out]))
+        current = out
 
 
 def _unique(name: str, taken: set[str]) -> str:

@@ -6,6 +6,7 @@ for read of ``pipeline.analysis.Analysis``: written here so the dependency shows
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -30,6 +31,16 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+def peak_memory_mib() -> float | None:
+    """The process's peak resident memory so far (None where the platform does not say)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (2 ** 20 if sys.platform == "darwin" else 2 ** 10), 1)  # bytes on macOS, KiB on Linux
+
+
 class ProgressSink(Protocol):
     """Where a run reports its progress: ``stage(description, total)`` returns ``advance(n=1)``."""
 
@@ -45,9 +56,11 @@ class NullProgress:
 
 @dataclass
 class Run:
-    """Wall time per stage and the warnings of one run; a warning is logged as it happens."""
+    """Wall time per stage, the process's peak memory at the end of each, and the warnings of one
+    run; a warning is logged as it happens."""
 
     timings: dict[str, float] = field(default_factory=dict)
+    peak_memory: dict[str, float] = field(default_factory=dict)  # MiB, the peak so far as a stage ends
     warnings: list[str] = field(default_factory=list)
     started: float = field(default_factory=time.perf_counter)
 
@@ -56,7 +69,13 @@ class Run:
         log.log(level, "%s", description)
         clock = time.perf_counter()
         yield
-        self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - clock
+        self.add_time(key, time.perf_counter() - clock)
+
+    def add_time(self, key: str, seconds: float) -> None:
+        self.timings[key] = self.timings.get(key, 0.0) + seconds
+        peak = peak_memory_mib()
+        if peak is not None:
+            self.peak_memory[key] = peak
 
     def warn(self, message: str) -> None:
         if message not in self.warnings:

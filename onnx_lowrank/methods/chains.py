@@ -11,6 +11,7 @@ import numpy as np
 from onnx_lowrank.errors import InternalError
 from onnx_lowrank.graph.rewrite import (
     NodeSpec,
+    beside_units,
     channel_chain,
     channel_decomposition,
     replace_units,
@@ -31,6 +32,9 @@ from onnx_lowrank.solvers.weights import spatial_filter_reconstruction, tucker2,
 # For chains that rank plans rather than ship (budget probes, sensitivity): a fifth of the paper's
 # schedule comes within a few per cent of its error (the solver gains most in its first iterations).
 PROBE_SCHEDULE = ((0.01, 5), (1.0, 5))
+# The solver's closed-form start alone (the reduced-rank regression, Eq. 12 without iterations):
+# what a budget search's probes of a 3d plan use; the search corrects for the gap to the method.
+CLOSED_FORM = ()
 
 
 @dataclass
@@ -42,6 +46,7 @@ class Solved:
     iterations: dict[str, list[int] | None] = field(default_factory=dict)
     prefix_macs: int = 0  # conv MACs per sample of the sub-graphs re-run for Eq. 12
     timings: dict[str, float] = field(default_factory=dict)
+    seconds: dict[str, dict[str, float]] = field(default_factory=dict)  # per layer: "solve", "collect"
 
 
 def data_free_chains(solver: Solver, chosen: list[Unit], plan: ArchitecturePlan) -> Solved:
@@ -75,25 +80,34 @@ def solve_layers(solver: Solver, asymmetric, normalised, chosen, plan: Architect
     """Solve the chosen layers shallow to deep. The fitted input ``W x-hat`` is the output of the
     layer in a network where (with ``asymmetric``, Eq. 12) the earlier layers are already replaced
     and (for a 3d layer, §3.5) the layer itself is split spatially; the target is always the
-    original network's response. Only the sub-graph up to the layer is re-run, and only when
-    something in it is replaced and the solver reads it (PCA, Eq. 4, reads the responses alone).
-    ``responses`` are consumed, unless a ``cache`` is given: then they are kept, and the chains
-    that depend on nothing but the layer's own ranks (PCA's; symmetric channel-only ones) are kept
-    in it by (layer, ranks, solver schedule), so that plans sharing a layer's ranks solve it once."""
+    original network's response. With Eq. 12 the sub-graph up to the layer is re-run, where
+    something in it is replaced; without it, one run of the network gives every split layer's
+    output; PCA (Eq. 4) reads the responses alone. ``responses`` are consumed, unless a ``cache``
+    is given: then they are kept, and the chains that depend on nothing but the layer's own ranks
+    (PCA's, and every symmetric one) are kept in it by (layer, ranks, solver, schedule), so that
+    plans sharing a layer's ranks solve it once."""
     solved = Solved(timings={"collect_asymmetric": 0.0, "solve": 0.0})
+    # Without Eq. 12 a layer's chain depends on its own ranks alone: solved once for all plans.
+    independent = cache is not None and (solver is Solver.PCA or not asymmetric)
+
+    def key(unit: Unit) -> tuple:
+        return unit.name, plan.ranks[unit.name], plan.spatial_ranks.get(unit.name), solver, schedule
+
+    to_solve = [u for u in chosen if not (independent and key(u) in cache)]
+    pairs = {u.name: spatial_pair(u, plan.spatial_ranks[u.name]) for u in to_solve if u.name in plan.spatial_ranks}
+    split_outputs = {} if asymmetric or solver is Solver.PCA else _split_outputs(normalised, to_solve, pairs, collect,
+                                                                                 shapes, solved)
     for unit in chosen:
         y = responses[unit.output] if cache is not None else responses.pop(unit.output)
-        y_hat = y
-        spatial_rank = plan.spatial_ranks.get(unit.name)
-        key = (unit.name, plan.ranks[unit.name], spatial_rank, solver, schedule)
-        independent = cache is not None and (solver is Solver.PCA or (not asymmetric and spatial_rank is None))
-        if independent and key in cache:
-            solved.chains[unit.name], solved.errors[unit.name], solved.iterations[unit.name] = cache[key]
+        y_hat = split_outputs.pop(unit.name, y)
+        if independent and key(unit) in cache:
+            solved.chains[unit.name], solved.errors[unit.name], solved.iterations[unit.name] = cache[key(unit)]
             advance(1)
             continue
-        spatial = None if spatial_rank is None else spatial_pair(unit, spatial_rank)
-        if (asymmetric or spatial is not None) and solver is not Solver.PCA:
-            y_hat = _refitted_input(unit, y, normalised, solved, spatial, asymmetric, shapes, collect)
+        spatial = pairs.get(unit.name)
+        collecting = time.perf_counter()
+        if asymmetric and solver is not Solver.PCA:
+            y_hat = _refitted_input(unit, y, normalised, solved, spatial, shapes, collect)
         clock = time.perf_counter()
         factors, solved.iterations[unit.name] = _solve(solver, unit, stats[unit.name], y_hat, y, plan.ranks[unit.name],
                                                        schedule)
@@ -107,19 +121,36 @@ def solve_layers(solver: Solver, asymmetric, normalised, chosen, plan: Architect
             solved.chains[unit.name] = [vertical] + channel_decomposition(
                 horizontal.attrs, horizontal.weight, horizontal.bias, factors.P, factors.Q, factors.bias)
         if independent:
-            cache[key] = solved.chains[unit.name], solved.errors[unit.name], solved.iterations[unit.name]
+            cache[key(unit)] = solved.chains[unit.name], solved.errors[unit.name], solved.iterations[unit.name]
         solved.timings["solve"] += time.perf_counter() - clock
+        solved.seconds[unit.name] = {"collect": round(clock - collecting, 3), "solve": round(time.perf_counter() - clock, 3)}
         advance(1)
     return solved
 
 
-def _refitted_input(unit: Unit, y: np.ndarray, normalised, solved: Solved, spatial, asymmetric: bool, shapes,
-                    collect) -> np.ndarray:
+def _split_outputs(normalised, units: list[Unit], pairs: dict[str, list[NodeSpec]], collect, shapes,
+                   solved: Solved) -> dict[str, np.ndarray]:
+    """Each spatially split layer's output on the original network's inputs (the symmetric 3d
+    solve), sampled as the layer's own responses, from one run of the network with every split
+    beside its layer rather than one sub-graph run per layer."""
+    if not pairs:
+        return {}
+    clock = time.perf_counter()
+    model, written = beside_units(normalised, pairs)
+    outputs = {u.name: u.output for u in units}
+    collected = collect_responses(model, tensors=list(written.values()),
+                                  sampled_as={tensor: outputs[name] for name, tensor in written.items()}, **collect)
+    solved.prefix_macs += sum(shape.macs for shape in shapes.values())
+    solved.timings["collect_asymmetric"] += time.perf_counter() - clock
+    return {name: collected[tensor] for name, tensor in written.items()}
+
+
+def _refitted_input(unit: Unit, y: np.ndarray, normalised, solved: Solved, spatial, shapes, collect) -> np.ndarray:
     """The layer's output where the earlier chains (Eq. 12) and its own spatial split (§3.5)
     replace the original's, from the sub-graph up to it; the original's responses where nothing is."""
     clock = time.perf_counter()
     prefix = prefix_model(normalised, [unit.output])
-    replaced = {n.name: solved.chains[n.name] for n in prefix.graph.node if asymmetric and n.name in solved.chains}
+    replaced = {n.name: solved.chains[n.name] for n in prefix.graph.node if n.name in solved.chains}
     if spatial is not None:
         replaced[unit.name] = spatial
     if replaced:

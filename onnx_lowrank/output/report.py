@@ -28,6 +28,7 @@ class LayerReport:
     skipped_reason: str | None = None
     note: str | None = None  # e.g. why a 3d layer stayed channel-only
     samples: int | None = None  # response samples collected for the layer
+    seconds: dict[str, float] | None = None  # its solve and the re-collection of its input (Eq. 12, §3.5)
 
 
 PROBE_LABEL = "probe"  # FrontierPoint.solver of a budget search's cheap probes
@@ -68,6 +69,7 @@ class Report:
     fidelity: Fidelity | None = None
     warnings: list[str] = field(default_factory=list)
     timings_s: dict[str, float] = field(default_factory=dict)
+    peak_memory_mib: dict[str, float] = field(default_factory=dict)  # the process's peak so far as each stage ends
     dry_run: bool = False
     symmetric: bool = True
     # Cost of re-collecting the fitted inputs (Eq. 12, and the spatially split layers of asym3d), in

@@ -228,7 +228,7 @@ class Ending:
         """The run's result; the measured layer latencies are kept now that it has succeeded."""
         self.latency_cache.save()
         run = self.measuring.run
-        run.timings["total"] = time.perf_counter() - run.started
+        run.add_time("total", time.perf_counter() - run.started)
         return Result(optimized, report, self.store)
 
 

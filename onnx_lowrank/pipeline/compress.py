@@ -105,7 +105,7 @@ def solve(analysis: Analysis, plan: ArchitecturePlan, opts: Options, cache: dict
                               analysis.stats, analysis.shapes, analysis.collect,
                               analysis.progress.stage("solving", len(chosen)), cache, schedule)
     for key, seconds in solved.timings.items():
-        analysis.run.timings[key] = analysis.run.timings.get(key, 0.0) + seconds
+        analysis.run.add_time(key, seconds)
     return solved
 
 
@@ -123,7 +123,8 @@ def report_for(analysis: Analysis, plan: ArchitecturePlan, solved: Solved, opts:
         theoretical_speedup_by_kind={kind: by_kind[kind] / max(after[kind], 1) for kind in sorted(by_kind)},
         layers=[_layer_report(u, analysis.shapes.get(u.name), plan, analysis.stats, solved,
                               analysis.samples.get(u.name)) for u in analysis.units],
-        warnings=analysis.run.warnings, timings_s=analysis.run.timings, dry_run=opts.dry_run,
+        warnings=analysis.run.warnings, timings_s=analysis.run.timings, peak_memory_mib=analysis.run.peak_memory,
+        dry_run=opts.dry_run,
         symmetric=not opts.asymmetric,
         asymmetric_collection_passes=(solved.prefix_macs / total
                                       if (opts.asymmetric or solved.prefix_macs) and not opts.dry_run else None),
@@ -210,7 +211,7 @@ def _layer_report(unit: Unit, shape: ConvShape | None, plan: ArchitecturePlan, s
                 if unit.name in stats and unit.name in plan.ranks else None),
         response_error=solved.errors.get(unit.name), solver_iterations=solved.iterations.get(unit.name),
         skipped_reason=unit.skipped_reason or plan.skipped.get(unit.name), note=plan.notes.get(unit.name),
-        samples=samples)
+        samples=samples, seconds=solved.seconds.get(unit.name))
 
 
 

@@ -37,7 +37,7 @@ import time
 from onnx_lowrank.distill import require as require_distillation
 from onnx_lowrank.errors import BudgetNotMetError, InfeasibleTargetError, InvalidOptionError, InvalidTypeError
 from onnx_lowrank.measure.fidelity import held_out_outputs
-from onnx_lowrank.methods.chains import PROBE_SCHEDULE
+from onnx_lowrank.methods.chains import CLOSED_FORM, PROBE_SCHEDULE
 from onnx_lowrank.options import Options, takes_options
 from onnx_lowrank.output.report import INT8_SUFFIX, PROBE_LABEL, QUICK_SUFFIX, FrontierPoint
 from onnx_lowrank.pipeline.analysis import Analysis, Result, analyse
@@ -291,7 +291,8 @@ class _Searcher:
             return
         key = (tuple(sorted(plan.ranks.items())), tuple(sorted(plan.spatial_ranks.items())))
         if key not in self.probed_plans:
-            result = self._evaluate(speedup, self.opts, PROBE_LABEL, PROBE_SCHEDULE, plan, self.opts.spec.probe_solver)
+            result = self._evaluate(speedup, dataclasses.replace(self.opts, symmetric=True), PROBE_LABEL, CLOSED_FORM,
+                                    plan, self.opts.spec.probe_solver)
             self.probed_plans[key] = result[0].value
         self.probes[speedup] = self.probed_plans[key]
 

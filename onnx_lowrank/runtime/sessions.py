@@ -165,11 +165,14 @@ def sample_positions(seed: int, image_index: int, tensor: str, spatial: int, cou
 def collect_responses(model: onnx.ModelProto, source, indices: Sequence[int], tensors: Sequence[str], *,
                       samples_per_image: int | dict[str, int], seed: int, batch_size: int, threads: int = 0,
                       channel_axes: dict[str, int] | None = None,
-                      progress: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
+                      progress: Callable[[int], None] | None = None,
+                      sampled_as: dict[str, str] | None = None) -> dict[str, np.ndarray]:
     """Sampled responses ``(len(indices) * positions, channels)`` of each tensor in ``tensors``;
     ``samples_per_image`` is one count for all tensors or a count per tensor. A tensor's channels
     are its axis 1 (NC...) unless ``channel_axes`` names another (-1 for a dense layer's
-    ``[B, ..., N]``); every other axis after the batch is a position."""
+    ``[B, ..., N]``); every other axis after the batch is a position. A tensor named in
+    ``sampled_as`` is sampled (positions, count, axis) as the tensor it maps to, so that the two
+    pair up sample by sample."""
     session = make_session(with_outputs(model, tensors), threads=threads)
     output_names = [o.name for o in session.get_outputs()]
     wanted = {name: output_names.index(name) for name in tensors}
@@ -180,19 +183,20 @@ def collect_responses(model: onnx.ModelProto, source, indices: Sequence[int], te
     def keep(chunk: list[int], feeds: dict[str, np.ndarray], outputs: list[np.ndarray]) -> None:
         for name, position in wanted.items():
             maps = outputs[position]
-            axis = (channel_axes or {}).get(name, 1)
+            key = (sampled_as or {}).get(name, name)
+            axis = (channel_axes or {}).get(key, 1)
             if maps.ndim < 2:
                 raise ModelRunError(f"the response {name!r} has shape {maps.shape}: no batch and channel axes",
                                     hint="skip the layer that computes it (--skip)")
             if axis % maps.ndim != 1:
                 maps = np.moveaxis(maps, axis, 1)
             flat = maps.reshape(maps.shape[0], maps.shape[1], -1)
-            count = samples_per_image[name] if isinstance(samples_per_image, dict) else samples_per_image
+            count = samples_per_image[key] if isinstance(samples_per_image, dict) else samples_per_image
             per_image = min(count, flat.shape[2])
             if name not in responses:
                 responses[name] = np.empty((len(indices) * per_image, flat.shape[1]), np.float32)
             for row, image_index in enumerate(chunk):
-                picked = sample_positions(seed, image_index, name, flat.shape[2], count)
+                picked = sample_positions(seed, image_index, key, flat.shape[2], count)
                 responses[name][filled[name]:filled[name] + per_image] = flat[row][:, picked].T
                 filled[name] += per_image
         if progress is not None:
