@@ -70,6 +70,17 @@ def test_the_pipeline_finds_a_planted_rank(tmp_path) -> None:
                       rank_selection="sensitivity").report
     assert report.layers[1].rank == 16 and report.layers[1].response_error < 1e-3
     assert report.timings_s["sensitivity"] > 0
+    assert not any("3d chain" in w for w in report.warnings)
+
+
+def test_sensitivity_with_asym3d_warns_that_it_measures_channel_decompositions() -> None:
+    from onnx_lowrank import compress
+    from tests.builders import Layer, conv_net
+
+    data = np.random.default_rng(0).standard_normal((60, 3, 12, 12)).astype(np.float32)
+    report = compress(conv_net([Layer(16), Layer(32), Layer(32)]), 2.0, calibration=data, bench=False, threads=1,
+                      method="asym3d", rank_selection="sensitivity").report
+    assert any("not the 3d chain" in w for w in report.warnings)
 
 
 def test_sensitivity_needs_a_data_driven_method() -> None:

@@ -33,6 +33,10 @@ log = logging.getLogger(__name__)
 def plan_for(analysis: Analysis, opts: Options) -> ArchitecturePlan:
     """The decomposed architecture for ``opts`` (its speedup and method) on the analysed model."""
     if opts.selection == "sensitivity" and analysis.sensitivity is None:
+        if opts.spec.plan is PlanFamily.THREE_D:
+            analysis.run.warn("--rank-selection sensitivity measures each layer as a channel decomposition, not the "
+                              "3d chain this method builds: it was worse than energy selection on most models "
+                              "measured (docs/options.md); energy is the default")
         analysis.sensitivity = measure_sensitivity(analysis, opts)
     if opts.objective == "latency" and analysis.latency is None:
         analysis.latency = measure_layer_latency(analysis, opts)
