@@ -36,6 +36,25 @@ def test_rrr_matches_a_brute_force_reference() -> None:
     np.testing.assert_allclose(P @ Q.T, brute_force_rrr(z, y, 4), atol=1e-8)
 
 
+def test_fewer_samples_than_channels_solve_from_the_samples_as_from_their_scatter() -> None:
+    """A wide dense layer (one sample per image): the thin SVD of the samples replaces the d x d
+    eigendecomposition and must give the fit the scatter gives, here a minimum-norm fit to the
+    brute-force reference on the samples' span."""
+    rng = np.random.default_rng(4)
+    y = rng.standard_normal((300, 40)) * np.linspace(3, 0.5, 40)  # 40 samples of 300 channels
+    z = rng.standard_normal((300, 300)) @ y / 10 + 0.1 * rng.standard_normal((300, 40))
+    from_samples = ReducedRankRegression.of_samples(y.T)
+    from_scatter = ReducedRankRegression(y @ y.T)
+    assert from_samples.transform.shape == from_scatter.transform.shape == (300, 40)
+    fits = []
+    for solver in (from_samples, from_scatter):
+        P, whitened_q = solver.solve_whitened(z @ y.T @ solver.transform, 5)
+        fits.append(P @ (solver.transform @ whitened_q).T @ y)
+    np.testing.assert_allclose(fits[0], fits[1], atol=1e-8 * np.abs(fits[1]).max())
+    whitened = y.T @ from_samples.transform
+    np.testing.assert_allclose(whitened.T @ whitened, np.eye(40), atol=1e-8)
+
+
 def test_rrr_is_optimal_among_random_rank_r_matrices() -> None:
     rng = np.random.default_rng(1)
     y = rng.standard_normal((8, 500))

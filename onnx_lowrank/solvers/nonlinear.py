@@ -45,7 +45,7 @@ class _CentredInput:
         self.mean = y_hat.mean(axis=0, dtype=np.float64)
         centred = np.asarray(y_hat, dtype=np.float32) - self.mean.astype(np.float32)
         wide = centred.astype(np.float64)  # float64 keeps Y Y^T positive semi-definite
-        self.regression = ReducedRankRegression(wide.T @ wide)
+        self.regression = ReducedRankRegression.of_samples(wide)
         del wide
         self.values = centred @ self.regression.transform.astype(np.float32)
 

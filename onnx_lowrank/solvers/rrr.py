@@ -26,12 +26,29 @@ class ReducedRankRegression:
     """
 
     def __init__(self, scatter_yy: np.ndarray, rtol: float = 1e-7) -> None:
-        if not np.all(np.isfinite(scatter_yy)):
-            raise InvalidOptionError("the response scatter matrix has NaN or infinite values",
-                                     hint="check the calibration data for NaN or huge values")
+        _check_finite(scatter_yy)
         values, vectors = np.linalg.eigh(scatter_yy)
+        self._whiten(values, vectors, rtol)
+
+    @classmethod
+    def of_samples(cls, samples: np.ndarray, rtol: float = 1e-7) -> "ReducedRankRegression":
+        """The same solver from the centred samples ``Y^T`` (n x d) themselves. With fewer samples
+        than channels (a wide dense layer: one sample per image) their thin SVD costs n^2 d where
+        the scatter's eigendecomposition costs d^3 (10 s for 4096 channels on 2 cores); both give
+        the scatter's eigenvectors, and the variance-dropping rule is the same."""
+        n, d = samples.shape
+        if n >= d:
+            return cls(samples.T @ samples, rtol)
+        _check_finite(samples)
+        _, singular, right = np.linalg.svd(samples, full_matrices=False)
+        regression = cls.__new__(cls)
+        regression._whiten(singular[::-1] ** 2, right[::-1].T, rtol, dim=d)
+        return regression
+
+    def _whiten(self, values: np.ndarray, vectors: np.ndarray, rtol: float, dim: int | None = None) -> None:
+        """From the scatter's eigenvalues (ascending) and eigenvectors (columns)."""
         kept = values > rtol * max(float(values[-1]), np.finfo(float).tiny)
-        self.dim = scatter_yy.shape[0]
+        self.dim = dim or vectors.shape[0]
         self.transform = vectors[:, kept] / np.sqrt(values[kept])
 
     def solve_whitened(self, cross_zw: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
@@ -39,3 +56,10 @@ class ReducedRankRegression:
         rank = validate_rank(rank, self.dim)
         basis = deterministic_signs(top_left_singular_vectors(cross_zw, rank))
         return basis, cross_zw.T @ basis
+
+
+def _check_finite(values: np.ndarray) -> None:
+    if not np.all(np.isfinite(values)):
+        raise InvalidOptionError("the response scatter matrix has NaN or infinite values",
+                                 hint="check the calibration data for NaN or huge values")
+
