@@ -42,6 +42,23 @@ def test_pca_matches_an_svd_reference_on_noisy_data() -> None:
     np.testing.assert_allclose(factors.apply(y), reference, atol=1e-8)
 
 
+def test_fewer_samples_than_channels_give_the_spectrum_and_pca_of_the_scatter() -> None:
+    """A wide dense layer's statistics come from the samples' SVD: against NumPy's eigh of the
+    scatter, the same spectrum, the same PCA at every rank the samples span, an orthonormal basis."""
+    rng = np.random.default_rng(5)
+    samples = rng.standard_normal((30, 200)) * np.linspace(3, 0.1, 200)
+    stats = ResponseStats.from_responses(samples)
+    centred = samples - samples.mean(axis=0)
+    reference = np.sort(np.clip(np.linalg.eigvalsh(centred.T @ centred), 0, None))[::-1]
+    np.testing.assert_allclose(stats.eigenvalues, reference, atol=1e-8 * reference[0])
+    np.testing.assert_allclose(stats.eigenvectors.T @ stats.eigenvectors, np.eye(200), atol=1e-10)
+    for rank in (1, 10, 29):
+        fit = fit_pca(stats, rank)
+        _, _, vt = np.linalg.svd(centred, full_matrices=False)
+        projector = vt[:rank].T @ vt[:rank]
+        np.testing.assert_allclose(fit.P @ fit.Q.T, projector, atol=1e-8)
+
+
 def test_error_decreases_with_rank_and_full_rank_is_exact() -> None:
     y, _ = planted_responses(1500, 20, 20, noise=0.1, seed=2)
     stats = ResponseStats.from_responses(y)

@@ -98,3 +98,14 @@ def test_weight_spectrum_is_the_squared_singular_values_of_what_the_scheme_trunc
     weight = np.random.default_rng(6).standard_normal((7, 6, 3, 4))
     expected = np.linalg.svd(rows(weight), compute_uv=False) ** 2
     np.testing.assert_allclose(weight_spectrum(weight, scheme), expected)
+
+
+@pytest.mark.parametrize("shape", [(12, 8, 3, 3), (6, 4, 3, 3, 3)])
+def test_a_kept_svd_gives_the_same_filter_reconstruction_at_every_rank(shape) -> None:
+    from onnx_lowrank.solvers.weights import filter_reconstruction_svd
+
+    weight = np.random.default_rng(7).standard_normal(shape).astype(np.float32)
+    svd = filter_reconstruction_svd(weight)
+    for rank in (1, 3, 6):
+        for kept, fresh in zip(spatial_filter_reconstruction(weight, rank, svd), spatial_filter_reconstruction(weight, rank)):
+            np.testing.assert_array_equal(kept, fresh)

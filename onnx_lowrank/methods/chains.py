@@ -27,7 +27,12 @@ from onnx_lowrank.solvers import LowRankFactors, ResponseStats, fit_pca
 from onnx_lowrank.solvers.activations import apply_activation, relative_error
 from onnx_lowrank.solvers.grouped import fit_per_group, part_stats
 from onnx_lowrank.solvers.nonlinear import PAPER_SCHEDULE, fit_nonlinear
-from onnx_lowrank.solvers.weights import spatial_filter_reconstruction, tucker2, weight_svd
+from onnx_lowrank.solvers.weights import (
+    filter_reconstruction_svd,
+    spatial_filter_reconstruction,
+    tucker2,
+    weight_svd,
+)
 
 # For chains that rank plans rather than ship (budget probes, sensitivity): a fifth of the paper's
 # schedule comes within a few per cent of its error (the solver gains most in its first iterations).
@@ -70,9 +75,16 @@ def data_free_chains(solver: Solver, chosen: list[Unit], plan: ArchitecturePlan)
     return solved
 
 
-def spatial_pair(unit: Unit, rank: int) -> list[NodeSpec]:
-    """The layer's (k x 1, rank) -> (1 x k, d) filter reconstruction, bias on the second conv."""
-    return spatial_decomposition(unit.attrs, *spatial_filter_reconstruction(unit.weight, rank), unit.bias)
+def spatial_pair(unit: Unit, rank: int, cache: dict | None = None) -> list[NodeSpec]:
+    """The layer's (k x 1, rank) -> (1 x k, d) filter reconstruction, bias on the second conv;
+    with a ``cache``, the layer's SVD is kept in it for the next rank."""
+    svd = None
+    if cache is not None:
+        key = ("filter reconstruction svd", unit.name)
+        if key not in cache:
+            cache[key] = filter_reconstruction_svd(unit.weight)
+        svd = cache[key]
+    return spatial_decomposition(unit.attrs, *spatial_filter_reconstruction(unit.weight, rank, svd), unit.bias)
 
 
 def solve_layers(solver: Solver, asymmetric, normalised, chosen, plan: ArchitecturePlan, responses, stats, shapes,
@@ -94,7 +106,8 @@ def solve_layers(solver: Solver, asymmetric, normalised, chosen, plan: Architect
         return unit.name, plan.ranks[unit.name], plan.spatial_ranks.get(unit.name), solver, schedule
 
     to_solve = [u for u in chosen if not (independent and key(u) in cache)]
-    pairs = {u.name: spatial_pair(u, plan.spatial_ranks[u.name]) for u in to_solve if u.name in plan.spatial_ranks}
+    pairs = {u.name: spatial_pair(u, plan.spatial_ranks[u.name], cache) for u in to_solve
+             if u.name in plan.spatial_ranks}
     split_outputs = {} if asymmetric or solver is Solver.PCA else _split_outputs(normalised, to_solve, pairs, collect,
                                                                                  shapes, solved)
     for unit in chosen:

@@ -34,24 +34,32 @@ def weight_svd(weight: np.ndarray, bias: np.ndarray, rank: int) -> LowRankFactor
     return LowRankFactors(basis, basis.copy(), bias - basis @ (basis.T @ bias))
 
 
-def spatial_filter_reconstruction(weight: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
+def filter_reconstruction_svd(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The left singular vectors and values the filter reconstruction truncates: one SVD gives
+    every rank (a budget search builds a layer's split at many)."""
+    left, values, _ = np.linalg.svd(_filter_matrix(_planar(weight)), full_matrices=False)
+    return left, values
+
+
+def spatial_filter_reconstruction(weight: np.ndarray, rank: int,
+                                  svd: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``(vertical (d'', c, kh, 1), horizontal (d, d'', 1, kw))`` with
-    ``W[o, i, y, x] ~ sum_j horizontal[o, j, 0, x] * vertical[j, i, y, 0]``.
+    ``W[o, i, y, x] ~ sum_j horizontal[o, j, 0, x] * vertical[j, i, y, 0]``; ``svd`` is
+    :func:`filter_reconstruction_svd` of ``weight``, where it was computed before.
 
     A 3-D weight ``(d, c, kt, kh, kw)`` is split the same way into a spatial ``(d'', c, 1, kh,
     kw)`` and a temporal ``(d, d'', kt, 1, 1)`` part (the (2+1)-D factorisation of video
     networks): the same problem with the ``kh kw`` taps as the rows and ``kt`` as the columns."""
     if np.ndim(weight) == 5:
         d, c, kt, kh, kw = np.shape(weight)
-        as_planar = np.asarray(weight).reshape(d, c, kt, kh * kw).transpose(0, 1, 3, 2)
-        spatial, temporal = spatial_filter_reconstruction(as_planar, rank)
+        spatial, temporal = spatial_filter_reconstruction(_planar(weight), rank, svd)
         rank = spatial.shape[0]
         return spatial.reshape(rank, c, 1, kh, kw), temporal.reshape(d, rank, kt, 1, 1)
     w = _validated(weight).astype(np.float64)
     d, c, kh, kw = w.shape
     rank = validate_rank(rank, min(c * kh, d * kw))
-    matrix = w.transpose(1, 2, 0, 3).reshape(c * kh, d * kw)  # rows (i, y), columns (o, x)
-    left, values, _ = np.linalg.svd(matrix, full_matrices=False)
+    matrix = _filter_matrix(w)
+    left, values = svd or np.linalg.svd(matrix, full_matrices=False)[:2]
     left = deterministic_signs(left[:, :rank])
     right_t = left.T @ matrix  # diag(s_r) V_r^T, with the signs chosen for left
     # A direction with no energy (rank above the weights' own) gets unit scale, not a division by zero.
@@ -59,6 +67,20 @@ def spatial_filter_reconstruction(weight: np.ndarray, rank: int) -> tuple[np.nda
     vertical = (left.T * scale).reshape(rank, c, kh, 1)
     horizontal = (right_t / scale).reshape(rank, d, kw).transpose(1, 0, 2)[:, :, None, :]
     return vertical.astype(weight.dtype), horizontal.astype(weight.dtype)
+
+
+def _planar(weight: np.ndarray) -> np.ndarray:
+    """A 3-D conv's weight with its ``kh kw`` taps as the rows' and ``kt`` as the columns' axis."""
+    if np.ndim(weight) != 5:
+        return weight
+    d, c, kt, kh, kw = np.shape(weight)
+    return np.asarray(weight).reshape(d, c, kt, kh * kw).transpose(0, 1, 3, 2)
+
+
+def _filter_matrix(weight: np.ndarray) -> np.ndarray:
+    w = _validated(weight).astype(np.float64)
+    d, c, kh, kw = w.shape
+    return w.transpose(1, 2, 0, 3).reshape(c * kh, d * kw)  # rows (i, y), columns (o, x)
 
 
 def tucker2(weight: np.ndarray, in_rank: int, out_rank: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
