@@ -17,7 +17,8 @@ import tempfile
 from pathlib import Path
 
 METHODS = ("asymmetric", "asym3d", "nonlinear", "linear", "jaderberg", "svd", "tucker2")
-VOLATILE = ("timings_s", "versions", "files")
+VOLATILE = ("timings_s", "peak_memory_mib", "versions", "files")
+VOLATILE_PER_LAYER = ("seconds",)
 
 
 def run(checkout: Path, model: str, cli: list[str], method: str, folder: Path) -> tuple[str, dict] | str:
@@ -28,6 +29,7 @@ def run(checkout: Path, model: str, cli: list[str], method: str, folder: Path) -
     if done.returncode:
         return f"exit {done.returncode}: {done.stderr.strip()[-300:]}"
     data = {k: v for k, v in json.loads(report.read_text()).items() if k not in VOLATILE}
+    data["layers"] = [{k: v for k, v in layer.items() if k not in VOLATILE_PER_LAYER} for layer in data["layers"]]
     return hashlib.sha256(out.read_bytes()).hexdigest(), data
 
 
