@@ -3,7 +3,7 @@ held-out set meets a budget (NNCF's ``quantize_with_accuracy_control(max_drop)``
 compression-ratio selection with an eval callback, Olive's accuracy goals).
 
 The analysis (load, responses, statistics) runs once. The speedup is then searched in phases,
-each cheaper per plan than the next, so that the search costs about two fixed-speedup runs:
+each cheaper per plan than the next, so that the search costs a few fixed-speedup runs:
 
 1. *Probes*: the method's own plans at bracketing, then bisected, speedups, solved with the
    linear solver (PCA of the responses, Eq. 4, whose eigenvectors the analysis already has and
