@@ -36,19 +36,18 @@ class ReducedRankRegression:
         than channels (a wide dense layer: one sample per image) their thin SVD costs n^2 d where
         the scatter's eigendecomposition costs d^3 (10 s for 4096 channels on 2 cores); both give
         the scatter's eigenvectors, and the variance-dropping rule is the same."""
-        n, d = samples.shape
-        if n >= d:
+        if len(samples) >= samples.shape[1]:
             return cls(samples.T @ samples, rtol)
         _check_finite(samples)
         _, singular, right = np.linalg.svd(samples, full_matrices=False)
         regression = cls.__new__(cls)
-        regression._whiten(singular[::-1] ** 2, right[::-1].T, rtol, dim=d)
+        regression._whiten(singular[::-1] ** 2, right[::-1].T, rtol)
         return regression
 
-    def _whiten(self, values: np.ndarray, vectors: np.ndarray, rtol: float, dim: int | None = None) -> None:
+    def _whiten(self, values: np.ndarray, vectors: np.ndarray, rtol: float) -> None:
         """From the scatter's eigenvalues (ascending) and eigenvectors (columns)."""
         kept = values > rtol * max(float(values[-1]), np.finfo(float).tiny)
-        self.dim = dim or vectors.shape[0]
+        self.dim = vectors.shape[0]
         self.transform = vectors[:, kept] / np.sqrt(values[kept])
 
     def solve_whitened(self, cross_zw: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
