@@ -179,3 +179,26 @@ def test_the_split_layers_outputs_from_one_run_are_those_of_their_own_sub_graphs
                                                 {unit.name: pairs[unit.name]}), tensors=[unit.output],
                                   **analysis.collect)[unit.output]
         assert together[unit.name].shape == alone.shape and np.allclose(together[unit.name], alone, atol=1e-4)
+
+
+def test_a_probe_lands_just_below_where_a_power_law_loss_meets_the_budget() -> None:
+    """Planted: loss = 0.01 s^2 meets 0.09 at s = 3; probes at 2 (met) and 4 (missed)."""
+    step = search._next_probe(2.0, 4.0, (0.04, 0.16, 0.09))
+    assert 3 / (1 + search.PRECISION) < step < 3
+    assert search._next_probe(step, 4.0, (0.01 * step ** 2, 0.16, 0.09)) is None  # within PRECISION of the answer
+    assert search._next_probe(2.0, 4.0, None) == pytest.approx(8 ** 0.5)  # a user metric: bisection
+    assert search._next_probe(2.0, 4.0, (0.0, 0.16, 0.09)) == pytest.approx(8 ** 0.5)  # a perfect copy says nothing
+    assert search._next_probe(2.0, 2.05, (0.04, 0.16, 0.09)) is None and search._next_probe(2.0, None) == 4.0
+
+
+def test_interpolated_probes_find_as_fast_a_plan_as_bisection_with_fewer_probes(model, data, monkeypatch) -> None:
+    def searched():
+        report = compress_to_budget(model, Budget("error", 0.05), calibration=data, bench=False, rank_multiple=8,
+                                    threads=1).report
+        return sum(p.solver == "probe" for p in report.frontier), report.theoretical_speedup
+
+    probes, speedup = searched()
+    interpolated = search._next_probe
+    monkeypatch.setattr(search, "_next_probe", lambda passing, failing, losses=None: interpolated(passing, failing))
+    bisected_probes, bisected_speedup = searched()
+    assert probes < bisected_probes and speedup >= bisected_speedup / (1 + search.PRECISION)

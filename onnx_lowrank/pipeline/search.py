@@ -5,7 +5,7 @@ compression-ratio selection with an eval callback, Olive's accuracy goals).
 The analysis (load, responses, statistics) runs once. The speedup is then searched in phases,
 each cheaper per plan than the next, so that the search costs a few fixed-speedup runs:
 
-1. *Probes*: the method's own plans at bracketing, then bisected, speedups, solved with the
+1. *Probes*: the method's own plans at bracketing, then interpolated, speedups, solved with the
    linear solver (PCA of the responses, Eq. 4, whose eigenvectors the analysis already has and
    which are nested: one decomposition gives every rank; asym3d's k x 1 / 1 x k split is the
    closed-form filter reconstruction), so a probe re-collects nothing and costs its rewrite and
@@ -50,10 +50,10 @@ from onnx_lowrank.solvers.nonlinear import PAPER_SCHEDULE
 log = logging.getLogger(__name__)
 
 
-PROBES = 7  # probes: bracketing steps and bisection
+PROBES = 7  # probes per bracket: doubling or halving, then interpolation
 
 
-PRECISION = 0.05  # stop bisecting when the bracket is within 5 % in speedup
+PRECISION = 0.05  # stop probing when the bracket is within 5 % in speedup
 
 
 BEYOND_STEPS = 2  # runs of the method above the first plan that met the budget
@@ -261,10 +261,16 @@ class _Searcher:
             value = self.probes.get(speedup)
             return value is not None and self._probe_met(value, scale)
 
+        def losses() -> tuple[float, float, float] | None:
+            limit = self.budget.loss(self.budget.limit)
+            if passing is None or failing is None or failing not in self.probes or limit is None:
+                return None
+            return self.budget.loss(self.probes[passing]), self.budget.loss(self.probes[failing]), limit / scale
+
         known = sorted(set(self.probes) | self.infeasible)
         passing = max((s for s in known if met(s)), default=None)
         failing = min((s for s in known if not met(s) and (passing is None or s > passing)), default=None)
-        speedup = start if passing is None and failing is None else _next_probe(passing, failing)
+        speedup = start if passing is None and failing is None else _next_probe(passing, failing, losses())
         for _ in range(PROBES):
             if speedup is None:
                 break
@@ -273,7 +279,7 @@ class _Searcher:
                 passing = speedup
             else:
                 failing = speedup
-            speedup = _next_probe(passing, failing)
+            speedup = _next_probe(passing, failing, losses())
         return passing, failing
 
     def _probe(self, speedup: float) -> None:
@@ -343,12 +349,27 @@ class _Searcher:
         return min(measured) if measured else 1.0
 
 
-def _next_probe(passing: float | None, failing: float | None) -> float | None:
-    """Double above a plan that met, halve the way to 1x below one that missed, then bisect
-    (geometrically) until the bracket is within ``PRECISION``; None when there is nothing left."""
+def _next_probe(passing: float | None, failing: float | None,
+                losses: tuple[float, float, float] | None = None) -> float | None:
+    """Double above a plan that met, halve the way to 1x below one that missed; then, while the
+    bracket is wider than ``PRECISION``, a little below where the loss reaches the budget on the
+    power law through the two ends (``losses``: at ``passing``, at ``failing``, the budget's), so
+    that the probe likely meets it and closes the bracket from below: about four probes where
+    bisection takes six (a simulated search over smooth noisy curves), at the same precision.
+    Geometric bisection where the losses cannot say (a user metric, a loss of 0 or not rising).
+    None when nothing is left: the bracket is narrow, or the crossing is within it of ``passing``."""
     if failing is None:
         return passing * 2
     if passing is None:
         lower = 1 + (failing - 1) / 2
         return lower if lower >= 1.02 else None
-    return None if failing / passing < 1 + PRECISION else math.sqrt(passing * failing)
+    if failing / passing < 1 + PRECISION:
+        return None
+    if losses is None or not 0 < losses[0] < losses[1] or not losses[2] > 0:
+        return math.sqrt(passing * failing)
+    at_passing, at_failing, limit = losses
+    reach = math.log(limit / at_passing) / math.log(at_failing / at_passing)
+    if passing * (failing / passing) ** reach <= passing * (1 + PRECISION):
+        return None
+    speedup = passing * (failing / passing) ** min(max(reach, 0.1), 0.9) / (1 + PRECISION / 2)
+    return speedup if speedup > passing * (1 + PRECISION / 2) else None
