@@ -202,3 +202,49 @@ def test_interpolated_probes_find_as_fast_a_plan_as_bisection_with_fewer_probes(
     monkeypatch.setattr(search, "_next_probe", lambda passing, failing, losses=None: interpolated(passing, failing))
     bisected_probes, bisected_speedup = searched()
     assert probes < bisected_probes and speedup >= bisected_speedup / (1 + search.PRECISION)
+
+
+def _skip_net() -> onnx.ModelProto:
+    """conv -> conv -> conv, the first's output added back after the third (a skip the cuts must
+    carry), then a conv; the network's input read again at the very end (a cut's graph input)."""
+    from onnx import TensorProto, helper
+
+    from tests.builders import IR_VERSION, NetBuilder
+
+    b = NetBuilder(seed=5)
+    first = b.conv_layer("input", 3, Layer(16))
+    x = b.conv_layer(b.conv_layer(first, 16, Layer(32)), 32, Layer(16))
+    x = b.conv_layer(b.node("Add", [x, first]), 16, Layer(24))
+    x = b.node("Add", [b.node("GlobalAveragePool", [x]), b.node("ReduceMean", ["input"], axes=[1, 2, 3])])
+    graph = helper.make_graph(b.nodes, "skip-net", [helper.make_tensor_value_info("input", TensorProto.FLOAT,
+                                                                                  ["N", 3, 10, 10])],
+                              [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["N", 24, 1, 1])], b.inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=IR_VERSION)
+
+
+@pytest.mark.parametrize("carry_bytes", [1 << 30, 0])  # cuts kept; none kept (every run from the inputs)
+def test_a_layers_input_from_the_kept_cut_is_that_of_its_sub_graph_from_the_inputs(data, monkeypatch,
+                                                                                   carry_bytes) -> None:
+    """Independent reference: the sub-graph from the network's inputs up to each layer, with the
+    layers before it (and the layer itself) replaced, run on the calibration data."""
+    from onnx_lowrank.graph.rewrite import replace_units
+    from onnx_lowrank.graph.surgery import prefix_model
+    from onnx_lowrank.methods import carried as carried_module
+    from onnx_lowrank.methods.carried import CarriedCut
+    from onnx_lowrank.methods.chains import spatial_pair
+    from onnx_lowrank.runtime.sessions import collect_responses
+
+    monkeypatch.setattr(carried_module, "CARRY_BYTES", carry_bytes)
+    analysis, plan, _ = _analysed(_skip_net(), data)
+    carried, replaced = CarriedCut(analysis.normalised, analysis.collect), {}
+    units = [u for u in analysis.units if u.decomposable]
+    assert len(units) == 4
+    for unit in units:
+        replaced[unit.name] = spatial_pair(unit, 2)
+        together, _ = carried.layer_output(unit, replaced, analysis.shapes)
+        prefix = prefix_model(analysis.normalised, [unit.output])
+        inside = {node.name for node in prefix.graph.node}
+        alone = collect_responses(replace_units(prefix, {n: c for n, c in replaced.items() if n in inside}),
+                                  tensors=[unit.output], **analysis.collect)[unit.output]
+        assert together.shape == alone.shape and np.allclose(together, alone, atol=1e-5)
+        assert (carried.layer == unit.name) == (carry_bytes > 0 and unit is not units[0])

@@ -41,12 +41,14 @@ def test_spatial_scheme2_reproduces_planted_separable_filters() -> None:
     np.testing.assert_allclose(reconstruct(vertical, horizontal), planted, atol=1e-9)
 
 
-def test_spatial_scheme2_error_is_the_truncated_svd_optimum() -> None:
+@pytest.mark.parametrize("shape", [(12, 7, 3, 3), (5, 16, 3, 3)])  # a wide and a tall filter matrix
+def test_spatial_scheme2_error_is_the_truncated_svd_optimum(shape) -> None:
     rng = np.random.default_rng(3)
-    weight = rng.standard_normal((12, 7, 3, 3))
+    weight = rng.standard_normal(shape)
+    d, c, kh, kw = shape
     vertical, horizontal = spatial_filter_reconstruction(weight, 4)
     error = np.linalg.norm(weight - reconstruct(vertical, horizontal))
-    singular = np.linalg.svd(weight.transpose(1, 2, 0, 3).reshape(21, 36), compute_uv=False)
+    singular = np.linalg.svd(weight.transpose(1, 2, 0, 3).reshape(c * kh, d * kw), compute_uv=False)
     assert error == pytest.approx(np.sqrt(np.sum(singular[4:] ** 2)))
     for _ in range(20):  # no nearby pair of filter banks does better
         worse = reconstruct(vertical + 0.01 * rng.standard_normal(vertical.shape),
@@ -92,12 +94,16 @@ def test_tucker2_bases_are_the_top_singular_vectors_of_each_unfolding() -> None:
         np.testing.assert_allclose(np.abs(basis.T @ left), np.eye(basis.shape[1]), atol=1e-8)
 
 
+@pytest.mark.parametrize("shape", [(7, 6, 3, 4), (2, 9, 3, 1)])  # wide and tall matrices, both schemes
 @pytest.mark.parametrize("scheme, rows", [("channel", lambda w: w.reshape(w.shape[0], -1)),
-                                          ("spatial", lambda w: w.transpose(1, 2, 0, 3).reshape(18, 28))])
-def test_weight_spectrum_is_the_squared_singular_values_of_what_the_scheme_truncates(scheme, rows) -> None:
-    weight = np.random.default_rng(6).standard_normal((7, 6, 3, 4))
+                                          ("spatial", lambda w: w.transpose(1, 2, 0, 3).reshape(
+                                              w.shape[1] * w.shape[2], -1))])
+def test_weight_spectrum_is_the_squared_singular_values_of_what_the_scheme_truncates(scheme, rows, shape) -> None:
+    weight = np.random.default_rng(6).standard_normal(shape)
     expected = np.linalg.svd(rows(weight), compute_uv=False) ** 2
-    np.testing.assert_allclose(weight_spectrum(weight, scheme), expected)
+    spectrum = weight_spectrum(weight, scheme)
+    assert spectrum.shape == expected.shape
+    np.testing.assert_allclose(spectrum, expected, rtol=1e-9, atol=1e-12 * expected[0])
 
 
 @pytest.mark.parametrize("shape", [(12, 8, 3, 3), (6, 4, 3, 3, 3)])

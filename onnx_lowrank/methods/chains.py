@@ -14,12 +14,11 @@ from onnx_lowrank.graph.rewrite import (
     beside_units,
     channel_chain,
     channel_decomposition,
-    replace_units,
     spatial_decomposition,
     tucker2_decomposition,
 )
-from onnx_lowrank.graph.surgery import prefix_model
 from onnx_lowrank.graph.units import Unit
+from onnx_lowrank.methods.carried import CarriedCut
 from onnx_lowrank.planning.plans import ArchitecturePlan
 from onnx_lowrank.registry import Solver
 from onnx_lowrank.runtime.sessions import collect_responses
@@ -92,9 +91,10 @@ def solve_layers(solver: Solver, asymmetric, normalised, chosen, plan: Architect
     """Solve the chosen layers shallow to deep. The fitted input ``W x-hat`` is the output of the
     layer in a network where (with ``asymmetric``, Eq. 12) the earlier layers are already replaced
     and (for a 3d layer, §3.5) the layer itself is split spatially; the target is always the
-    original network's response. With Eq. 12 the sub-graph up to the layer is re-run, where
-    something in it is replaced; without it, one run of the network gives every split layer's
-    output; PCA (Eq. 4) reads the responses alone. ``responses`` are consumed, unless a ``cache``
+    original network's response. With Eq. 12 the network runs again up to the layer, from the
+    values kept at an earlier one (``methods.carried``); without it, one run of the network gives
+    every split layer's output; PCA (Eq. 4) reads the responses alone. ``responses`` are
+    consumed, unless a ``cache``
     is given: then they are kept, and the chains that depend on nothing but the layer's own ranks
     (PCA's, and every symmetric one) are kept in it by (layer, ranks, solver, schedule), so that
     plans sharing a layer's ranks solve it once."""
@@ -106,10 +106,13 @@ def solve_layers(solver: Solver, asymmetric, normalised, chosen, plan: Architect
         return unit.name, plan.ranks[unit.name], plan.spatial_ranks.get(unit.name), solver, schedule
 
     to_solve = [u for u in chosen if not (independent and key(u) in cache)]
+    clock = time.perf_counter()
     pairs = {u.name: spatial_pair(u, plan.spatial_ranks[u.name], cache) for u in to_solve
              if u.name in plan.spatial_ranks}
+    solved.timings["solve"] += time.perf_counter() - clock
     split_outputs = {} if asymmetric or solver is Solver.PCA else _split_outputs(normalised, to_solve, pairs, collect,
                                                                                  shapes, solved)
+    carried = CarriedCut(normalised, collect)
     for unit in chosen:
         y = responses[unit.output] if cache is not None else responses.pop(unit.output)
         y_hat = split_outputs.pop(unit.name, y)
@@ -120,7 +123,7 @@ def solve_layers(solver: Solver, asymmetric, normalised, chosen, plan: Architect
         spatial = pairs.get(unit.name)
         collecting = time.perf_counter()
         if asymmetric and solver is not Solver.PCA:
-            y_hat = _refitted_input(unit, y, normalised, solved, spatial, shapes, collect)
+            y_hat = _refitted_input(unit, y, carried, solved, spatial, shapes)
         clock = time.perf_counter()
         factors, solved.iterations[unit.name] = _solve(solver, unit, stats[unit.name], y_hat, y, plan.ranks[unit.name],
                                                        schedule)
@@ -158,17 +161,16 @@ def _split_outputs(normalised, units: list[Unit], pairs: dict[str, list[NodeSpec
     return {name: collected[tensor] for name, tensor in written.items()}
 
 
-def _refitted_input(unit: Unit, y: np.ndarray, normalised, solved: Solved, spatial, shapes, collect) -> np.ndarray:
+def _refitted_input(unit: Unit, y: np.ndarray, carried: CarriedCut, solved: Solved, spatial, shapes) -> np.ndarray:
     """The layer's output where the earlier chains (Eq. 12) and its own spatial split (§3.5)
-    replace the original's, from the sub-graph up to it; the original's responses where nothing is."""
+    replace the original's (``methods.carried``); the original's responses where nothing is yet."""
     clock = time.perf_counter()
-    prefix = prefix_model(normalised, [unit.output])
-    replaced = {n.name: solved.chains[n.name] for n in prefix.graph.node if n.name in solved.chains}
+    replaced = dict(solved.chains)
     if spatial is not None:
         replaced[unit.name] = spatial
     if replaced:
-        solved.prefix_macs += sum(shapes[n.name].macs for n in prefix.graph.node if n.name in shapes)
-        y = collect_responses(replace_units(prefix, replaced), tensors=[unit.output], **collect)[unit.output]
+        y, macs = carried.layer_output(unit, replaced, shapes)
+        solved.prefix_macs += macs
     solved.timings["collect_asymmetric"] += time.perf_counter() - clock
     return y
 

@@ -140,10 +140,14 @@ def batch_size_for(inputs: list[InputSpec], preferred: int) -> int:
     return fixed.pop() if fixed else preferred
 
 
+def batch_chunks(indices: Sequence[int], batch_size: int) -> list[list[int]]:
+    """``indices`` in batches of at most ``batch_size``, in order: every batched run's batches."""
+    return [list(indices[start:start + batch_size]) for start in range(0, len(indices), batch_size)]
+
+
 def iterate_batches(source, indices: Sequence[int], batch_size: int):
     """Yield (index chunk, feeds) of at most ``batch_size`` samples each."""
-    for start in range(0, len(indices), batch_size):
-        chunk = list(indices[start:start + batch_size])
+    for chunk in batch_chunks(indices, batch_size):
         yield chunk, source.get(chunk)
 
 
@@ -162,25 +166,44 @@ def sample_positions(seed: int, image_index: int, tensor: str, spatial: int, cou
     return np.sort(rng.choice(spatial, size=min(count, spatial), replace=False))
 
 
-def collect_responses(model: onnx.ModelProto, source, indices: Sequence[int], tensors: Sequence[str], *,
-                      samples_per_image: int | dict[str, int], seed: int, batch_size: int, threads: int = 0,
-                      channel_axes: dict[str, int] | None = None,
-                      progress: Callable[[int], None] | None = None,
-                      sampled_as: dict[str, str] | None = None) -> dict[str, np.ndarray]:
+def collect_responses(model: onnx.ModelProto, source, indices: Sequence[int], tensors: Sequence[str],
+                      **sampling) -> dict[str, np.ndarray]:
+    """Sampled responses of ``tensors`` (``collect_responses_and_values`` without values)."""
+    return collect_responses_and_values(model, source, indices, tensors, **sampling)[0]
+
+
+def collect_responses_and_values(model: onnx.ModelProto, source, indices: Sequence[int], tensors: Sequence[str], *,
+                                 samples_per_image: int | dict[str, int], seed: int, batch_size: int,
+                                 threads: int = 0, channel_axes: dict[str, int] | None = None,
+                                 progress: Callable[[int], None] | None = None,
+                                 sampled_as: dict[str, str] | None = None, whole: Sequence[str] = (),
+                                 whole_bytes: int = 0) -> tuple[dict[str, np.ndarray], list[dict] | None]:
     """Sampled responses ``(len(indices) * positions, channels)`` of each tensor in ``tensors``;
     ``samples_per_image`` is one count for all tensors or a count per tensor. A tensor's channels
     are its axis 1 (NC...) unless ``channel_axes`` names another (-1 for a dense layer's
     ``[B, ..., N]``); every other axis after the batch is a position. A tensor named in
     ``sampled_as`` is sampled (positions, count, axis) as the tensor it maps to, so that the two
-    pair up sample by sample."""
-    session = make_session(with_outputs(model, tensors), threads=threads)
+    pair up sample by sample.
+
+    Also returns the values of the tensors in ``whole``, unsampled, batch by batch as computed
+    (nothing assumes where their batch axis is); None where they would take more than
+    ``whole_bytes``."""
+    session = make_session(with_outputs(model, [*tensors, *whole]), threads=threads)
     output_names = [o.name for o in session.get_outputs()]
     wanted = {name: output_names.index(name) for name in tensors}
     # Filled in place once the first batch shows each tensor's size: no list of chunks to concatenate.
     responses: dict[str, np.ndarray] = {}
     filled = {name: 0 for name in tensors}
+    batches: list[dict[str, np.ndarray]] | None = [] if whole else None
+    held = 0
 
     def keep(chunk: list[int], feeds: dict[str, np.ndarray], outputs: list[np.ndarray]) -> None:
+        nonlocal batches, held
+        if batches is not None:
+            batches.append({name: outputs[output_names.index(name)] for name in whole})
+            held += sum(value.nbytes for value in batches[-1].values())
+            if held > whole_bytes:
+                batches = None
         for name, position in wanted.items():
             maps = outputs[position]
             key = (sampled_as or {}).get(name, name)
@@ -207,7 +230,7 @@ def collect_responses(model: onnx.ModelProto, source, indices: Sequence[int], te
         if not np.all(np.isfinite(values)):
             raise ModelRunError(f"the model's response {name!r} to the calibration data contains NaN or infinity",
                                 hint="check the data's range and preprocessing (--preprocess, --mean, --std)")
-    return responses
+    return responses, batches
 
 
 def probe_shapes(model: onnx.ModelProto, source, tensors: Sequence[str], batch_size: int,

@@ -37,8 +37,7 @@ def weight_svd(weight: np.ndarray, bias: np.ndarray, rank: int) -> LowRankFactor
 def filter_reconstruction_svd(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The left singular vectors and values the filter reconstruction truncates: one SVD gives
     every rank (a budget search builds a layer's split at many)."""
-    left, values, _ = np.linalg.svd(_filter_matrix(_planar(weight)), full_matrices=False)
-    return left, values
+    return _left_singular_pairs(_filter_matrix(_planar(weight)))
 
 
 def spatial_filter_reconstruction(weight: np.ndarray, rank: int,
@@ -59,7 +58,7 @@ def spatial_filter_reconstruction(weight: np.ndarray, rank: int,
     d, c, kh, kw = w.shape
     rank = validate_rank(rank, min(c * kh, d * kw))
     matrix = _filter_matrix(w)
-    left, values = svd or np.linalg.svd(matrix, full_matrices=False)[:2]
+    left, values = svd or _left_singular_pairs(matrix)
     left = deterministic_signs(left[:, :rank])
     right_t = left.T @ matrix  # diag(s_r) V_r^T, with the signs chosen for left
     # A direction with no energy (rank above the weights' own) gets unit scale, not a division by zero.
@@ -107,7 +106,20 @@ def weight_spectrum(weight: np.ndarray, scheme: str) -> np.ndarray:
         matrix = w.transpose(1, 2, 0, 3).reshape(c * kh, d * kw)
     else:
         raise ValueError(f"unknown factorisation scheme {scheme!r}")
-    return np.linalg.svd(matrix, compute_uv=False) ** 2
+    gram = matrix @ matrix.T if matrix.shape[0] <= matrix.shape[1] else matrix.T @ matrix
+    return np.clip(np.linalg.eigvalsh(gram)[::-1], 0.0, None)  # an energy: the tail's rounding does not matter
+
+
+def _left_singular_pairs(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every left singular vector of ``matrix`` and its singular value, descending: from the
+    eigendecomposition of ``A A^T`` where ``A`` is not taller than wide (VGG's 1536 x 1536
+    filter matrix: 0.5 s instead of the SVD's 1.2 s on 2 cores), by SVD otherwise. The vectors
+    are orthonormal either way; a value the Gram's rounding leaves below zero is 0."""
+    if matrix.shape[0] > matrix.shape[1]:
+        left, values, _ = np.linalg.svd(matrix, full_matrices=False)
+        return left, values
+    squares, vectors = np.linalg.eigh(matrix @ matrix.T)
+    return vectors[:, ::-1], np.sqrt(np.clip(squares[::-1], 0.0, None))
 
 
 def _top_left_basis(matrix: np.ndarray, rank: int) -> np.ndarray:

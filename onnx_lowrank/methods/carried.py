@@ -1,0 +1,87 @@
+"""Each layer's input in the already-approximated network (Eq. 12), carried from layer to layer.
+
+Solving shallow to deep, a layer's fitted input is its output in the network whose earlier layers
+are already replaced. Re-running the network from its inputs up to each layer costs the whole
+prefix every time: about L/2 passes of the network for a chain of L layers (VGG-16's 15 layers:
+about seven). Instead, the run that collects a layer's input also keeps the values at the cut
+before that layer (the tensors computed before it and read from it on,
+``graph.surgery.suffix_model``), and the next layer's run starts there: only the part of the
+network between two layers runs again, with the layers solved since replaced. Where a cut would
+take more than ``CARRY_BYTES`` (the wide early feature maps of many images), the next run starts
+from the last cut kept, or from the inputs. A run from a cut computes what a run from the inputs
+would (``tests/test_chains.py`` checks it sample by sample).
+"""
+
+from __future__ import annotations
+
+import onnx
+from onnx import helper
+
+from onnx_lowrank.graph.rewrite import NodeSpec, replace_units
+from onnx_lowrank.graph.surgery import prefix_model, suffix_model
+from onnx_lowrank.graph.units import Unit
+from onnx_lowrank.runtime.sessions import batch_chunks, collect_responses_and_values
+
+CARRY_BYTES = 512 << 20
+
+
+class CarriedCut:
+    """The approximated network's values at the cut before the last layer whose input was
+    collected (none before the first), batch by batch as ``collect`` runs them; the network's
+    inputs are never kept (the calibration source gives them again)."""
+
+    def __init__(self, normalised: onnx.ModelProto, collect: dict) -> None:
+        self.normalised, self.collect = normalised, collect
+        self.order = {node.name: index for index, node in enumerate(normalised.graph.node)}
+        self.graph_inputs = {i.name: i for i in normalised.graph.input}
+        self.chunks = [tuple(chunk) for chunk in batch_chunks(collect["indices"], collect["batch_size"])]
+        self.layer: str | None = None
+        self.batches: list[dict] = []
+
+    def layer_output(self, unit: Unit, replaced: dict[str, list[NodeSpec]], shapes: dict) -> tuple:
+        """``unit``'s sampled output where the nodes in ``replaced`` (the layers solved before it,
+        and its own spatial split) are replaced, and the conv MACs per sample of the part run."""
+        from_cut = self.layer is not None and self.order[self.layer] < self.order[unit.name]
+        model = self._suffix() if from_cut else self.normalised
+        cut = suffix_model(self.normalised, unit.name)[1]
+        given = {i.name for i in model.graph.input}
+        computed = [name for name in cut if name not in given]
+        part = prefix_model(model, [unit.output, *computed])
+        names = {node.name for node in part.graph.node}
+        part = replace_units(part, {name: chain for name, chain in replaced.items() if name in names})
+        needed_inputs = given & set(self.graph_inputs)
+        source = _CutSource(dict(zip(self.chunks, self.batches)), self.collect["source"],
+                            needed_inputs) if from_cut else self.collect["source"]
+        responses, batches = collect_responses_and_values(
+            part, **{**self.collect, "source": source}, tensors=[unit.output], whole=computed, whole_bytes=CARRY_BYTES)
+        if batches is not None:
+            passed = [name for name in cut if name not in computed and name not in self.graph_inputs]
+            earlier = self.batches if from_cut else [{}] * len(batches)
+            self.batches = [{**{name: old[name] for name in passed}, **new} for old, new in zip(earlier, batches)]
+            self.layer = unit.name
+        return responses[unit.output], sum(shapes[name].macs for name in names if name in shapes)
+
+    def _suffix(self) -> onnx.ModelProto:
+        """The network from the kept cut on, its inputs typed as computed (or as the network's)."""
+        suffix, _ = suffix_model(self.normalised, self.layer)
+        for value_info in suffix.graph.input:
+            if value_info.name in self.graph_inputs:
+                value_info.CopyFrom(self.graph_inputs[value_info.name])
+            else:
+                dtype = helper.np_dtype_to_tensor_dtype(self.batches[0][value_info.name].dtype)
+                value_info.CopyFrom(helper.make_tensor_value_info(value_info.name, dtype, None))
+        return suffix
+
+
+class _CutSource:
+    """The values at a cut for each batch of the collection, with the network's inputs that the
+    part run from it reads (from the calibration source)."""
+
+    def __init__(self, by_chunk: dict[tuple, dict], source, graph_inputs: set[str]) -> None:
+        self.by_chunk, self.source, self.graph_inputs = by_chunk, source, graph_inputs
+
+    def get(self, chunk) -> dict:
+        values = self.by_chunk[tuple(chunk)]
+        if self.graph_inputs:
+            values = {**{n: v for n, v in self.source.get(chunk).items() if n in self.graph_inputs}, **values}
+        return values
