@@ -31,18 +31,29 @@ def sole_consumer(graph: gs.Graph, tensor: gs.Tensor) -> gs.Node | None:
     return tensor.outputs[0]
 
 
-def prefix_model(model: onnx.ModelProto, outputs: list[str]) -> onnx.ModelProto:
+def prefix_model(model: onnx.ModelProto, outputs: list[str],
+                 given: list[onnx.ValueInfoProto] | None = None) -> onnx.ModelProto:
     """A copy of ``model`` that computes only ``outputs``: the nodes nothing else needs are dropped,
-    so running it costs the sub-graph up to those tensors, not the whole network."""
+    so running it costs the sub-graph up to those tensors, not the whole network. With ``given``
+    (the values at a cut, ``cut_before``), those tensors are its inputs, and only the nodes from
+    them to ``outputs`` are kept."""
+    inputs = list(model.graph.input) if given is None else given
+    stop = {info.name for info in inputs}
     needed = set(outputs)
     kept = []
     for node in reversed(model.graph.node):
-        if needed.intersection(node.output):
+        if needed.intersection(node.output) and (given is None or not stop.issuperset(node.output)):
             kept.append(node)
-            needed.update(name for name in node.input if name)
-            needed.update(_names_read_by_subgraphs(node))
-    return _part_of(model, list(reversed(kept)), model.graph.input,
+            needed.update(name for name in node.input if name and name not in stop)
+            needed.update(_names_read_by_subgraphs(node) - stop)
+    return _part_of(model, list(reversed(kept)), inputs,
                     [onnx.helper.make_empty_tensor_value_info(name) for name in outputs], needed)
+
+
+def cut_before(model: onnx.ModelProto, node_name: str) -> list[str]:
+    """The tensors computed before node ``node_name`` (in the model's topological order), or fed
+    to the model, that are read from it on: what the part of the model from it on needs."""
+    return _split_at(model, node_name)[1]
 
 
 def suffix_model(model: onnx.ModelProto, node_name: str) -> tuple[onnx.ModelProto, list[str]]:
@@ -50,15 +61,20 @@ def suffix_model(model: onnx.ModelProto, node_name: str) -> tuple[onnx.ModelProt
     whose inputs are the tensors computed before that node and read from it on (the ``cut``,
     returned too): replacing that node and running the suffix from the cut's values costs only
     what follows it. Graph inputs read from the node on are part of the cut."""
+    start, cut, read_after = _split_at(model, node_name)
+    inputs = [onnx.helper.make_empty_tensor_value_info(name) for name in cut]
+    return _part_of(model, list(model.graph.node)[start:], inputs, model.graph.output, read_after), cut
+
+
+def _split_at(model: onnx.ModelProto, node_name: str) -> tuple[int, list[str], set[str]]:
+    """Node ``node_name``'s position, the cut before it, and every name read from it on."""
     nodes = list(model.graph.node)
     start = next(i for i, node in enumerate(nodes) if node.name == node_name)
     initializers = {init.name for init in model.graph.initializer}
     produced_before = {name for node in nodes[:start] for name in node.output} | {i.name for i in model.graph.input}
     read_after = {name for node in nodes[start:] for name in (*node.input, *_names_read_by_subgraphs(node)) if name}
     read_after |= {o.name for o in model.graph.output}
-    cut = sorted((produced_before & read_after) - initializers)
-    inputs = [onnx.helper.make_empty_tensor_value_info(name) for name in cut]
-    return _part_of(model, nodes[start:], inputs, model.graph.output, read_after), cut
+    return start, sorted((produced_before & read_after) - initializers), read_after
 
 
 def _part_of(model: onnx.ModelProto, nodes, inputs, outputs, read: set[str]) -> onnx.ModelProto:

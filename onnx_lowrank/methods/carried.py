@@ -5,7 +5,7 @@ are already replaced. Re-running the network from its inputs up to each layer co
 prefix every time: about L/2 passes of the network for a chain of L layers (VGG-16's 15 layers:
 about seven). Instead, the run that collects a layer's input also keeps the values at the cut
 before that layer (the tensors computed before it and read from it on,
-``graph.surgery.suffix_model``), and the next layer's run starts there: only the part of the
+``graph.surgery.cut_before``), and the next layer's run starts there: only the part of the
 network between two layers runs again, with the layers solved since replaced. Where a cut would
 take more than ``CARRY_BYTES`` (the wide early feature maps of many images), the next run starts
 from the last cut kept, or from the inputs. A run from a cut computes what a run from the inputs
@@ -18,7 +18,7 @@ import onnx
 from onnx import helper
 
 from onnx_lowrank.graph.rewrite import NodeSpec, replace_units
-from onnx_lowrank.graph.surgery import prefix_model, suffix_model
+from onnx_lowrank.graph.surgery import cut_before, prefix_model
 from onnx_lowrank.graph.units import Unit
 from onnx_lowrank.runtime.sessions import batch_chunks, collect_responses_and_values
 
@@ -42,16 +42,15 @@ class CarriedCut:
         """``unit``'s sampled output where the nodes in ``replaced`` (the layers solved before it,
         and its own spatial split) are replaced, and the conv MACs per sample of the part run."""
         from_cut = self.layer is not None and self.order[self.layer] < self.order[unit.name]
-        model = self._suffix() if from_cut else self.normalised
-        cut = suffix_model(self.normalised, unit.name)[1]
-        given = {i.name for i in model.graph.input}
-        computed = [name for name in cut if name not in given]
-        part = prefix_model(model, [unit.output, *computed])
+        given = self._kept_cut() if from_cut else None
+        cut = cut_before(self.normalised, unit.name)
+        fed = {i.name for i in (given or self.normalised.graph.input)}
+        computed = [name for name in cut if name not in fed]
+        part = prefix_model(self.normalised, [unit.output, *computed], given)
         names = {node.name for node in part.graph.node}
         part = replace_units(part, {name: chain for name, chain in replaced.items() if name in names})
-        needed_inputs = given & set(self.graph_inputs)
         source = _CutSource(dict(zip(self.chunks, self.batches)), self.collect["source"],
-                            needed_inputs) if from_cut else self.collect["source"]
+                            fed & set(self.graph_inputs)) if from_cut else self.collect["source"]
         responses, batches = collect_responses_and_values(
             part, **{**self.collect, "source": source}, tensors=[unit.output], whole=computed, whole_bytes=CARRY_BYTES)
         if batches is not None:
@@ -61,16 +60,11 @@ class CarriedCut:
             self.layer = unit.name
         return responses[unit.output], sum(shapes[name].macs for name in names if name in shapes)
 
-    def _suffix(self) -> onnx.ModelProto:
-        """The network from the kept cut on, its inputs typed as computed (or as the network's)."""
-        suffix, _ = suffix_model(self.normalised, self.layer)
-        for value_info in suffix.graph.input:
-            if value_info.name in self.graph_inputs:
-                value_info.CopyFrom(self.graph_inputs[value_info.name])
-            else:
-                dtype = helper.np_dtype_to_tensor_dtype(self.batches[0][value_info.name].dtype)
-                value_info.CopyFrom(helper.make_tensor_value_info(value_info.name, dtype, None))
-        return suffix
+    def _kept_cut(self) -> list[onnx.ValueInfoProto]:
+        """The kept cut as the inputs of a model, typed as computed (or as the network's inputs)."""
+        return [self.graph_inputs[name] if name in self.graph_inputs else helper.make_tensor_value_info(
+                    name, helper.np_dtype_to_tensor_dtype(self.batches[0][name].dtype), None)
+                for name in cut_before(self.normalised, self.layer)]
 
 
 class _CutSource:
