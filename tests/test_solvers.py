@@ -121,3 +121,16 @@ def test_math_modules_do_not_import_onnx() -> None:
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('onnx', 'onnxruntime', 'onnx_graphsurgeon')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("shape, rank", [((50, 5), 8), ((50, 5), 3), ((6, 40), 4), ((40, 12), 12)])
+def test_top_left_singular_vectors_span_the_svds_and_complete_it_orthonormally(shape, rank) -> None:
+    from onnx_lowrank.solvers.factors import top_left_singular_vectors
+
+    matrix = np.random.default_rng(11).standard_normal(shape)
+    basis = top_left_singular_vectors(matrix, rank)
+    reference = np.linalg.svd(matrix, full_matrices=False)[0][:, :min(rank, min(shape))]
+    kept = reference.shape[1]
+    assert basis.shape == (shape[0], rank)
+    np.testing.assert_allclose(basis.T @ basis, np.eye(rank), atol=1e-10)
+    np.testing.assert_allclose(basis[:, :kept] @ basis[:, :kept].T, reference @ reference.T, atol=1e-8)

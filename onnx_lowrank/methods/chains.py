@@ -87,7 +87,8 @@ def spatial_pair(unit: Unit, rank: int, cache: dict | None = None) -> list[NodeS
 
 
 def solve_layers(solver: Solver, asymmetric, normalised, chosen, plan: ArchitecturePlan, responses, stats, shapes,
-                 collect, advance, cache: dict | None = None, schedule=PAPER_SCHEDULE) -> Solved:
+                 collect, advance, cache: dict | None = None, schedule=PAPER_SCHEDULE,
+                 images: int | None = None) -> Solved:
     """Solve the chosen layers shallow to deep. The fitted input ``W x-hat`` is the output of the
     layer in a network where (with ``asymmetric``, Eq. 12) the earlier layers are already replaced
     and (for a 3d layer, §3.5) the layer itself is split spatially; the target is always the
@@ -97,25 +98,28 @@ def solve_layers(solver: Solver, asymmetric, normalised, chosen, plan: Architect
     consumed, unless a ``cache``
     is given: then they are kept, and the chains that depend on nothing but the layer's own ranks
     (PCA's, and every symmetric one) are kept in it by (layer, ranks, solver, schedule), so that
-    plans sharing a layer's ranks solve it once."""
+    plans sharing a layer's ranks solve it once. ``images``: a symmetric 3d solve takes its
+    split layers' outputs from the first ``images`` calibration images only (a probe)."""
     solved = Solved(timings={"collect_asymmetric": 0.0, "solve": 0.0})
     # Without Eq. 12 a layer's chain depends on its own ranks alone: solved once for all plans.
     independent = cache is not None and (solver is Solver.PCA or not asymmetric)
 
     def key(unit: Unit) -> tuple:
-        return unit.name, plan.ranks[unit.name], plan.spatial_ranks.get(unit.name), solver, schedule
+        return unit.name, plan.ranks[unit.name], plan.spatial_ranks.get(unit.name), solver, schedule, images
 
     to_solve = [u for u in chosen if not (independent and key(u) in cache)]
     clock = time.perf_counter()
     pairs = {u.name: spatial_pair(u, plan.spatial_ranks[u.name], cache) for u in to_solve
              if u.name in plan.spatial_ranks}
     solved.timings["solve"] += time.perf_counter() - clock
-    split_outputs = {} if asymmetric or solver is Solver.PCA else _split_outputs(normalised, to_solve, pairs, collect,
+    subset = collect if images is None else {**collect, "indices": collect["indices"][:images]}
+    split_outputs = {} if asymmetric or solver is Solver.PCA else _split_outputs(normalised, to_solve, pairs, subset,
                                                                                  shapes, solved)
     carried = CarriedCut(normalised, collect)
     for unit in chosen:
         y = responses[unit.output] if cache is not None else responses.pop(unit.output)
         y_hat = split_outputs.pop(unit.name, y)
+        y = y[:len(y_hat)]  # the first images' samples come first
         if independent and key(unit) in cache:
             solved.chains[unit.name], solved.errors[unit.name], solved.iterations[unit.name] = cache[key(unit)]
             advance(1)

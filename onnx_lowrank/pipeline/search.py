@@ -44,6 +44,7 @@ from onnx_lowrank.pipeline.analysis import Analysis, Result, analyse
 from onnx_lowrank.pipeline.budget import Budget
 from onnx_lowrank.pipeline.compress import distill, hint_tensors, measure, report_for, rewrite, solve
 from onnx_lowrank.pipeline.plan import plan_for
+from onnx_lowrank.planning.sampling import images_for
 from onnx_lowrank.quantize import Tolerance, add_int8, int8_of
 from onnx_lowrank.solvers.nonlinear import PAPER_SCHEDULE
 
@@ -297,8 +298,14 @@ class _Searcher:
             return
         key = (tuple(sorted(plan.ranks.items())), tuple(sorted(plan.spatial_ranks.items())))
         if key not in self.probed_plans:
+            # A probe ranks plans: its split layers' outputs from the fewest images whose samples
+            # fit them without overfitting (half of them with the default sampling) do.
+            analysis = self.analysis
+            images = images_for({name: analysis.samples[name] for name in plan.spatial_ranks},
+                                {name: analysis.stats[name].dim for name in plan.spatial_ranks},
+                                len(analysis.data.calib_indices))
             result = self._evaluate(speedup, dataclasses.replace(self.opts, symmetric=True), PROBE_LABEL, CLOSED_FORM,
-                                    plan, self.opts.spec.probe_solver)
+                                    plan, self.opts.spec.probe_solver, images)
             self.probed_plans[key] = result[0].value
         self.probes[speedup] = self.probed_plans[key]
 
@@ -316,15 +323,17 @@ class _Searcher:
             self.infeasible.add(speedup)
             return None
 
-    def _evaluate(self, speedup: float, opts: Options, label: str, schedule=PAPER_SCHEDULE, plan=None, solver=None):
-        """Plan, solve (with ``solver`` in place of the method's), rewrite and measure at ``speedup``;
-        None when the plan is infeasible."""
+    def _evaluate(self, speedup: float, opts: Options, label: str, schedule=PAPER_SCHEDULE, plan=None, solver=None,
+                  images=None):
+        """Plan, solve (with ``solver`` in place of the method's; ``images`` as for
+        ``methods.chains.solve_layers``), rewrite and measure at ``speedup``; None when the plan
+        is infeasible."""
         opts = dataclasses.replace(opts, speedup=speedup)
         plan = plan or self._plan(speedup, opts)
         if plan is None:
             return None
         # The cache also keeps the responses for the next plan.
-        solved = solve(self.analysis, plan, opts, cache=self.cache, schedule=schedule, solver=solver)
+        solved = solve(self.analysis, plan, opts, cache=self.cache, schedule=schedule, solver=solver, images=images)
         optimized = rewrite(self.analysis, solved, logging.DEBUG)
         data = self.analysis.data
         with self.analysis.run.stage("search", f"measuring the plan at {speedup:.2f}x", logging.DEBUG):
