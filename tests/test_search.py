@@ -248,3 +248,19 @@ def test_a_layers_input_from_the_kept_cut_is_that_of_its_sub_graph_from_the_inpu
                                   tensors=[unit.output], **analysis.collect)[unit.output]
         assert together.shape == alone.shape and np.allclose(together, alone, atol=1e-5)
         assert (carried.layer == unit.name) == (carry_bytes > 0 and unit is not units[0])
+
+
+def test_above_two_quick_runs_that_met_the_next_is_where_their_power_law_reaches_the_budget() -> None:
+    """Planted: the method's loss 0.01 s^2 / 4 (0.01 at 2x, 0.04 at 4x) reaches 0.09 at 6x."""
+    from onnx_lowrank.output.report import FrontierPoint
+
+    def searcher(limit: float):
+        made = search._Searcher.__new__(search._Searcher)
+        made.budget = Budget("error", limit)
+        made.quick = {s: FrontierPoint(s, s, 0.0025 * s ** 2, True, "asymmetric (quick)") for s in (2.0, 4.0)}
+        return made
+
+    step = searcher(0.09)._method_step(searcher(0.09).quick[4.0])
+    assert 6 / (1 + search.PRECISION) < step < 6
+    assert searcher(1.0)._method_step(searcher(1.0).quick[4.0]) == pytest.approx(8 / (1 + search.PRECISION / 2))
+    assert searcher(0.09)._method_step(searcher(0.09).quick[2.0]) is None  # no run below it

@@ -57,7 +57,7 @@ PROBES = 7  # probes per bracket: doubling or halving, then interpolation
 PRECISION = 0.05  # stop probing when the bracket is within 5 % in speedup
 
 
-BEYOND_STEPS = 2  # runs of the method above the first plan that met the budget
+BEYOND_STEPS = 3  # quick runs of the method above the first plan that met the budget
 
 
 INT8_STEPS = 2  # slower plans tried when INT8 on top of the one found breaks the budget
@@ -226,17 +226,42 @@ class _Searcher:
         return None, None
 
     def _beyond(self, best: FrontierPoint) -> FrontierPoint:
-        """Up to ``BEYOND_STEPS`` more quick runs at faster plans the probes point to, each kept
-        only if it meets the budget itself (see ``_next_speedup``)."""
+        """Up to ``BEYOND_STEPS`` more quick runs at faster plans, each kept only if it meets the
+        budget itself. The method's gain over its probe shrinks or grows with the speedup, so
+        once the method has run twice its own curve leads: between the fastest run that met and
+        a faster one that missed, halfway (geometrically); above them, where the power law
+        through the two fastest that met reaches it (``_method_step``).
+        Before that, where the probes scaled by its gain point (``_next_speedup``)."""
         for _ in range(BEYOND_STEPS):
-            speedup = self._next_speedup(best)
-            if speedup is None:
+            missed = min((s for s, p in self.quick.items() if s > best.speedup_target and not p.met), default=None)
+            if missed is not None:  # bisected: the method's curve jumps where ranks do
+                speedup = _next_probe(best.speedup_target, missed)
+            else:
+                speedup = self._method_step(best) or self._next_speedup(best)
+            if speedup is None or speedup in self.quick:
                 break
             point = self._quick_run(speedup)
-            if point is None or not point.met:
+            if point is None:
                 break
-            best = point
+            if point.met:
+                best = point
         return best
+
+    def _method_step(self, best: FrontierPoint) -> float | None:
+        """Where the power law through the method's two fastest quick runs that met (``best`` and
+        the one below it) reaches the budget, a little below and at most twice ``best``'s
+        speedup; None where there is no such run or the losses cannot say (not rising)."""
+        below = max((s for s, p in self.quick.items() if s < best.speedup_target and p.met), default=None)
+        limit = self.budget.loss(self.budget.limit)
+        if below is None or limit is None:
+            return None
+        losses = self.budget.loss(self.quick[below].value), self.budget.loss(best.value), limit
+        if not 0 < losses[0] < losses[1] < losses[2]:
+            return None
+        exponent = math.log(losses[1] / losses[0]) / math.log(best.speedup_target / below)
+        reach = best.speedup_target * (losses[2] / losses[1]) ** (1 / exponent)
+        speedup = min(reach, 2 * best.speedup_target) / (1 + PRECISION / 2)
+        return speedup if speedup > best.speedup_target * (1 + PRECISION) else None
 
     def _next_speedup(self, point: FrontierPoint) -> float | None:
         """Where the method beats its probe by a factor k in loss (error, points, disagreement),
