@@ -215,7 +215,8 @@ def _skip_net() -> onnx.ModelProto:
     first = b.conv_layer("input", 3, Layer(16))
     x = b.conv_layer(b.conv_layer(first, 16, Layer(32)), 32, Layer(16))
     x = b.conv_layer(b.node("Add", [x, first]), 16, Layer(24))
-    x = b.node("Add", [b.node("GlobalAveragePool", [x]), b.node("ReduceMean", ["input"], axes=[1, 2, 3])])
+    late_input = b.node("Add", [b.node("ReduceMean", [x], axes=[1, 2, 3]), "input"])  # reads the input last
+    x = b.node("Add", [b.node("GlobalAveragePool", [x]), b.node("ReduceMean", [late_input], axes=[1, 2, 3])])
     graph = helper.make_graph(b.nodes, "skip-net", [helper.make_tensor_value_info("input", TensorProto.FLOAT,
                                                                                   ["N", 3, 10, 10])],
                               [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["N", 24, 1, 1])], b.inits)
@@ -228,7 +229,7 @@ def test_a_layers_input_from_the_kept_cut_is_that_of_its_sub_graph_from_the_inpu
     """Independent reference: the sub-graph from the network's inputs up to each layer, with the
     layers before it (and the layer itself) replaced, run on the calibration data."""
     from onnx_lowrank.graph.rewrite import replace_units
-    from onnx_lowrank.graph.surgery import prefix_model
+    from onnx_lowrank.graph.surgery import cut_before, prefix_model
     from onnx_lowrank.methods import carried as carried_module
     from onnx_lowrank.methods.carried import CarriedCut
     from onnx_lowrank.methods.chains import spatial_pair
@@ -236,7 +237,7 @@ def test_a_layers_input_from_the_kept_cut_is_that_of_its_sub_graph_from_the_inpu
 
     monkeypatch.setattr(carried_module, "CARRY_BYTES", carry_bytes)
     analysis, plan, _ = _analysed(_skip_net(), data)
-    carried, replaced = CarriedCut(analysis.normalised, analysis.collect), {}
+    carried, replaced = CarriedCut(analysis.normalised, analysis.collect, analysis.cut_bytes), {}
     units = [u for u in analysis.units if u.decomposable]
     assert len(units) == 4
     for unit in units:
@@ -248,6 +249,10 @@ def test_a_layers_input_from_the_kept_cut_is_that_of_its_sub_graph_from_the_inpu
                                   tensors=[unit.output], **analysis.collect)[unit.output]
         assert together.shape == alone.shape and np.allclose(together, alone, atol=1e-5)
         assert (carried.layer == unit.name) == (carry_bytes > 0 and unit is not units[0])
+        if carried.layer == unit.name:  # the analysis's estimate of the cut is what it holds (and the input)
+            assert "input" in cut_before(analysis.normalised, unit.name)
+            held = sum(value.nbytes for value in carried.batches[0].values()) + data[:len(carried.chunks[0])].nbytes
+            assert analysis.cut_bytes[unit.name] * len(carried.chunks[0]) == held
 
 
 def test_above_two_quick_runs_that_met_the_next_is_where_their_power_law_reaches_the_budget() -> None:

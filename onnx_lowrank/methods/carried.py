@@ -30,8 +30,10 @@ class CarriedCut:
     collected (none before the first), batch by batch as ``collect`` runs them; the network's
     inputs are never kept (the calibration source gives them again)."""
 
-    def __init__(self, normalised: onnx.ModelProto, collect: dict) -> None:
-        self.normalised, self.collect = normalised, collect
+    def __init__(self, normalised: onnx.ModelProto, collect: dict, cut_bytes: dict[str, int]) -> None:
+        """``cut_bytes``: per sample, the values at the cut before each layer (where known:
+        ``runtime.shapes.measure_shapes``): a cut known to be too large is not even fetched."""
+        self.normalised, self.collect, self.cut_bytes = normalised, collect, cut_bytes
         self.order = {node.name: index for index, node in enumerate(normalised.graph.node)}
         self.graph_inputs = {i.name: i for i in normalised.graph.input}
         self.chunks = [tuple(chunk) for chunk in batch_chunks(collect["indices"], collect["batch_size"])]
@@ -45,7 +47,8 @@ class CarriedCut:
         given = self._kept_cut() if from_cut else None
         cut = cut_before(self.normalised, unit.name)
         fed = {i.name for i in (given or self.normalised.graph.input)}
-        computed = [name for name in cut if name not in fed]
+        fits = self.cut_bytes.get(unit.name, 0) * len(self.collect["indices"]) <= CARRY_BYTES
+        computed = [name for name in cut if name not in fed] if fits else []
         part = prefix_model(self.normalised, [unit.output, *computed], given)
         names = {node.name for node in part.graph.node}
         part = replace_units(part, {name: chain for name, chain in replaced.items() if name in names})

@@ -65,6 +65,7 @@ class Analysis:
     sensitivity: dict[str, dict[int, float]] | None = None  # measured once, when a plan asks for it
     latency: LayerLatency | None = None  # --objective latency: measured once
     latency_cache: LatencyCache = field(default_factory=LatencyCache)  # saved by ``finish``, when the run succeeds
+    cut_bytes: dict[str, int] = field(default_factory=dict)  # per sample, before each layer (``methods.carried``)
 
     @property
     def by_name(self) -> dict[str, Unit]:
@@ -118,7 +119,7 @@ def analyse(model, opts: Options, calibration: CalibrationSource = None, evaluat
         if needs_labels and getattr(data.eval_source, "labels", None) is None:
             raise InvalidOptionError(f"{needs_labels} needs labels",
                                      hint="pass --eval (or --calib) data with 'labels'")
-        shapes = measure_shapes(normalised, data.source, units, inputs, opts.threads)
+        shapes, cut_bytes = measure_shapes(normalised, data.source, units, inputs, opts.threads)
     candidates = [RankCandidate(u.name, shapes[u.name], dense=u.kind == "dense") for u in units if u.decomposable]
     fixed = sum(shapes[u.name].macs for u in units
                 if u.name in shapes and u.kind in opts.ops and not u.decomposable)
@@ -144,7 +145,7 @@ def analyse(model, opts: Options, calibration: CalibrationSource = None, evaluat
                  "AVX-512, 8 with AVX2, as on this CPU), so off-grid ranks run as slower NCHW convs with reorders")
     return Analysis(model, reference, normalised, store, units, channel_only_names, inputs, data, shapes,
                     candidates, fixed, collect, stats, responses, samples, run, progress,
-                    latency_cache=latency_cache)
+                    latency_cache=latency_cache, cut_bytes=cut_bytes)
 
 
 def _open_data(calibration, evaluation, preprocess, inputs, opts: Options, run: Run) -> DataSplit:

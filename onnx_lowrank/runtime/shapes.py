@@ -2,19 +2,27 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
+from onnx_lowrank.graph.surgery import cut_before
 from onnx_lowrank.graph.units import Unit
 from onnx_lowrank.planning.costs import ConvShape
 from onnx_lowrank.runtime.sessions import batch_size_for, probe_shapes
 
 
-def measure_shapes(model, source, units, inputs, threads) -> dict[str, ConvShape]:
-    """Per-sample ConvShape (``costs``) of every layer, from one probe run."""
+def measure_shapes(model, source, units, inputs, threads) -> tuple[dict[str, ConvShape], dict[str, int]]:
+    """Per-sample ConvShape (``costs``) of every layer, and the bytes per sample of the cut before
+    each decomposable one (``graph.surgery.cut_before``: what the Eq. 12 re-collection carries
+    from layer to layer), from one probe run."""
     probe_batch = batch_size_for(inputs, 1)
     units = [u for u in units if not u.in_subgraph]
-    shapes = probe_shapes(model, source, [u.output for u in units] + [u.input for u in units], probe_batch, threads)
-    return {unit.name: layer_shape(unit, shapes[unit.input], shapes[unit.output]) for unit in units}
+    cuts = {u.name: cut_before(model, u.name) for u in units if u.decomposable}
+    tensors = {u.output for u in units} | {u.input for u in units} | {name for cut in cuts.values() for name in cut}
+    shapes = probe_shapes(model, source, sorted(tensors), probe_batch, threads)
+    cut_bytes = {name: sum(4 * math.prod(shapes[t]) for t in cut) // probe_batch for name, cut in cuts.items()}
+    return {unit.name: layer_shape(unit, shapes[unit.input], shapes[unit.output]) for unit in units}, cut_bytes
 
 
 def layer_shape(unit: Unit, inp: tuple, out: tuple) -> ConvShape:
