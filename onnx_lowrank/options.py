@@ -228,7 +228,8 @@ class Options:
     samples_per_image: int | None = option(None, OrNone(Integer(1)), "Spatial positions sampled per image, the "
                                            "same for every layer (default: sized per layer, at least 40 samples "
                                            "per channel where the data allows).", DATA)
-    sample_memory_mb: int = option(2048, Integer(1), "Bound on the memory of all sampled responses.", DATA,
+    sample_memory_mb: int = option(2048, Integer(1), "Bound on the memory of all sampled responses; half of it "
+                                   "bounds the feature maps an asymmetric solve carries from layer to layer.", DATA,
                                    flag="--sample-memory", metavar="MB")
     seed: int = option(0, Integer(0), "Seed for sampling and random inputs.", DATA)
     skip: tuple[str, ...] = option((), Names(), "Layer (node) name to leave alone (repeat; a value naming no layer "

@@ -224,20 +224,18 @@ def _skip_net() -> onnx.ModelProto:
 
 
 @pytest.mark.parametrize("carry_bytes", [1 << 30, 0])  # cuts kept; none kept (every run from the inputs)
-def test_a_layers_input_from_the_kept_cut_is_that_of_its_sub_graph_from_the_inputs(data, monkeypatch,
-                                                                                   carry_bytes) -> None:
+def test_a_layers_input_from_the_kept_cut_is_that_of_its_sub_graph_from_the_inputs(data, carry_bytes) -> None:
     """Independent reference: the sub-graph from the network's inputs up to each layer, with the
     layers before it (and the layer itself) replaced, run on the calibration data."""
     from onnx_lowrank.graph.rewrite import replace_units
     from onnx_lowrank.graph.surgery import cut_before, prefix_model
-    from onnx_lowrank.methods import carried as carried_module
-    from onnx_lowrank.methods.carried import CarriedCut
+    from onnx_lowrank.methods.carried import CarriedCut, CutSizes
     from onnx_lowrank.methods.chains import spatial_pair
     from onnx_lowrank.runtime.sessions import collect_responses
 
-    monkeypatch.setattr(carried_module, "CARRY_BYTES", carry_bytes)
     analysis, plan, _ = _analysed(_skip_net(), data)
-    carried, replaced = CarriedCut(analysis.normalised, analysis.collect, analysis.cut_bytes), {}
+    carried = CarriedCut(analysis.normalised, analysis.collect, CutSizes(analysis.cuts.per_sample, carry_bytes))
+    replaced = {}
     units = [u for u in analysis.units if u.decomposable]
     assert len(units) == 4
     for unit in units:
@@ -252,7 +250,7 @@ def test_a_layers_input_from_the_kept_cut_is_that_of_its_sub_graph_from_the_inpu
         if carried.layer == unit.name:  # the analysis's estimate of the cut is what it holds (and the input)
             assert "input" in cut_before(analysis.normalised, unit.name)
             held = sum(value.nbytes for value in carried.batches[0].values()) + data[:len(carried.chunks[0])].nbytes
-            assert analysis.cut_bytes[unit.name] * len(carried.chunks[0]) == held
+            assert analysis.cuts.per_sample[unit.name] * len(carried.chunks[0]) == held
 
 
 def test_above_two_quick_runs_that_met_the_next_is_where_their_power_law_reaches_the_budget() -> None:

@@ -7,12 +7,15 @@ about seven). Instead, the run that collects a layer's input also keeps the valu
 before that layer (the tensors computed before it and read from it on,
 ``graph.surgery.cut_before``), and the next layer's run starts there: only the part of the
 network between two layers runs again, with the layers solved since replaced. Where a cut would
-take more than ``CARRY_BYTES`` (the wide early feature maps of many images), the next run starts
-from the last cut kept, or from the inputs. A run from a cut computes what a run from the inputs
+take more than its budget (half of ``--sample-memory``: the cut being filled and the one it
+starts from are held together), as the wide early feature maps of many images do, the next run
+starts from the last cut kept, or from the inputs. A run from a cut computes what a run from the inputs
 would (``tests/test_chains.py`` checks it sample by sample).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import onnx
 from onnx import helper
@@ -22,7 +25,14 @@ from onnx_lowrank.graph.surgery import cut_before, prefix_model
 from onnx_lowrank.graph.units import Unit
 from onnx_lowrank.runtime.sessions import batch_chunks, collect_responses_and_values
 
-CARRY_BYTES = 512 << 20
+
+@dataclass(frozen=True)
+class CutSizes:
+    """Bytes per sample of the values at the cut before each layer (where measured:
+    ``runtime.shapes.measure_shapes``), and how many bytes one cut may take."""
+
+    per_sample: dict[str, int]
+    budget: int
 
 
 class CarriedCut:
@@ -30,10 +40,9 @@ class CarriedCut:
     collected (none before the first), batch by batch as ``collect`` runs them; the network's
     inputs are never kept (the calibration source gives them again)."""
 
-    def __init__(self, normalised: onnx.ModelProto, collect: dict, cut_bytes: dict[str, int]) -> None:
-        """``cut_bytes``: per sample, the values at the cut before each layer (where known:
-        ``runtime.shapes.measure_shapes``): a cut known to be too large is not even fetched."""
-        self.normalised, self.collect, self.cut_bytes = normalised, collect, cut_bytes
+    def __init__(self, normalised: onnx.ModelProto, collect: dict, sizes: CutSizes) -> None:
+        """A cut whose ``sizes`` exceed the budget is not even fetched."""
+        self.normalised, self.collect, self.sizes = normalised, collect, sizes
         self.order = {node.name: index for index, node in enumerate(normalised.graph.node)}
         self.graph_inputs = {i.name: i for i in normalised.graph.input}
         self.chunks = [tuple(chunk) for chunk in batch_chunks(collect["indices"], collect["batch_size"])]
@@ -47,7 +56,7 @@ class CarriedCut:
         given = self._kept_cut() if from_cut else None
         cut = cut_before(self.normalised, unit.name)
         fed = {i.name for i in (given or self.normalised.graph.input)}
-        fits = self.cut_bytes.get(unit.name, 0) * len(self.collect["indices"]) <= CARRY_BYTES
+        fits = self.sizes.per_sample.get(unit.name, 0) * len(self.collect["indices"]) <= self.sizes.budget
         computed = [name for name in cut if name not in fed] if fits else []
         part = prefix_model(self.normalised, [unit.output, *computed], given)
         names = {node.name for node in part.graph.node}
@@ -55,7 +64,7 @@ class CarriedCut:
         source = _CutSource(dict(zip(self.chunks, self.batches)), self.collect["source"],
                             fed & set(self.graph_inputs)) if from_cut else self.collect["source"]
         responses, batches = collect_responses_and_values(
-            part, **{**self.collect, "source": source}, tensors=[unit.output], whole=computed, whole_bytes=CARRY_BYTES)
+            part, **{**self.collect, "source": source}, tensors=[unit.output], whole=computed, whole_bytes=self.sizes.budget)
         if batches is not None:
             passed = [name for name in cut if name not in computed and name not in self.graph_inputs]
             earlier = self.batches if from_cut else [{}] * len(batches)

@@ -18,7 +18,7 @@ from onnx_lowrank.graph.rewrite import (
     tucker2_decomposition,
 )
 from onnx_lowrank.graph.units import Unit
-from onnx_lowrank.methods.carried import CarriedCut
+from onnx_lowrank.methods.carried import CarriedCut, CutSizes
 from onnx_lowrank.planning.plans import ArchitecturePlan
 from onnx_lowrank.registry import Solver
 from onnx_lowrank.runtime.sessions import collect_responses
@@ -88,7 +88,7 @@ def spatial_pair(unit: Unit, rank: int, cache: dict | None = None) -> list[NodeS
 
 def solve_layers(solver: Solver, asymmetric, normalised, chosen, plan: ArchitecturePlan, responses, stats, shapes,
                  collect, advance, cache: dict | None = None, schedule=PAPER_SCHEDULE,
-                 images: int | None = None, cut_bytes: dict[str, int] | None = None) -> Solved:
+                 images: int | None = None, cuts: CutSizes | None = None) -> Solved:
     """Solve the chosen layers shallow to deep. The fitted input ``W x-hat`` is the output of the
     layer in a network where (with ``asymmetric``, Eq. 12) the earlier layers are already replaced
     and (for a 3d layer, §3.5) the layer itself is split spatially; the target is always the
@@ -100,7 +100,8 @@ def solve_layers(solver: Solver, asymmetric, normalised, chosen, plan: Architect
     (PCA's, and every symmetric one) are kept in it by (layer, ranks, solver, schedule), so that
     plans sharing a layer's ranks solve it once. ``images``: a symmetric 3d solve takes its
     split layers' outputs from the first ``images`` calibration images only (a probe).
-    ``cut_bytes``: per sample, the values at the cut before each layer (``methods.carried``)."""
+    ``cuts``: the sizes of the values Eq. 12 may carry from layer to layer (``methods.carried``;
+    without them, every layer's input runs from the network's inputs)."""
     solved = Solved(timings={"collect_asymmetric": 0.0, "solve": 0.0})
     # Without Eq. 12 a layer's chain depends on its own ranks alone: solved once for all plans.
     independent = cache is not None and (solver is Solver.PCA or not asymmetric)
@@ -116,7 +117,7 @@ def solve_layers(solver: Solver, asymmetric, normalised, chosen, plan: Architect
     subset = collect if images is None else {**collect, "indices": collect["indices"][:images]}
     split_outputs = {} if asymmetric or solver is Solver.PCA else _split_outputs(normalised, to_solve, pairs, subset,
                                                                                  shapes, solved)
-    carried = CarriedCut(normalised, collect, cut_bytes or {})
+    carried = CarriedCut(normalised, collect, cuts or CutSizes({}, 0))
     for unit in chosen:
         y = responses[unit.output] if cache is not None else responses.pop(unit.output)
         y_hat = split_outputs.pop(unit.name, y)

@@ -21,6 +21,7 @@ from onnx_lowrank.graph.units import Unit, find_units
 from onnx_lowrank.measure.context import Measuring, NullProgress, ProgressSink, Run
 from onnx_lowrank.measure.latency import LayerLatency, nchwc_block
 from onnx_lowrank.measure.latency_cache import LatencyCache
+from onnx_lowrank.methods.carried import CutSizes
 from onnx_lowrank.options import Options
 from onnx_lowrank.output.report import Report
 from onnx_lowrank.pipeline.plan import _plan
@@ -65,7 +66,7 @@ class Analysis:
     sensitivity: dict[str, dict[int, float]] | None = None  # measured once, when a plan asks for it
     latency: LayerLatency | None = None  # --objective latency: measured once
     latency_cache: LatencyCache = field(default_factory=LatencyCache)  # saved by ``finish``, when the run succeeds
-    cut_bytes: dict[str, int] = field(default_factory=dict)  # per sample, before each layer (``methods.carried``)
+    cuts: CutSizes | None = None  # what Eq. 12 may carry from layer to layer (``methods.carried``)
 
     @property
     def by_name(self) -> dict[str, Unit]:
@@ -145,7 +146,7 @@ def analyse(model, opts: Options, calibration: CalibrationSource = None, evaluat
                  "AVX-512, 8 with AVX2, as on this CPU), so off-grid ranks run as slower NCHW convs with reorders")
     return Analysis(model, reference, normalised, store, units, channel_only_names, inputs, data, shapes,
                     candidates, fixed, collect, stats, responses, samples, run, progress,
-                    latency_cache=latency_cache, cut_bytes=cut_bytes)
+                    latency_cache=latency_cache, cuts=CutSizes(cut_bytes, opts.sample_memory_mb * 2**20 // 2))
 
 
 def _open_data(calibration, evaluation, preprocess, inputs, opts: Options, run: Run) -> DataSplit:

@@ -104,7 +104,7 @@ def solve(analysis: Analysis, plan: ArchitecturePlan, opts: Options, cache: dict
         solved = solve_layers(solver or opts.spec.solver, opts.asymmetric, analysis.normalised, chosen, plan, analysis.responses,
                               analysis.stats, analysis.shapes, analysis.collect,
                               analysis.progress.stage("solving", len(chosen)), cache, schedule, images,
-                              analysis.cut_bytes)
+                              analysis.cuts)
     for key, seconds in solved.timings.items():
         analysis.run.add_time(key, seconds)
     return solved
