@@ -14,6 +14,7 @@ from onnx_lowrank.methods.chains import PROBE_SCHEDULE
 from onnx_lowrank.pipeline import search
 from onnx_lowrank.pipeline.budget import Budget
 from onnx_lowrank.pipeline.search import compress_to_budget
+from onnx_lowrank.planning import bracket
 from onnx_lowrank.solvers.nonlinear import PAPER_SCHEDULE
 from tests.builders import Layer, conv_net, run_model
 from tests.test_cli import invoke
@@ -173,7 +174,7 @@ def test_the_split_layers_outputs_from_one_run_are_those_of_their_own_sub_graphs
     units = [u for u in analysis.units if u.name in plan.spatial_ranks]
     pairs = {u.name: spatial_pair(u, plan.spatial_ranks[u.name]) for u in units}
     together = _split_outputs(analysis.normalised, units, pairs, analysis.collect, analysis.shapes, Solved(timings={
-        "collect_asymmetric": 0.0}))
+        "collect_asymmetric": 0.0}), None)
     for unit in units:
         alone = collect_responses(replace_units(prefix_model(analysis.normalised, [unit.output]),
                                                 {unit.name: pairs[unit.name]}), tensors=[unit.output],
@@ -183,12 +184,12 @@ def test_the_split_layers_outputs_from_one_run_are_those_of_their_own_sub_graphs
 
 def test_a_probe_lands_just_below_where_a_power_law_loss_meets_the_budget() -> None:
     """Planted: loss = 0.01 s^2 meets 0.09 at s = 3; probes at 2 (met) and 4 (missed)."""
-    step = search._next_probe(2.0, 4.0, (0.04, 0.16, 0.09))
-    assert 3 / (1 + search.PRECISION) < step < 3
-    assert search._next_probe(step, 4.0, (0.01 * step ** 2, 0.16, 0.09)) is None  # within PRECISION of the answer
-    assert search._next_probe(2.0, 4.0, None) == pytest.approx(8 ** 0.5)  # a user metric: bisection
-    assert search._next_probe(2.0, 4.0, (0.0, 0.16, 0.09)) == pytest.approx(8 ** 0.5)  # a perfect copy says nothing
-    assert search._next_probe(2.0, 2.05, (0.04, 0.16, 0.09)) is None and search._next_probe(2.0, None) == 4.0
+    step = bracket.next_probe(2.0, 4.0, (0.04, 0.16, 0.09))
+    assert 3 / (1 + bracket.PRECISION) < step < 3
+    assert bracket.next_probe(step, 4.0, (0.01 * step ** 2, 0.16, 0.09)) is None  # within PRECISION of the answer
+    assert bracket.next_probe(2.0, 4.0, None) == pytest.approx(8 ** 0.5)  # a user metric: bisection
+    assert bracket.next_probe(2.0, 4.0, (0.0, 0.16, 0.09)) == pytest.approx(8 ** 0.5)  # a perfect copy says nothing
+    assert bracket.next_probe(2.0, 2.05, (0.04, 0.16, 0.09)) is None and bracket.next_probe(2.0, None) == 4.0
 
 
 def test_interpolated_probes_find_as_fast_a_plan_as_bisection_with_fewer_probes(model, data, monkeypatch) -> None:
@@ -198,10 +199,10 @@ def test_interpolated_probes_find_as_fast_a_plan_as_bisection_with_fewer_probes(
         return sum(p.solver == "probe" for p in report.frontier), report.theoretical_speedup
 
     probes, speedup = searched()
-    interpolated = search._next_probe
-    monkeypatch.setattr(search, "_next_probe", lambda passing, failing, losses=None: interpolated(passing, failing))
+    interpolated = bracket.next_probe
+    monkeypatch.setattr(search, "next_probe", lambda passing, failing, losses=None: interpolated(passing, failing))
     bisected_probes, bisected_speedup = searched()
-    assert probes < bisected_probes and speedup >= bisected_speedup / (1 + search.PRECISION)
+    assert probes < bisected_probes and speedup >= bisected_speedup / (1 + bracket.PRECISION)
 
 
 def _skip_net() -> onnx.ModelProto:
@@ -264,6 +265,6 @@ def test_above_two_quick_runs_that_met_the_next_is_where_their_power_law_reaches
         return made
 
     step = searcher(0.09)._method_step(searcher(0.09).quick[4.0])
-    assert 6 / (1 + search.PRECISION) < step < 6
-    assert searcher(1.0)._method_step(searcher(1.0).quick[4.0]) == pytest.approx(8 / (1 + search.PRECISION / 2))
+    assert 6 / (1 + bracket.PRECISION) < step < 6
+    assert searcher(1.0)._method_step(searcher(1.0).quick[4.0]) == pytest.approx(8 / (1 + bracket.PRECISION / 2))
     assert searcher(0.09)._method_step(searcher(0.09).quick[2.0]) is None  # no run below it

@@ -95,13 +95,12 @@ def solve_layers(solver: Solver, asymmetric, normalised, chosen, plan: Architect
     original network's response. With Eq. 12 the network runs again up to the layer, from the
     values kept at an earlier one (``methods.carried``); without it, one run of the network gives
     every split layer's output; PCA (Eq. 4) reads the responses alone. ``responses`` are
-    consumed, unless a ``cache``
-    is given: then they are kept, and the chains that depend on nothing but the layer's own ranks
-    (PCA's, and every symmetric one) are kept in it by (layer, ranks, solver, schedule), so that
-    plans sharing a layer's ranks solve it once. ``images``: a symmetric 3d solve takes its
-    split layers' outputs from the first ``images`` calibration images only (a probe).
-    ``cuts``: the sizes of the values Eq. 12 may carry from layer to layer (``methods.carried``;
-    without them, every layer's input runs from the network's inputs)."""
+    consumed, unless a ``cache`` is given: then they are kept, and the chains that depend on
+    nothing but the layer's own ranks (PCA's, and every symmetric one) are kept in it by (layer,
+    ranks, solver, schedule), so that plans sharing a layer's ranks solve it once. ``images``: a
+    symmetric 3d solve takes its split layers' outputs from the first ``images`` calibration
+    images only (a probe). ``cuts``: the sizes of the values Eq. 12 may carry from layer to layer
+    (``methods.carried``; without them, every layer's input runs from the network's inputs)."""
     solved = Solved(timings={"collect_asymmetric": 0.0, "solve": 0.0})
     # Without Eq. 12 a layer's chain depends on its own ranks alone: solved once for all plans.
     independent = cache is not None and (solver is Solver.PCA or not asymmetric)
@@ -114,9 +113,8 @@ def solve_layers(solver: Solver, asymmetric, normalised, chosen, plan: Architect
     pairs = {u.name: spatial_pair(u, plan.spatial_ranks[u.name], cache) for u in to_solve
              if u.name in plan.spatial_ranks}
     solved.timings["solve"] += time.perf_counter() - clock
-    subset = collect if images is None else {**collect, "indices": collect["indices"][:images]}
-    split_outputs = {} if asymmetric or solver is Solver.PCA else _split_outputs(normalised, to_solve, pairs, subset,
-                                                                                 shapes, solved)
+    split_outputs = {} if asymmetric or solver is Solver.PCA else _split_outputs(
+        normalised, to_solve, pairs, collect, shapes, solved, images)
     carried = CarriedCut(normalised, collect, cuts or CutSizes({}, 0))
     for unit in chosen:
         y = responses[unit.output] if cache is not None else responses.pop(unit.output)
@@ -151,12 +149,14 @@ def solve_layers(solver: Solver, asymmetric, normalised, chosen, plan: Architect
 
 
 def _split_outputs(normalised, units: list[Unit], pairs: dict[str, list[NodeSpec]], collect, shapes,
-                   solved: Solved) -> dict[str, np.ndarray]:
+                   solved: Solved, images: int | None) -> dict[str, np.ndarray]:
     """Each spatially split layer's output on the original network's inputs (the symmetric 3d
     solve), sampled as the layer's own responses, from one run of the network with every split
-    beside its layer rather than one sub-graph run per layer."""
+    beside its layer rather than one sub-graph run per layer; on the first ``images`` only."""
     if not pairs:
         return {}
+    if images is not None:
+        collect = {**collect, "indices": collect["indices"][:images]}
     clock = time.perf_counter()
     model, written = beside_units(normalised, pairs)
     outputs = {u.name: u.output for u in units}

@@ -44,6 +44,7 @@ from onnx_lowrank.pipeline.analysis import Analysis, Result, analyse
 from onnx_lowrank.pipeline.budget import Budget
 from onnx_lowrank.pipeline.compress import distill, hint_tensors, measure, report_for, rewrite, solve
 from onnx_lowrank.pipeline.plan import plan_for
+from onnx_lowrank.planning.bracket import PRECISION, extrapolated, next_probe
 from onnx_lowrank.planning.sampling import images_for
 from onnx_lowrank.quantize import Tolerance, add_int8, int8_of
 from onnx_lowrank.solvers.nonlinear import PAPER_SCHEDULE
@@ -52,9 +53,6 @@ log = logging.getLogger(__name__)
 
 
 PROBES = 7  # probes per bracket: doubling or halving, then interpolation
-
-
-PRECISION = 0.05  # stop probing when the bracket is within 5 % in speedup
 
 
 BEYOND_STEPS = 3  # quick runs of the method above the first plan that met the budget
@@ -235,7 +233,7 @@ class _Searcher:
         for _ in range(BEYOND_STEPS):
             missed = min((s for s, p in self.quick.items() if s > best.speedup_target and not p.met), default=None)
             if missed is not None:  # bisected: the method's curve jumps where ranks do
-                speedup = _next_probe(best.speedup_target, missed)
+                speedup = next_probe(best.speedup_target, missed)
             else:
                 speedup = self._method_step(best) or self._next_speedup(best)
             if speedup is None or speedup in self.quick:
@@ -255,13 +253,8 @@ class _Searcher:
         limit = self.budget.loss(self.budget.limit)
         if below is None or limit is None:
             return None
-        losses = self.budget.loss(self.quick[below].value), self.budget.loss(best.value), limit
-        if not 0 < losses[0] < losses[1] < losses[2]:
-            return None
-        exponent = math.log(losses[1] / losses[0]) / math.log(best.speedup_target / below)
-        reach = best.speedup_target * (losses[2] / losses[1]) ** (1 / exponent)
-        speedup = min(reach, 2 * best.speedup_target) / (1 + PRECISION / 2)
-        return speedup if speedup > best.speedup_target * (1 + PRECISION) else None
+        return extrapolated(below, best.speedup_target,
+                            (self.budget.loss(self.quick[below].value), self.budget.loss(best.value), limit))
 
     def _next_speedup(self, point: FrontierPoint) -> float | None:
         """Where the method beats its probe by a factor k in loss (error, points, disagreement),
@@ -296,7 +289,7 @@ class _Searcher:
         known = sorted(set(self.probes) | self.infeasible)
         passing = max((s for s in known if met(s)), default=None)
         failing = min((s for s in known if not met(s) and (passing is None or s > passing)), default=None)
-        speedup = start if passing is None and failing is None else _next_probe(passing, failing, losses())
+        speedup = start if passing is None and failing is None else next_probe(passing, failing, losses())
         for _ in range(PROBES):
             if speedup is None:
                 break
@@ -305,7 +298,7 @@ class _Searcher:
                 passing = speedup
             else:
                 failing = speedup
-            speedup = _next_probe(passing, failing, losses())
+            speedup = next_probe(passing, failing, losses())
         return passing, failing
 
     def _probe(self, speedup: float) -> None:
@@ -381,29 +374,3 @@ class _Searcher:
     def lowest_speedup(self) -> float:
         measured = [p.theoretical_speedup for p in self.frontier if p.theoretical_speedup is not None]
         return min(measured) if measured else 1.0
-
-
-def _next_probe(passing: float | None, failing: float | None,
-                losses: tuple[float, float, float] | None = None) -> float | None:
-    """Double above a plan that met, halve the way to 1x below one that missed; then, while the
-    bracket is wider than ``PRECISION``, a little below where the loss reaches the budget on the
-    power law through the two ends (``losses``: at ``passing``, at ``failing``, the budget's), so
-    that the probe likely meets it and closes the bracket from below: about four probes where
-    bisection takes six (a simulated search over smooth noisy curves), at the same precision.
-    Geometric bisection where the losses cannot say (a user metric, a loss of 0 or not rising).
-    None when nothing is left: the bracket is narrow, or the crossing is within it of ``passing``."""
-    if failing is None:
-        return passing * 2
-    if passing is None:
-        lower = 1 + (failing - 1) / 2
-        return lower if lower >= 1.02 else None
-    if failing / passing < 1 + PRECISION:
-        return None
-    if losses is None or not 0 < losses[0] < losses[1] or not losses[2] > 0:
-        return math.sqrt(passing * failing)
-    at_passing, at_failing, limit = losses
-    reach = math.log(limit / at_passing) / math.log(at_failing / at_passing)
-    if passing * (failing / passing) ** reach <= passing * (1 + PRECISION):
-        return None
-    speedup = passing * (failing / passing) ** min(max(reach, 0.1), 0.9) / (1 + PRECISION / 2)
-    return speedup if speedup > passing * (1 + PRECISION / 2) else None
