@@ -224,8 +224,8 @@ def _skip_net() -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=IR_VERSION)
 
 
-@pytest.mark.parametrize("carry_bytes", [1 << 30, 0])  # cuts kept; none kept (every run from the inputs)
-def test_a_layers_input_from_the_kept_cut_is_that_of_its_sub_graph_from_the_inputs(data, carry_bytes) -> None:
+@pytest.mark.parametrize("kept", ["all", "none", "until one proves too large"])
+def test_a_layers_input_from_the_kept_cut_is_that_of_its_sub_graph_from_the_inputs(data, kept) -> None:
     """Independent reference: the sub-graph from the network's inputs up to each layer, with the
     layers before it (and the layer itself) replaced, run on the calibration data."""
     from onnx_lowrank.graph.rewrite import replace_units
@@ -235,9 +235,13 @@ def test_a_layers_input_from_the_kept_cut_is_that_of_its_sub_graph_from_the_inpu
     from onnx_lowrank.runtime.sessions import collect_responses
 
     analysis, plan, _ = _analysed(_skip_net(), data)
-    carried = CarriedCut(analysis.normalised, analysis.collect, CutSizes(analysis.cuts.per_sample, carry_bytes))
-    replaced = {}
     units = [u for u in analysis.units if u.decomposable]
+    images = len(analysis.collect["indices"])
+    # The last: sizes not measured, and a budget that holds the first cut but not the second,
+    # which is found out while it is computed, after the first was let go.
+    sizes = {"all": CutSizes(analysis.cuts.per_sample, 1 << 30), "none": CutSizes(analysis.cuts.per_sample, 0),
+             "until one proves too large": CutSizes({}, analysis.cuts.per_sample[units[1].name] * images)}[kept]
+    carried, replaced, layers = CarriedCut(analysis.normalised, analysis.collect, sizes), {}, []
     assert len(units) == 4
     for unit in units:
         replaced[unit.name] = spatial_pair(unit, 2)
@@ -247,11 +251,14 @@ def test_a_layers_input_from_the_kept_cut_is_that_of_its_sub_graph_from_the_inpu
         alone = collect_responses(replace_units(prefix, {n: c for n, c in replaced.items() if n in inside}),
                                   tensors=[unit.output], **analysis.collect)[unit.output]
         assert together.shape == alone.shape and np.allclose(together, alone, atol=1e-5)
-        assert (carried.layer == unit.name) == (carry_bytes > 0 and unit is not units[0])
+        layers.append(carried.layer)
         if carried.layer == unit.name:  # the analysis's estimate of the cut is what it holds (and the input)
             assert "input" in cut_before(analysis.normalised, unit.name)
             held = sum(value.nbytes for value in carried.batches[0].values()) + data[:len(carried.chunks[0])].nbytes
             assert analysis.cuts.per_sample[unit.name] * len(carried.chunks[0]) == held
+    names = [unit.name for unit in units]
+    assert layers == {"all": [None, *names[1:]], "none": [None] * 4,
+                      "until one proves too large": [None, names[1], None, names[3]]}[kept]
 
 
 def test_above_two_quick_runs_that_met_the_next_is_where_their_power_law_reaches_the_budget() -> None:

@@ -7,9 +7,8 @@ about seven). Instead, the run that collects a layer's input also keeps the valu
 before that layer (the tensors computed before it and read from it on,
 ``graph.surgery.cut_before``), and the next layer's run starts there: only the part of the
 network between two layers runs again, with the layers solved since replaced. Where a cut would
-take more than its budget (half of ``--sample-memory``: the cut being filled and the one it
-starts from are held together), as the wide early feature maps of many images do, the next run
-starts from the last cut kept, or from the inputs. A run from a cut computes what a run from the inputs
+take more than its budget (half of ``--sample-memory``), as the wide early feature maps of many
+images do, the next run starts from the last cut kept, or from the inputs. A run from a cut computes what a run from the inputs
 would (``tests/test_chains.py`` checks it sample by sample).
 """
 
@@ -61,15 +60,19 @@ class CarriedCut:
         part = prefix_model(self.normalised, [unit.output, *computed], given)
         names = {node.name for node in part.graph.node}
         part = replace_units(part, {name: chain for name, chain in replaced.items() if name in names})
-        source = _CutSource(dict(zip(self.chunks, self.batches)), self.collect["source"],
-                            fed & set(self.graph_inputs)) if from_cut else self.collect["source"]
+        passed = [name for name in cut if name not in computed and name not in self.graph_inputs]
+        # Where the next cut is expected to fit, the kept one is let go batch by batch as it is
+        # read: one cut in memory at a time, not two.
+        source = _CutSource(self, fed & set(self.graph_inputs), passed if computed else None) if from_cut \
+            else self.collect["source"]
         responses, batches = collect_responses_and_values(
             part, **{**self.collect, "source": source}, tensors=[unit.output], whole=computed, whole_bytes=self.sizes.budget)
         if batches is not None:
-            passed = [name for name in cut if name not in computed and name not in self.graph_inputs]
-            earlier = self.batches if from_cut else [{}] * len(batches)
-            self.batches = [{**{name: old[name] for name in passed}, **new} for old, new in zip(earlier, batches)]
+            earlier = source.passed if from_cut else [{}] * len(batches)
+            self.batches = [{**old, **new} for old, new in zip(earlier, batches)]
             self.layer = unit.name
+        elif from_cut and computed:  # let go for a cut that proved larger than expected
+            self.layer, self.batches = None, []
         return responses[unit.output], sum(shapes[name].macs for name in names if name in shapes)
 
     def _kept_cut(self) -> list[onnx.ValueInfoProto]:
@@ -80,14 +83,22 @@ class CarriedCut:
 
 
 class _CutSource:
-    """The values at a cut for each batch of the collection, with the network's inputs that the
-    part run from it reads (from the calibration source)."""
+    """The values at the kept cut for each batch of the collection, with the network's inputs that
+    the part run from it reads (from the calibration source). With ``passed`` (the names the
+    next cut keeps), each batch is let go once read, but for those values (``self.passed``)."""
 
-    def __init__(self, by_chunk: dict[tuple, dict], source, graph_inputs: set[str]) -> None:
-        self.by_chunk, self.source, self.graph_inputs = by_chunk, source, graph_inputs
+    def __init__(self, carried: CarriedCut, graph_inputs: set[str], passed: list[str] | None) -> None:
+        self.carried, self.graph_inputs, self.names = carried, graph_inputs, passed
+        self.position = {chunk: index for index, chunk in enumerate(carried.chunks)}
+        self.passed: list[dict] = [{} for _ in carried.chunks]
 
     def get(self, chunk) -> dict:
-        values = self.by_chunk[tuple(chunk)]
+        index = self.position[tuple(chunk)]
+        values = self.carried.batches[index]
+        if self.names is not None:
+            self.passed[index] = {name: values[name] for name in self.names}
+            self.carried.batches[index] = {}
         if self.graph_inputs:
-            values = {**{n: v for n, v in self.source.get(chunk).items() if n in self.graph_inputs}, **values}
+            values = {**{n: v for n, v in self.carried.collect["source"].get(chunk).items() if n in self.graph_inputs},
+                      **values}
         return values
