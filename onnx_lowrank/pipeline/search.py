@@ -137,7 +137,15 @@ class _Searcher:
         self.kept = None  # without iterations: the fastest run of the method that met the budget
 
     def run(self, start: float):
-        """The method's run that meets the budget at the fastest plan the search found, or None."""
+        """The method's run that meets the budget at the fastest plan the search found, or None.
+        Where the first probe misses, the method runs there before any probe goes lower: it may
+        meet the budget where its probe does not (far better than its probe, as a 3d chain can
+        be), and then the search goes up from there instead."""
+        self._probe(start)
+        if start in self.probes and not self.budget.met(self.probes[start]):
+            point = self._quick_run(start)
+            if point is not None and point.met:
+                return self._confirm(self._beyond(point))
         chosen = self._choose(*self._probe_bracket(start))
         return None if chosen is None else self._confirm(chosen)
 
@@ -145,10 +153,10 @@ class _Searcher:
         """Where to solve the method in full, from its quick runs: first where the probes met the
         budget, which measures the method's gain over its probe; then faster where that gain
         says the method meets it too (``_beyond``); where it missed, halfway down, twice. When no
-        probe met the budget, only where they came closest."""
+        probe met the budget, where they came closest, and up from there should it meet it."""
         if passing is None:
             point = None if failing is None else self._quick_run(failing)
-            return point if point is not None and point.met else None
+            return self._beyond(point) if point is not None and point.met else None
         point = self._quick_run(passing)
         if point is not None and point.met:
             return self._beyond(point)
