@@ -5,18 +5,20 @@ compression-ratio selection with an eval callback, Olive's accuracy goals).
 The analysis (load, responses, statistics) runs once. The speedup is then searched in phases,
 each cheaper per plan than the next, so that the search costs a few fixed-speedup runs:
 
-1. *Probes*: the method's own plans at bracketing, then interpolated, speedups, solved with the
-   linear solver (PCA of the responses, Eq. 4, whose eigenvectors the analysis already has and
-   which are nested: one decomposition gives every rank; asym3d's k x 1 / 1 x k split is the
-   closed-form filter reconstruction), so a probe re-collects nothing and costs its rewrite and
-   one run of the held-out set; a layer's chain at the same ranks is built once for all probes
+1. *Probes*: the method's own plans at bracketing, then interpolated, speedups
+   (``planning.bracket``), solved cheaply: a channel method's with the linear solver (PCA of the
+   responses, Eq. 4, whose eigenvectors the analysis already has and which are nested: one
+   decomposition gives every rank), re-collecting nothing; asym3d's as the symmetric 3d chain with
+   the solver's closed-form start, its split layers' outputs from one run of the network on part
+   of the calibration images. A layer's chain at the same ranks is built once for all probes
    (``methods.chains.solve_layers`` keeps them). Each probe is measured on the held-out set
    against the original's outputs, which are computed once; a plan probed before (same ranks) is
    not measured again. Methods without iterations are their own probes.
 2. *Quick runs of the method* (asymmetric by default, usually better than its symmetric probe),
    with a fifth of the solver's schedule: at the fastest probe that met the budget, which measures
-   the method's gain over its probe, then faster where the probes scaled by that gain meet it
-   (or halfway down, where the method missed).
+   the method's gain over its probe, then faster where the probes scaled by that gain meet it,
+   and once two met, where the method's own power law reaches it (a miss is bisected; halfway
+   down where the first missed). Where the first probe misses, the method runs there first.
 3. *The method itself*, with the paper's schedule, once: at the fastest plan whose quick run met
    the budget (at the next slower one should it miss). Only a plan measured with the method itself
    is ever the answer, so the budget is met on held-out data by the model that is returned.
