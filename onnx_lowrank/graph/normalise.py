@@ -46,8 +46,10 @@ def normalise(model: onnx.ModelProto) -> onnx.ModelProto:
 
 @dataclass
 class _Affine:
-    """A linear layer as ``y = x M + b`` along its channel axes, in float64: ``matrix`` is a conv's
-    weight ``(d, c / group, *k)`` or a dense layer's ``(K, N)``; ``bias_add`` is a MatMul's bias node."""
+    """A linear layer as ``y = x M + b`` along its channel axes: ``matrix`` is a conv's weight
+    ``(d, c / group, *k)`` or a dense layer's ``(K, N)``, in its own type until a fold scales it
+    by a float64 vector (most layers have nothing to fold: a 400 MB dense weight is not copied
+    for nothing); ``bias_add`` is a MatMul's bias node."""
 
     node: gs.Node
     matrix: np.ndarray
@@ -68,11 +70,11 @@ class _Affine:
         if node.op == "Conv":
             if weight.ndim < 3:
                 return None
-            return cls(node, weight.astype(np.float64), None if c is None else c.astype(np.float64), weight.dtype)
+            return cls(node, weight, None if c is None else c.astype(np.float64), weight.dtype)
         if weight.ndim != 2:
             return None
         if node.op == "MatMul":
-            return cls(node, weight.astype(np.float64), None, weight.dtype)
+            return cls(node, weight, None, weight.dtype)
         if node.attrs.get("transA", 0):
             return None
         matrix = (weight.T if node.attrs.get("transB", 0) else weight) * float(node.attrs.get("alpha", 1.0))
@@ -82,7 +84,7 @@ class _Affine:
             if bias is None:
                 return None
             bias = bias * float(node.attrs.get("beta", 1.0))
-        return cls(node, matrix.astype(np.float64), bias, weight.dtype)
+        return cls(node, matrix, bias, weight.dtype)
 
     @property
     def is_conv(self) -> bool:
@@ -124,7 +126,8 @@ class _Affine:
     def shift_inputs(self, vector: np.ndarray) -> None:
         """``x + vector`` fed to the layer: ``M vector`` joins the bias."""
         if self.is_conv:
-            shift = (self.matrix.reshape(*self.matrix.shape[:2], -1).sum(-1) * self._per_weight_input(vector)).sum(1)
+            shift = (self.matrix.reshape(*self.matrix.shape[:2], -1).sum(-1, dtype=np.float64)
+                     * self._per_weight_input(vector)).sum(1)
         else:
             shift = vector @ self.matrix
         self.bias = self.full_bias() + shift
