@@ -4,6 +4,7 @@ the method itself; never a plan that misses it."""
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
 import onnx
@@ -275,3 +276,27 @@ def test_above_two_quick_runs_that_met_the_next_is_where_their_power_law_reaches
     assert 6 / (1 + bracket.PRECISION) < step < 6
     assert searcher(1.0)._method_step(searcher(1.0).quick[4.0]) == pytest.approx(8 / (1 + bracket.PRECISION / 2))
     assert searcher(0.09)._method_step(searcher(0.09).quick[2.0]) is None  # no run below it
+
+
+def test_a_cut_holding_a_sequence_is_never_carried_and_the_run_completes(data) -> None:
+    """A value with no shape (a sequence) in the cut before a layer: measured as unknown, so the
+    layer's input runs from the network's inputs, and the asymmetric run gives a working model."""
+    from onnx import TensorProto, helper
+
+    from onnx_lowrank import compress
+    from tests.builders import IR_VERSION, NetBuilder
+
+    b = NetBuilder(seed=6)
+    first = b.conv_layer("input", 3, Layer(16))
+    sequence = b.node("SequenceConstruct", [first])
+    x = b.conv_layer(b.conv_layer(first, 16, Layer(16)), 16, Layer(16))
+    x = b.node("Add", [x, b.node("SequenceAt", [sequence, b.const("zero", np.array(0, np.int64))])])
+    b.inits[-1] = onnx.numpy_helper.from_array(np.array(0, np.int64), b.inits[-1].name)
+    graph = helper.make_graph(b.nodes, "sequence-net", [helper.make_tensor_value_info("input", TensorProto.FLOAT,
+                                                                                      ["N", 3, 10, 10])],
+                              [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["N", 16, 10, 10])], b.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=IR_VERSION)
+    analysis, _, _ = _analysed(model, data, method="asymmetric", speedup=1.3)
+    assert sum(size == sys.maxsize for size in analysis.cuts.per_sample.values()) >= 1
+    result = compress(model, 1.3, calibration=data, bench=False, rank_multiple=8, threads=1)
+    assert result.report.fidelity.output_rel_error and held_out_error(model, result.model, data) < 0.5

@@ -241,4 +241,6 @@ def probe_shapes(model: onnx.ModelProto, source, tensors: Sequence[str], batch_s
     session = make_session(with_outputs(model, computed), optimize=False, threads=threads)
     names = [o.name for o in session.get_outputs()]
     outputs = dict(zip(names, run(session, names, feeds)))
-    return {name: tuple(feeds[name].shape if name in feeds else outputs[name].shape) for name in tensors}
+    # A sequence or map value (no shape) is None: it cannot be measured (nor carried).
+    return {name: tuple(feeds[name].shape) if name in feeds else
+            (tuple(outputs[name].shape) if hasattr(outputs[name], "shape") else None) for name in tensors}

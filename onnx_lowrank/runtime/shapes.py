@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 
 import numpy as np
 
@@ -21,7 +22,8 @@ def measure_shapes(model, source, units, inputs, threads) -> tuple[dict[str, Con
     cuts = {u.name: cut_before(model, u.name) for u in units if u.decomposable}
     tensors = {u.output for u in units} | {u.input for u in units} | {name for cut in cuts.values() for name in cut}
     shapes = probe_shapes(model, source, sorted(tensors), probe_batch, threads)
-    cut_bytes = {name: sum(4 * math.prod(shapes[t]) for t in cut) // probe_batch for name, cut in cuts.items()}
+    cut_bytes = {name: sum(4 * math.prod(shapes[t]) for t in cut) // probe_batch
+                 if all(shapes[t] is not None for t in cut) else sys.maxsize for name, cut in cuts.items()}
     return {unit.name: layer_shape(unit, shapes[unit.input], shapes[unit.output]) for unit in units}, cut_bytes
 
 
