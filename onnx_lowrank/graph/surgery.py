@@ -52,8 +52,11 @@ def prefix_model(model: onnx.ModelProto, outputs: list[str],
 
 def cut_before(model: onnx.ModelProto, node_name: str) -> list[str]:
     """The tensors computed before node ``node_name`` (in the model's topological order), or fed
-    to the model, that are read from it on: what the part of the model from it on needs."""
-    return _split_at(model, node_name)[1]
+    to the model, that are read from it on: what the part of the model from it on needs, but
+    for the outputs of ``Constant`` nodes (weights, as some exporters write them), which
+    ``prefix_model(given=...)`` keeps in the part rather than as values to feed it."""
+    constants = {name for node in model.graph.node if node.op_type == "Constant" for name in node.output}
+    return [name for name in _split_at(model, node_name)[1] if name not in constants]
 
 
 def suffix_model(model: onnx.ModelProto, node_name: str) -> tuple[onnx.ModelProto, list[str]]:
