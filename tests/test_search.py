@@ -208,7 +208,8 @@ def test_interpolated_probes_find_as_fast_a_plan_as_bisection_with_fewer_probes(
 
 def _skip_net() -> onnx.ModelProto:
     """conv -> conv -> conv, the first's output added back after the third (a skip the cuts must
-    carry), then a conv; the network's input read again at the very end (a cut's graph input)."""
+    carry), then a conv whose weight is a Constant node; the network's input read again at the
+    very end (a cut's graph input)."""
     from onnx import TensorProto, helper
 
     from tests.builders import IR_VERSION, NetBuilder
@@ -219,6 +220,9 @@ def _skip_net() -> onnx.ModelProto:
     x = b.conv_layer(b.node("Add", [x, first]), 16, Layer(24))
     late_input = b.node("Add", [b.node("ReduceMean", [x], axes=[1, 2, 3]), "input"])  # reads the input last
     x = b.node("Add", [b.node("GlobalAveragePool", [x]), b.node("ReduceMean", [late_input], axes=[1, 2, 3])])
+    weight = b.inits.pop(6)  # the last conv's, as a Constant node at the start (some exporters' way): not a cut's
+    assert weight.name.startswith("w_") and weight.dims[0] == 24
+    b.nodes.insert(0, helper.make_node("Constant", [], [weight.name], value=weight))
     graph = helper.make_graph(b.nodes, "skip-net", [helper.make_tensor_value_info("input", TensorProto.FLOAT,
                                                                                   ["N", 3, 10, 10])],
                               [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["N", 24, 1, 1])], b.inits)
@@ -257,6 +261,8 @@ def test_a_layers_input_from_the_kept_cut_is_that_of_its_sub_graph_from_the_inpu
             assert "input" in cut_before(analysis.normalised, unit.name)
             held = sum(value.nbytes for value in carried.batches[0].values()) + data[:len(carried.chunks[0])].nbytes
             assert analysis.cuts.per_sample[unit.name] * len(carried.chunks[0]) == held
+    constants = {o for node in analysis.normalised.graph.node if node.op_type == "Constant" for o in node.output}
+    assert constants and not any(constants & set(cut_before(analysis.normalised, name)) for name in analysis.cuts.per_sample)
     names = [unit.name for unit in units]
     assert layers == {"all": [None, *names[1:]], "none": [None] * 4,
                       "until one proves too large": [None, names[1], None, names[3]]}[kept]
