@@ -21,7 +21,7 @@ from onnx_lowrank.graph.io import check_model
 from onnx_lowrank.graph.rewrite import replace_units
 from onnx_lowrank.graph.units import Unit
 from onnx_lowrank.measure.context import Measuring, ProgressSink, Run
-from onnx_lowrank.measure.fidelity import benchmark_providers, measure_fidelity
+from onnx_lowrank.measure.fidelity import benchmark_providers, compare_outputs, held_out_outputs, measure_fidelity
 from onnx_lowrank.methods.chains import Solved, data_free_chains, solve_layers
 from onnx_lowrank.methods.spectra import response_spectrum
 from onnx_lowrank.options import Options, takes_options
@@ -163,14 +163,18 @@ def distill(measuring: Measuring, optimized: onnx.ModelProto, hints: list[str], 
     return distilled.model
 
 
-def measure(measuring: Measuring, optimized: onnx.ModelProto, report: Report, opts: Options) -> None:
-    """Fidelity on the held-out set and, with ``bench``, latency original vs optimized."""
+def measure(measuring: Measuring, optimized: onnx.ModelProto, report: Report, opts: Options,
+            reference: dict | None = None) -> None:
+    """Fidelity on the held-out set and, with ``bench``, latency original vs optimized;
+    ``reference``: the original's held-out outputs, where a budget search has them already."""
     data, run = measuring.data, measuring.run
     if len(data.holdout_indices) < FEW_HELD_OUT:
         run.warn(f"fidelity is measured on only {len(data.holdout_indices)} held-out samples: its figures are "
                  f"rough (aim for {FEW_HELD_OUT} or more: more calibration data, or --eval)")
     with run.stage("fidelity", f"measuring fidelity on {len(data.holdout_indices)} held-out samples"):
-        report.fidelity = measure_fidelity(measuring.reference, optimized, data, opts.threads)
+        report.fidelity = (measure_fidelity(measuring.reference, optimized, data, opts.threads) if reference is None
+                           else compare_outputs(reference, held_out_outputs(optimized, data, opts.threads, produced=True),
+                                                data.held_out_labels()))
     if opts.bench:
         with run.stage("benchmark", "measuring latency, original vs optimized"):
             feeds = measuring.benchmark_feeds(opts.bench_batch)

@@ -102,7 +102,7 @@ def compress_to_budget(model, budget: Budget, *, calibration=None, evaluation=No
     if opts.distill:  # the plan found, trained; kept only where it measures better on the held-out data
         optimized = distill(ending.measuring, optimized, hint_tensors(analysis, solved), report, final_opts)
     distilled = optimized is not undistilled
-    measure(ending.measuring, optimized, report, final_opts)
+    measure(ending.measuring, optimized, report, final_opts, reference)
     if int8 is not None:  # the budget was met by the INT8 model: that is the answer, and its figure
         optimized = add_int8(ending.measuring, optimized, report, final_opts,
                              lowrank_int8=None if distilled else int8[1], tolerance=searcher.int8_tolerance())
