@@ -46,6 +46,7 @@ class CarriedCut:
         self.graph_inputs = {i.name: i for i in normalised.graph.input}
         self.chunks = [tuple(chunk) for chunk in batch_chunks(collect["indices"], collect["batch_size"])]
         self.layer: str | None = None
+        self.cut: list[str] = []  # the kept cut's names
         self.batches: list[dict] = []
 
     def layer_output(self, unit: Unit, replaced: dict[str, list[NodeSpec]], shapes: dict) -> tuple:
@@ -70,7 +71,7 @@ class CarriedCut:
         if batches is not None:
             earlier = source.passed if from_cut else [{}] * len(batches)
             self.batches = [{**old, **new} for old, new in zip(earlier, batches)]
-            self.layer = unit.name
+            self.layer, self.cut = unit.name, cut
         elif from_cut and computed:  # let go for a cut that proved larger than expected
             self.layer, self.batches = None, []
         return responses[unit.output], sum(shapes[name].macs for name in names if name in shapes)
@@ -79,7 +80,7 @@ class CarriedCut:
         """The kept cut as the inputs of a model, typed as computed (or as the network's inputs)."""
         return [self.graph_inputs[name] if name in self.graph_inputs else helper.make_tensor_value_info(
                     name, helper.np_dtype_to_tensor_dtype(self.batches[0][name].dtype), None)
-                for name in cut_before(self.normalised, self.layer)]
+                for name in self.cut]
 
 
 class _CutSource:
