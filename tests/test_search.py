@@ -3,6 +3,7 @@ the method itself; never a plan that misses it."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 
@@ -144,12 +145,15 @@ def _analysed(model, data, method: str = "asym3d", speedup: float = 3.0):
     return analysis, plan_for(analysis, opts), opts
 
 
-def test_a_3d_probe_runs_the_network_once_and_a_plan_at_known_ranks_not_at_all(model, data, monkeypatch) -> None:
+def test_a_3d_probe_runs_the_network_once_and_a_plan_at_known_or_lower_ranks_not_at_all(model, data,
+                                                                                       monkeypatch) -> None:
     """A symmetric 3d solve (the budget search's probe of asym3d) takes every split layer's input
-    from one run of the network, not one sub-graph run per layer; at ranks solved before, none."""
+    from one run of the network, not one sub-graph run per layer; at ranks solved before, or
+    lower ones (``methods.split_basis``), none."""
     from onnx_lowrank.methods import chains
     from onnx_lowrank.methods.chains import CLOSED_FORM
     from onnx_lowrank.pipeline.compress import solve
+    from onnx_lowrank.pipeline.plan import plan_for
 
     analysis, plan, opts = _analysed(model, data)
     runs = []
@@ -161,24 +165,44 @@ def test_a_3d_probe_runs_the_network_once_and_a_plan_at_known_ranks_not_at_all(m
     assert all(len(first.chains[name]) == 3 for name in plan.spatial_ranks)  # k x 1, 1 x k, 1 x 1
     again = solve(analysis, plan, opts, cache=cache, schedule=CLOSED_FORM)
     assert len(runs) == 1 and again.chains == first.chains
+    faster = plan_for(analysis, dataclasses.replace(opts, speedup=4.0))  # lower ranks: from the kept bases
+    assert faster.spatial_ranks.keys() == plan.spatial_ranks.keys() and faster.spatial_ranks != plan.spatial_ranks
+    assert all(faster.spatial_ranks[name] <= plan.spatial_ranks[name] for name in plan.spatial_ranks)
+    solve(analysis, faster, opts, cache=cache, schedule=CLOSED_FORM)
+    assert len(runs) == 1
 
 
-def test_the_split_layers_outputs_from_one_run_are_those_of_their_own_sub_graphs(model, data) -> None:
+@pytest.mark.parametrize("from_basis", [False, True])
+def test_the_split_layers_outputs_from_one_run_are_those_of_their_own_sub_graphs(data, from_basis, monkeypatch) -> None:
     """Independent reference: each split layer's output re-collected from the sub-graph up to it
-    with only that layer split (the per-layer path), sample by sample."""
+    with only that layer split (the per-layer path), sample by sample; strided, dilated, wide and
+    SAME-padded layers. ``from_basis``: a search's probe, whose outputs come from the bases a run
+    at higher ranks kept (``methods.split_basis``), running no network."""
     from onnx_lowrank.graph.rewrite import replace_units
     from onnx_lowrank.graph.surgery import prefix_model
+    from onnx_lowrank.methods import chains
     from onnx_lowrank.methods.chains import Solved, _split_outputs, spatial_pair
     from onnx_lowrank.runtime.sessions import collect_responses
 
-    analysis, plan, _ = _analysed(model, data)
-    units = [u for u in analysis.units if u.name in plan.spatial_ranks]
-    pairs = {u.name: spatial_pair(u, plan.spatial_ranks[u.name]) for u in units}
-    together = _split_outputs(analysis.normalised, units, pairs, analysis.collect, analysis.shapes, Solved(timings={
-        "collect_asymmetric": 0.0}), None)
+    model = conv_net([Layer(16), Layer(24, stride=2), Layer(24, dilation=2), Layer(24, k=(3, 5)),
+                      Layer(16, auto_pad="SAME_UPPER", stride=2)], size=(10, 10), classifier=10, seed=5)
+    analysis, _, _ = _analysed(model, data)
+    units = [u for u in analysis.units if u.kind == "conv"][1:]  # the first has too few input channels
+    assert len(units) == 4
+
+    def split_outputs(rank: int, cache: dict | None) -> dict:
+        pairs = {u.name: spatial_pair(u, rank) for u in units}
+        return _split_outputs(analysis.normalised, units, pairs, analysis.collect, analysis.shapes,
+                              Solved(timings={"collect_asymmetric": 0.0}), None, cache)
+
+    cache = {} if from_basis else None
+    if from_basis:
+        split_outputs(12, cache)
+        monkeypatch.setattr(chains, "collect_responses", None)  # no network runs from here on
+    together = split_outputs(5, cache)
     for unit in units:
         alone = collect_responses(replace_units(prefix_model(analysis.normalised, [unit.output]),
-                                                {unit.name: pairs[unit.name]}), tensors=[unit.output],
+                                                {unit.name: spatial_pair(unit, 5)}), tensors=[unit.output],
                                   **analysis.collect)[unit.output]
         assert together[unit.name].shape == alone.shape and np.allclose(together[unit.name], alone, atol=1e-4)
 
@@ -201,7 +225,8 @@ def test_interpolated_probes_find_as_fast_a_plan_as_bisection_with_fewer_probes(
 
     probes, speedup = searched()
     interpolated = bracket.next_probe
-    monkeypatch.setattr(search, "next_probe", lambda passing, failing, losses=None: interpolated(passing, failing))
+    monkeypatch.setattr(search, "next_probe", lambda passing, failing, losses=None, **precision: interpolated(
+        passing, failing, **precision))
     bisected_probes, bisected_speedup = searched()
     assert probes < bisected_probes and speedup >= bisected_speedup / (1 + bracket.PRECISION)
 
@@ -282,6 +307,7 @@ def test_above_two_quick_runs_that_met_the_next_is_where_their_power_law_reaches
     assert 6 / (1 + bracket.PRECISION) < step < 6
     assert searcher(1.0)._method_step(searcher(1.0).quick[4.0]) == pytest.approx(8 / (1 + bracket.PRECISION / 2))
     assert searcher(0.09)._method_step(searcher(0.09).quick[2.0]) is None  # no run below it
+    assert searcher(0.0462)._method_step(searcher(0.0462).quick[4.0]) is None  # reached at 4.3x: under 10 % more
 
 
 def test_a_cut_holding_a_sequence_is_never_carried_and_the_run_completes(data) -> None:

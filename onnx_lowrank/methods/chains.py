@@ -19,6 +19,8 @@ from onnx_lowrank.graph.rewrite import (
 )
 from onnx_lowrank.graph.units import Unit
 from onnx_lowrank.methods.carried import CarriedCut, CutSizes
+from onnx_lowrank.methods.split_basis import KEY as BASIS
+from onnx_lowrank.methods.split_basis import SplitBasis, tap_chain
 from onnx_lowrank.planning.plans import ArchitecturePlan
 from onnx_lowrank.registry import Solver
 from onnx_lowrank.runtime.sessions import collect_responses
@@ -114,7 +116,7 @@ def solve_layers(solver: Solver, asymmetric, normalised, chosen, plan: Architect
              if u.name in plan.spatial_ranks}
     solved.timings["solve"] += time.perf_counter() - clock
     split_outputs = {} if asymmetric or solver is Solver.PCA else _split_outputs(
-        normalised, to_solve, pairs, collect, shapes, solved, images)
+        normalised, to_solve, pairs, collect, shapes, solved, images, cache)
     carried = CarriedCut(normalised, collect, cuts or CutSizes({}, 0))
     for unit in chosen:
         y = responses[unit.output] if cache is not None else responses.pop(unit.output)
@@ -149,22 +151,34 @@ def solve_layers(solver: Solver, asymmetric, normalised, chosen, plan: Architect
 
 
 def _split_outputs(normalised, units: list[Unit], pairs: dict[str, list[NodeSpec]], collect, shapes,
-                   solved: Solved, images: int | None) -> dict[str, np.ndarray]:
+                   solved: Solved, images: int | None, cache: dict | None) -> dict[str, np.ndarray]:
     """Each spatially split layer's output on the original network's inputs (the symmetric 3d
     solve), sampled as the layer's own responses, from one run of the network with every split
-    beside its layer rather than one sub-graph run per layer; on the first ``images`` only."""
+    beside its layer rather than one sub-graph run per layer; on the first ``images`` only. With
+    a ``cache`` (a search's probes), each layer's ``SplitBasis`` is kept in it, and only layers
+    whose split is of a higher rank than their basis run again."""
     if not pairs:
         return {}
-    if images is not None:
-        collect = {**collect, "indices": collect["indices"][:images]}
-    clock = time.perf_counter()
-    model, written = beside_units(normalised, pairs)
-    outputs = {u.name: u.output for u in units}
-    collected = collect_responses(model, tensors=list(written.values()),
-                                  sampled_as={tensor: outputs[name] for name, tensor in written.items()}, **collect)
-    solved.prefix_macs += sum(shape.macs for shape in shapes.values())
-    solved.timings["collect_asymmetric"] += time.perf_counter() - clock
-    return {name: collected[tensor] for name, tensor in written.items()}
+    bases = {} if cache is None else {name: cache.get((BASIS, name, images)) for name in pairs}
+    beside = {name: pair if cache is None else tap_chain(pair) for name, pair in pairs.items()
+              if cache is None or bases[name] is None or bases[name].rank < pair[0].weight.shape[0]}
+    collected = {}
+    if beside:
+        if images is not None:
+            collect = {**collect, "indices": collect["indices"][:images]}
+        clock = time.perf_counter()
+        model, written = beside_units(normalised, beside)
+        outputs = {u.name: u.output for u in units}
+        collected = collect_responses(model, tensors=list(written.values()),
+                                      sampled_as={tensor: outputs[name] for name, tensor in written.items()}, **collect)
+        collected = {name: collected[tensor] for name, tensor in written.items()}
+        solved.prefix_macs += sum(shape.macs for shape in shapes.values())
+        solved.timings["collect_asymmetric"] += time.perf_counter() - clock
+    if cache is None:
+        return collected
+    for name, values in collected.items():
+        cache[(BASIS, name, images)] = bases[name] = SplitBasis(pairs[name][0].weight.shape[0], values)
+    return {name: bases[name].output(pair[1]) for name, pair in pairs.items()}
 
 
 def _refitted_input(unit: Unit, y: np.ndarray, carried: CarriedCut, solved: Solved, spatial, shapes) -> np.ndarray:

@@ -164,17 +164,18 @@ def distill(measuring: Measuring, optimized: onnx.ModelProto, hints: list[str], 
 
 
 def measure(measuring: Measuring, optimized: onnx.ModelProto, report: Report, opts: Options,
-            reference: dict | None = None) -> None:
+            reference: dict | None = None, outputs: dict | None = None) -> None:
     """Fidelity on the held-out set and, with ``bench``, latency original vs optimized;
-    ``reference``: the original's held-out outputs, where a budget search has them already."""
+    ``reference`` and ``outputs``: the original's and ``optimized``'s held-out outputs, where a
+    budget search has them already."""
     data, run = measuring.data, measuring.run
     if len(data.holdout_indices) < FEW_HELD_OUT:
         run.warn(f"fidelity is measured on only {len(data.holdout_indices)} held-out samples: its figures are "
                  f"rough (aim for {FEW_HELD_OUT} or more: more calibration data, or --eval)")
     with run.stage("fidelity", f"measuring fidelity on {len(data.holdout_indices)} held-out samples"):
         report.fidelity = (measure_fidelity(measuring.reference, optimized, data, opts.threads) if reference is None
-                           else compare_outputs(reference, held_out_outputs(optimized, data, opts.threads, produced=True),
-                                                data.held_out_labels()))
+                           else compare_outputs(reference, outputs if outputs is not None else held_out_outputs(
+                               optimized, data, opts.threads, produced=True), data.held_out_labels()))
     if opts.bench:
         with run.stage("benchmark", "measuring latency, original vs optimized"):
             feeds = measuring.benchmark_feeds(opts.bench_batch)

@@ -46,7 +46,7 @@ from onnx_lowrank.pipeline.analysis import Analysis, Result, analyse
 from onnx_lowrank.pipeline.budget import Budget
 from onnx_lowrank.pipeline.compress import distill, hint_tensors, measure, report_for, rewrite, solve
 from onnx_lowrank.pipeline.plan import plan_for
-from onnx_lowrank.planning.bracket import PRECISION, extrapolated, next_probe
+from onnx_lowrank.planning.bracket import METHOD_PRECISION, extrapolated, next_probe
 from onnx_lowrank.planning.sampling import images_for
 from onnx_lowrank.quantize import Tolerance, add_int8, int8_of
 from onnx_lowrank.solvers.nonlinear import PAPER_SCHEDULE
@@ -94,7 +94,7 @@ def compress_to_budget(model, budget: Budget, *, calibration=None, evaluation=No
                                 f"{budget.describe()}: the best measured was {searcher.best_value_text()} at "
                                 f"{searcher.lowest_speedup():.2f}x",
                                 hint="loosen the budget, or give more calibration data")
-    point, solved, optimized = best
+    point, solved, optimized, outputs = best
     final_opts = dataclasses.replace(opts, speedup=point.speedup_target)
     report = report_for(analysis, searcher.plans[point.speedup_target], solved, final_opts)
     ending = analysis.ending()
@@ -102,7 +102,7 @@ def compress_to_budget(model, budget: Budget, *, calibration=None, evaluation=No
     if opts.distill:  # the plan found, trained; kept only where it measures better on the held-out data
         optimized = distill(ending.measuring, optimized, hint_tensors(analysis, solved), report, final_opts)
     distilled = optimized is not undistilled
-    measure(ending.measuring, optimized, report, final_opts, reference)
+    measure(ending.measuring, optimized, report, final_opts, reference, None if distilled else outputs)
     if int8 is not None:  # the budget was met by the INT8 model: that is the answer, and its figure
         optimized = add_int8(ending.measuring, optimized, report, final_opts,
                              lowrank_int8=None if distilled else int8[1], tolerance=searcher.int8_tolerance())
@@ -211,11 +211,11 @@ class _Searcher:
         """The found plan with INT8 on top, guarded by the budget (``quantize.guard``: nodes that
         break it kept in float); where no INT8 model of the plan meets it, the method at slower
         plans, halfway to 1x, ``INT8_STEPS`` times. Returns the float plan's (point, solved,
-        model) and (INT8 point, Guarded), or Nones."""
+        model, held-out outputs) and (INT8 point, Guarded), or Nones."""
         candidate = best
         for _ in range(INT8_STEPS + 1):
             if candidate is not None and candidate[0].met:
-                point, _, optimized = candidate
+                point, _, optimized, _ = candidate
                 with self.analysis.run.stage("quantize", f"INT8 on the plan at {point.speedup_target:.2f}x"):
                     quantized = int8_of(self.analysis.measuring(), optimized, self.opts,
                                         self.int8_tolerance().judge(self.reference, None))
@@ -243,7 +243,7 @@ class _Searcher:
         for _ in range(BEYOND_STEPS):
             missed = min((s for s, p in self.quick.items() if s > best.speedup_target and not p.met), default=None)
             if missed is not None:  # bisected: the method's curve jumps where ranks do
-                speedup = next_probe(best.speedup_target, missed)
+                speedup = next_probe(best.speedup_target, missed, precision=METHOD_PRECISION)
             else:
                 speedup = self._method_step(best) or self._next_speedup(best)
             if speedup is None or speedup in self.quick:
@@ -278,7 +278,7 @@ class _Searcher:
             faster = min((s for s in self.probes if s > point.speedup_target), default=None)
         else:
             faster, _ = self._probe_bracket(point.speedup_target, scale=method_loss / probe_loss)
-        if faster is None or faster in self.quick or faster <= point.speedup_target * (1 + PRECISION):
+        if faster is None or faster in self.quick or faster <= point.speedup_target * (1 + METHOD_PRECISION):
             return None
         return faster
 
@@ -354,8 +354,9 @@ class _Searcher:
     def _evaluate(self, speedup: float, opts: Options, label: str, schedule=PAPER_SCHEDULE, plan=None, solver=None,
                   images=None):
         """Plan, solve (with ``solver`` in place of the method's; ``images`` as for
-        ``methods.chains.solve_layers``), rewrite and measure at ``speedup``; None when the plan
-        is infeasible."""
+        ``methods.chains.solve_layers``), rewrite and measure at ``speedup``: the point, what was
+        solved, the model and its held-out outputs (the answer's are its fidelity's); None when
+        the plan is infeasible."""
         opts = dataclasses.replace(opts, speedup=speedup)
         plan = plan or self._plan(speedup, opts)
         if plan is None:
@@ -372,7 +373,7 @@ class _Searcher:
         self.plans[speedup] = plan
         log.info("%s at %.2fx: %s = %.4g (%s)", point.solver, plan.speedup, self.budget.kind, value,
                  "met" if point.met else "missed")
-        return point, solved, optimized
+        return point, solved, optimized, outputs
 
     def best_value_text(self) -> str:
         measured = [p for p in self.frontier if p.value is not None]

@@ -1,0 +1,49 @@
+"""A budget search's 3d probes: a layer's split output at every rank up to one, from one run of
+the network.
+
+The filter reconstruction is nested (the rank-r split's vertical filters are the first r of a
+higher rank's, and so are its horizontal ones: ``solvers.weights.spatial_filter_reconstruction``),
+and the horizontal conv is linear in the vertical conv's outputs. So one run keeps, at each
+sampled position, the vertical conv's outputs at every tap of the horizontal conv; the output of
+a split of any lower rank there is one product with its horizontal weights, and a probe at ranks
+the run covered runs no network."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from onnx_lowrank.graph.rewrite import NodeSpec
+
+KEY = "split basis"  # a search's cache holds a layer's basis under (KEY, layer, images)
+
+
+@dataclass
+class SplitBasis:
+    """At each sample of a layer, its split's first ``rank`` vertical outputs at each tap of the
+    horizontal conv: ``values`` is ``(samples, rank * taps)``, tap-minor."""
+
+    rank: int
+    values: np.ndarray
+
+    def output(self, horizontal: NodeSpec) -> np.ndarray:
+        """The split's output at the samples, for the ``horizontal`` conv of a split of rank at
+        most ``rank``."""
+        weight = horizontal.weight
+        width = weight.shape[1] * math.prod(weight.shape[2:])
+        out = self.values[:, :width] @ weight.reshape(weight.shape[0], width).T.astype(np.float32)
+        return out if horizontal.bias is None else out + horizontal.bias.astype(np.float32)
+
+
+def tap_chain(split: list[NodeSpec]) -> list[NodeSpec]:
+    """The split's vertical conv, then a grouped conv (the horizontal conv's strides, dilations
+    and pads) that copies each vertical output to one channel per tap: its output sampled at a
+    layer's positions is the layer's ``SplitBasis.values``."""
+    vertical, horizontal = split
+    rank, kernel = vertical.weight.shape[0], horizontal.weight.shape[2:]
+    taps = math.prod(kernel)
+    copy = np.zeros((rank, taps, taps), dtype=horizontal.weight.dtype)
+    copy[:, np.arange(taps), np.arange(taps)] = 1
+    return [vertical, NodeSpec(copy.reshape(rank * taps, 1, *kernel), None, {**horizontal.attrs, "group": rank})]
