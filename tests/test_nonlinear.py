@@ -145,3 +145,17 @@ def test_expanding_layer_with_rank_deficient_input_is_solved_exactly() -> None:
         assert fit.factors.P.shape == (40, rank) and np.all(np.isfinite(fit.factors.Q))
         relu = np.maximum(y, 0)
         assert np.linalg.norm(relu - np.maximum(fit.factors.apply(y), 0)) < 1e-4 * np.linalg.norm(relu)
+
+
+def test_a_rank_above_the_inputs_span_fits_as_the_span_does_with_an_orthonormal_completion() -> None:
+    """A wide dense layer fitted on fewer samples than channels (one per image): directions beyond
+    the input's span have zero factors, so a rank above it predicts exactly what the span's rank
+    does, with orthonormal, finite factors of the rank asked for."""
+    rng = np.random.default_rng(9)
+    y = (rng.standard_normal((40, 300)) * np.linspace(3, 0.1, 300)).astype(np.float32)  # 40 samples, 300 wide
+    y_hat = y + 0.1 * rng.standard_normal(y.shape).astype(np.float32)
+    within = fit_nonlinear(y_hat, y, 39).factors  # 40 centred samples span 39 directions
+    above = fit_nonlinear(y_hat, y, 120).factors
+    assert above.P.shape == (300, 120) and above.Q.shape == (300, 120) and np.all(np.isfinite(above.Q))
+    np.testing.assert_allclose(above.P.T @ above.P, np.eye(120), atol=1e-6)
+    np.testing.assert_allclose(above.apply(y_hat), within.apply(y_hat), atol=1e-4 * np.abs(y).max())

@@ -7,9 +7,7 @@ import pytest
 
 from onnx_lowrank.planning.sampling import (
     BASE_POSITIONS,
-    FEWEST_PER_CHANNEL,
     ResponseShape,
-    images_for,
     positions_per_image,
 )
 
@@ -54,12 +52,3 @@ def test_the_report_gives_the_samples_of_each_layer() -> None:
     assert [layer.samples for layer in layers] == [32 * 32, 32 * 40, 32 * 80, None]
     fixed = compress(model, 1.5, calibration=data, bench=False, dry_run=True, samples_per_image=5).report.layers
     assert [layer.samples for layer in fixed] == [32 * 5] * 3 + [None]
-
-
-def test_the_images_a_probe_needs_give_every_layer_the_fewest_samples_per_channel() -> None:
-    assert FEWEST_PER_CHANNEL == 20  # the figures below
-    # 512 channels at 427 samples per image: 24 images give 10,248 >= 20 x 512; 64 channels at 32: 40
-    assert images_for({"wide": 48 * 427}, {"wide": 512}, 48) == 24
-    assert images_for({"wide": 48 * 427, "narrow": 48 * 32}, {"wide": 512, "narrow": 64}, 48) == 40
-    assert images_for({"starved": 48 * 4}, {"starved": 512}, 48) == 48  # fewer would not do: all of them
-    assert images_for({}, {}, 48) == 48

@@ -150,15 +150,15 @@ def test_a_3d_probe_runs_the_network_once_and_a_plan_at_known_or_lower_ranks_not
     """A symmetric 3d solve (the budget search's probe of asym3d) takes every split layer's input
     from one run of the network, not one sub-graph run per layer; at ranks solved before, or
     lower ones (``methods.split_basis``), none."""
-    from onnx_lowrank.methods import chains
+    from onnx_lowrank.methods import split_basis
     from onnx_lowrank.methods.chains import CLOSED_FORM
     from onnx_lowrank.pipeline.compress import solve
     from onnx_lowrank.pipeline.plan import plan_for
 
     analysis, plan, opts = _analysed(model, data)
     runs = []
-    collect = chains.collect_responses
-    monkeypatch.setattr(chains, "collect_responses", lambda *a, **kw: runs.append(1) or collect(*a, **kw))
+    collect = split_basis.collect_responses
+    monkeypatch.setattr(split_basis, "collect_responses", lambda *a, **kw: runs.append(1) or collect(*a, **kw))
     cache = {}
     first = solve(analysis, plan, opts, cache=cache, schedule=CLOSED_FORM)
     assert len(plan.spatial_ranks) >= 2 and len(runs) == 1
@@ -172,6 +172,21 @@ def test_a_3d_probe_runs_the_network_once_and_a_plan_at_known_or_lower_ranks_not
     assert len(runs) == 1
 
 
+def test_a_3d_search_runs_the_network_for_its_probes_splits_once(model, data, monkeypatch) -> None:
+    """The first probe's network run keeps the bases of every plan the bracket can still probe
+    (``methods.split_basis``): six and more probes, up and down from it, run none of their own."""
+    from onnx_lowrank.methods import split_basis
+
+    runs = []
+    collect = split_basis.collect_responses
+    monkeypatch.setattr(split_basis, "collect_responses", lambda *a, **kw: runs.append(1) or collect(*a, **kw))
+    for limit in (0.1, 0.2):
+        runs.clear()
+        report = compress_to_budget(model, Budget("error", limit), calibration=data, bench=False, rank_multiple=8,
+                                    threads=1, method="asym3d").report
+        assert sum(p.solver == "probe" for p in report.frontier) >= 6 and len(runs) == 1
+
+
 @pytest.mark.parametrize("from_basis", [False, True])
 def test_the_split_layers_outputs_from_one_run_are_those_of_their_own_sub_graphs(data, from_basis, monkeypatch) -> None:
     """Independent reference: each split layer's output re-collected from the sub-graph up to it
@@ -180,7 +195,7 @@ def test_the_split_layers_outputs_from_one_run_are_those_of_their_own_sub_graphs
     at higher ranks kept (``methods.split_basis``), running no network."""
     from onnx_lowrank.graph.rewrite import replace_units
     from onnx_lowrank.graph.surgery import prefix_model
-    from onnx_lowrank.methods import chains
+    from onnx_lowrank.methods import split_basis
     from onnx_lowrank.methods.chains import Solved, _split_outputs, spatial_pair
     from onnx_lowrank.runtime.sessions import collect_responses
 
@@ -193,12 +208,12 @@ def test_the_split_layers_outputs_from_one_run_are_those_of_their_own_sub_graphs
     def split_outputs(rank: int, cache: dict | None) -> dict:
         pairs = {u.name: spatial_pair(u, rank) for u in units}
         return _split_outputs(analysis.normalised, units, pairs, analysis.collect, analysis.shapes,
-                              Solved(timings={"collect_asymmetric": 0.0}), None, cache)
+                              Solved(timings={"collect_asymmetric": 0.0}), cache)
 
     cache = {} if from_basis else None
     if from_basis:
         split_outputs(12, cache)
-        monkeypatch.setattr(chains, "collect_responses", None)  # no network runs from here on
+        monkeypatch.setattr(split_basis, "collect_responses", None)  # no network runs from here on
     together = split_outputs(5, cache)
     for unit in units:
         alone = collect_responses(replace_units(prefix_model(analysis.normalised, [unit.output]),

@@ -20,7 +20,7 @@ from onnx_lowrank.graph.rewrite import (
 from onnx_lowrank.graph.units import Unit
 from onnx_lowrank.methods.carried import CarriedCut, CutSizes
 from onnx_lowrank.methods.split_basis import KEY as BASIS
-from onnx_lowrank.methods.split_basis import SplitBasis, tap_chain
+from onnx_lowrank.methods.split_basis import collect_bases, lacking
 from onnx_lowrank.planning.plans import ArchitecturePlan
 from onnx_lowrank.registry import Solver
 from onnx_lowrank.runtime.sessions import collect_responses
@@ -90,7 +90,7 @@ def spatial_pair(unit: Unit, rank: int, cache: dict | None = None) -> list[NodeS
 
 def solve_layers(solver: Solver, asymmetric, normalised, chosen, plan: ArchitecturePlan, responses, stats, shapes,
                  collect, advance, cache: dict | None = None, schedule=PAPER_SCHEDULE,
-                 images: int | None = None, cuts: CutSizes | None = None) -> Solved:
+                 cuts: CutSizes | None = None) -> Solved:
     """Solve the chosen layers shallow to deep. The fitted input ``W x-hat`` is the output of the
     layer in a network where (with ``asymmetric``, Eq. 12) the earlier layers are already replaced
     and (for a 3d layer, §3.5) the layer itself is split spatially; the target is always the
@@ -99,16 +99,16 @@ def solve_layers(solver: Solver, asymmetric, normalised, chosen, plan: Architect
     every split layer's output; PCA (Eq. 4) reads the responses alone. ``responses`` are
     consumed, unless a ``cache`` is given: then they are kept, and the chains that depend on
     nothing but the layer's own ranks (PCA's, and every symmetric one) are kept in it by (layer,
-    ranks, solver, schedule), so that plans sharing a layer's ranks solve it once. ``images``: a
-    symmetric 3d solve takes its split layers' outputs from the first ``images`` calibration
-    images only (a probe). ``cuts``: the sizes of the values Eq. 12 may carry from layer to layer
+    ranks, solver, schedule), so that plans sharing a layer's ranks solve it once, and a
+    symmetric 3d solve's split outputs come from the layers' bases kept in it
+    (``methods.split_basis``). ``cuts``: the sizes of the values Eq. 12 may carry from layer to layer
     (``methods.carried``; without them, every layer's input runs from the network's inputs)."""
     solved = Solved(timings={"collect_asymmetric": 0.0, "solve": 0.0})
     # Without Eq. 12 a layer's chain depends on its own ranks alone: solved once for all plans.
     independent = cache is not None and (solver is Solver.PCA or not asymmetric)
 
     def key(unit: Unit) -> tuple:
-        return unit.name, plan.ranks[unit.name], plan.spatial_ranks.get(unit.name), solver, schedule, images
+        return unit.name, plan.ranks[unit.name], plan.spatial_ranks.get(unit.name), solver, schedule
 
     to_solve = [u for u in chosen if not (independent and key(u) in cache)]
     clock = time.perf_counter()
@@ -116,12 +116,11 @@ def solve_layers(solver: Solver, asymmetric, normalised, chosen, plan: Architect
              if u.name in plan.spatial_ranks}
     solved.timings["solve"] += time.perf_counter() - clock
     split_outputs = {} if asymmetric or solver is Solver.PCA else _split_outputs(
-        normalised, to_solve, pairs, collect, shapes, solved, images, cache)
+        normalised, to_solve, pairs, collect, shapes, solved, cache)
     carried = CarriedCut(normalised, collect, cuts or CutSizes({}, 0))
     for unit in chosen:
         y = responses[unit.output] if cache is not None else responses.pop(unit.output)
         y_hat = split_outputs.pop(unit.name, y)
-        y = y[:len(y_hat)]  # the first images' samples come first
         if independent and key(unit) in cache:
             solved.chains[unit.name], solved.errors[unit.name], solved.iterations[unit.name] = cache[key(unit)]
             advance(1)
@@ -151,34 +150,30 @@ def solve_layers(solver: Solver, asymmetric, normalised, chosen, plan: Architect
 
 
 def _split_outputs(normalised, units: list[Unit], pairs: dict[str, list[NodeSpec]], collect, shapes,
-                   solved: Solved, images: int | None, cache: dict | None) -> dict[str, np.ndarray]:
+                   solved: Solved, cache: dict | None) -> dict[str, np.ndarray]:
     """Each spatially split layer's output on the original network's inputs (the symmetric 3d
     solve), sampled as the layer's own responses, from one run of the network with every split
-    beside its layer rather than one sub-graph run per layer; on the first ``images`` only. With
-    a ``cache`` (a search's probes), each layer's ``SplitBasis`` is kept in it, and only layers
-    whose split is of a higher rank than their basis run again."""
+    beside its layer rather than one sub-graph run per layer. With a ``cache`` (a search's
+    probes), from the layers' bases kept in it (``methods.split_basis``): the network runs only
+    for layers without one of a high enough rank."""
     if not pairs:
         return {}
-    bases = {} if cache is None else {name: cache.get((BASIS, name, images)) for name in pairs}
-    beside = {name: pair if cache is None else tap_chain(pair) for name, pair in pairs.items()
-              if cache is None or bases[name] is None or bases[name].rank < pair[0].weight.shape[0]}
-    collected = {}
-    if beside:
-        if images is not None:
-            collect = {**collect, "indices": collect["indices"][:images]}
-        clock = time.perf_counter()
-        model, written = beside_units(normalised, beside)
+    clock = time.perf_counter()
+    missing = pairs if cache is None else lacking(pairs, cache)
+    if cache is None:
+        model, written = beside_units(normalised, pairs)
         outputs = {u.name: u.output for u in units}
         collected = collect_responses(model, tensors=list(written.values()),
                                       sampled_as={tensor: outputs[name] for name, tensor in written.items()}, **collect)
-        collected = {name: collected[tensor] for name, tensor in written.items()}
+        split_outputs = {name: collected[tensor] for name, tensor in written.items()}
+    else:
+        if missing:
+            collect_bases(normalised, missing, {u.name: u.output for u in units}, collect, cache)
+        split_outputs = {name: cache[(BASIS, name)].output(split[1]) for name, split in pairs.items()}
+    if missing:
         solved.prefix_macs += sum(shape.macs for shape in shapes.values())
-        solved.timings["collect_asymmetric"] += time.perf_counter() - clock
-    if cache is None:
-        return collected
-    for name, values in collected.items():
-        cache[(BASIS, name, images)] = bases[name] = SplitBasis(pairs[name][0].weight.shape[0], values)
-    return {name: bases[name].output(pair[1]) for name, pair in pairs.items()}
+    solved.timings["collect_asymmetric"] += time.perf_counter() - clock
+    return split_outputs
 
 
 def _refitted_input(unit: Unit, y: np.ndarray, carried: CarriedCut, solved: Solved, spatial, shapes) -> np.ndarray:

@@ -15,9 +15,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from onnx_lowrank.graph.rewrite import NodeSpec
+from onnx_lowrank.graph.rewrite import NodeSpec, beside_units
+from onnx_lowrank.runtime.sessions import collect_responses
 
-KEY = "split basis"  # a search's cache holds a layer's basis under (KEY, layer, images)
+KEY = "split basis"  # a search's cache holds a layer's basis under (KEY, layer)
 
 
 @dataclass
@@ -47,3 +48,20 @@ def tap_chain(split: list[NodeSpec]) -> list[NodeSpec]:
     copy = np.zeros((rank, taps, taps), dtype=horizontal.weight.dtype)
     copy[:, np.arange(taps), np.arange(taps)] = 1
     return [vertical, NodeSpec(copy.reshape(rank * taps, 1, *kernel), None, {**horizontal.attrs, "group": rank})]
+
+
+def lacking(splits: dict[str, list[NodeSpec]], cache: dict) -> dict[str, list[NodeSpec]]:
+    """The splits (by layer) whose layer has no basis in ``cache`` of their rank or higher."""
+    return {name: split for name, split in splits.items()
+            if cache.get((KEY, name)) is None or cache[(KEY, name)].rank < split[0].weight.shape[0]}
+
+
+def collect_bases(normalised, splits: dict[str, list[NodeSpec]], outputs: dict[str, str], collect: dict,
+                  cache: dict) -> None:
+    """One run of the network with each split's ``tap_chain`` beside its layer, sampled as the
+    layer's output (``outputs``, by layer): each layer's basis, at its split's rank, into ``cache``."""
+    model, written = beside_units(normalised, {name: tap_chain(split) for name, split in splits.items()})
+    collected = collect_responses(model, tensors=list(written.values()),
+                                  sampled_as={tensor: outputs[name] for name, tensor in written.items()}, **collect)
+    for name, split in splits.items():
+        cache[(KEY, name)] = SplitBasis(split[0].weight.shape[0], collected[written[name]])

@@ -91,9 +91,9 @@ def compress(
 
 
 def solve(analysis: Analysis, plan: ArchitecturePlan, opts: Options, cache: dict | None = None,
-          schedule=PAPER_SCHEDULE, solver: Solver | None = None, images: int | None = None) -> Solved:
+          schedule=PAPER_SCHEDULE, solver: Solver | None = None) -> Solved:
     """The replacement chain of every layer the plan decomposes (paper §3.1-3.5, or a baseline);
-    ``cache``, ``schedule`` and ``images`` as for ``methods.chains.solve_layers``; ``solver`` in
+    ``cache`` and ``schedule`` as for ``methods.chains.solve_layers``; ``solver`` in
     place of the method's (the budget search's probes)."""
     _warn_if_few_samples(opts, analysis.samples, plan.ranks, analysis.units, analysis.run)
     chosen = [u for u in analysis.units if u.name in plan.layers]
@@ -103,8 +103,7 @@ def solve(analysis: Analysis, plan: ArchitecturePlan, opts: Options, cache: dict
     else:
         solved = solve_layers(solver or opts.spec.solver, opts.asymmetric, analysis.normalised, chosen, plan, analysis.responses,
                               analysis.stats, analysis.shapes, analysis.collect,
-                              analysis.progress.stage("solving", len(chosen)), cache, schedule, images,
-                              analysis.cuts)
+                              analysis.progress.stage("solving", len(chosen)), cache, schedule, analysis.cuts)
     for key, seconds in solved.timings.items():
         analysis.run.add_time(key, seconds)
     return solved

@@ -7,6 +7,7 @@ import logging
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
+from onnx_lowrank.errors import InfeasibleTargetError
 from onnx_lowrank.graph.units import Unit
 from onnx_lowrank.measure.latency import LayerLatency, measure_layer_latency, plan_in_model
 from onnx_lowrank.measure.sensitivity import measure_sensitivity
@@ -41,9 +42,7 @@ def plan_for(analysis: Analysis, opts: Options) -> ArchitecturePlan:
     if opts.objective == "latency" and analysis.latency is None:
         analysis.latency = measure_layer_latency(analysis, opts)
     def plan_at(speedup: float) -> ArchitecturePlan:
-        return _plan(replace(opts, speedup=speedup), analysis.candidates, analysis.by_name,
-                     analysis.stats, analysis.fixed, analysis.channel_only, analysis.sensitivity,
-                     analysis.latency if opts.objective == "latency" else None)
+        return _plan_of(analysis, replace(opts, speedup=speedup))
 
     plan = plan_in_model(analysis, opts, plan_at) if opts.objective == "latency" else plan_at(opts.speedup)
     log.info("plan: %d of %d layers decomposed, theoretical speedup %.2fx", len(plan.layers),
@@ -54,6 +53,25 @@ def plan_for(analysis: Analysis, opts: Options) -> ArchitecturePlan:
                           "CPU grouped convs do little work per call, and with many groups their chains measured "
                           "slower than the original (benchmarks/HISTORY.md); --objective latency times them first")
     return plan
+
+
+def split_ranks(analysis: Analysis, opts: Options, speedups: list[float]) -> dict[str, int]:
+    """Each layer's highest k x 1 rank (d'') over the plans at ``speedups`` (a latency plan as
+    predicted, before its in-model correction); infeasible speedups give none."""
+    ranks: dict[str, int] = {}
+    for speedup in speedups:
+        try:
+            plan = _plan_of(analysis, replace(opts, speedup=speedup))
+        except InfeasibleTargetError:
+            continue
+        for name, rank in plan.spatial_ranks.items():
+            ranks[name] = max(rank, ranks.get(name, 0))
+    return ranks
+
+
+def _plan_of(analysis: Analysis, opts: Options) -> ArchitecturePlan:
+    return _plan(opts, analysis.candidates, analysis.by_name, analysis.stats, analysis.fixed, analysis.channel_only,
+                 analysis.sensitivity, analysis.latency if opts.objective == "latency" else None)
 
 
 def _plan(opts: Options, candidates: list[RankCandidate], units: dict[str, Unit],

@@ -39,15 +39,15 @@ import time
 from onnx_lowrank.distill import require as require_distillation
 from onnx_lowrank.errors import BudgetNotMetError, InfeasibleTargetError, InvalidOptionError, InvalidTypeError
 from onnx_lowrank.measure.fidelity import held_out_outputs
-from onnx_lowrank.methods.chains import CLOSED_FORM, PROBE_SCHEDULE
+from onnx_lowrank.methods.chains import CLOSED_FORM, PROBE_SCHEDULE, spatial_pair
+from onnx_lowrank.methods.split_basis import collect_bases, lacking
 from onnx_lowrank.options import Options, takes_options
 from onnx_lowrank.output.report import INT8_SUFFIX, PROBE_LABEL, QUICK_SUFFIX, FrontierPoint
 from onnx_lowrank.pipeline.analysis import Analysis, Result, analyse
 from onnx_lowrank.pipeline.budget import Budget
 from onnx_lowrank.pipeline.compress import distill, hint_tensors, measure, report_for, rewrite, solve
-from onnx_lowrank.pipeline.plan import plan_for
-from onnx_lowrank.planning.bracket import METHOD_PRECISION, extrapolated, next_probe
-from onnx_lowrank.planning.sampling import images_for
+from onnx_lowrank.pipeline.plan import plan_for, split_ranks
+from onnx_lowrank.planning.bracket import METHOD_PRECISION, PRECISION, extrapolated, next_probe
 from onnx_lowrank.quantize import Tolerance, add_int8, int8_of
 from onnx_lowrank.solvers.nonlinear import PAPER_SCHEDULE
 
@@ -278,7 +278,7 @@ class _Searcher:
             faster = min((s for s in self.probes if s > point.speedup_target), default=None)
         else:
             faster, _ = self._probe_bracket(point.speedup_target, scale=method_loss / probe_loss)
-        if faster is None or faster in self.quick or faster <= point.speedup_target * (1 + METHOD_PRECISION):
+        if faster is None or faster in self.quick or faster <= point.speedup_target * (1 + PRECISION):
             return None
         return faster
 
@@ -326,16 +326,28 @@ class _Searcher:
             return
         key = (tuple(sorted(plan.ranks.items())), tuple(sorted(plan.spatial_ranks.items())))
         if key not in self.probed_plans:
-            # A probe ranks plans: its split layers' outputs from the fewest images whose samples
-            # fit them without overfitting (half of them with the default sampling) do.
-            analysis = self.analysis
-            images = images_for({name: analysis.samples[name] for name in plan.spatial_ranks},
-                                {name: analysis.stats[name].dim for name in plan.spatial_ranks},
-                                len(analysis.data.calib_indices))
+            self._keep_split_bases(plan, speedup)
             result = self._evaluate(speedup, dataclasses.replace(self.opts, symmetric=True), PROBE_LABEL, CLOSED_FORM,
-                                    plan, self.opts.spec.probe_solver, images)
+                                    plan, self.opts.spec.probe_solver)
             self.probed_plans[key] = result[0].value
         self.probes[speedup] = self.probed_plans[key]
+
+    def _keep_split_bases(self, plan, speedup: float) -> None:
+        """Where a 3d probe's splits would run the network, first every layer that a plan the
+        bracket can still probe splits (between the probed speedups either side, or a halving and
+        a doubling away) gets its basis, at the highest rank those plans give it
+        (``methods.split_basis``): the probes after it in that range run no network."""
+        units = self.analysis.by_name
+        if not lacking({n: spatial_pair(units[n], rank, self.cache) for n, rank in plan.spatial_ranks.items()}, self.cache):
+            return
+        low = max((s for s in self.probes if s < speedup), default=1 + (speedup - 1) / 2)
+        high = min((s for s in self.probes if s > speedup), default=2 * speedup)
+        ranks = split_ranks(self.analysis, self.opts, [low * (high / low) ** (i / 8) for i in range(9)])
+        ranks = {name: max(rank, plan.spatial_ranks.get(name, 0)) for name, rank in ranks.items()}
+        splits = lacking({n: spatial_pair(units[n], rank, self.cache) for n, rank in ranks.items()}, self.cache)
+        with self.analysis.run.stage("collect_asymmetric", f"the split bases of {len(splits)} layers", logging.DEBUG):
+            collect_bases(self.analysis.normalised, splits, {n: units[n].output for n in splits}, self.analysis.collect,
+                          self.cache)
 
     def _probe_met(self, value: float, scale: float) -> bool:
         if scale == 1.0:
@@ -351,10 +363,8 @@ class _Searcher:
             self.infeasible.add(speedup)
             return None
 
-    def _evaluate(self, speedup: float, opts: Options, label: str, schedule=PAPER_SCHEDULE, plan=None, solver=None,
-                  images=None):
-        """Plan, solve (with ``solver`` in place of the method's; ``images`` as for
-        ``methods.chains.solve_layers``), rewrite and measure at ``speedup``: the point, what was
+    def _evaluate(self, speedup: float, opts: Options, label: str, schedule=PAPER_SCHEDULE, plan=None, solver=None):
+        """Plan, solve (with ``solver`` in place of the method's), rewrite and measure at ``speedup``: the point, what was
         solved, the model and its held-out outputs (the answer's are its fidelity's); None when
         the plan is infeasible."""
         opts = dataclasses.replace(opts, speedup=speedup)
@@ -362,7 +372,7 @@ class _Searcher:
         if plan is None:
             return None
         # The cache also keeps the responses for the next plan.
-        solved = solve(self.analysis, plan, opts, cache=self.cache, schedule=schedule, solver=solver, images=images)
+        solved = solve(self.analysis, plan, opts, cache=self.cache, schedule=schedule, solver=solver)
         optimized = rewrite(self.analysis, solved, logging.DEBUG)
         data = self.analysis.data
         with self.analysis.run.stage("search", f"measuring the plan at {speedup:.2f}x", logging.DEBUG):

@@ -41,11 +41,3 @@ def positions_per_image(layers: dict[str, ResponseShape], images: int, memory_by
         return wanted
     scale = memory_bytes / total
     return {name: max(1, math.floor(count * scale)) for name, count in wanted.items()}
-
-
-def images_for(samples: dict[str, int], channels: dict[str, int], images: int,
-               per_channel: int = FEWEST_PER_CHANNEL) -> int:
-    """How many of the ``images`` (whose samples number ``samples[layer]``) give every layer
-    ``per_channel`` samples per output channel: all of them where fewer would not."""
-    wanted = [math.ceil(per_channel * channels[name] * images / count) for name, count in samples.items() if count]
-    return min(images, max(wanted, default=images))

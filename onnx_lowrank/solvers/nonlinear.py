@@ -96,7 +96,11 @@ def fit_nonlinear(y_hat: np.ndarray, y: np.ndarray, rank: int, activation: str =
     if not tol >= 0:
         raise ValueError(f"tol must be >= 0, got {tol!r}")
     inputs = _CentredInput(y_hat)
-    fit = inputs.regress(y.mean(axis=0, dtype=np.float64), _gram(y, inputs.values), rank)
+    # Directions beyond the input's own m have zero factors whatever they are (a wide dense layer
+    # fitted on fewer samples than channels): the iterations leave them out, the end completes them.
+    working = min(rank, inputs.values.shape[1])
+    regression = (y.mean(axis=0, dtype=np.float64), _gram(y, inputs.values))
+    fit = inputs.regress(*regression, rank)
     result = NonlinearFit(inputs.factors(fit))
     if activation == "none":
         return result
@@ -108,13 +112,14 @@ def fit_nonlinear(y_hat: np.ndarray, y: np.ndarray, rank: int, activation: str =
             for _ in range(iterations):
                 previous = z if activation in SMOOTH else None
                 z, objective = _z_pass(inputs.values, target, fit, activation, params, lam, previous, pool)
-                fit = inputs.regress(z.mean(axis=0, dtype=np.float64), _gram(z, inputs.values), rank)
+                regression = (z.mean(axis=0, dtype=np.float64), _gram(z, inputs.values))
+                fit = inputs.regress(*regression, working)
                 stage.append(objective)
                 if len(stage) > 1 and stage[-2] - objective <= tol * abs(objective):
                     break
             result.objective.extend(stage)
             result.iterations.append(len(stage))
-    result.factors = inputs.factors(fit)
+    result.factors = inputs.factors(inputs.regress(*regression, rank) if working < rank else fit)
     return result
 
 
