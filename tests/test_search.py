@@ -196,7 +196,8 @@ def test_the_split_layers_outputs_from_one_run_are_those_of_their_own_sub_graphs
     from onnx_lowrank.graph.rewrite import replace_units
     from onnx_lowrank.graph.surgery import prefix_model
     from onnx_lowrank.methods import split_basis
-    from onnx_lowrank.methods.chains import Solved, _split_outputs, spatial_pair
+    from onnx_lowrank.methods.chains import Solved, _split_outputs
+    from onnx_lowrank.methods.split_basis import spatial_pair
     from onnx_lowrank.runtime.sessions import collect_responses
 
     model = conv_net([Layer(16), Layer(24, stride=2), Layer(24, dilation=2), Layer(24, k=(3, 5)),
@@ -276,7 +277,7 @@ def test_a_layers_input_from_the_kept_cut_is_that_of_its_sub_graph_from_the_inpu
     from onnx_lowrank.graph.rewrite import replace_units
     from onnx_lowrank.graph.surgery import cut_before, prefix_model
     from onnx_lowrank.methods.carried import CarriedCut, CutSizes
-    from onnx_lowrank.methods.chains import spatial_pair
+    from onnx_lowrank.methods.split_basis import spatial_pair
     from onnx_lowrank.runtime.sessions import collect_responses
 
     analysis, plan, _ = _analysed(_skip_net(), data)

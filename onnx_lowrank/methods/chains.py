@@ -14,13 +14,12 @@ from onnx_lowrank.graph.rewrite import (
     beside_units,
     channel_chain,
     channel_decomposition,
-    spatial_decomposition,
     tucker2_decomposition,
 )
 from onnx_lowrank.graph.units import Unit
 from onnx_lowrank.methods.carried import CarriedCut, CutSizes
 from onnx_lowrank.methods.split_basis import KEY as BASIS
-from onnx_lowrank.methods.split_basis import collect_bases, lacking
+from onnx_lowrank.methods.split_basis import collect_bases, lacking, spatial_pair
 from onnx_lowrank.planning.plans import ArchitecturePlan
 from onnx_lowrank.registry import Solver
 from onnx_lowrank.runtime.sessions import collect_responses
@@ -29,8 +28,6 @@ from onnx_lowrank.solvers.activations import apply_activation, relative_error
 from onnx_lowrank.solvers.grouped import fit_per_group, part_stats
 from onnx_lowrank.solvers.nonlinear import PAPER_SCHEDULE, fit_nonlinear
 from onnx_lowrank.solvers.weights import (
-    filter_reconstruction_svd,
-    spatial_filter_reconstruction,
     tucker2,
     weight_svd,
 )
@@ -41,6 +38,7 @@ PROBE_SCHEDULE = ((0.01, 5), (1.0, 5))
 # The solver's closed-form start alone (the reduced-rank regression, Eq. 12 without iterations):
 # what a budget search's probes of a 3d plan use; the search corrects for the gap to the method.
 CLOSED_FORM = ()
+ERROR_SAMPLES = 4096  # samples a layer's reported response error is computed on
 
 
 @dataclass
@@ -74,18 +72,6 @@ def data_free_chains(solver: Solver, chosen: list[Unit], plan: ArchitecturePlan)
         solved.chains[unit.name] = chain
     solved.timings["solve"] = time.perf_counter() - clock
     return solved
-
-
-def spatial_pair(unit: Unit, rank: int, cache: dict | None = None) -> list[NodeSpec]:
-    """The layer's (k x 1, rank) -> (1 x k, d) filter reconstruction, bias on the second conv;
-    with a ``cache``, the layer's SVD is kept in it for the next rank."""
-    svd = None
-    if cache is not None:
-        key = ("filter reconstruction svd", unit.name)
-        if key not in cache:
-            cache[key] = filter_reconstruction_svd(unit.weight)
-        svd = cache[key]
-    return spatial_decomposition(unit.attrs, *spatial_filter_reconstruction(unit.weight, rank, svd), unit.bias)
 
 
 def solve_layers(solver: Solver, asymmetric, normalised, chosen, plan: ArchitecturePlan, responses, stats, shapes,
@@ -132,9 +118,7 @@ def solve_layers(solver: Solver, asymmetric, normalised, chosen, plan: Architect
         clock = time.perf_counter()
         factors, solved.iterations[unit.name] = _solve(solver, unit, stats[unit.name], y_hat, y, plan.ranks[unit.name],
                                                        schedule)
-        act = unit.activation
-        solved.errors[unit.name] = relative_error(apply_activation(act.kind, act.params, y),
-                                                  apply_activation(act.kind, act.params, factors.apply(y_hat)))
+        solved.errors[unit.name] = _response_error(unit, factors, y_hat, y)
         if spatial is None:
             solved.chains[unit.name] = channel_chain(unit, factors.P, factors.Q, factors.bias)
         else:
@@ -190,13 +174,24 @@ def _refitted_input(unit: Unit, y: np.ndarray, carried: CarriedCut, solved: Solv
     return y
 
 
+def _response_error(unit: Unit, factors: LowRankFactors, y_hat: np.ndarray, y: np.ndarray) -> float:
+    """The relative error of the layer's responses after its activation, on evenly spaced
+    samples, ``ERROR_SAMPLES`` at most: a figure for the report, at a fraction of the solve's
+    cost where a layer has tens of thousands of samples."""
+    rows = slice(None, None, -(-len(y) // ERROR_SAMPLES))
+    act = unit.activation
+    return relative_error(apply_activation(act.kind, act.params, y[rows]),
+                          apply_activation(act.kind, act.params, factors.apply(y_hat[rows])))
+
+
 def _solve(solver: Solver, unit: Unit, stats: ResponseStats, y_hat: np.ndarray, y: np.ndarray,
            rank: int, schedule=PAPER_SCHEDULE) -> tuple[LowRankFactors, list[int] | None]:
     """PCA (Eq. 4) for ``linear``; the alternating solver of Eq. 6 for the layer's activation
     otherwise, asymmetric (Eq. 12) when ``y_hat`` differs from ``y``; per group for a grouped conv
     (``solvers.grouped``). Also returns the solver's iterations per stage (None for PCA; the most
-    any group took)."""
-    if solver is Solver.PCA:
+    any group took). The symmetric closed form (``CLOSED_FORM``, a probe's) is PCA itself, read
+    from the statistics."""
+    if solver is Solver.PCA or (y_hat is y and schedule == CLOSED_FORM):
         return fit_per_group(stats.dim, unit.group, rank, lambda part, part_rank: fit_pca(
             stats if unit.group == 1 else part_stats(stats, part), part_rank)), None
     act, iterations = unit.activation, []

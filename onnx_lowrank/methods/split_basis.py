@@ -1,5 +1,5 @@
-"""A budget search's 3d probes: a layer's split output at every rank up to one, from one run of
-the network.
+"""The k x 1 / 1 x k split of a layer (§3.5's first step), and a budget search's 3d probes: a
+layer's split output at every rank up to one, from one run of the network.
 
 The filter reconstruction is nested (the rank-r split's vertical filters are the first r of a
 higher rank's, and so are its horizontal ones: ``solvers.weights.spatial_filter_reconstruction``),
@@ -15,10 +15,26 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from onnx_lowrank.graph.rewrite import NodeSpec, beside_units
+from onnx_lowrank.graph.rewrite import NodeSpec, beside_units, spatial_decomposition
+from onnx_lowrank.graph.surgery import prefix_model
+from onnx_lowrank.graph.units import Unit
+from onnx_lowrank.planning.costs import max_rank
 from onnx_lowrank.runtime.sessions import collect_responses
+from onnx_lowrank.solvers.weights import filter_reconstruction_svd, spatial_filter_reconstruction
 
 KEY = "split basis"  # a search's cache holds a layer's basis under (KEY, layer)
+
+
+def spatial_pair(unit: Unit, rank: int, cache: dict | None = None) -> list[NodeSpec]:
+    """The layer's (k x 1, rank) -> (1 x k, d) filter reconstruction, bias on the second conv;
+    with a ``cache``, the layer's SVD is kept in it for the next rank."""
+    svd = None
+    if cache is not None:
+        key = ("filter reconstruction svd", unit.name)
+        if key not in cache:
+            cache[key] = filter_reconstruction_svd(unit.weight)
+        svd = cache[key]
+    return spatial_decomposition(unit.attrs, *spatial_filter_reconstruction(unit.weight, rank, svd), unit.bias)
 
 
 @dataclass
@@ -58,10 +74,25 @@ def lacking(splits: dict[str, list[NodeSpec]], cache: dict) -> dict[str, list[No
 
 def collect_bases(normalised, splits: dict[str, list[NodeSpec]], outputs: dict[str, str], collect: dict,
                   cache: dict) -> None:
-    """One run of the network with each split's ``tap_chain`` beside its layer, sampled as the
-    layer's output (``outputs``, by layer): each layer's basis, at its split's rank, into ``cache``."""
-    model, written = beside_units(normalised, {name: tap_chain(split) for name, split in splits.items()})
+    """One run of the network, as far as the deepest of the layers, with each split's
+    ``tap_chain`` beside its layer, sampled as the layer's output (``outputs``, by layer): each
+    layer's basis, at its split's rank, into ``cache``."""
+    model, written = beside_units(prefix_model(normalised, [outputs[name] for name in splits]),
+                                  {name: tap_chain(split) for name, split in splits.items()})
     collected = collect_responses(model, tensors=list(written.values()),
                                   sampled_as={tensor: outputs[name] for name, tensor in written.items()}, **collect)
     for name, split in splits.items():
         cache[(KEY, name)] = SplitBasis(split[0].weight.shape[0], collected[written[name]])
+
+
+def keep_bases(normalised, units: dict[str, Unit], ranks: dict[str, int], shapes: dict, collect: dict,
+               cache: dict) -> None:
+    """The bases of the layers (``units``, by name) at ``ranks`` that ``cache`` lacks, from one
+    run of the network; a layer whose basis proved too small gets half again the rank asked
+    (a plan's ranks are not monotone in its speedup)."""
+    ranks = {name: min(max_rank(shapes[name], "spatial"), rank * 3 // 2) if (KEY, name) in cache else rank
+             for name, rank in ranks.items()
+             if lacking({name: spatial_pair(units[name], rank, cache)}, cache)}
+    if ranks:
+        collect_bases(normalised, {name: spatial_pair(units[name], rank, cache) for name, rank in ranks.items()},
+                      {name: units[name].output for name in ranks}, collect, cache)

@@ -39,8 +39,8 @@ import time
 from onnx_lowrank.distill import require as require_distillation
 from onnx_lowrank.errors import BudgetNotMetError, InfeasibleTargetError, InvalidOptionError, InvalidTypeError
 from onnx_lowrank.measure.fidelity import held_out_outputs
-from onnx_lowrank.methods.chains import CLOSED_FORM, PROBE_SCHEDULE, spatial_pair
-from onnx_lowrank.methods.split_basis import collect_bases, lacking
+from onnx_lowrank.methods.chains import CLOSED_FORM, PROBE_SCHEDULE
+from onnx_lowrank.methods.split_basis import keep_bases, lacking, spatial_pair
 from onnx_lowrank.options import Options, takes_options
 from onnx_lowrank.output.report import INT8_SUFFIX, PROBE_LABEL, QUICK_SUFFIX, FrontierPoint
 from onnx_lowrank.pipeline.analysis import Analysis, Result, analyse
@@ -343,11 +343,10 @@ class _Searcher:
         low = max((s for s in self.probes if s < speedup), default=1 + (speedup - 1) / 2)
         high = min((s for s in self.probes if s > speedup), default=2 * speedup)
         ranks = split_ranks(self.analysis, self.opts, [low * (high / low) ** (i / 8) for i in range(9)])
-        ranks = {name: max(rank, plan.spatial_ranks.get(name, 0)) for name, rank in ranks.items()}
-        splits = lacking({n: spatial_pair(units[n], rank, self.cache) for n, rank in ranks.items()}, self.cache)
-        with self.analysis.run.stage("collect_asymmetric", f"the split bases of {len(splits)} layers", logging.DEBUG):
-            collect_bases(self.analysis.normalised, splits, {n: units[n].output for n in splits}, self.analysis.collect,
-                          self.cache)
+        with self.analysis.run.stage("collect_asymmetric", f"the split bases of up to {len(ranks)} layers",
+                                     logging.DEBUG):
+            keep_bases(self.analysis.normalised, units, {name: max(rank, plan.spatial_ranks.get(name, 0))
+                       for name, rank in ranks.items()}, self.analysis.shapes, self.analysis.collect, self.cache)
 
     def _probe_met(self, value: float, scale: float) -> bool:
         if scale == 1.0:
