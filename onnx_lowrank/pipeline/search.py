@@ -9,8 +9,8 @@ each cheaper per plan than the next, so that the search costs a few fixed-speedu
    (``planning.bracket``), solved cheaply: a channel method's with the linear solver (PCA of the
    responses, Eq. 4, whose eigenvectors the analysis already has and which are nested: one
    decomposition gives every rank), re-collecting nothing; asym3d's as the symmetric 3d chain with
-   the solver's closed-form start, its split layers' outputs from one run of the network on part
-   of the calibration images. A layer's chain at the same ranks is built once for all probes
+   the solver's closed-form start, its split layers' outputs from bases that one run of the
+   network keeps for every plan the bracket can still probe (``methods.split_basis``). A layer's chain at the same ranks is built once for all probes
    (``methods.chains.solve_layers`` keeps them). Each probe is measured on the held-out set
    against the original's outputs, which are computed once; a plan probed before (same ranks) is
    not measured again. Methods without iterations are their own probes.
@@ -342,7 +342,7 @@ class _Searcher:
             return
         low = max((s for s in self.probes if s < speedup), default=1 + (speedup - 1) / 2)
         high = min((s for s in self.probes if s > speedup), default=2 * speedup)
-        ranks = split_ranks(self.analysis, self.opts, [low * (high / low) ** (i / 8) for i in range(9)])
+        ranks = split_ranks(self.analysis, self.opts, [low * (high / low) ** (i / 32) for i in range(33)])
         with self.analysis.run.stage("collect_asymmetric", f"the split bases of up to {len(ranks)} layers",
                                      logging.DEBUG):
             keep_bases(self.analysis.normalised, units, {name: max(rank, plan.spatial_ranks.get(name, 0))
