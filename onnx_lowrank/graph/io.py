@@ -3,6 +3,7 @@ external-data layout that lets models over protobuf's 2 GiB limit be written and
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 import weakref
@@ -137,16 +138,27 @@ def first_line(exc: BaseException) -> str:
 def external_data_files(path: Path) -> list[Path]:
     """The files a model file's tensors live in, besides the model file itself."""
     try:
-        model = onnx.load(str(path), load_external_data=False)
-    except (DecodeError, ValueError, OSError):  # not a model: it references no files
+        stat = path.stat()
+    except OSError:
         return []
+    return list(_external_data_files(str(path), stat.st_mtime_ns, stat.st_size))
+
+
+@functools.lru_cache(maxsize=8)
+def _external_data_files(path: str, mtime_ns: int, size: int) -> tuple[Path, ...]:
+    """By the file's modification time and size: a run asks about its input more than once, and
+    parsing a large model takes a second each time."""
+    try:
+        model = onnx.load(path, load_external_data=False)
+    except (DecodeError, ValueError, OSError):  # not a model: it references no files
+        return ()
     files = set()
     for tensor in _all_tensors(model):
         if uses_external_data(tensor):
             location = next((entry.value for entry in tensor.external_data if entry.key == "location"), None)
             if location:
-                files.add(path.parent / location)
-    return sorted(files)
+                files.add(Path(path).parent / location)
+    return tuple(sorted(files))
 
 
 def _all_tensors(model: onnx.ModelProto):

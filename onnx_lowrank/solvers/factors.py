@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,14 +32,25 @@ class ResponseStats:
     """Mean and scatter matrix of sampled responses, computed once in float64.
 
     ``scatter = Yc.T @ Yc`` with ``Yc`` the centred (n, d) responses (the paper's ``Y Y^T``),
-    and ``eigenvalues`` its spectrum in descending order (the PCA energy of Eq. 13).
+    ``eigenvalues`` its spectrum in descending order (the PCA energy of Eq. 13) and
+    ``eigenvectors`` its eigenvectors in that order: the first ``leading`` columns, completed to a
+    basis only when read (a wide dense layer's d x d basis costs a second per layer, and the
+    nonlinear solver never reads it).
     """
 
     mean: np.ndarray
     scatter: np.ndarray
     eigenvalues: np.ndarray
-    eigenvectors: np.ndarray
+    leading: np.ndarray
     count: int
+
+    @functools.cached_property
+    def eigenvectors(self) -> np.ndarray:
+        if self.leading.shape[1] == self.dim:
+            return self.leading
+        basis = np.linalg.qr(self.leading, mode="complete")[0]  # its first columns span the leading ones
+        basis[:, :self.leading.shape[1]] = self.leading
+        return deterministic_signs(basis)
 
     @classmethod
     def from_responses(cls, responses: np.ndarray) -> "ResponseStats":
@@ -57,11 +69,9 @@ class ResponseStats:
         for 4096 channels on 2 cores); the directions beyond the samples' span, of zero variance,
         are an orthonormal completion, as any eigendecomposition's would be."""
         _, singular, right = np.linalg.svd(centred.astype(np.float64), full_matrices=False)
-        basis = np.linalg.qr(right.T, mode="complete")[0]  # its first n columns span the samples
-        basis[:, :len(singular)] = right.T
         eigenvalues = np.zeros(centred.shape[1])
         eigenvalues[:len(singular)] = singular ** 2
-        return cls(mean, scatter, eigenvalues, deterministic_signs(basis), len(centred))
+        return cls(mean, scatter, eigenvalues, deterministic_signs(right.T), len(centred))
 
     @classmethod
     def from_scatter(cls, mean: np.ndarray, scatter: np.ndarray, count: int) -> "ResponseStats":
