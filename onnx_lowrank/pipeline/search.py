@@ -40,6 +40,7 @@ from onnx_lowrank.distill import require as require_distillation
 from onnx_lowrank.errors import BudgetNotMetError, InfeasibleTargetError, InvalidOptionError, InvalidTypeError
 from onnx_lowrank.measure.fidelity import held_out_outputs
 from onnx_lowrank.methods.chains import CLOSED_FORM, PROBE_SCHEDULE
+from onnx_lowrank.methods.split_basis import KEY as BASIS
 from onnx_lowrank.methods.split_basis import keep_bases, lacking, spatial_pair
 from onnx_lowrank.options import Options, takes_options
 from onnx_lowrank.output.report import INT8_SUFFIX, PROBE_LABEL, QUICK_SUFFIX, FrontierPoint
@@ -173,9 +174,11 @@ class _Searcher:
     def _confirm(self, chosen: FrontierPoint):
         """The method with the paper's schedule at the chosen plan; should it miss where its quick
         run met, at the next slower plan whose quick run met. Only a run measured this way is ever
-        the answer, so the budget is met on held-out data by the model that is returned."""
+        the answer, so the budget is met on held-out data by the model that is returned. No probe
+        runs after it: the split bases are let go first."""
         if not self.iterative:
             return self.kept
+        self.cache = {key: value for key, value in self.cache.items() if key[0] != BASIS}
         for speedup in sorted((s for s, p in self.quick.items() if p.met and s <= chosen.speedup_target), reverse=True):
             result = self._evaluate(speedup, self.opts, self.opts.method)
             if result is not None and result[0].met:
