@@ -60,7 +60,8 @@ class CarriedCut:
         computed = [name for name in cut if name not in fed] if fits else []
         part = prefix_model(self.normalised, [unit.output, *computed], given)
         names = {node.name for node in part.graph.node}
-        part = replace_units(part, {name: chain for name, chain in replaced.items() if name in names})
+        if inside := {name: chain for name, chain in replaced.items() if name in names}:  # none: a copy for nothing
+            part = replace_units(part, inside)
         passed = [name for name in cut if name not in computed and name not in self.graph_inputs]
         # Where the next cut is expected to fit, the kept one is let go batch by batch as it is
         # read: one cut in memory at a time, not two.
