@@ -187,6 +187,30 @@ def test_a_3d_search_runs_the_network_for_its_probes_splits_once(model, data, mo
         assert sum(p.solver == "probe" for p in report.frontier) >= 6 and len(runs) == 1
 
 
+@pytest.mark.parametrize("sample_memory_mb", [2048, 1])
+def test_split_bases_cover_the_bracket_within_the_sample_memory(model, data, monkeypatch, sample_memory_mb) -> None:
+    """The bases' run keeps more than the probe's own splits (the bracket's other plans), unless
+    that would take more than --sample-memory: then the probe's own only."""
+    plans, kept = [], []
+    plan_for, keep_bases = search.plan_for, search.keep_bases
+    monkeypatch.setattr(search, "plan_for", lambda *a, **kw: plans.append(plan_for(*a, **kw)) or plans[-1])
+    monkeypatch.setattr(search, "keep_bases", lambda *a: kept.append((dict(a[2]), plans[-1].spatial_ranks))
+                        or keep_bases(*a))
+    compress_to_budget(model, Budget("error", 0.1), calibration=data, bench=False, rank_multiple=8, threads=1,
+                       method="asym3d", sample_memory_mb=sample_memory_mb)
+    ranks, own = kept[0]
+    assert all(ranks.get(name, 0) >= rank for name, rank in own.items())
+    assert (ranks == own) == (sample_memory_mb == 1)
+
+
+def test_the_bases_bytes_are_a_float_per_sample_rank_and_tap() -> None:
+    from onnx_lowrank.methods.split_basis import basis_bytes
+    from onnx_lowrank.planning.costs import ConvShape
+
+    shapes = {"a": ConvShape(8, 16, (3, 5), (4, 4)), "b": ConvShape(8, 16, (3, 3), (2, 2))}
+    assert basis_bytes({"a": 10, "b": 7}, {"a": 4, "b": 2}, shapes) == 4 * (10 * 4 * 5 + 7 * 2 * 3)
+
+
 @pytest.mark.parametrize("from_basis", [False, True])
 def test_the_split_layers_outputs_from_one_run_are_those_of_their_own_sub_graphs(data, from_basis, monkeypatch) -> None:
     """Independent reference: each split layer's output re-collected from the sub-graph up to it

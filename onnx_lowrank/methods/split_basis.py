@@ -66,6 +66,11 @@ def tap_chain(split: list[NodeSpec]) -> list[NodeSpec]:
     return [vertical, NodeSpec(copy.reshape(rank * taps, 1, *kernel), None, {**horizontal.attrs, "group": rank})]
 
 
+def basis_bytes(samples: dict[str, int], ranks: dict[str, int], shapes: dict) -> int:
+    """What the bases of the layers at ``ranks`` take: a float per sample, rank and tap."""
+    return sum(4 * samples[name] * rank * shapes[name].kernel[1] for name, rank in ranks.items())
+
+
 def lacking(splits: dict[str, list[NodeSpec]], cache: dict) -> dict[str, list[NodeSpec]]:
     """The splits (by layer) whose layer has no basis in ``cache`` of their rank or higher."""
     return {name: split for name, split in splits.items()

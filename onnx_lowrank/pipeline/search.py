@@ -41,7 +41,7 @@ from onnx_lowrank.errors import BudgetNotMetError, InfeasibleTargetError, Invali
 from onnx_lowrank.measure.fidelity import held_out_outputs
 from onnx_lowrank.methods.chains import CLOSED_FORM, PROBE_SCHEDULE
 from onnx_lowrank.methods.split_basis import KEY as BASIS
-from onnx_lowrank.methods.split_basis import keep_bases, lacking, spatial_pair
+from onnx_lowrank.methods.split_basis import basis_bytes, keep_bases, lacking, spatial_pair
 from onnx_lowrank.options import Options, takes_options
 from onnx_lowrank.output.report import INT8_SUFFIX, PROBE_LABEL, QUICK_SUFFIX, FrontierPoint
 from onnx_lowrank.pipeline.analysis import Analysis, Result, analyse
@@ -56,11 +56,7 @@ log = logging.getLogger(__name__)
 
 
 PROBES = 7  # probes per bracket: doubling or halving, then interpolation
-
-
 BEYOND_STEPS = 3  # quick runs of the method above the first plan that met the budget
-
-
 INT8_STEPS = 2  # slower plans tried when INT8 on top of the one found breaks the budget
 
 
@@ -338,18 +334,20 @@ class _Searcher:
     def _keep_split_bases(self, plan, speedup: float) -> None:
         """Where a 3d probe's splits would run the network, first every layer that a plan the
         bracket can still probe splits (between the probed speedups either side, or a halving and
-        a doubling away) gets its basis, at the highest rank those plans give it
-        (``methods.split_basis``): the probes after it in that range run no network."""
+        a doubling away) gets its basis, at the highest rank those plans give it: the probes after
+        it in that range run no network (``methods.split_basis``)."""
         units = self.analysis.by_name
         if not lacking({n: spatial_pair(units[n], rank, self.cache) for n, rank in plan.spatial_ranks.items()}, self.cache):
             return
         low = max((s for s in self.probes if s < speedup), default=1 + (speedup - 1) / 2)
         high = min((s for s in self.probes if s > speedup), default=2 * speedup)
         ranks = split_ranks(self.analysis, self.opts, [low * (high / low) ** (i / 32) for i in range(33)])
+        ranks = {name: max(rank, plan.spatial_ranks.get(name, 0)) for name, rank in ranks.items()}
+        if basis_bytes(self.analysis.samples, ranks, self.analysis.shapes) > self.opts.sample_memory_mb * 2**20:
+            ranks = plan.spatial_ranks  # the bases are kept within --sample-memory: then the probe's own only
         with self.analysis.run.stage("collect_asymmetric", f"the split bases of up to {len(ranks)} layers",
                                      logging.DEBUG):
-            keep_bases(self.analysis.normalised, units, {name: max(rank, plan.spatial_ranks.get(name, 0))
-                       for name, rank in ranks.items()}, self.analysis.shapes, self.analysis.collect, self.cache)
+            keep_bases(self.analysis.normalised, units, ranks, self.analysis.shapes, self.analysis.collect, self.cache)
 
     def _probe_met(self, value: float, scale: float) -> bool:
         if scale == 1.0:
