@@ -159,3 +159,14 @@ def test_a_rank_above_the_inputs_span_fits_as_the_span_does_with_an_orthonormal_
     assert above.P.shape == (300, 120) and above.Q.shape == (300, 120) and np.all(np.isfinite(above.Q))
     np.testing.assert_allclose(above.P.T @ above.P, np.eye(120), atol=1e-6)
     np.testing.assert_allclose(above.apply(y_hat), within.apply(y_hat), atol=1e-4 * np.abs(y).max())
+
+
+def test_an_input_without_variance_still_gets_factors_of_the_rank_asked() -> None:
+    """A constant input (a layer fed a constant, as generated graphs may be): no direction to
+    regress on, so the fit is the target's mean, with finite factors of the rank asked."""
+    rng = np.random.default_rng(10)
+    y = rng.standard_normal((50, 6)).astype(np.float32)
+    y_hat = np.ones((50, 6), dtype=np.float32)
+    fit = fit_nonlinear(y_hat, y, 2).factors
+    assert fit.P.shape == (6, 2) and np.all(np.isfinite(fit.Q)) and np.all(np.isfinite(fit.bias))
+    np.testing.assert_allclose(fit.apply(y_hat), np.broadcast_to(fit.apply(y_hat)[0], (50, 6)), atol=1e-6)

@@ -98,7 +98,7 @@ def fit_nonlinear(y_hat: np.ndarray, y: np.ndarray, rank: int, activation: str =
     inputs = _CentredInput(y_hat)
     # Directions beyond the input's own m have zero factors whatever they are (a wide dense layer
     # fitted on fewer samples than channels): the iterations leave them out, the end completes them.
-    working = min(rank, inputs.values.shape[1])
+    working = min(rank, max(inputs.values.shape[1], 1))  # an input without variance still gets a rank-1 fit
     regression = (y.mean(axis=0, dtype=np.float64), _gram(y, inputs.values))
     fit = inputs.regress(*regression, rank)
     result = NonlinearFit(inputs.factors(fit))
