@@ -409,3 +409,33 @@ def test_every_method_decomposes_each_layer_kind_or_says_why_it_leaves_it(method
         assert decomposed != bool(layer.skipped_reason), layer
     expected, actual = run_model(model, {"input": data[:4]})[0], run_model(result.model, {"input": data[:4]})[0]
     assert actual.shape == expected.shape and np.all(np.isfinite(actual))
+
+
+def test_a_3d_convs_split_from_a_higher_ranks_basis_is_its_split_run_directly() -> None:
+    """A budget search's probe of a 3-D conv: (1 x kh x kw) then (kt x 1 x 1), the basis's taps
+    along time (``methods.split_basis``), against the split beside the layer run directly."""
+    from onnx_lowrank.methods.chains import Solved, _split_outputs
+    from onnx_lowrank.methods.split_basis import spatial_pair
+    from onnx_lowrank.options import Options
+    from onnx_lowrank.pipeline.analysis import analyse
+
+    rng = np.random.default_rng(1)
+    b = NetBuilder()
+    y = b.node("Relu", [b.node("Conv", ["input", b.const("w0", rng.standard_normal((8, 3, 3, 3, 3)) / 9)],
+                               kernel_shape=[3, 3, 3], pads=[1] * 6)])
+    y = b.node("Conv", [y, b.const("w1", rng.standard_normal((12, 8, 3, 3, 3)) / 12), b.const("b1", np.ones(12))],
+               kernel_shape=[3, 3, 3], pads=[1, 0, 1, 1, 0, 1], strides=[2, 1, 1], dilations=[1, 2, 1])
+    model = finish(b, b.node("Relu", [y]), ["N", 3, 6, 8, 8])
+    data = rng.standard_normal((30, 3, 6, 8, 8)).astype(np.float32)
+    analysis = analyse(model, Options(method="asym3d", speedup=2.0, bench=False, threads=1), data, None, None,
+                       fixed_target=False)
+    unit = analysis.units[1]
+
+    def split_outputs(rank: int, cache: dict | None):
+        return _split_outputs(analysis.normalised, [unit], {unit.name: spatial_pair(unit, rank, cache)},
+                              analysis.collect, analysis.shapes, Solved(timings={"collect_asymmetric": 0.0}),
+                              cache)[unit.name]
+
+    cache = {}
+    split_outputs(20, cache)
+    np.testing.assert_allclose(split_outputs(7, cache), split_outputs(7, None), atol=1e-4)
