@@ -372,3 +372,15 @@ def test_a_cut_holding_a_sequence_is_never_carried_and_the_run_completes(data) -
     assert sum(size == sys.maxsize for size in analysis.cuts.per_sample.values()) >= 1
     result = compress(model, 1.3, calibration=data, bench=False, rank_multiple=8, threads=1)
     assert result.report.fidelity.output_rel_error and held_out_error(model, result.model, data) < 0.5
+
+
+def test_a_bases_run_takes_as_many_images_as_its_tap_outputs_fit() -> None:
+    """Planted: 4 bytes x rank x taps x output positions per image and layer."""
+    from onnx_lowrank.methods.split_basis import batch_for
+    from onnx_lowrank.planning.costs import ConvShape
+
+    shapes = {"a": ConvShape(8, 16, (3, 3), (10, 10)), "b": ConvShape(8, 16, (3, 5), (4, 4))}
+    per_image = 4 * (6 * 3 * 100 + 2 * 5 * 16)  # 7,840 bytes
+    assert batch_for({"a": 6, "b": 2}, shapes, 8, 3 * per_image) == 3
+    assert batch_for({"a": 6, "b": 2}, shapes, 2, 3 * per_image) == 2  # never more than the run's own
+    assert batch_for({"a": 6, "b": 2}, shapes, 8, per_image // 2) == 1  # at least one

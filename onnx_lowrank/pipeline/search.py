@@ -50,6 +50,7 @@ from onnx_lowrank.pipeline.compress import distill, hint_tensors, measure, repor
 from onnx_lowrank.pipeline.plan import plan_for, split_ranks
 from onnx_lowrank.planning.bracket import METHOD_PRECISION, PRECISION, extrapolated, next_probe
 from onnx_lowrank.quantize import Tolerance, add_int8, int8_of
+from onnx_lowrank.runtime.sessions import batch_size_for
 from onnx_lowrank.solvers.nonlinear import PAPER_SCHEDULE
 
 log = logging.getLogger(__name__)
@@ -332,10 +333,9 @@ class _Searcher:
         self.probes[speedup] = self.probed_plans[key]
 
     def _keep_split_bases(self, plan, speedup: float) -> None:
-        """Where a 3d probe's splits would run the network, first every layer that a plan the
-        bracket can still probe splits (between the probed speedups either side, or a halving and
-        a doubling away) gets its basis, at the highest rank those plans give it: the probes after
-        it in that range run no network (``methods.split_basis``)."""
+        """Where a 3d probe's splits would run the network, first every layer that a plan the bracket
+        can still probe splits (between the probed speedups either side, or a halving and a doubling
+        away) gets its basis at the highest rank they give it (``methods.split_basis``)."""
         units = self.analysis.by_name
         if not lacking({n: spatial_pair(units[n], rank, self.cache) for n, rank in plan.spatial_ranks.items()}, self.cache):
             return
@@ -345,9 +345,12 @@ class _Searcher:
         ranks = {name: max(rank, plan.spatial_ranks.get(name, 0)) for name, rank in ranks.items()}
         if basis_bytes(self.analysis.samples, ranks, self.analysis.shapes) > self.opts.sample_memory_mb * 2**20:
             ranks = plan.spatial_ranks  # the bases are kept within --sample-memory: then the probe's own only
+        # Its batches' tap outputs within an eighth of --sample-memory; a model's fixed batch is fed whole.
+        batch_bytes = None if batch_size_for(self.analysis.inputs, 0) > 1 else self.opts.sample_memory_mb * 2**17
         with self.analysis.run.stage("collect_asymmetric", f"the split bases of up to {len(ranks)} layers",
                                      logging.DEBUG):
-            keep_bases(self.analysis.normalised, units, ranks, self.analysis.shapes, self.analysis.collect, self.cache)
+            keep_bases(self.analysis.normalised, units, ranks, self.analysis.shapes, self.analysis.collect, self.cache,
+                       batch_bytes)
 
     def _probe_met(self, value: float, scale: float) -> bool:
         if scale == 1.0:
