@@ -244,7 +244,9 @@ class Options:
     bench_rounds: int = option(30, Integer(MIN_BENCH_ROUNDS, why="a median of fewer rounds is the machine's noise"),
                                "Interleaved rounds the latency medians are taken over.", RUN)
     batch_size: int = option(8, Integer(1), "Batch size responses and fidelity are computed at (a model with a "
-                             "fixed batch takes its own).", DATA)
+                             "fixed batch takes its own); the collections take fewer images a batch where their "
+                             "layers' full-resolution outputs would take more than an eighth of --sample-memory.",
+                             DATA)
     dry_run: bool = option(False, Flag(), "Analyse and print the plan; write no model.", RUN)
     input_size: tuple[int, int] | None = option(None, OrNone(Size()), "HxW to calibrate at when the model's is "
                                                 "dynamic.", DATA)

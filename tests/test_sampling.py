@@ -52,3 +52,37 @@ def test_the_report_gives_the_samples_of_each_layer() -> None:
     assert [layer.samples for layer in layers] == [32 * 32, 32 * 40, 32 * 80, None]
     fixed = compress(model, 1.5, calibration=data, bench=False, dry_run=True, samples_per_image=5).report.layers
     assert [layer.samples for layer in fixed] == [32 * 5] * 3 + [None]
+
+
+def test_a_batch_holds_no_more_images_than_the_budget_does() -> None:
+    from onnx_lowrank.planning.sampling import images_per_batch
+
+    assert images_per_batch(100, 8, 350) == 3
+    assert images_per_batch(100, 2, 350) == 2  # never more than asked
+    assert images_per_batch(1000, 8, 10) == 1  # at least one
+    assert images_per_batch(0, 8, 10) == 8
+
+
+def test_the_collections_batch_fits_an_eighth_of_the_sample_memory_and_samples_do_not_change() -> None:
+    """The layers' outputs per image, from the model's own shapes: a 1 MB budget leaves fewer
+    images a batch than the 8 asked; the responses sampled in batches of one are those sampled
+    in batches of eight."""
+    from onnx_lowrank.options import Options
+    from onnx_lowrank.pipeline.analysis import analyse
+    from tests.builders import Layer, conv_net
+
+    model = conv_net([Layer(16), Layer(32), Layer(32)], size=(48, 48), classifier=10, seed=2)
+    data = np.random.default_rng(3).standard_normal((40, 3, 48, 48)).astype(np.float32)
+
+    def analysed(**options):
+        return analyse(model, Options(speedup=1.5, bench=False, threads=1, rank_multiple=8, **options), data, None,
+                       None)
+
+    small = analysed(sample_memory_mb=1)
+    per_image = sum(4 * small.shapes[u.name].out_channels * small.shapes[u.name].positions
+                    for u in small.units if u.decomposable)
+    assert small.collect["batch_size"] == max(1, 2**17 // per_image) < 8
+    eights, ones = analysed(sample_memory_mb=64), analysed(sample_memory_mb=64, batch_size=1)
+    assert eights.collect["batch_size"] == 8 and ones.collect["batch_size"] == 1
+    for name, values in eights.responses.items():
+        np.testing.assert_allclose(ones.responses[name], values, atol=1e-5)

@@ -19,6 +19,7 @@ from onnx_lowrank.graph.rewrite import NodeSpec, beside_units, spatial_decomposi
 from onnx_lowrank.graph.surgery import prefix_model
 from onnx_lowrank.graph.units import Unit
 from onnx_lowrank.planning.costs import max_rank
+from onnx_lowrank.planning.sampling import images_per_batch
 from onnx_lowrank.runtime.sessions import collect_responses
 from onnx_lowrank.solvers.weights import filter_reconstruction_svd, spatial_filter_reconstruction
 
@@ -73,11 +74,10 @@ def basis_bytes(samples: dict[str, int], ranks: dict[str, int], shapes: dict) ->
 
 def batch_for(ranks: dict[str, int], shapes: dict, preferred: int, budget: int) -> int:
     """Images per batch of a bases run whose tap outputs (each layer's rank x taps channels at
-    its full output resolution, which onnxruntime computes before they are sampled) fit
-    ``budget`` bytes: on CRAFT a batch of 8 held 5 GB more than the bases themselves, a batch of
-    one 1.5 GB, and ran faster."""
+    its full output resolution) fit ``budget`` bytes: on CRAFT a batch of 8 held 5 GB more than
+    the bases themselves, a batch of one 1.5 GB, and ran faster."""
     per_image = sum(4 * rank * shapes[name].kernel[1] * shapes[name].positions for name, rank in ranks.items())
-    return max(1, min(preferred, budget // max(per_image, 1)))
+    return images_per_batch(per_image, preferred, budget)
 
 
 def lacking(splits: dict[str, list[NodeSpec]], cache: dict) -> dict[str, list[NodeSpec]]:

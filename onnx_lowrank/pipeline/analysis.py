@@ -27,7 +27,7 @@ from onnx_lowrank.output.report import Report
 from onnx_lowrank.pipeline.plan import _plan
 from onnx_lowrank.planning.costs import ConvShape
 from onnx_lowrank.planning.ranks import RankCandidate
-from onnx_lowrank.planning.sampling import ResponseShape, positions_per_image
+from onnx_lowrank.planning.sampling import ResponseShape, images_per_batch, positions_per_image
 from onnx_lowrank.runtime.calibration import CalibrationSource, model_inputs, open_calibration
 from onnx_lowrank.runtime.images import AugmentedViews, ImageFolderSource, Preprocess
 from onnx_lowrank.runtime.sessions import batch_size_for, collect_responses, mixed_builds_warning, onnxruntime_builds
@@ -128,7 +128,8 @@ def analyse(model, opts: Options, calibration: CalibrationSource = None, evaluat
         _plan(opts, candidates, {u.name: u for u in units}, {}, fixed, channel_only_names)  # fail before the work
     collect = dict(source=data.source, indices=data.calib_indices,
                    samples_per_image=_positions(opts, units, shapes, len(data.calib_indices)),
-                   seed=opts.seed, batch_size=data.batch, threads=opts.threads,
+                   seed=opts.seed, batch_size=_collection_batch(data.batch, inputs, units, shapes, opts),
+                   threads=opts.threads,
                    channel_axes={u.output: u.channel_axis for u in units if u.decomposable})
     stats, responses, samples = {}, {}, {}
     if not opts.data_free and (not opts.dry_run or opts.selection != "uniform"):
@@ -190,6 +191,15 @@ def _positions(opts: Options, units: list[Unit], shapes: dict[str, ConvShape], i
     if opts.samples_per_image is not None:
         return {name: opts.samples_per_image for name in layers}
     return positions_per_image(layers, max(1, images), opts.sample_memory_mb * 2**20)
+
+
+def _collection_batch(batch: int, inputs, units: list[Unit], shapes: dict[str, ConvShape], opts: Options) -> int:
+    """Images per batch of the collections (responses, Eq. 12's re-collection): their layers'
+    outputs at full resolution within an eighth of --sample-memory; a model's fixed batch whole."""
+    if batch_size_for(inputs, 0) > 1:
+        return batch
+    per_image = sum(4 * shapes[u.name].out_channels * shapes[u.name].positions for u in units if u.decomposable)
+    return images_per_batch(per_image, batch, opts.sample_memory_mb * 2**17)
 
 
 def _split(source, opts: Options, run: Run) -> tuple[list[int], list[int]]:

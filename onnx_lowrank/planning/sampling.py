@@ -41,3 +41,10 @@ def positions_per_image(layers: dict[str, ResponseShape], images: int, memory_by
         return wanted
     scale = memory_bytes / total
     return {name: max(1, math.floor(count * scale)) for name, count in wanted.items()}
+
+
+def images_per_batch(bytes_per_image: int, preferred: int, budget: int) -> int:
+    """At most ``preferred`` images, and no more than ``budget`` bytes of ``bytes_per_image`` hold:
+    onnxruntime computes a collection's outputs at full resolution before they are sampled, and
+    the larger batch bought no time (CRAFT, batch 8 against 1: 0.9 GiB more, 4 % slower)."""
+    return max(1, min(preferred, budget // max(bytes_per_image, 1)))
