@@ -11,7 +11,6 @@ import numpy as np
 from onnx_lowrank.errors import InternalError
 from onnx_lowrank.graph.rewrite import (
     NodeSpec,
-    beside_units,
     channel_chain,
     channel_decomposition,
     tucker2_decomposition,
@@ -19,10 +18,9 @@ from onnx_lowrank.graph.rewrite import (
 from onnx_lowrank.graph.units import Unit
 from onnx_lowrank.methods.carried import CarriedCut, CutSizes
 from onnx_lowrank.methods.split_basis import KEY as BASIS
-from onnx_lowrank.methods.split_basis import collect_bases, lacking, spatial_pair
+from onnx_lowrank.methods.split_basis import beside_outputs, collect_bases, lacking, spatial_pair
 from onnx_lowrank.planning.plans import ArchitecturePlan
 from onnx_lowrank.registry import Solver
-from onnx_lowrank.runtime.sessions import collect_responses
 from onnx_lowrank.solvers import LowRankFactors, ResponseStats, fit_pca
 from onnx_lowrank.solvers.activations import apply_activation, relative_error
 from onnx_lowrank.solvers.grouped import fit_per_group, part_stats
@@ -145,11 +143,7 @@ def _split_outputs(normalised, units: list[Unit], pairs: dict[str, list[NodeSpec
     clock = time.perf_counter()
     missing = pairs if cache is None else lacking(pairs, cache)
     if cache is None:
-        model, written = beside_units(normalised, pairs)
-        outputs = {u.name: u.output for u in units}
-        collected = collect_responses(model, tensors=list(written.values()),
-                                      sampled_as={tensor: outputs[name] for name, tensor in written.items()}, **collect)
-        split_outputs = {name: collected[tensor] for name, tensor in written.items()}
+        split_outputs = beside_outputs(normalised, pairs, {u.name: u.output for u in units}, collect)
     else:
         if missing:
             collect_bases(normalised, missing, {u.name: u.output for u in units}, collect, cache)

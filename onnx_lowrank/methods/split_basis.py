@@ -91,12 +91,20 @@ def collect_bases(normalised, splits: dict[str, list[NodeSpec]], outputs: dict[s
     """One run of the network, as far as the deepest of the layers, with each split's
     ``tap_chain`` beside its layer, sampled as the layer's output (``outputs``, by layer): each
     layer's basis, at its split's rank, into ``cache``."""
-    model, written = beside_units(prefix_model(normalised, [outputs[name] for name in splits]),
-                                  {name: tap_chain(split) for name, split in splits.items()})
-    collected = collect_responses(model, tensors=list(written.values()),
-                                  sampled_as={tensor: outputs[name] for name, tensor in written.items()}, **collect)
+    values = beside_outputs(prefix_model(normalised, [outputs[name] for name in splits]),
+                            {name: tap_chain(split) for name, split in splits.items()}, outputs, collect)
     for name, split in splits.items():
-        cache[(KEY, name)] = SplitBasis(split[0].weight.shape[0], collected[written[name]])
+        cache[(KEY, name)] = SplitBasis(split[0].weight.shape[0], values[name])
+
+
+def beside_outputs(model, chains: dict[str, list[NodeSpec]], outputs: dict[str, str],
+                   collect: dict) -> dict[str, np.ndarray]:
+    """Each chain's output, run beside its layer from the same input (one run of ``model`` for
+    all of them), sampled as the layer's output (``outputs``, by layer)."""
+    beside, written = beside_units(model, chains)
+    collected = collect_responses(beside, tensors=list(written.values()),
+                                  sampled_as={tensor: outputs[name] for name, tensor in written.items()}, **collect)
+    return {name: collected[tensor] for name, tensor in written.items()}
 
 
 def keep_bases(normalised, units: dict[str, Unit], ranks: dict[str, int], shapes: dict, collect: dict,
