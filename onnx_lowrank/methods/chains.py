@@ -141,7 +141,8 @@ def _split_outputs(normalised, units: list[Unit], pairs: dict[str, list[NodeSpec
     if not pairs:
         return {}
     clock = time.perf_counter()
-    missing = pairs if cache is None else lacking(pairs, cache)
+    missing = pairs if cache is None else {name: pairs[name] for name in lacking(
+        {name: pair[0].weight.shape[0] for name, pair in pairs.items()}, cache)}
     if cache is None:
         split_outputs = beside_outputs(normalised, pairs, {u.name: u.output for u in units}, collect)
     else:

@@ -80,10 +80,10 @@ def batch_for(ranks: dict[str, int], shapes: dict, preferred: int, budget: int) 
     return images_per_batch(per_image, preferred, budget)
 
 
-def lacking(splits: dict[str, list[NodeSpec]], cache: dict) -> dict[str, list[NodeSpec]]:
-    """The splits (by layer) whose layer has no basis in ``cache`` of their rank or higher."""
-    return {name: split for name, split in splits.items()
-            if cache.get((KEY, name)) is None or cache[(KEY, name)].rank < split[0].weight.shape[0]}
+def lacking(ranks: dict[str, int], cache: dict) -> dict[str, int]:
+    """The layers (with their split ranks) that have no basis in ``cache`` of that rank or higher."""
+    return {name: rank for name, rank in ranks.items()
+            if cache.get((KEY, name)) is None or cache[(KEY, name)].rank < rank}
 
 
 def collect_bases(normalised, splits: dict[str, list[NodeSpec]], outputs: dict[str, str], collect: dict,
@@ -114,8 +114,7 @@ def keep_bases(normalised, units: dict[str, Unit], ranks: dict[str, int], shapes
     whose basis proved too small gets half again the rank asked (a plan's ranks are not monotone
     in its speedup)."""
     ranks = {name: min(max_rank(shapes[name], "spatial"), rank * 3 // 2) if (KEY, name) in cache else rank
-             for name, rank in ranks.items()
-             if lacking({name: spatial_pair(units[name], rank, cache)}, cache)}
+             for name, rank in lacking(ranks, cache).items()}
     if ranks:
         if batch_bytes is not None:
             collect = {**collect, "batch_size": batch_for(ranks, shapes, collect["batch_size"], batch_bytes)}

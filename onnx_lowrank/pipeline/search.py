@@ -10,8 +10,8 @@ each cheaper per plan than the next, so that the search costs a few fixed-speedu
    responses, Eq. 4, whose eigenvectors the analysis already has and which are nested: one
    decomposition gives every rank), re-collecting nothing; asym3d's as the symmetric 3d chain with
    the solver's closed-form start, its split layers' outputs from bases that one run of the
-   network keeps for every plan the bracket can still probe (``methods.split_basis``). A layer's chain at the same ranks is built once for all probes
-   (``methods.chains.solve_layers`` keeps them). Each probe is measured on the held-out set
+   network keeps for every plan the bracket can still probe (``methods.split_basis``). A layer's
+   chain at the same ranks is built once for all probes (``methods.chains.solve_layers``). Each probe is measured on the held-out set
    against the original's outputs, which are computed once; a plan probed before (same ranks) is
    not measured again. Methods without iterations are their own probes.
 2. *Quick runs of the method* (asymmetric by default, usually better than its symmetric probe),
@@ -41,7 +41,7 @@ from onnx_lowrank.errors import BudgetNotMetError, InfeasibleTargetError, Invali
 from onnx_lowrank.measure.fidelity import held_out_outputs
 from onnx_lowrank.methods.chains import CLOSED_FORM, PROBE_SCHEDULE
 from onnx_lowrank.methods.split_basis import KEY as BASIS
-from onnx_lowrank.methods.split_basis import basis_bytes, keep_bases, lacking, spatial_pair
+from onnx_lowrank.methods.split_basis import basis_bytes, keep_bases, lacking
 from onnx_lowrank.options import Options, takes_options
 from onnx_lowrank.output.report import INT8_SUFFIX, PROBE_LABEL, QUICK_SUFFIX, FrontierPoint
 from onnx_lowrank.pipeline.analysis import Analysis, Result, analyse
@@ -336,8 +336,7 @@ class _Searcher:
         """Where a 3d probe's splits would run the network, first every layer that a plan the bracket
         can still probe splits (between the probed speedups either side, or a halving and a doubling
         away) gets its basis at the highest rank they give it (``methods.split_basis``)."""
-        units = self.analysis.by_name
-        if not lacking({n: spatial_pair(units[n], rank, self.cache) for n, rank in plan.spatial_ranks.items()}, self.cache):
+        if not lacking(plan.spatial_ranks, self.cache):
             return
         low = max((s for s in self.probes if s < speedup), default=1 + (speedup - 1) / 2)
         high = min((s for s in self.probes if s > speedup), default=2 * speedup)
@@ -349,7 +348,7 @@ class _Searcher:
         batch_bytes = None if batch_size_for(self.analysis.inputs, 0) > 1 else self.opts.sample_memory_mb * 2**17
         with self.analysis.run.stage("collect_asymmetric", f"the split bases of up to {len(ranks)} layers",
                                      logging.DEBUG):
-            keep_bases(self.analysis.normalised, units, ranks, self.analysis.shapes, self.analysis.collect, self.cache,
+            keep_bases(self.analysis.normalised, self.analysis.by_name, ranks, self.analysis.shapes, self.analysis.collect, self.cache,
                        batch_bytes)
 
     def _probe_met(self, value: float, scale: float) -> bool:
