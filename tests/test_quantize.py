@@ -87,11 +87,12 @@ def test_with_a_budget_the_int8_model_is_the_answer_and_meets_it() -> None:
 def test_when_int8_breaks_the_budget_slower_plans_are_tried_then_it_says_so(caplog) -> None:
     from onnx_lowrank.errors import BudgetNotMetError
     from onnx_lowrank.pipeline.budget import Budget
-    from onnx_lowrank.pipeline.search import INT8_STEPS, compress_to_budget
+    from onnx_lowrank.pipeline.budget_int8 import INT8_STEPS
+    from onnx_lowrank.pipeline.search import compress_to_budget
 
     model, data = model_and_data(100)
     # float plans meet 2e-3 (this model is exactly low rank up to ~2x); INT8's own rounding error does not
-    with caplog.at_level("INFO", logger="onnx_lowrank.pipeline.search"), pytest.raises(BudgetNotMetError,
+    with caplog.at_level("INFO", logger="onnx_lowrank.pipeline"), pytest.raises(BudgetNotMetError,
                                                                                match="with INT8 on top"):
         compress_to_budget(model, Budget("error", 2e-3), calibration=data, quantize="int8", bench=False,
                            rank_multiple=8, threads=1, speedup=1.2)

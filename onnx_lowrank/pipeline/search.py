@@ -15,16 +15,18 @@ each cheaper per plan than the next, so that the search costs a few fixed-speedu
    against the original's outputs, which are computed once; a plan probed before (same ranks) is
    not measured again. Methods without iterations are their own probes.
 2. *Quick runs of the method* (asymmetric by default, usually better than its symmetric probe),
-   with a fifth of the solver's schedule: at the fastest probe that met the budget, which measures
-   the method's gain over its probe, then faster where the probes scaled by that gain meet it,
-   and once two met, where the method's own power law reaches it (a miss is bisected; halfway
-   down where the first missed). Where the first probe misses, the method runs there first.
-3. *The method itself*, with the paper's schedule, once: at the fastest plan whose quick run met
-   the budget (at the next slower one should it miss). Only a plan measured with the method itself
-   is ever the answer, so the budget is met on held-out data by the model that is returned.
+   with a fifth of the solver's schedule, at most two: at the fastest probe that met the budget,
+   which measures the method's gain over its probe, then where the probes scaled by that gain
+   meet it (halfway down, twice, where the first missed). Where the first probe misses, the
+   method runs there first.
+3. *The method itself*, with the paper's schedule: first where its two quick runs say it meets
+   the budget (their power law, or its probes scaled by its latest gain), then, should that
+   miss, at the fastest plan whose quick run met (at the next slower one should it miss). Only
+   a plan measured with the method itself is ever the answer, so the budget is met on held-out
+   data by the model that is returned.
 4. With ``--quantize int8``, the answer is the INT8 model: the plan found is quantized with the
    budget as the INT8 guard's tolerance (nodes that break it kept in float), and where no INT8
-   model of it meets the budget, slower plans are (``_Searcher.with_int8``).
+   model of it meets the budget, slower plans are (``pipeline.budget_int8``).
 
 Every plan measured is a point of the frontier (theoretical speedup vs metric) in the report.
 """
@@ -43,13 +45,14 @@ from onnx_lowrank.methods.chains import CLOSED_FORM, PROBE_SCHEDULE
 from onnx_lowrank.methods.split_basis import KEY as BASIS
 from onnx_lowrank.methods.split_basis import basis_bytes, keep_bases, lacking
 from onnx_lowrank.options import Options, takes_options
-from onnx_lowrank.output.report import INT8_SUFFIX, PROBE_LABEL, QUICK_SUFFIX, FrontierPoint
+from onnx_lowrank.output.report import PROBE_LABEL, QUICK_SUFFIX, FrontierPoint
 from onnx_lowrank.pipeline.analysis import Analysis, Result, analyse
 from onnx_lowrank.pipeline.budget import Budget
+from onnx_lowrank.pipeline.budget_int8 import budget_tolerance, int8_within_budget
 from onnx_lowrank.pipeline.compress import distill, hint_tensors, measure, report_for, rewrite, solve
 from onnx_lowrank.pipeline.plan import plan_for, split_ranks
 from onnx_lowrank.planning.bracket import METHOD_PRECISION, PRECISION, extrapolated, next_probe
-from onnx_lowrank.quantize import Tolerance, add_int8, int8_of
+from onnx_lowrank.quantize import add_int8
 from onnx_lowrank.runtime.sessions import batch_size_for
 from onnx_lowrank.solvers.nonlinear import PAPER_SCHEDULE
 
@@ -57,8 +60,7 @@ log = logging.getLogger(__name__)
 
 
 PROBES = 7  # probes per bracket: doubling or halving, then interpolation
-BEYOND_STEPS = 3  # quick runs of the method above the first plan that met the budget
-INT8_STEPS = 2  # slower plans tried when INT8 on top of the one found breaks the budget
+QUICK_RUNS = 2  # the method's gain over its probe, measured at one or two plans
 
 
 @takes_options
@@ -86,7 +88,7 @@ def compress_to_budget(model, budget: Budget, *, calibration=None, evaluation=No
     best = searcher.run(speedup)
     int8 = None
     if best is not None and opts.quantize:
-        best, int8 = searcher.with_int8(best)
+        best, int8 = int8_within_budget(searcher, best)
     if best is None:
         raise BudgetNotMetError(f"no decomposition{' with INT8 on top' if opts.quantize else ''} meets "
                                 f"{budget.describe()}: the best measured was {searcher.best_value_text()} at "
@@ -103,7 +105,7 @@ def compress_to_budget(model, budget: Budget, *, calibration=None, evaluation=No
     measure(ending.measuring, optimized, report, final_opts, reference, None if distilled else outputs)
     if int8 is not None:  # the budget was met by the INT8 model: that is the answer, and its figure
         optimized = add_int8(ending.measuring, optimized, report, final_opts,
-                             lowrank_int8=None if distilled else int8[1], tolerance=searcher.int8_tolerance())
+                             lowrank_int8=None if distilled else int8[1], tolerance=budget_tolerance(budget, labels))
         point = int8[0] if report.int8["written"] == "int8" and not distilled else point
     if distilled:  # the model written is measured again by the budget, and marked in the frontier
         value = budget.value(reference, held_out_outputs(optimized, data, opts.threads, produced=True), labels)
@@ -135,6 +137,7 @@ class _Searcher:
         # (PCA, data-free baselines) every run of the method is already the answer's.
         self.iterative = opts.spec.iterative
         self.kept = None  # without iterations: the fastest run of the method that met the budget
+        self.predicted: float | None = None  # where the method's full run goes first, faster than its quick runs met
 
     def run(self, start: float):
         """The method's run that meets the budget at the fastest plan the search found, or None.
@@ -169,15 +172,17 @@ class _Searcher:
         return None
 
     def _confirm(self, chosen: FrontierPoint):
-        """The method with the paper's schedule at the chosen plan; should it miss where its quick
-        run met, at the next slower plan whose quick run met. Only a run measured this way is ever
-        the answer, so the budget is met on held-out data by the model that is returned. No probe
-        runs after it: the split bases are let go first."""
+        """The method with the paper's schedule where its quick runs predict it meets the budget
+        (``predicted``), else at the chosen plan; should it miss, at the next slower plan whose
+        quick run met. Only a run measured this way is ever the answer, so the budget is met on
+        held-out data by the model that is returned. No probe runs after it: the split bases are
+        let go first."""
         if not self.iterative:
             return self.kept
         self.cache = {key: value for key, value in self.cache.items() if key[0] != BASIS}
-        for speedup in sorted((s for s, p in self.quick.items() if p.met and s <= chosen.speedup_target), reverse=True):
-            result = self._evaluate(speedup, self.opts, self.opts.method)
+        speedups = sorted((s for s, p in self.quick.items() if p.met and s <= chosen.speedup_target), reverse=True)
+        for speedup in [self.predicted] * (self.predicted is not None) + speedups:
+            result = self.evaluate(speedup, self.opts, self.opts.method)
             if result is not None and result[0].met:
                 return result
         return None
@@ -188,72 +193,51 @@ class _Searcher:
         if speedup in self.quick:
             return self.quick[speedup]
         if not self.iterative:
-            result = self._evaluate(speedup, self.opts, self.opts.method)
+            result = self.evaluate(speedup, self.opts, self.opts.method)
             if result is not None and result[0].met and (self.kept is None or speedup > self.kept[0].speedup_target):
                 self.kept = result
         else:
-            result = self._evaluate(speedup, self.opts, self.opts.method + QUICK_SUFFIX, PROBE_SCHEDULE)
+            result = self.evaluate(speedup, self.opts, self.opts.method + QUICK_SUFFIX, PROBE_SCHEDULE)
         if result is None:
             return None
         self.quick[speedup] = result[0]
         return result[0]
 
-    def int8_tolerance(self) -> Tolerance:
-        """The budget as INT8's tolerance: a model passes where it meets the budget itself."""
-        def judge(reference: dict, float_outputs: dict):
-            def met(outputs: dict) -> tuple[float, bool]:
-                value = self.budget.value(reference, outputs, self.labels)
-                return value, self.budget.met(value)
-            return met
-        return Tolerance(f"the budget: {self.budget.describe()}", judge)
-
-    def with_int8(self, best):
-        """The found plan with INT8 on top, guarded by the budget (``quantize.guard``: nodes that
-        break it kept in float); where no INT8 model of the plan meets it, the method at slower
-        plans, halfway to 1x, ``INT8_STEPS`` times. Returns the float plan's (point, solved,
-        model, held-out outputs) and (INT8 point, Guarded), or Nones."""
-        candidate = best
-        for _ in range(INT8_STEPS + 1):
-            if candidate is not None and candidate[0].met:
-                point, _, optimized, _ = candidate
-                with self.analysis.run.stage("quantize", f"INT8 on the plan at {point.speedup_target:.2f}x"):
-                    quantized = int8_of(self.analysis.measuring(), optimized, self.opts,
-                                        self.int8_tolerance().judge(self.reference, None))
-                verdict = quantized.verdict or quantized.unguarded_verdict
-                int8_point = FrontierPoint(point.speedup_target, point.theoretical_speedup, verdict.value,
-                                           quantized.model is not None, f"{point.solver}{INT8_SUFFIX}")
-                self.frontier.append(int8_point)
-                log.info("%s at %.2fx: %s = %.4g (%s)", int8_point.solver, point.theoretical_speedup,
-                         self.budget.kind, verdict.value, "met" if int8_point.met else "missed")
-                if int8_point.met:
-                    return candidate, (int8_point, quantized)
-                slower = point.speedup_target
-            else:
-                slower = candidate[0].speedup_target if candidate is not None else slower
-            candidate = self._evaluate(1 + (slower - 1) / 2, self.opts, self.opts.method)
-        return None, None
-
     def _beyond(self, best: FrontierPoint) -> FrontierPoint:
-        """Up to ``BEYOND_STEPS`` more quick runs at faster plans, each kept only if it meets the
-        budget itself. The method's gain over its probe shrinks or grows with the speedup, so
-        once the method has run twice its own curve leads: between the fastest run that met and
-        a faster one that missed, halfway (geometrically); above them, where the power law
-        through the two fastest that met reaches it (``_method_step``).
-        Before that, where the probes scaled by its gain point (``_next_speedup``)."""
-        for _ in range(BEYOND_STEPS):
-            missed = min((s for s, p in self.quick.items() if s > best.speedup_target and not p.met), default=None)
-            if missed is not None:  # bisected: the method's curve jumps where ranks do
-                speedup = next_probe(best.speedup_target, missed, precision=METHOD_PRECISION)
-            else:
-                speedup = self._method_step(best) or self._next_speedup(best)
-            if speedup is None or speedup in self.quick:
-                break
-            point = self._quick_run(speedup)
-            if point is None:
-                break
-            if point.met:
-                best = point
+        """The second quick run, where the probes scaled by the method's gain over its probe at
+        ``best`` meet the budget (``_next_speedup``), kept if it meets the budget itself; then
+        where the full run goes first (``predicted``): the nearer of where the method's own power
+        law (``_method_step``) and its probes scaled by its latest gain reach the budget; where
+        those disagree by more than ``METHOD_PRECISION``, a third quick run at the farther one
+        decides; between the fastest quick run that met and a faster one that missed, where the
+        power law through them reaches the budget. A quick run re-collects and solves the
+        network, a third of a run: the method's gain is measured at two or three plans."""
+        if len(self.quick) < QUICK_RUNS:
+            best = self._quick_above(best, self._next_speedup(best))
+        if self._missed_above(best) is None:
+            steps = sorted(filter(None, (self._method_step(best), self._next_speedup(best))))
+            if len(steps) < 2 or steps[1] <= steps[0] * (1 + METHOD_PRECISION):
+                self.predicted = steps[0] if steps else None
+                return best
+            best = self._quick_above(best, steps[1])
+        missed = self._missed_above(best)
+        if missed is not None:
+            losses = self._losses(best.value, self.quick[missed].value)
+            self.predicted = next_probe(best.speedup_target, missed, losses, precision=METHOD_PRECISION)
         return best
+
+    def _quick_above(self, best: FrontierPoint, speedup: float | None) -> FrontierPoint:
+        point = None if speedup is None or speedup in self.quick else self._quick_run(speedup)
+        return point if point is not None and point.met else best
+
+    def _missed_above(self, best: FrontierPoint) -> float | None:
+        return min((s for s, p in self.quick.items() if s > best.speedup_target and not p.met), default=None)
+
+    def _losses(self, passing: float, failing: float) -> tuple[float, float, float] | None:
+        """The losses of a plan that met and one that missed, and the budget's, for ``next_probe``;
+        None where the budget has no loss (a user metric)."""
+        losses = (self.budget.loss(passing), self.budget.loss(failing), self.budget.loss(self.budget.limit))
+        return None if None in losses else losses
 
     def _method_step(self, best: FrontierPoint) -> float | None:
         """Where the power law through the method's two fastest quick runs that met (``best`` and
@@ -327,7 +311,7 @@ class _Searcher:
         key = (tuple(sorted(plan.ranks.items())), tuple(sorted(plan.spatial_ranks.items())))
         if key not in self.probed_plans:
             self._keep_split_bases(plan, speedup)
-            result = self._evaluate(speedup, dataclasses.replace(self.opts, symmetric=True), PROBE_LABEL, CLOSED_FORM,
+            result = self.evaluate(speedup, dataclasses.replace(self.opts, symmetric=True), PROBE_LABEL, CLOSED_FORM,
                                     plan, self.opts.spec.probe_solver)
             self.probed_plans[key] = result[0].value
         self.probes[speedup] = self.probed_plans[key]
@@ -365,7 +349,7 @@ class _Searcher:
             self.infeasible.add(speedup)
             return None
 
-    def _evaluate(self, speedup: float, opts: Options, label: str, schedule=PAPER_SCHEDULE, plan=None, solver=None):
+    def evaluate(self, speedup: float, opts: Options, label: str, schedule=PAPER_SCHEDULE, plan=None, solver=None):
         """Plan, solve (with ``solver`` in place of the method's), rewrite and measure at ``speedup``: the point, what was
         solved, the model and its held-out outputs (the answer's are its fidelity's); None when
         the plan is infeasible."""
