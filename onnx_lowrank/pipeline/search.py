@@ -149,7 +149,8 @@ class _Searcher:
             point = self._quick_run(start)
             if point is not None and point.met:
                 return self._confirm(self._beyond(point))
-        chosen = self._choose(*self._probe_bracket(start))
+        # With iterations, the first bracket only places the first quick run: to within 10 %.
+        chosen = self._choose(*self._probe_bracket(start, precision=METHOD_PRECISION if self.iterative else PRECISION))
         return None if chosen is None else self._confirm(chosen)
 
     def _choose(self, passing: float | None, failing: float | None) -> FrontierPoint | None:
@@ -266,7 +267,8 @@ class _Searcher:
             return None
         return faster
 
-    def _probe_bracket(self, start: float, scale: float = 1.0) -> tuple[float | None, float | None]:
+    def _probe_bracket(self, start: float, scale: float = 1.0,
+                       precision: float = PRECISION) -> tuple[float | None, float | None]:
         """The fastest probed speedup that meets the budget and the slowest faster one that does
         not; with ``scale``, a probe meets it when its loss times ``scale`` does. Starts from the
         probes already measured (at ``start`` when there are none), then brackets and bisects."""
@@ -283,7 +285,7 @@ class _Searcher:
         known = sorted(set(self.probes) | self.infeasible)
         passing = max((s for s in known if met(s)), default=None)
         failing = min((s for s in known if not met(s) and (passing is None or s > passing)), default=None)
-        speedup = start if passing is None and failing is None else next_probe(passing, failing, losses())
+        speedup = start if passing is None and failing is None else next_probe(passing, failing, losses(), precision)
         for _ in range(PROBES):
             if speedup is None:
                 break
@@ -292,7 +294,7 @@ class _Searcher:
                 passing = speedup
             else:
                 failing = speedup
-            speedup = next_probe(passing, failing, losses())
+            speedup = next_probe(passing, failing, losses(), precision)
         return passing, failing
 
     def _probe(self, speedup: float) -> None:
