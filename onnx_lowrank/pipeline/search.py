@@ -285,7 +285,7 @@ class _Searcher:
         known = sorted(set(self.probes) | self.infeasible)
         passing = max((s for s in known if met(s)), default=None)
         failing = min((s for s in known if not met(s) and (passing is None or s > passing)), default=None)
-        speedup = start if passing is None and failing is None else next_probe(passing, failing, losses(), precision)
+        speedup = start if passing is None and failing is None else next_probe(passing, failing, losses(), precision=precision)
         for _ in range(PROBES):
             if speedup is None:
                 break
@@ -294,7 +294,7 @@ class _Searcher:
                 passing = speedup
             else:
                 failing = speedup
-            speedup = next_probe(passing, failing, losses(), precision)
+            speedup = next_probe(passing, failing, losses(), precision=precision)
         return passing, failing
 
     def _probe(self, speedup: float) -> None:
