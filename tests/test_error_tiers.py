@@ -45,3 +45,25 @@ def test_a_fault_that_is_not_onnxruntime_refusing_the_model_is_not_turned_into_b
     monkeypatch.setattr(sessions.ort, "InferenceSession", broken)
     with pytest.raises(KeyError):
         make_session(conv_net([Layer(8)], size=(8, 8)))
+
+
+def test_a_sessions_weights_handed_over_as_arrays_compute_what_the_serialised_model_does() -> None:
+    import gc
+
+    import onnxruntime as ort
+
+    from onnx_lowrank.graph.io import weights_apart
+
+    model = conv_net([Layer(16), Layer(8)], size=(8, 8), classifier=5)
+    bias = next(t for t in model.graph.initializer if t.dims == [16])
+    model.graph.initializer.append(helper.make_tensor("unused_bf16", TensorProto.BFLOAT16, [600], [0] * 600))
+    light, arrays = weights_apart(model)
+    assert arrays and all(t.data_location == TensorProto.EXTERNAL for t in light.graph.initializer if t.name in arrays)
+    assert "unused_bf16" not in arrays and bias.name not in arrays  # a type numpy cannot hold; under 1 KiB
+    assert light.ByteSize() < model.ByteSize() / 4
+    x = np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    expected = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": x})
+    session = make_session(model)
+    del model, light, arrays
+    gc.collect()
+    np.testing.assert_array_equal(run(session, None, {"input": x})[0], expected[0])

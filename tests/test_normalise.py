@@ -132,3 +132,16 @@ def test_a_written_out_gelu_before_a_dense_layer_keeps_its_scalar_tail() -> None
     y = b.node("MatMul", [y, b.const("w2", b.rng.standard_normal((8, 4)))])
     model = model_of(b, y, ["N", 8], 2)
     assert [n.op_type for n in normalise(model).graph.node] == [n.op_type for n in model.graph.node]
+
+
+def test_a_model_with_nothing_to_fold_or_name_is_not_copied_and_one_with_an_unnamed_node_is() -> None:
+    from tests.builders import Layer, conv_net
+
+    model = conv_net([Layer(8), Layer(4)], size=(8, 8), classifier=3)
+    assert all(node.name for node in model.graph.node)
+    assert normalise(model) is model
+    model.graph.node[1].name = ""
+    named = normalise(model)
+    assert named is not model and all(node.name for node in named.graph.node)
+    x = np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    np.testing.assert_allclose(run_model(named, {"input": x})[0], run_model(model, {"input": x})[0], rtol=1e-6)

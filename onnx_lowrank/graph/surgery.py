@@ -107,16 +107,20 @@ def _names_read_by_subgraphs(node: onnx.NodeProto) -> set[str]:
     return names
 
 
-def name_all_nodes(graph: gs.Graph) -> None:
-    """Give every node a unique, non-empty name: the report and --skip refer to nodes by name."""
+def name_all_nodes(graph: gs.Graph) -> bool:
+    """Give every node a unique, non-empty name: the report and --skip refer to nodes by name.
+    Whether any node was renamed."""
     seen: set[str] = set()
+    renamed = False
     for index, node in enumerate(graph.nodes):
         base = node.name or f"{node.op}_{index}"
         name, suffix = base, 1
         while name in seen:
             name, suffix = f"{base}_{suffix}", suffix + 1
+        renamed |= name != node.name
         node.name = name
         seen.add(name)
+    return renamed
 
 
 def export_like(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:

@@ -19,7 +19,7 @@ import onnx
 import onnxruntime as ort
 
 from onnx_lowrank.errors import InternalError, ModelLoadError, ModelRunError, ProviderError
-from onnx_lowrank.graph.io import first_line, model_file, needs_file
+from onnx_lowrank.graph.io import first_line, model_file, needs_file, weights_apart
 from onnx_lowrank.runtime.calibration import InputSpec
 
 # What onnxruntime raises for a model or data it cannot take: its own exception classes, and the
@@ -91,9 +91,14 @@ def make_session(model: onnx.ModelProto | bytes | Path, *, optimize: bool = True
     try:
         if isinstance(model, Path):
             session = ort.InferenceSession(str(model), options, providers=providers)
-        elif isinstance(model, bytes) or not needs_file(model):
-            data = model if isinstance(model, bytes) else model.SerializeToString()
-            session = ort.InferenceSession(data, options, providers=providers)
+        elif isinstance(model, bytes):
+            session = ort.InferenceSession(model, options, providers=providers)
+        elif not needs_file(model):
+            light, arrays = weights_apart(model)
+            weights = [ort.OrtValue.ortvalue_from_numpy(values) for values in arrays.values()]
+            options.add_external_initializers(list(arrays), weights)
+            session = ort.InferenceSession(light.SerializeToString(), options, providers=providers)
+            session.weights_in_memory = weights  # onnxruntime may read them in place: they live as long as it
         else:
             with model_file(model) as path:  # onnxruntime has read the weights once the session exists
                 session = ort.InferenceSession(str(path), options, providers=providers)
