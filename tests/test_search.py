@@ -439,3 +439,19 @@ def test_where_the_predicted_full_run_misses_the_next_is_at_the_fastest_quick_ru
     made.predicted = 4.2
     answer = made._confirm(made.quick[3.0])
     assert evaluated == [4.2, 3.0] and answer[0].speedup_target == 3.0 and answer[0].met
+
+
+@pytest.mark.parametrize("met, missed, predicted", [(0.0995, 0.1004, None), (0.08, 0.12, (1.13, 2.0))])
+def test_between_a_quick_run_that_met_and_one_that_missed_the_full_run_goes_only_where_there_is_room(
+        met, missed, predicted) -> None:
+    """VGG-16 on its error floor met 0.1 at 1.13x by 0.0995 and missed it at 2x by 0.1004: any plan
+    between would meet it by chance, the full run goes where the quick run met."""
+    from onnx_lowrank.output.report import FrontierPoint
+
+    made = _planted_searcher(0.1, lambda s: 0.0, lambda s: 0.0)
+    made.quick = {1.13: FrontierPoint(1.13, 1.13, met, True, "q"), 2.0: FrontierPoint(2.0, 2.0, missed, False, "q")}
+    assert made._beyond(made.quick[1.13]) is made.quick[1.13]
+    if predicted is None:
+        assert made.predicted is None
+    else:  # the power law through them reaches 0.1 / (1 + QUICK_GAP) at 1.50x: a little below
+        assert predicted[0] < made.predicted < 1.50
