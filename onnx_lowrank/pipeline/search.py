@@ -225,7 +225,7 @@ class _Searcher:
         missed = self._missed_above(best)
         if missed is not None:
             losses = self._losses(best.value, self.quick[missed].value)
-            self.predicted = next_probe(best.speedup_target, missed, losses, precision=METHOD_PRECISION)
+            self.predicted = next_probe(best.speedup_target, missed, losses)
         return best
 
     def _quick_above(self, best: FrontierPoint, speedup: float | None) -> FrontierPoint:
