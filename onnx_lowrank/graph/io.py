@@ -248,16 +248,30 @@ def _reference(tensor: onnx.TensorProto, location: str, offset: int, length: int
     return reference
 
 
+def _names_read(graph: onnx.GraphProto) -> set[str]:
+    """Every name a node of ``graph`` or of its sub-graphs (If/Loop/Scan bodies) reads."""
+    names: set[str] = set()
+    for node in graph.node:
+        names.update(node.input)
+        for attribute in node.attribute:
+            for body in [attribute.g] * attribute.HasField("g") + list(attribute.graphs):
+                names |= _names_read(body)
+    return names
+
+
 def weights_apart(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
     """A light copy of ``model`` whose inline initializers of 1 KiB or more are external data at
     no location, and their values: onnxruntime takes those as arrays
     (``SessionOptions.add_external_initializers``) instead of serialising and parsing them with the
     graph (on a 528 MB VGG-16, a second or two per session, and a copy of the weights)."""
     arrays: dict[str, np.ndarray] = {}
+    read = _names_read(model.graph) | {value.name for value in model.graph.output}
 
     def place(tensor: onnx.TensorProto, values: np.ndarray) -> onnx.TensorProto:
-        # A type numpy stores as another (bfloat16 and friends) stays in the graph.
-        if values.dtype.kind not in "fiub" or onnx.helper.np_dtype_to_tensor_dtype(values.dtype) != tensor.data_type:
+        # A type numpy stores as another (bfloat16 and friends) stays in the graph, and so does a
+        # tensor nothing reads: onnxruntime drops it on load, then finds no tensor to hand it to.
+        if values.dtype.kind not in "fiub" or onnx.helper.np_dtype_to_tensor_dtype(values.dtype) != tensor.data_type \
+                or tensor.name not in read:
             return tensor
         arrays[tensor.name] = np.ascontiguousarray(values)
         return _reference(tensor, "in memory", 0, values.nbytes)
