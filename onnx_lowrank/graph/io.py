@@ -25,6 +25,9 @@ EXTERNAL_DATA_THRESHOLD = 2**31 - 2**26
 _INLINE_BYTES = 1024
 # Page-aligned offsets let onnxruntime map the data file instead of copying it.
 _ALIGNMENT = 4096
+# Initializers from this size go to onnxruntime sessions as arrays, not serialised with the graph
+# (``weights_apart``); smaller ones (shapes, indices, small biases) cost nothing to serialise.
+WEIGHT_BYTES = 64 * 2**10
 
 
 
@@ -260,8 +263,8 @@ def _names_read(graph: onnx.GraphProto) -> set[str]:
 
 
 def weights_apart(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
-    """A light copy of ``model`` whose inline initializers of 1 KiB or more are external data at
-    no location, and their values: onnxruntime takes those as arrays
+    """A light copy of ``model`` whose inline initializers of ``WEIGHT_BYTES`` or more are external
+    data at no location, and their values: onnxruntime takes those as arrays
     (``SessionOptions.add_external_initializers``) instead of serialising and parsing them with the
     graph (on a 528 MB VGG-16, a second or two per session, and a copy of the weights)."""
     arrays: dict[str, np.ndarray] = {}
@@ -271,7 +274,7 @@ def weights_apart(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, np
         # A type numpy stores as another (bfloat16 and friends) stays in the graph, and so does a
         # tensor nothing reads: onnxruntime drops it on load, then finds no tensor to hand it to.
         if values.dtype.kind not in "fiub" or onnx.helper.np_dtype_to_tensor_dtype(values.dtype) != tensor.data_type \
-                or tensor.name not in read:
+                or tensor.name not in read or values.nbytes < WEIGHT_BYTES:
             return tensor
         arrays[tensor.name] = np.ascontiguousarray(values)
         return _reference(tensor, "in memory", 0, values.nbytes)
