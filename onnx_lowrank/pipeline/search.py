@@ -15,11 +15,11 @@ each cheaper per plan than the next, so that the search costs a few fixed-speedu
    against the original's outputs, which are computed once; a plan probed before (same ranks) is
    not measured again. Methods without iterations are their own probes.
 2. *Quick runs of the method* (asymmetric by default, usually better than its symmetric probe),
-   with a fifth of the solver's schedule, at most two: at the fastest probe that met the budget,
+   with a fifth of the solver's schedule, two or three: at the fastest probe that met the budget,
    which measures the method's gain over its probe, then where the probes scaled by that gain
-   meet it (halfway down, twice, where the first missed). Where the first probe misses, the
-   method runs there first.
-3. *The method itself*, with the paper's schedule: first where its two quick runs say it meets
+   meet it (halfway down, twice, where the first missed); a third where the two predictions of
+   the next step disagree (``_beyond``). Where the first probe misses, the method runs there first.
+3. *The method itself*, with the paper's schedule: first where its quick runs say it meets
    the budget (their power law, or its probes scaled by its latest gain), then, should that
    miss, at the fastest plan whose quick run met (at the next slower one should it miss). Only
    a plan measured with the method itself is ever the answer, so the budget is met on held-out
