@@ -94,11 +94,11 @@ def make_session(model: onnx.ModelProto | bytes | Path, *, optimize: bool = True
         elif isinstance(model, bytes):
             session = ort.InferenceSession(model, options, providers=providers)
         elif not needs_file(model):
+            # onnxruntime copies them into the graph on load (OrtApi::AddExternalInitializers): the
+            # arrays go once the session exists, a copy of the weights less than a serialised model.
             light, arrays = weights_apart(model)
-            weights = [ort.OrtValue.ortvalue_from_numpy(values) for values in arrays.values()]
-            options.add_external_initializers(list(arrays), weights)
+            options.add_external_initializers(list(arrays), [ort.OrtValue.ortvalue_from_numpy(v) for v in arrays.values()])
             session = ort.InferenceSession(light.SerializeToString(), options, providers=providers)
-            session.weights_in_memory = weights  # onnxruntime may read them in place: they live as long as it
         else:
             with model_file(model) as path:  # onnxruntime has read the weights once the session exists
                 session = ort.InferenceSession(str(path), options, providers=providers)
