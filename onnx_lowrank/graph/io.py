@@ -251,14 +251,14 @@ def _reference(tensor: onnx.TensorProto, location: str, offset: int, length: int
     return reference
 
 
-def _names_read(graph: onnx.GraphProto) -> set[str]:
-    """Every name a node of ``graph`` or of its sub-graphs (If/Loop/Scan bodies) reads."""
+def names_read_by_subgraphs(node: onnx.NodeProto) -> set[str]:
+    """Outer-scope names that an If/Loop/Scan body may read."""
     names: set[str] = set()
-    for node in graph.node:
-        names.update(node.input)
-        for attribute in node.attribute:
-            for body in [attribute.g] * attribute.HasField("g") + list(attribute.graphs):
-                names |= _names_read(body)
+    for attr in node.attribute:
+        for graph in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+            for inner in graph.node:
+                names.update(inner.input)
+                names.update(names_read_by_subgraphs(inner))
     return names
 
 
@@ -268,7 +268,8 @@ def weights_apart(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, np
     (``SessionOptions.add_external_initializers``) instead of serialising and parsing them with the
     graph (on a 528 MB VGG-16, a second or two per session, and a copy of the weights)."""
     arrays: dict[str, np.ndarray] = {}
-    read = _names_read(model.graph) | {value.name for value in model.graph.output}
+    read = {name for node in model.graph.node for name in (*node.input, *names_read_by_subgraphs(node))} \
+        | {value.name for value in model.graph.output}
 
     def place(tensor: onnx.TensorProto, values: np.ndarray) -> onnx.TensorProto:
         # A type numpy stores as another (bfloat16 and friends) stays in the graph, and so does a

@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnx_lowrank.graph.io import stored_array
+from onnx_lowrank.graph.io import names_read_by_subgraphs, stored_array
 
 
 def constant_value(tensor: gs.Tensor | None) -> np.ndarray | None:
@@ -45,7 +45,7 @@ def prefix_model(model: onnx.ModelProto, outputs: list[str],
         if needed.intersection(node.output) and (given is None or not stop.issuperset(node.output)):
             kept.append(node)
             needed.update(name for name in node.input if name and name not in stop)
-            needed.update(_names_read_by_subgraphs(node) - stop)
+            needed.update(names_read_by_subgraphs(node) - stop)
     return _part_of(model, list(reversed(kept)), inputs,
                     [onnx.helper.make_empty_tensor_value_info(name) for name in outputs], needed)
 
@@ -75,7 +75,7 @@ def _split_at(model: onnx.ModelProto, node_name: str) -> tuple[int, list[str], s
     start = next(i for i, node in enumerate(nodes) if node.name == node_name)
     initializers = {init.name for init in model.graph.initializer}
     produced_before = {name for node in nodes[:start] for name in node.output} | {i.name for i in model.graph.input}
-    read_after = {name for node in nodes[start:] for name in (*node.input, *_names_read_by_subgraphs(node)) if name}
+    read_after = {name for node in nodes[start:] for name in (*node.input, *names_read_by_subgraphs(node)) if name}
     read_after |= {o.name for o in model.graph.output}
     return start, sorted((produced_before & read_after) - initializers), read_after
 
@@ -94,17 +94,6 @@ def _part_of(model: onnx.ModelProto, nodes, inputs, outputs, read: set[str]) -> 
     graph.initializer.extend(init for init in model.graph.initializer if init.name in read)
     graph.value_info.extend(info for info in model.graph.value_info if info.name in read)
     return part
-
-
-def _names_read_by_subgraphs(node: onnx.NodeProto) -> set[str]:
-    """Outer-scope names that an If/Loop/Scan body may read."""
-    names: set[str] = set()
-    for attr in node.attribute:
-        for graph in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-            for inner in graph.node:
-                names.update(inner.input)
-                names.update(_names_read_by_subgraphs(inner))
-    return names
 
 
 def name_all_nodes(graph: gs.Graph) -> bool:
