@@ -432,9 +432,10 @@ def test_a_3d_convs_split_from_a_higher_ranks_basis_is_its_split_run_directly() 
     unit = analysis.units[1]
 
     def split_outputs(rank: int, cache: dict | None):
-        return _split_outputs(analysis.normalised, [unit], {unit.name: spatial_pair(unit, rank, cache)},
-                              analysis.collect, analysis.shapes, Solved(timings={"collect_asymmetric": 0.0}),
-                              cache)[unit.name]
+        split = spatial_pair(unit, rank, cache)
+        output = _split_outputs(analysis.normalised, [unit], {unit.name: split}, analysis.collect, analysis.shapes,
+                                Solved(timings={"collect_asymmetric": 0.0}), cache)[unit.name]
+        return output if cache is None else output.output(split[1])  # with a cache, the basis
 
     cache = {}
     split_outputs(20, cache)

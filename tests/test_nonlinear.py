@@ -170,3 +170,28 @@ def test_an_input_without_variance_still_gets_factors_of_the_rank_asked() -> Non
     fit = fit_nonlinear(y_hat, y, 2).factors
     assert fit.P.shape == (6, 2) and np.all(np.isfinite(fit.Q)) and np.all(np.isfinite(fit.bias))
     np.testing.assert_allclose(fit.apply(y_hat), np.broadcast_to(fit.apply(y_hat)[0], (50, 6)), atol=1e-6)
+
+
+def test_the_closed_form_from_moments_is_the_one_from_samples_and_the_least_squares_optimum() -> None:
+    """Planted: y = relu(M x + b) with M of rank 4; the input x-hat a distorted x. The closed form
+    from the input's mean, scatter and cross-moment is fit_nonlinear's closed form from the
+    samples, and (independently) the rank-4 least-squares fit of y on x-hat, which the
+    reduced-rank regression is: no rank-4 map does better."""
+    from onnx_lowrank.solvers.nonlinear import closed_form_from_moments
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((3000, 12)) @ rng.standard_normal((12, 12))
+    y_hat = (x + 0.1 * rng.standard_normal(x.shape)).astype(np.float32)
+    y = np.maximum(x @ (rng.standard_normal((12, 4)) @ rng.standard_normal((4, 12))) + 0.3, 0).astype(np.float32)
+    centred = y_hat.astype(np.float64) - y_hat.mean(axis=0)
+    moments = (y_hat.mean(axis=0, dtype=np.float64), centred.T @ centred, y.mean(axis=0, dtype=np.float64),
+               y.astype(np.float64).T @ centred)
+    fit = closed_form_from_moments(*moments, 4)
+    samples = fit_nonlinear(y_hat, y, 4, schedule=()).factors
+    np.testing.assert_allclose(fit.apply(y_hat), samples.apply(y_hat), rtol=1e-4, atol=1e-4)
+    error = np.linalg.norm(fit.apply(y_hat) - y)
+    for _ in range(20):  # random rank-4 maps with least-squares offsets do no better
+        M = rng.standard_normal((12, 4)) @ rng.standard_normal((4, 12))
+        prediction = y_hat @ M.T
+        prediction += (y - prediction).mean(axis=0)
+        assert error <= np.linalg.norm(prediction - y) + 1e-6

@@ -174,6 +174,28 @@ def test_a_3d_probe_runs_the_network_once_and_a_plan_at_known_or_lower_ranks_not
     assert len(runs) == 1
 
 
+def test_a_3d_probes_chains_from_the_bases_moments_are_those_solved_from_the_split_outputs(model, data) -> None:
+    """Without a cache the split layers' outputs come from their own run and the closed form from
+    the samples; a probe's, from the kept bases' moments: the same chains, and the same errors."""
+    from onnx_lowrank.methods.chains import CLOSED_FORM
+    from onnx_lowrank.pipeline.compress import solve
+    from onnx_lowrank.pipeline.plan import plan_for
+
+    cache = {}
+    analysis, plan, opts = _analysed(model, data)
+    solve(analysis, plan, opts, schedule=CLOSED_FORM, cache=cache)  # bases at these ranks
+    for speedup in (3.0, 4.0):  # the bases' own ranks, then lower ones (nested in them)
+        analysis_alone, plan, opts = _analysed(model, data, speedup=speedup)
+        from_samples = solve(analysis_alone, plan, opts, schedule=CLOSED_FORM, cache=None)
+        from_moments = solve(analysis, plan_for(analysis, opts), opts, schedule=CLOSED_FORM, cache=cache)
+        assert plan.spatial_ranks
+        for name, chain in from_samples.chains.items():
+            for node, other in zip(chain, from_moments.chains[name]):
+                scale = np.abs(node.weight).max()
+                np.testing.assert_allclose(other.weight, node.weight, atol=2e-3 * scale)
+            assert from_moments.errors[name] == pytest.approx(from_samples.errors[name], rel=1e-3, abs=1e-5)
+
+
 def test_a_3d_search_runs_the_network_for_its_probes_splits_once(model, data, monkeypatch) -> None:
     """The first probe's network run keeps the bases of every plan the bracket can still probe
     (``methods.split_basis``): six and more probes, up and down from it, run none of their own."""
@@ -234,8 +256,10 @@ def test_the_split_layers_outputs_from_one_run_are_those_of_their_own_sub_graphs
 
     def split_outputs(rank: int, cache: dict | None) -> dict:
         pairs = {u.name: spatial_pair(u, rank) for u in units}
-        return _split_outputs(analysis.normalised, units, pairs, analysis.collect, analysis.shapes,
-                              Solved(timings={"collect_asymmetric": 0.0}), cache)
+        outputs = _split_outputs(analysis.normalised, units, pairs, analysis.collect, analysis.shapes,
+                                 Solved(timings={"collect_asymmetric": 0.0}), cache)
+        # with a cache, the bases: a split's output is their product with its horizontal conv
+        return {name: value if cache is None else value.output(pairs[name][1]) for name, value in outputs.items()}
 
     cache = {} if from_basis else None
     if from_basis:

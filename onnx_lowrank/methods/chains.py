@@ -18,13 +18,13 @@ from onnx_lowrank.graph.rewrite import (
 from onnx_lowrank.graph.units import Unit
 from onnx_lowrank.methods.carried import CarriedCut, CutSizes
 from onnx_lowrank.methods.split_basis import KEY as BASIS
-from onnx_lowrank.methods.split_basis import beside_outputs, collect_bases, lacking, spatial_pair
+from onnx_lowrank.methods.split_basis import SplitBasis, beside_outputs, collect_bases, lacking, spatial_pair
 from onnx_lowrank.planning.plans import ArchitecturePlan
 from onnx_lowrank.registry import Solver
 from onnx_lowrank.solvers import LowRankFactors, ResponseStats, fit_pca
 from onnx_lowrank.solvers.activations import apply_activation, relative_error
 from onnx_lowrank.solvers.grouped import fit_per_group, part_stats
-from onnx_lowrank.solvers.nonlinear import PAPER_SCHEDULE, fit_nonlinear
+from onnx_lowrank.solvers.nonlinear import PAPER_SCHEDULE, closed_form_from_moments, fit_nonlinear
 from onnx_lowrank.solvers.weights import (
     tucker2,
     weight_svd,
@@ -114,9 +114,8 @@ def solve_layers(solver: Solver, asymmetric, normalised, chosen, plan: Architect
         if asymmetric and solver is not Solver.PCA:
             y_hat = _refitted_input(unit, y, carried, solved, spatial, shapes)
         clock = time.perf_counter()
-        factors, solved.iterations[unit.name] = _solve(solver, unit, stats[unit.name], y_hat, y, plan.ranks[unit.name],
-                                                       schedule)
-        solved.errors[unit.name] = _response_error(unit, factors, y_hat, y)
+        factors, solved.iterations[unit.name], solved.errors[unit.name] = _fit(
+            solver, unit, stats[unit.name], y_hat, y, spatial, plan.ranks[unit.name], schedule)
         if spatial is None:
             solved.chains[unit.name] = channel_chain(unit, factors.P, factors.Q, factors.bias)
         else:
@@ -132,11 +131,11 @@ def solve_layers(solver: Solver, asymmetric, normalised, chosen, plan: Architect
 
 
 def _split_outputs(normalised, units: list[Unit], pairs: dict[str, list[NodeSpec]], collect, shapes,
-                   solved: Solved, cache: dict | None) -> dict[str, np.ndarray]:
+                   solved: Solved, cache: dict | None) -> dict[str, np.ndarray | SplitBasis]:
     """Each spatially split layer's output on the original network's inputs (the symmetric 3d
     solve), sampled as the layer's own responses, from one run of the network with every split
     beside its layer rather than one sub-graph run per layer. With a ``cache`` (a search's
-    probes), from the layers' bases kept in it (``methods.split_basis``): the network runs only
+    probes), the layers' bases kept in it instead (``methods.split_basis``): the network runs only
     for layers without one of a high enough rank."""
     if not pairs:
         return {}
@@ -148,7 +147,7 @@ def _split_outputs(normalised, units: list[Unit], pairs: dict[str, list[NodeSpec
     else:
         if missing:
             collect_bases(normalised, missing, {u.name: u.output for u in units}, collect, cache)
-        split_outputs = {name: cache[(BASIS, name)].output(split[1]) for name, split in pairs.items()}
+        split_outputs = {name: cache[(BASIS, name)] for name in pairs}  # their products as the solve needs them
     if missing:
         solved.prefix_macs += sum(shape.macs for shape in shapes.values())
     solved.timings["collect_asymmetric"] += time.perf_counter() - clock
@@ -169,14 +168,26 @@ def _refitted_input(unit: Unit, y: np.ndarray, carried: CarriedCut, solved: Solv
     return y
 
 
+def _fit(solver: Solver, unit: Unit, stats: ResponseStats, y_hat: np.ndarray | SplitBasis, y: np.ndarray, spatial,
+         rank: int, schedule) -> tuple[LowRankFactors, list[int] | None, float]:
+    """The layer's factors (``_solve``), iterations and reported error; a 3d probe's closed form
+    (``y_hat`` a split layer's basis) from the basis's moments, without its product with every sample."""
+    rows = slice(None, None, -(-len(y) // ERROR_SAMPLES))  # the reported error's samples
+    if isinstance(y_hat, SplitBasis) and schedule == CLOSED_FORM:
+        factors = closed_form_from_moments(*y_hat.output_moments(spatial[1], y), rank)
+        return factors, [], _response_error(unit, factors, y_hat.output(spatial[1], rows), y[rows])
+    y_hat = y_hat.output(spatial[1]) if isinstance(y_hat, SplitBasis) else y_hat
+    factors, iterations = _solve(solver, unit, stats, y_hat, y, rank, schedule)
+    return factors, iterations, _response_error(unit, factors, y_hat[rows], y[rows])
+
+
 def _response_error(unit: Unit, factors: LowRankFactors, y_hat: np.ndarray, y: np.ndarray) -> float:
-    """The relative error of the layer's responses after its activation, on evenly spaced
-    samples, ``ERROR_SAMPLES`` at most: a figure for the report, at a fraction of the solve's
-    cost where a layer has tens of thousands of samples."""
-    rows = slice(None, None, -(-len(y) // ERROR_SAMPLES))
+    """The relative error of the layer's responses after its activation, on the samples given
+    (evenly spaced, ``ERROR_SAMPLES`` at most: a figure for the report, at a fraction of the
+    solve's cost where a layer has tens of thousands of samples)."""
     act = unit.activation
-    return relative_error(apply_activation(act.kind, act.params, y[rows]),
-                          apply_activation(act.kind, act.params, factors.apply(y_hat[rows])))
+    return relative_error(apply_activation(act.kind, act.params, y),
+                          apply_activation(act.kind, act.params, factors.apply(y_hat)))
 
 
 def _solve(solver: Solver, unit: Unit, stats: ResponseStats, y_hat: np.ndarray, y: np.ndarray,

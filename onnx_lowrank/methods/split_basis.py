@@ -11,7 +11,7 @@ the run covered runs no network."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -45,14 +45,38 @@ class SplitBasis:
 
     rank: int
     values: np.ndarray
+    _moments: tuple | None = field(default=None, repr=False, compare=False)  # once, by output_moments
 
-    def output(self, horizontal: NodeSpec) -> np.ndarray:
-        """The split's output at the samples, for the ``horizontal`` conv of a split of rank at
-        most ``rank``."""
-        weight = horizontal.weight
-        width = weight.shape[1] * math.prod(weight.shape[2:])
-        out = self.values[:, :width] @ weight.reshape(weight.shape[0], width).T.astype(np.float32)
+    def output(self, horizontal: NodeSpec, rows: slice = slice(None)) -> np.ndarray:
+        """The split's output at the samples (``rows`` of them), for the ``horizontal`` conv of a
+        split of rank at most ``rank``."""
+        matrix = _matrix(horizontal)
+        out = self.values[rows, :matrix.shape[1]] @ matrix.T.astype(np.float32)
         return out if horizontal.bias is None else out + horizontal.bias.astype(np.float32)
+
+    def output_moments(self, horizontal: NodeSpec, responses: np.ndarray) -> tuple[np.ndarray, ...]:
+        """The split's output's mean and scatter, the mean of ``responses`` (the layer's own, always
+        the same) and their cross-moment with the output, from the basis's, computed once: a
+        probe's closed form without a product with every sample
+        (``solvers.nonlinear.closed_form_from_moments``)."""
+        if self._moments is None:
+            mean = self.values.mean(axis=0, dtype=np.float64)
+            centred = self.values - mean.astype(np.float32)
+            wide = centred.astype(np.float64)  # as the samples' own scatter: float64 keeps it positive semi-definite
+            self._moments = (mean, wide.T @ wide, responses.mean(axis=0, dtype=np.float64),
+                             (responses.T @ centred).astype(np.float64))
+        mean, gram, target_mean, cross = self._moments
+        matrix = _matrix(horizontal).astype(np.float64)
+        width = matrix.shape[1]
+        bias = np.zeros(len(matrix)) if horizontal.bias is None else horizontal.bias.astype(np.float64)
+        return (matrix @ mean[:width] + bias, matrix @ gram[:width, :width] @ matrix.T, target_mean,
+                cross[:, :width] @ matrix.T)
+
+
+def _matrix(horizontal: NodeSpec) -> np.ndarray:
+    """The horizontal conv's weight as ``d x (rank * taps)``, tap-minor like a basis's values."""
+    weight = horizontal.weight
+    return weight.reshape(weight.shape[0], weight.shape[1] * math.prod(weight.shape[2:]))
 
 
 def tap_chain(split: list[NodeSpec]) -> list[NodeSpec]:

@@ -69,6 +69,19 @@ class _CentredFit:
     offset: np.ndarray
 
 
+def closed_form_from_moments(input_mean: np.ndarray, input_scatter: np.ndarray, target_mean: np.ndarray,
+                             cross: np.ndarray, rank: int) -> LowRankFactors:
+    """:func:`fit_nonlinear`'s closed-form start (the reduced-rank regression of Eq. 12, no
+    iterations) from moments instead of samples: the input's mean and scatter ``Yc-hat^T Yc-hat``
+    and the cross-moment ``Y^T Yc-hat`` (d x d-hat). Where the input is linear in something
+    smaller (a split layer's output in its basis), these cost far less than the samples' products."""
+    rank = validate_rank(rank, len(target_mean))
+    regression = ReducedRankRegression(np.asarray(input_scatter, dtype=np.float64))
+    P, whitened_q = regression.solve_whitened(np.asarray(cross, dtype=np.float64) @ regression.transform, rank)
+    Q = regression.transform @ whitened_q
+    return LowRankFactors(P, Q, np.asarray(target_mean, dtype=np.float64) - P @ (Q.T @ input_mean))
+
+
 def linear_fit(y_hat: np.ndarray, y: np.ndarray, rank: int) -> LowRankFactors:
     """Asymmetric linear solution ``min ||(y - ybar) - M (yhat - yhatbar)||`` (PCA when ``yhat = y``)."""
     y_hat, y = _validated_pair(y_hat, y)
