@@ -145,3 +145,16 @@ def test_a_model_with_nothing_to_fold_or_name_is_not_copied_and_one_with_an_unna
     assert named is not model and all(node.name for node in named.graph.node)
     x = np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)
     np.testing.assert_allclose(run_model(named, {"input": x})[0], run_model(model, {"input": x})[0], rtol=1e-6)
+
+
+def test_nodes_named_in_place_get_the_names_normalise_gives_them(tmp_path) -> None:
+    from onnx_lowrank.graph.surgery import name_nodes_in_place
+    from tests.builders import Layer, conv_net
+
+    model = conv_net([Layer(8), Layer(4)], size=(8, 8), classifier=3)
+    model.graph.node[1].name = ""
+    model.graph.node[3].name = model.graph.node[2].name  # a duplicate
+    expected = [node.name for node in normalise(model).graph.node]
+    name_nodes_in_place(model)
+    assert [node.name for node in model.graph.node] == expected and len(set(expected)) == len(expected)
+    assert normalise(model) is model  # named, nothing to fold: no copy

@@ -99,17 +99,33 @@ def _part_of(model: onnx.ModelProto, nodes, inputs, outputs, read: set[str]) -> 
 def name_all_nodes(graph: gs.Graph) -> bool:
     """Give every node a unique, non-empty name: the report and --skip refer to nodes by name.
     Whether any node was renamed."""
+    names = unique_names([(node.name, node.op) for node in graph.nodes])
+    renamed = any(name != node.name for name, node in zip(names, graph.nodes))
+    for name, node in zip(names, graph.nodes):
+        node.name = name
+    return renamed
+
+
+def name_nodes_in_place(model: onnx.ModelProto) -> None:
+    """``name_all_nodes``'s names, given to a model's own nodes: for a model this tool loaded
+    itself, so that normalising it copies nothing where there is nothing to fold."""
+    for name, node in zip(unique_names([(node.name, node.op_type) for node in model.graph.node]), model.graph.node):
+        node.name = name
+
+
+def unique_names(nodes: list[tuple[str, str]]) -> list[str]:
+    """For (name, op) of each node in order: its name, or ``op_index`` where it has none, made
+    unique with a suffix."""
     seen: set[str] = set()
-    renamed = False
-    for index, node in enumerate(graph.nodes):
-        base = node.name or f"{node.op}_{index}"
+    names = []
+    for index, (given, op) in enumerate(nodes):
+        base = given or f"{op}_{index}"
         name, suffix = base, 1
         while name in seen:
             name, suffix = f"{base}_{suffix}", suffix + 1
-        renamed |= name != node.name
-        node.name = name
         seen.add(name)
-    return renamed
+        names.append(name)
+    return names
 
 
 def export_like(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:

@@ -17,6 +17,7 @@ from onnx_lowrank.errors import CalibrationError, InvalidOptionError
 from onnx_lowrank.graph.io import WeightStore, is_large, load_model, model_path
 from onnx_lowrank.graph.normalise import normalise
 from onnx_lowrank.graph.selection import select_units
+from onnx_lowrank.graph.surgery import name_nodes_in_place
 from onnx_lowrank.graph.units import Unit, find_units
 from onnx_lowrank.measure.context import Measuring, NullProgress, ProgressSink, Run
 from onnx_lowrank.measure.latency import LayerLatency, nchwc_block
@@ -101,9 +102,7 @@ def analyse(model, opts: Options, calibration: CalibrationSource = None, evaluat
         run.warn(mixed)
     # Bad input shows up here; it is told in one line, without stage lines before it.
     with run.stage("analyse", "loading and analysing the model", logging.DEBUG):
-        original = load_model(model)
-        # Sessions of the original read the user's file where there is one: no second copy in memory.
-        reference = model_path(model) if isinstance(model, (str, os.PathLike)) else original
+        original, reference = _loaded(model)
         normalised = normalise(original)
         del original
         store = WeightStore() if is_large(normalised) else None
@@ -148,6 +147,16 @@ def analyse(model, opts: Options, calibration: CalibrationSource = None, evaluat
     return Analysis(model, reference, normalised, store, units, channel_only_names, inputs, data, shapes,
                     candidates, fixed, collect, stats, responses, samples, run, progress,
                     latency_cache=latency_cache, cuts=CutSizes(cut_bytes, opts.sample_memory_mb * 2**20 // 2))
+
+
+def _loaded(model) -> tuple[onnx.ModelProto, "onnx.ModelProto | os.PathLike"]:
+    """The model, and what sessions of the original read: the user's file where there is one (no
+    second copy in memory). A proto of our own is named in place (``graph.surgery``), so that
+    normalising it copies nothing where there is nothing to fold (553 MB on VGG-16)."""
+    original = load_model(model)
+    if not isinstance(model, onnx.ModelProto):
+        name_nodes_in_place(original)
+    return original, (model_path(model) if isinstance(model, (str, os.PathLike)) else original)
 
 
 def _open_data(calibration, evaluation, preprocess, inputs, opts: Options, run: Run) -> DataSplit:
