@@ -49,6 +49,13 @@ class _CentredInput:
         del wide
         self.values = centred @ self.regression.transform.astype(np.float32)
 
+    @classmethod
+    def of_moments(cls, mean: np.ndarray, scatter: np.ndarray) -> "_CentredInput":
+        """From the input's mean and scatter alone: the regression, without ``values``."""
+        inputs = cls.__new__(cls)
+        inputs.mean, inputs.regression, inputs.values = mean, ReducedRankRegression(scatter), None
+        return inputs
+
     def regress(self, target_mean: np.ndarray, cross: np.ndarray, rank: int) -> "_CentredFit":
         """Rank-``rank`` fit of a target with column means ``target_mean`` and ``cross = Z^T W``
         (``W`` has zero column sums, so centring ``Z`` would not change it)."""
@@ -76,10 +83,10 @@ def closed_form_from_moments(input_mean: np.ndarray, input_scatter: np.ndarray, 
     and the cross-moment ``Y^T Yc-hat`` (d x d-hat). Where the input is linear in something
     smaller (a split layer's output in its basis), these cost far less than the samples' products."""
     rank = validate_rank(rank, len(target_mean))
-    regression = ReducedRankRegression(np.asarray(input_scatter, dtype=np.float64))
-    P, whitened_q = regression.solve_whitened(np.asarray(cross, dtype=np.float64) @ regression.transform, rank)
-    Q = regression.transform @ whitened_q
-    return LowRankFactors(P, Q, np.asarray(target_mean, dtype=np.float64) - P @ (Q.T @ input_mean))
+    inputs = _CentredInput.of_moments(np.asarray(input_mean, dtype=np.float64),
+                                      np.asarray(input_scatter, dtype=np.float64))
+    whitened_cross = np.asarray(cross, dtype=np.float64) @ inputs.regression.transform  # Y^T W, as _gram gives it
+    return inputs.factors(inputs.regress(np.asarray(target_mean, dtype=np.float64), whitened_cross, rank))
 
 
 def linear_fit(y_hat: np.ndarray, y: np.ndarray, rank: int) -> LowRankFactors:
