@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from onnx_lowrank.graph.normalise import normalise
 from onnx_lowrank.graph.rewrite import (
+    beside_units,
     channel_chain,
     channel_decomposition,
     replace_units,
     spatial_decomposition,
     tucker2_decomposition,
+    whole_layer,
 )
 from onnx_lowrank.graph.surgery import prefix_model
 from onnx_lowrank.graph.units import find_units
@@ -102,6 +108,30 @@ def test_spatial_and_tucker2_chains_split_strides_pads_and_dilations_exactly(nam
     assert actual.shape == expected.shape
     assert relative_error(expected, actual) < 1e-4
     assert op_count(rewritten, "Conv") == op_count(model, "Conv") + len(units) * (1 if scheme == "spatial" else 2)
+
+
+def test_reading_or_rewriting_a_model_keeps_no_copy_of_its_weights_once_done(monkeypatch) -> None:
+    """graphsurgeon graphs are reference cycles: without the collector (which a run may not call
+    for several stages), every weight a graph loaded stays as long as the graph would. Only the
+    arrays the units hold may outlive the calls."""
+    loaded = []
+    load = LazyValues.load
+    monkeypatch.setattr(LazyValues, "load", lambda self: (array := load(self), loaded.append(weakref.ref(array)))[0])
+    model = conv_net([Layer(8, bn=True), Layer(16), Layer(8)], classifier=4)
+    gc.collect()
+    gc.disable()
+    try:
+        normalised = normalise(model)
+        units = find_units(normalised)
+        held = {id(value) for unit in units for value in (unit.weight, unit.bias, unit.bias_after) if value is not None}
+        decomposable = [u for u in units if u.decomposable]
+        replace_units(normalised, {u.name: whole_layer(u) for u in decomposable})
+        beside_units(normalised, {u.name: whole_layer(u) for u in decomposable})
+        alive = [ref() for ref in loaded if ref() is not None]
+    finally:
+        gc.enable()
+    assert len(loaded) > len(held) > 0
+    assert [array.shape for array in alive if id(array) not in held] == []
 
 
 def test_spatial_split_gives_each_conv_its_own_axis() -> None:

@@ -19,7 +19,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnx_lowrank.errors import ModelLoadError
-from onnx_lowrank.graph.surgery import constant_value, export_like, name_all_nodes, sole_consumer
+from onnx_lowrank.graph.surgery import constant_value, export_like, imported, name_all_nodes, sole_consumer
 from onnx_lowrank.graph.written_out import ELEMENTWISE_OPS
 
 QUANTIZED_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger",
@@ -29,21 +29,21 @@ _AFFINE_OPS = ("Mul", "Add", "Sub", "Div")
 
 def normalise(model: onnx.ModelProto) -> onnx.ModelProto:
     refuse_quantized_or_half(model)
-    graph = gs.import_onnx(model)
-    changed = name_all_nodes(graph)
-    for node in [n for n in graph.nodes if n.op in ("Conv", "Gemm", "MatMul")]:
-        layer = _Affine.of(graph, node)
-        if layer is None:
-            continue
-        while _fold_before(graph, layer):
-            pass
-        while _fold_after(graph, layer):
-            pass
-        if layer.changed:
-            layer.write(graph)
-            changed = True
-    # Nothing to fold or name: the model itself (exporting copies every weight: 2.5 s on VGG-16).
-    return export_like(graph, model) if changed else model
+    with imported(model) as graph:
+        changed = name_all_nodes(graph)
+        for node in [n for n in graph.nodes if n.op in ("Conv", "Gemm", "MatMul")]:
+            layer = _Affine.of(graph, node)
+            if layer is None:
+                continue
+            while _fold_before(graph, layer):
+                pass
+            while _fold_after(graph, layer):
+                pass
+            if layer.changed:
+                layer.write(graph)
+                changed = True
+        # Nothing to fold or name: the model itself (exporting copies every weight: 2.5 s on VGG-16).
+        return export_like(graph, model) if changed else model
 
 
 @dataclass

@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnx_lowrank.graph.surgery import export_like
+from onnx_lowrank.graph.surgery import export_like, imported
 
 
 @dataclass(frozen=True)
@@ -156,28 +156,28 @@ def tucker2_decomposition(attrs: dict, first: np.ndarray, core: np.ndarray, last
 def replace_units(model: onnx.ModelProto, chains: dict[str, list[NodeSpec]]) -> onnx.ModelProto:
     """Return a copy of ``model`` with each named node replaced by its chain (names kept readable);
     the chain reads the node's first input and writes its output."""
-    graph = gs.import_onnx(model)
-    taken = {n.name for n in graph.nodes} | set(graph.tensors())
-    for node in [n for n in graph.nodes if n.name in chains]:
-        output = node.outputs[0]
-        node.outputs.clear()
-        _append_chain(graph, node.name, node.inputs[0], output, chains[node.name], taken)
-    return export_like(graph, model)
+    with imported(model) as graph:
+        taken = {n.name for n in graph.nodes} | set(graph.tensors())
+        for node in [n for n in graph.nodes if n.name in chains]:
+            output = node.outputs[0]
+            node.outputs.clear()
+            _append_chain(graph, node.name, node.inputs[0], output, chains[node.name], taken)
+        return export_like(graph, model)
 
 
 def beside_units(model: onnx.ModelProto, chains: dict[str, list[NodeSpec]]) -> tuple[onnx.ModelProto, dict[str, str]]:
     """A copy of ``model`` where each named node keeps its place and its chain runs beside it, from
     the same input; and the tensor each chain writes, by node name. One run of it gives every
     chain's output on the original network's inputs."""
-    graph = gs.import_onnx(model)
-    taken = {n.name for n in graph.nodes} | set(graph.tensors())
-    written = {}
-    for node in [n for n in graph.nodes if n.name in chains]:
-        output = gs.Variable(_unique(f"{node.name}_beside", taken), dtype=node.outputs[0].dtype)
-        _append_chain(graph, f"{node.name}_beside", node.inputs[0], output, chains[node.name], taken)
-        written[node.name] = output.name
-        graph.outputs.append(output)
-    return export_like(graph, model), written
+    with imported(model) as graph:
+        taken = {n.name for n in graph.nodes} | set(graph.tensors())
+        written = {}
+        for node in [n for n in graph.nodes if n.name in chains]:
+            output = gs.Variable(_unique(f"{node.name}_beside", taken), dtype=node.outputs[0].dtype)
+            _append_chain(graph, f"{node.name}_beside", node.inputs[0], output, chains[node.name], taken)
+            written[node.name] = output.name
+            graph.outputs.append(output)
+        return export_like(graph, model), written
 
 
 def _append_chain(graph: gs.Graph, stem_base: str, current: gs.Tensor, output: gs.Tensor, chain: list[NodeSpec],

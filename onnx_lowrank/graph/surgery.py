@@ -2,11 +2,35 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
 from onnx_lowrank.graph.io import names_read_by_subgraphs, stored_array
+
+
+@contextmanager
+def imported(model: onnx.ModelProto) -> Iterator[gs.Graph]:
+    """``model`` as a graphsurgeon graph, whose constants' arrays (loaded as read) are dropped as
+    the block ends. A graph's nodes and tensors refer to each other, so it outlives its last use
+    until the collector's next whole pass, and with it every array it loaded, a copy of the
+    weights (VGG-16 224: 1.3 GB more at the run's peak); a pass at every import would cost 25 ms
+    each (a second of a demo search). The arrays kept elsewhere (a unit's weight) stay."""
+    graph = gs.import_onnx(model)
+    before = _constants(graph)  # with those a fold or a clean-up takes out of the graph
+    try:
+        yield graph
+    finally:
+        for tensor in {**before, **_constants(graph)}.values():
+            tensor.values = None
+
+
+def _constants(graph: gs.Graph) -> dict[int, gs.Constant]:
+    return {id(tensor): tensor for part in (graph, *graph.subgraphs(recursive=True))
+            for tensor in part.tensors().values() if isinstance(tensor, gs.Constant)}
 
 
 def constant_value(tensor: gs.Tensor | None) -> np.ndarray | None:

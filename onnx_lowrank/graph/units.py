@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnx_lowrank.graph.surgery import constant_value, sole_consumer
+from onnx_lowrank.graph.surgery import constant_value, imported, sole_consumer
 from onnx_lowrank.graph.written_out import written_out_activation
 
 
@@ -69,24 +69,24 @@ LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 def find_units(model: onnx.ModelProto) -> list[Unit]:
     """Every linear layer in topological order; the decomposable ones carry their weights and
     activation. A MatMul of two computed tensors (attention) is listed with the reason it stays."""
-    graph = gs.import_onnx(model)
-    graph.toposort()
-    units, tensors = [], graph.tensors()
-    for node in graph.nodes:
-        if node.op not in LAYER_OPS:
-            continue
-        unit = _dense_unit(graph, node) if node.op in ("Gemm", "MatMul") else _conv_unit(node)
-        if unit.decomposable and not np.issubdtype(unit.weight.dtype, np.floating):
-            unit.skipped_reason = f"weights are {unit.weight.dtype}, not floating point"
-        if unit.decomposable and unit.kind == "dense" and _is_output_head(graph, tensors[unit.output]):
-            unit.skipped_reason = OUTPUT_HEAD_REASON
-        if unit.decomposable:
-            unit.activation = _activation_after(graph, tensors[unit.output])
-        else:
-            unit.weight = unit.bias = unit.bias_after = None
-        units.append(unit)
-    units.extend(_subgraph_units(graph))
-    return units
+    with imported(model) as graph:
+        graph.toposort()
+        units, tensors = [], graph.tensors()
+        for node in graph.nodes:
+            if node.op not in LAYER_OPS:
+                continue
+            unit = _dense_unit(graph, node) if node.op in ("Gemm", "MatMul") else _conv_unit(node)
+            if unit.decomposable and not np.issubdtype(unit.weight.dtype, np.floating):
+                unit.skipped_reason = f"weights are {unit.weight.dtype}, not floating point"
+            if unit.decomposable and unit.kind == "dense" and _is_output_head(graph, tensors[unit.output]):
+                unit.skipped_reason = OUTPUT_HEAD_REASON
+            if unit.decomposable:
+                unit.activation = _activation_after(graph, tensors[unit.output])
+            else:
+                unit.weight = unit.bias = unit.bias_after = None
+            units.append(unit)
+        units.extend(_subgraph_units(graph))
+        return units
 
 
 OUTPUT_HEAD_REASON = ("output layer (a dense head): left alone, as the first conv is; energy selection "

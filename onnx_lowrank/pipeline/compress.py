@@ -9,7 +9,6 @@ CLI is a thin layer over both.
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
 
@@ -142,7 +141,6 @@ def rewrite(analysis: Analysis, solved: Solved, level: int = logging.INFO) -> on
         optimized = replace_units(analysis.normalised, solved.chains)
         if analysis.store is not None:
             optimized = analysis.store.keep(optimized)
-        gc.collect()  # graphsurgeon graphs are reference cycles that hold the factors' arrays
         _check_rewritten(optimized)
     return optimized
 

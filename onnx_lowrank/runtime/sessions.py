@@ -70,12 +70,14 @@ def provider_available(provider: str) -> bool:
 
 
 def make_session(model: onnx.ModelProto | bytes | Path, *, optimize: bool = True, threads: int = 0,
-                 provider: str = "cpu", profile_prefix: str | None = None, produced: bool = False
-                 ) -> ort.InferenceSession:
+                 provider: str = "cpu", profile_prefix: str | None = None, produced: bool = False,
+                 prepack: bool = True) -> ort.InferenceSession:
     """A session of ``model``: a model file as it is (external data and all), a model too large for
     one protobuf through a file with external data (see ``graph.io.model_file``); with a
     ``profile_prefix``, onnxruntime's profiler writes its node timings there. A model this tool
-    ``produced`` that onnxruntime refuses is a bug of ours (``InternalError``), not bad input."""
+    ``produced`` that onnxruntime refuses is a bug of ours (``InternalError``), not bad input.
+    Without ``prepack``, the weights are not also kept re-laid-out for the matrix kernels: a
+    session run over a few batches only, with no second copy of a large dense layer's weights."""
     options = ort.SessionOptions()
     if profile_prefix is not None:
         options.enable_profiling = True
@@ -87,6 +89,8 @@ def make_session(model: onnx.ModelProto | bytes | Path, *, optimize: bool = True
     # Spinning idle pools of one session steal the cores of the other in interleaved timing.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    if not prepack:
+        options.add_session_config_entry("session.disable_prepacking", "1")
     providers = [PROVIDER_NAMES[provider]]
     try:
         if isinstance(model, Path):
@@ -193,7 +197,7 @@ def collect_responses_and_values(model: onnx.ModelProto, source, indices: Sequen
     Also returns the values of the tensors in ``whole``, unsampled, batch by batch as computed
     (nothing assumes where their batch axis is); None where they would take more than
     ``whole_bytes``."""
-    session = make_session(with_outputs(model, [*tensors, *whole]), threads=threads)
+    session = make_session(with_outputs(model, [*tensors, *whole]), threads=threads, prepack=False)
     output_names = [o.name for o in session.get_outputs()]
     wanted = {name: output_names.index(name) for name in tensors}
     # Filled in place once the first batch shows each tensor's size: no list of chunks to concatenate.
@@ -243,7 +247,7 @@ def probe_shapes(model: onnx.ModelProto, source, tensors: Sequence[str], batch_s
     """Actual shapes of ``tensors`` for one calibration batch (shape inference misses dynamic dims)."""
     feeds = source.get(list(range(batch_size)))
     computed = [name for name in tensors if name not in feeds]
-    session = make_session(with_outputs(model, computed), optimize=False, threads=threads)
+    session = make_session(with_outputs(model, computed), optimize=False, threads=threads, prepack=False)
     names = [o.name for o in session.get_outputs()]
     outputs = dict(zip(names, run(session, names, feeds)))
     # A sequence or map value (no shape) is None: it cannot be measured (nor carried).
