@@ -137,25 +137,6 @@ def test_the_method_is_solved_in_full_once_at_the_fastest_plan_its_quick_runs_me
     assert len({p.theoretical_speedup for p in probes}) == len(probes)  # no plan probed twice
 
 
-def test_probes_and_quick_runs_rank_plans_on_a_subset_and_full_runs_are_measured_on_every_held_out_sample(
-        model, data, monkeypatch) -> None:
-    monkeypatch.setattr(search, "RANKING_SAMPLES", 7)
-    measured = []
-    outputs = search.held_out_outputs
-    monkeypatch.setattr(search, "held_out_outputs", lambda model, split, *args, **kw: measured.append(
-        list(split.holdout_indices)) or outputs(model, split, *args, **kw))
-    result = compress_to_budget(model, Budget("error", 0.05), calibration=data, bench=False, rank_multiple=8,
-                                threads=1)
-    report = result.report
-    everything, subset = measured[:2]  # the original's outputs on both, first
-    assert len(everything) == 20 and len(subset) == report.budget["ranking_samples"] == 7
-    assert set(subset) < set(everything) and (subset[0], subset[-1]) == (everything[0], everything[-1])
-    ranked = [p for p in report.frontier if p.solver in ("probe", "asymmetric (quick)")]
-    full = [p for p in report.frontier if p.solver == "asymmetric"]
-    assert [len(indices) for indices in measured[2:]] == [7] * len(ranked) + [20] * len(full)
-    assert report.budget["measured"] == pytest.approx(held_out_error(model, result.model, data), rel=1e-4)
-
-
 def _analysed(model, data, method: str = "asym3d", speedup: float = 3.0):
     from onnx_lowrank.options import Options
     from onnx_lowrank.pipeline.analysis import analyse

@@ -283,13 +283,8 @@ def _render_frontier(report: Report, console) -> None:
                       "yes" if point.met else "no", point.solver)
     console.print(table)
     console.print(f"  chosen: {report.theoretical_speedup:.2f}× with {report.budget['kind']} "
-                  f"{report.budget['measured']:.4g} on {report.budget['held_out_samples']} held-out samples"
-                  f"{_ranked_on(report.budget)}; search {report.budget['search_s']:.1f} s", markup=False, highlight=False)
-
-
-def _ranked_on(budget: dict) -> str:
-    ranking = budget.get("ranking_samples", budget["held_out_samples"])
-    return "" if ranking == budget["held_out_samples"] else f" (probes and quick runs on {ranking} of them)"
+                  f"{report.budget['measured']:.4g} on {report.budget['held_out_samples']} held-out samples; "
+                  f"search {report.budget['search_s']:.1f} s", markup=False, highlight=False)
 
 
 def _ranks(layer: LayerReport) -> str:

@@ -12,9 +12,8 @@ each cheaper per plan than the next, so that the search costs a few fixed-speedu
    the solver's closed-form start, its split layers' outputs from bases that one run of the
    network keeps for every plan the bracket can still probe (``methods.split_basis``). A layer's
    chain at the same ranks is built once for all probes (``methods.chains.solve_layers``). Each probe is measured on the held-out set
-   against the original's outputs, which are computed once, on ``RANKING_SAMPLES`` of it at most,
-   as is a quick run; a plan probed before (same ranks) is not measured again. Methods without
-   iterations are their own probes.
+   against the original's outputs, which are computed once; a plan probed before (same ranks) is
+   not measured again. Methods without iterations are their own probes.
 2. *Quick runs of the method* (asymmetric by default, usually better than its symmetric probe),
    with a fifth of the solver's schedule, two or three: at the fastest probe that met the budget,
    which measures the method's gain over its probe, then where the probes scaled by that gain
@@ -55,7 +54,6 @@ from onnx_lowrank.pipeline.plan import plan_for, split_ranks
 from onnx_lowrank.planning.bracket import METHOD_PRECISION, PRECISION, extrapolated, next_probe
 from onnx_lowrank.quantize import add_int8
 from onnx_lowrank.runtime.sessions import batch_size_for
-from onnx_lowrank.runtime.split import DataSplit
 from onnx_lowrank.solvers.nonlinear import PAPER_SCHEDULE
 
 log = logging.getLogger(__name__)
@@ -64,9 +62,6 @@ log = logging.getLogger(__name__)
 PROBES = 7  # probes per bracket: doubling or halving, then interpolation
 QUICK_RUNS = 2  # the method's gain over its probe, measured at one or two plans
 QUICK_GAP = 0.02  # a full run's loss is within 2 % of its quick run's (CRAFT, the demo, VGG-16)
-# What a probe or a quick run is measured on at most (NNCF's ranking_subset_size): the held-out
-# samples, evenly spaced. The full runs (the answer's) are measured on all of them.
-RANKING_SAMPLES = 300
 
 
 @takes_options
@@ -88,11 +83,9 @@ def compress_to_budget(model, budget: Budget, *, calibration=None, evaluation=No
                        needs_labels="--max-drop" if budget.kind == "drop" else None)
     data = analysis.data
     labels = data.held_out_labels()
-    ranking = data.held_out_subset(RANKING_SAMPLES)
     with analysis.run.stage("reference", "running the original on the held-out set"):
         reference = held_out_outputs(analysis.reference, data, opts.threads)
-        ranking_reference = reference if ranking is data else held_out_outputs(analysis.reference, ranking, opts.threads)
-    searcher = _Searcher(analysis, opts, budget, reference, labels, (ranking, ranking_reference, ranking.held_out_labels()))
+    searcher = _Searcher(analysis, opts, budget, reference, labels)
     best = searcher.run(speedup)
     int8 = None
     if best is not None and opts.quantize:
@@ -123,7 +116,6 @@ def compress_to_budget(model, budget: Budget, *, calibration=None, evaluation=No
         searcher.frontier.append(point)
     report.budget = {"target": budget.describe(), "kind": budget.kind, "limit": budget.limit,
                      "measured": point.value, "met": point.met, "held_out_samples": len(data.holdout_indices),
-                     "ranking_samples": len(ranking.holdout_indices),
                      "search_s": time.perf_counter() - clock}
     report.frontier = sorted(searcher.frontier, key=lambda p: (p.theoretical_speedup or math.inf, p.solver))
     log.info("budget met: %s measured %.4g at a theoretical conv speedup of %.2fx", budget.describe(), point.value,
@@ -132,10 +124,9 @@ def compress_to_budget(model, budget: Budget, *, calibration=None, evaluation=No
 
 
 class _Searcher:
-    def __init__(self, analysis: Analysis, opts: Options, budget: Budget, reference: dict, labels,
-                 ranking: tuple[DataSplit, dict, object]) -> None:  # (split, reference, labels): RANKING_SAMPLES'
+    def __init__(self, analysis: Analysis, opts: Options, budget: Budget, reference: dict, labels) -> None:
         self.analysis, self.opts, self.budget = analysis, opts, budget
-        self.reference, self.labels, self.ranking = reference, labels, ranking
+        self.reference, self.labels = reference, labels
         self.frontier: list[FrontierPoint] = []
         self.plans: dict[float, object] = {}
         self.cache: dict = {}  # (layer, rank) -> chain of a symmetric solve, shared by all plans
@@ -208,7 +199,7 @@ class _Searcher:
             if result is not None and result[0].met and (self.kept is None or speedup > self.kept[0].speedup_target):
                 self.kept = result
         else:
-            result = self.evaluate(speedup, self.opts, self.opts.method + QUICK_SUFFIX, PROBE_SCHEDULE, ranking=True)
+            result = self.evaluate(speedup, self.opts, self.opts.method + QUICK_SUFFIX, PROBE_SCHEDULE)
         if result is None:
             return None
         self.quick[speedup] = result[0]
@@ -327,7 +318,7 @@ class _Searcher:
         if key not in self.probed_plans:
             self._keep_split_bases(plan, speedup)
             result = self.evaluate(speedup, dataclasses.replace(self.opts, symmetric=True), PROBE_LABEL, CLOSED_FORM,
-                                   plan, self.opts.spec.probe_solver, ranking=True)
+                                    plan, self.opts.spec.probe_solver)
             self.probed_plans[key] = result[0].value
         self.probes[speedup] = self.probed_plans[key]
 
@@ -364,11 +355,10 @@ class _Searcher:
             self.infeasible.add(speedup)
             return None
 
-    def evaluate(self, speedup: float, opts: Options, label: str, schedule=PAPER_SCHEDULE, plan=None, solver=None,
-                 ranking: bool = False):
+    def evaluate(self, speedup: float, opts: Options, label: str, schedule=PAPER_SCHEDULE, plan=None, solver=None):
         """Plan, solve (with ``solver`` in place of the method's), rewrite and measure at ``speedup``: the point, what was
         solved, the model and its held-out outputs (the answer's are its fidelity's); None when
-        the plan is infeasible. With ``ranking``, measured on the ranking samples only (``RANKING_SAMPLES``)."""
+        the plan is infeasible."""
         opts = dataclasses.replace(opts, speedup=speedup)
         plan = plan or self._plan(speedup, opts)
         if plan is None:
@@ -376,10 +366,10 @@ class _Searcher:
         # The cache also keeps the responses for the next plan.
         solved = solve(self.analysis, plan, opts, cache=self.cache, schedule=schedule, solver=solver)
         optimized = rewrite(self.analysis, solved, logging.DEBUG)
-        data, reference, labels = self.ranking if ranking else (self.analysis.data, self.reference, self.labels)
+        data = self.analysis.data
         with self.analysis.run.stage("search", f"measuring the plan at {speedup:.2f}x", logging.DEBUG):
             outputs = held_out_outputs(optimized, data, opts.threads, produced=True)
-        value = self.budget.value(reference, outputs, labels)
+        value = self.budget.value(self.reference, outputs, self.labels)
         point = FrontierPoint(speedup, plan.speedup, value, self.budget.met(value), label)
         self.frontier.append(point)
         self.plans[speedup] = plan

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -16,13 +16,6 @@ class DataSplit:
     calib_indices: list[int]
     holdout_indices: list[int]
     batch: int
-
-    def held_out_subset(self, count: int) -> "DataSplit":
-        """This split with ``count`` of its held-out samples, evenly spaced; itself where it has no more."""
-        if len(self.holdout_indices) <= count:
-            return self
-        picked = np.linspace(0, len(self.holdout_indices) - 1, count).round().astype(int)
-        return replace(self, holdout_indices=[self.holdout_indices[i] for i in picked])
 
     def held_out_labels(self) -> np.ndarray | None:
         """The class labels of the held-out samples, where the evaluation data has labels."""
