@@ -359,6 +359,39 @@ def test_a_layers_input_from_the_kept_cut_is_that_of_its_sub_graph_from_the_inpu
                       "until one proves too large": [None, names[1], None, names[3]]}[kept]
 
 
+def test_a_dense_layers_input_in_the_approximated_network_is_its_sub_graphs_and_its_weights_stay_out_of_it(
+        data, monkeypatch) -> None:
+    """Independent reference as above: the sub-graph from the inputs up to each layer's output,
+    the layers before it replaced (rank 2 of their weights, far from the original), run by
+    onnxruntime; a dense layer's output, from its sampled input and its weights in NumPy."""
+    from onnx_lowrank.graph.rewrite import channel_chain, replace_units
+    from onnx_lowrank.graph.surgery import prefix_model
+    from onnx_lowrank.methods import carried as carried_module
+    from onnx_lowrank.runtime.sessions import collect_responses
+    from onnx_lowrank.solvers.weights import weight_svd
+
+    parts = []
+    collect = carried_module.collect_responses_and_values
+    monkeypatch.setattr(carried_module, "collect_responses_and_values",
+                        lambda part, **kw: parts.append({n.name for n in part.graph.node}) or collect(part, **kw))
+    model = conv_net([Layer(8), Layer(16)], size=(10, 10), dense=((24, "relu"), (16, "relu"), (12, "none")),
+                     classifier=10, seed=5)
+    analysis, _, _ = _analysed(model, data, method="asymmetric", speedup=1.2)
+    units = [u for u in analysis.units if u.decomposable]
+    assert [u.kind for u in units] == ["conv"] * 2 + ["dense"] * 3
+    carried, replaced = carried_module.CarriedCut(analysis.normalised, analysis.collect, analysis.cuts), {}
+    for unit in units:
+        together, _ = carried.layer_output(unit, replaced, analysis.shapes)
+        prefix = prefix_model(analysis.normalised, [unit.output])
+        inside = {node.name for node in prefix.graph.node}
+        alone = collect_responses(replace_units(prefix, {n: c for n, c in replaced.items() if n in inside}),
+                                  tensors=[unit.output], **analysis.collect)[unit.output]
+        assert together.shape == alone.shape and np.allclose(together, alone, rtol=1e-4, atol=1e-5)
+        assert (unit.name in parts[-1]) == (unit.kind == "conv")
+        factors = weight_svd(unit.weight, unit.bias, 2)
+        replaced[unit.name] = channel_chain(unit, factors.P, factors.Q, factors.bias)
+
+
 def test_above_two_quick_runs_that_met_the_next_is_where_their_power_law_reaches_the_budget() -> None:
     """Planted: the method's loss 0.01 s^2 / 4 (0.01 at 2x, 0.04 at 4x) reaches 0.09 at 6x."""
     from onnx_lowrank.output.report import FrontierPoint

@@ -58,7 +58,11 @@ class CarriedCut:
         fed = {i.name for i in (given or self.normalised.graph.input)}
         fits = self.sizes.per_sample.get(unit.name, 0) * len(self.collect["indices"]) <= self.sizes.budget
         computed = [name for name in cut if name not in fed] if fits else []
-        part = prefix_model(self.normalised, [unit.output, *computed], given)
+        # A dense layer's output is its input's product with its weights, in NumPy: the part holds
+        # none of them (VGG-16's fc6: 411 MB, copied into the part and again into its session).
+        dense = unit.kind == "dense" and unit.name not in replaced and unit.input not in fed
+        sampled = unit.input if dense else unit.output
+        part = prefix_model(self.normalised, list(dict.fromkeys([sampled, *computed])), given)
         names = {node.name for node in part.graph.node}
         if inside := {name: chain for name, chain in replaced.items() if name in names}:  # none: a copy for nothing
             part = replace_units(part, inside)
@@ -68,14 +72,16 @@ class CarriedCut:
         source = _CutSource(self, fed & set(self.graph_inputs), passed if computed else None) if from_cut \
             else self.collect["source"]
         responses, batches = collect_responses_and_values(
-            part, **{**self.collect, "source": source}, tensors=[unit.output], whole=computed, whole_bytes=self.sizes.budget)
+            part, **{**self.collect, "source": source}, tensors=[sampled], whole=computed, whole_bytes=self.sizes.budget,
+            sampled_as={unit.input: unit.output} if dense else None)
         if batches is not None:
             earlier = source.passed if from_cut else [{}] * len(batches)
             self.batches = [{**old, **new} for old, new in zip(earlier, batches)]
             self.layer, self.cut = unit.name, cut
         elif from_cut and computed:  # let go for a cut that proved larger than expected
             self.layer, self.batches = None, []
-        return responses[unit.output], sum(shapes[name].macs for name in names if name in shapes)
+        output = responses[sampled] @ unit.weight.T + unit.bias if dense else responses[sampled]
+        return output, sum(shapes[name].macs for name in names if name in shapes)
 
     def _kept_cut(self) -> list[onnx.ValueInfoProto]:
         """The kept cut as the inputs of a model, typed as computed (or as the network's inputs)."""
