@@ -134,6 +134,18 @@ def test_reading_or_rewriting_a_model_keeps_no_copy_of_its_weights_once_done(mon
     assert [array.shape for array in alive if id(array) not in held] == []
 
 
+@pytest.mark.parametrize("shape", [(16, 8, 3, 3), (12, 50), (6, 4, 5)])
+def test_a_chains_first_weights_are_q_transposed_times_w_when_cast_a_block_at_a_time(shape, monkeypatch) -> None:
+    from onnx_lowrank.graph import rewrite
+
+    rng = np.random.default_rng(1)
+    weight = rng.standard_normal(shape).astype(np.float32)
+    q = np.linalg.qr(rng.standard_normal((shape[0], 3)))[0]
+    expected = np.tensordot(q.T, weight.astype(np.float64), axes=([1], [0]))
+    monkeypatch.setattr(rewrite, "PROJECTION_BLOCK_BYTES", 8 * shape[0] * 3)  # three columns a block
+    assert np.allclose(rewrite._projected(q, weight), expected, rtol=1e-12, atol=1e-12)
+
+
 def test_spatial_split_gives_each_conv_its_own_axis() -> None:
     unit = [u for u in find_units(conv_net([Layer(8, k=(3, 5), stride=2, dilation=2, pads=[1, 2, 3, 4])]))][0]
     vertical, horizontal = exact_chain(unit, "spatial")
