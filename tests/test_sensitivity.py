@@ -112,3 +112,42 @@ def test_running_only_the_suffix_after_each_layer_measures_what_the_whole_model_
     for layer in cheap:
         assert cheap[layer].keys() == whole[layer].keys()
         assert np.allclose(list(cheap[layer].values()), list(whole[layer].values()), rtol=1e-4, atol=1e-6)
+
+
+def test_each_loss_is_the_models_error_with_that_layers_pca_chain_alone() -> None:
+    """Independent reference: the top eigenvectors V of the layer's response covariance (Eq. 4),
+    the response rebuilt as V V^T (y - mean) + mean, the layer alone replaced by that chain in
+    the model, run on the same calibration samples and compared with the original's output."""
+    import dataclasses
+
+    from onnx_lowrank.graph.rewrite import channel_chain, replace_units
+    from onnx_lowrank.measure import sensitivity
+    from onnx_lowrank.measure.fidelity import model_outputs
+    from onnx_lowrank.options import Options
+    from onnx_lowrank.pipeline import compress as api
+    from tests.builders import Layer, conv_net
+
+    model = conv_net([Layer(16), Layer(32), Layer(32), Layer(32)], size=(10, 10), classifier=5, seed=2)
+    data = np.random.default_rng(1).standard_normal((48, 3, 10, 10)).astype(np.float32)
+    opts = Options(speedup=1.5, bench=False, rank_multiple=8)
+    analysis = api.analyse(model, dataclasses.replace(opts), data)
+    losses = sensitivity.measure_sensitivity(analysis, opts)
+    split = analysis.data
+    subset = split.calib_indices[::max(1, len(split.calib_indices) // sensitivity.SUBSET)][:sensitivity.SUBSET]
+    reference = model_outputs(analysis.normalised, split.source, subset, split.batch)
+    checked = 0
+    for name, by_rank in losses.items():
+        unit = analysis.by_name[name]
+        y = analysis.responses[unit.output].astype(np.float64)
+        mean = y.mean(axis=0)
+        _, vectors = np.linalg.eigh(np.cov(y, rowvar=False))
+        for rank, loss in by_rank.items():
+            v = vectors[:, ::-1][:, :rank]
+            chain = channel_chain(unit, v, v, mean - v @ (v.T @ mean))
+            outputs = model_outputs(replace_units(analysis.normalised, {name: chain}), split.source, subset,
+                                    split.batch, produced=True)
+            name_out = next(iter(reference))
+            error = np.linalg.norm(outputs[name_out] - reference[name_out]) / np.linalg.norm(reference[name_out])
+            assert loss == pytest.approx(error, rel=1e-3, abs=1e-6)
+            checked += 1
+    assert checked >= 6

@@ -11,7 +11,6 @@ import onnx_graphsurgeon as gs
 
 from onnx_lowrank.graph.surgery import export_like, imported
 
-
 PROJECTION_BLOCK_BYTES = 64 << 20
 
 
