@@ -359,11 +359,26 @@ def test_a_layers_input_from_the_kept_cut_is_that_of_its_sub_graph_from_the_inpu
                       "until one proves too large": [None, names[1], None, names[3]]}[kept]
 
 
+def _sequence_net() -> tuple[onnx.ModelProto, np.ndarray]:
+    """Four MatMul + Add + Relu layers over ``[batch, 20 positions, 32 channels]``, and data."""
+    from tests.builders import NetBuilder, finish
+
+    b, rng, x = NetBuilder(3), np.random.default_rng(0), "input"
+    for k, n in ((32, 48), (48, 40), (40, 32), (32, 16)):
+        weight = b.const("w", (rng.standard_normal((k, n)) / np.sqrt(k)).astype(np.float32))
+        bias = b.const("b", rng.standard_normal(n).astype(np.float32))
+        x = b.node("Relu", [b.node("Add", [b.node("MatMul", [x, weight]), bias])])
+    return finish(b, x, ["N", 20, 32]), rng.standard_normal((60, 20, 32)).astype(np.float32)
+
+
+@pytest.mark.parametrize("sequence", [None, _sequence_net()], ids=["convs then dense", "dense over positions"])
 def test_a_dense_layers_input_in_the_approximated_network_is_its_sub_graphs_and_its_weights_stay_out_of_it(
-        data, monkeypatch) -> None:
+        data, sequence, monkeypatch) -> None:
     """Independent reference as above: the sub-graph from the inputs up to each layer's output,
     the layers before it replaced (rank 2 of their weights, far from the original), run by
-    onnxruntime; a dense layer's output, from its sampled input and its weights in NumPy."""
+    onnxruntime; a dense layer's output, from its sampled input (at the positions its output is
+    sampled at, where it has them) and its weights in NumPy. The first layer reads the network's
+    input: that part runs as it is."""
     from onnx_lowrank.graph.rewrite import channel_chain, replace_units
     from onnx_lowrank.graph.surgery import prefix_model
     from onnx_lowrank.methods import carried as carried_module
@@ -374,11 +389,11 @@ def test_a_dense_layers_input_in_the_approximated_network_is_its_sub_graphs_and_
     collect = carried_module.collect_responses_and_values
     monkeypatch.setattr(carried_module, "collect_responses_and_values",
                         lambda part, **kw: parts.append({n.name for n in part.graph.node}) or collect(part, **kw))
-    model = conv_net([Layer(8), Layer(16)], size=(10, 10), dense=((24, "relu"), (16, "relu"), (12, "none")),
-                     classifier=10, seed=5)
-    analysis, _, _ = _analysed(model, data, method="asymmetric", speedup=1.2)
+    model, images = (conv_net([Layer(8), Layer(16)], size=(10, 10), dense=((24, "relu"), (16, "relu"), (12, "none")),
+                              classifier=10, seed=5), data) if sequence is None else sequence
+    analysis, _, _ = _analysed(model, images, method="asymmetric", speedup=1.2)
     units = [u for u in analysis.units if u.decomposable]
-    assert [u.kind for u in units] == ["conv"] * 2 + ["dense"] * 3
+    assert [u.kind for u in units] == ["conv"] * 2 * (sequence is None) + ["dense"] * (3 if sequence is None else 4)
     carried, replaced = carried_module.CarriedCut(analysis.normalised, analysis.collect, analysis.cuts), {}
     for unit in units:
         together, _ = carried.layer_output(unit, replaced, analysis.shapes)
@@ -387,7 +402,7 @@ def test_a_dense_layers_input_in_the_approximated_network_is_its_sub_graphs_and_
         alone = collect_responses(replace_units(prefix, {n: c for n, c in replaced.items() if n in inside}),
                                   tensors=[unit.output], **analysis.collect)[unit.output]
         assert together.shape == alone.shape and np.allclose(together, alone, rtol=1e-4, atol=1e-5)
-        assert (unit.name in parts[-1]) == (unit.kind == "conv")
+        assert (unit.name in parts[-1]) == (unit.kind == "conv" or unit.input == "input")
         factors = weight_svd(unit.weight, unit.bias, 2)
         replaced[unit.name] = channel_chain(unit, factors.P, factors.Q, factors.bias)
 
