@@ -72,8 +72,8 @@ class CarriedCut:
         source = _CutSource(self, fed & set(self.graph_inputs), passed if computed else None) if from_cut \
             else self.collect["source"]
         responses, batches = collect_responses_and_values(
-            part, **{**self.collect, "source": source}, tensors=[sampled], whole=computed, whole_bytes=self.sizes.budget,
-            sampled_as={unit.input: unit.output} if dense else None)
+            part, **{**self.collect, "source": source}, tensors=[sampled], whole=computed,
+            whole_bytes=self.sizes.budget, sampled_as={unit.input: unit.output} if dense else None)
         if batches is not None:
             earlier = source.passed if from_cut else [{}] * len(batches)
             self.batches = [{**old, **new} for old, new in zip(earlier, batches)]
