@@ -49,7 +49,7 @@ def whole_layer(unit) -> list[NodeSpec]:
 def _projected(Q: np.ndarray, weight: np.ndarray) -> np.ndarray:
     """``Q^T W`` over W's first axis, in float64: ``(d', *W.shape[1:])``. W is cast a block of its
     columns at a time, so a dense layer's weight is never held whole in float64 (VGG-16's fc6:
-    822 MB on top of its 411 MB, the peak of a budget search)."""
+    822 MB on top of its 411 MB while its chain is built)."""
     matrix = weight.reshape(len(weight), -1)
     projected = np.empty((Q.shape[1], matrix.shape[1]))
     step = max(1, PROJECTION_BLOCK_BYTES // (8 * len(matrix)))
