@@ -320,15 +320,26 @@ def _skip_net() -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=IR_VERSION)
 
 
+def _sub_graph_output(analysis, unit, replaced: dict) -> np.ndarray:
+    """The independent reference of a layer's Eq. 12 input: the sub-graph from the network's inputs
+    up to the layer's output, with the ``replaced`` nodes in it replaced, run on the calibration data."""
+    from onnx_lowrank.graph.rewrite import replace_units
+    from onnx_lowrank.graph.surgery import prefix_model
+    from onnx_lowrank.runtime.sessions import collect_responses
+
+    prefix = prefix_model(analysis.normalised, [unit.output])
+    inside = {node.name for node in prefix.graph.node}
+    return collect_responses(replace_units(prefix, {n: c for n, c in replaced.items() if n in inside}),
+                             tensors=[unit.output], **analysis.collect)[unit.output]
+
+
 @pytest.mark.parametrize("kept", ["all", "none", "until one proves too large"])
 def test_a_layers_input_from_the_kept_cut_is_that_of_its_sub_graph_from_the_inputs(data, kept) -> None:
     """Independent reference: the sub-graph from the network's inputs up to each layer, with the
     layers before it (and the layer itself) replaced, run on the calibration data."""
-    from onnx_lowrank.graph.rewrite import replace_units
-    from onnx_lowrank.graph.surgery import cut_before, prefix_model
+    from onnx_lowrank.graph.surgery import cut_before
     from onnx_lowrank.methods.carried import CarriedCut, CutSizes
     from onnx_lowrank.methods.split_basis import spatial_pair
-    from onnx_lowrank.runtime.sessions import collect_responses
 
     analysis, plan, _ = _analysed(_skip_net(), data)
     units = [u for u in analysis.units if u.decomposable]
@@ -342,10 +353,7 @@ def test_a_layers_input_from_the_kept_cut_is_that_of_its_sub_graph_from_the_inpu
     for unit in units:
         replaced[unit.name] = spatial_pair(unit, 2)
         together, _ = carried.layer_output(unit, replaced, analysis.shapes)
-        prefix = prefix_model(analysis.normalised, [unit.output])
-        inside = {node.name for node in prefix.graph.node}
-        alone = collect_responses(replace_units(prefix, {n: c for n, c in replaced.items() if n in inside}),
-                                  tensors=[unit.output], **analysis.collect)[unit.output]
+        alone = _sub_graph_output(analysis, unit, replaced)
         assert together.shape == alone.shape and np.allclose(together, alone, atol=1e-5)
         layers.append(carried.layer)
         if carried.layer == unit.name:  # the analysis's estimate of the cut is what it holds (and the input)
@@ -379,10 +387,8 @@ def test_a_dense_layers_input_in_the_approximated_network_is_its_sub_graphs_and_
     onnxruntime; a dense layer's output, from its sampled input (at the positions its output is
     sampled at, where it has them) and its weights in NumPy. The first layer reads the network's
     input: that part runs as it is."""
-    from onnx_lowrank.graph.rewrite import channel_chain, replace_units
-    from onnx_lowrank.graph.surgery import prefix_model
+    from onnx_lowrank.graph.rewrite import channel_chain
     from onnx_lowrank.methods import carried as carried_module
-    from onnx_lowrank.runtime.sessions import collect_responses
     from onnx_lowrank.solvers.weights import weight_svd
 
     parts = []
@@ -397,10 +403,7 @@ def test_a_dense_layers_input_in_the_approximated_network_is_its_sub_graphs_and_
     carried, replaced = carried_module.CarriedCut(analysis.normalised, analysis.collect, analysis.cuts), {}
     for unit in units:
         together, _ = carried.layer_output(unit, replaced, analysis.shapes)
-        prefix = prefix_model(analysis.normalised, [unit.output])
-        inside = {node.name for node in prefix.graph.node}
-        alone = collect_responses(replace_units(prefix, {n: c for n, c in replaced.items() if n in inside}),
-                                  tensors=[unit.output], **analysis.collect)[unit.output]
+        alone = _sub_graph_output(analysis, unit, replaced)
         assert together.shape == alone.shape and np.allclose(together, alone, rtol=1e-4, atol=1e-5)
         assert (unit.name in parts[-1]) == (unit.kind == "conv" or unit.input == "input")
         factors = weight_svd(unit.weight, unit.bias, 2)
