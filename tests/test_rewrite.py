@@ -13,6 +13,7 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from onnx_lowrank.graph.normalise import normalise
 from onnx_lowrank.graph.rewrite import (
+    NodeSpec,
     beside_units,
     channel_chain,
     channel_decomposition,
@@ -269,3 +270,44 @@ def test_prefix_model_computes_the_same_tensor_with_fewer_nodes() -> None:
     from onnx_lowrank.runtime.sessions import with_outputs
     full = run_model(with_outputs(model, [units[1].output]), {"input": x})[-1]
     np.testing.assert_array_equal(run_model(prefix, {"input": x})[0], full)
+
+
+def test_a_lower_ranks_chain_zero_padded_and_fed_computes_what_its_own_rewrite_does() -> None:
+    """``replace_unit_fed`` at the top rank, fed a lower rank's arrays (``padded_like``), against
+    ``replace_units`` at that rank, run by onnxruntime: conv, MatMul and Gemm layers."""
+    from onnx_lowrank.graph.rewrite import padded_like, replace_unit_fed
+
+    model = normalise(conv_net([Layer(8), Layer(12, stride=2), Layer(16)], size=(9, 9), dense=((24, "relu"),),
+                               classifier=5))
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 3, 9, 9)).astype(np.float32)
+    checked = set()
+    for unit in [u for u in find_units(model) if u.decomposable]:
+        d = unit.weight.shape[0]
+        basis = np.linalg.qr(rng.standard_normal((d, d)))[0]
+        chains = {rank: channel_chain(unit, basis[:, :rank], basis[:, :rank], rng.standard_normal(d))
+                  for rank in (2, 3, d - 1)}
+        fed, names = replace_unit_fed(model, unit.name, chains[d - 1])
+        for rank in (2, 3):
+            padded = padded_like(chains[rank], chains[d - 1])
+            expected = run_model(replace_units(model, {unit.name: chains[rank]}), {"input": x})[0]
+            got = run_model(fed, {"input": x, **dict(zip(names, padded))})[0]
+            assert np.allclose(got, expected, rtol=1e-5, atol=1e-6)
+            assert not np.allclose(got, run_model(fed, {"input": x})[0], rtol=1e-3)  # the feeds were used
+        checked.add(unit.kind)
+    assert checked == {"conv", "dense"}
+
+
+def test_chains_that_differ_in_more_than_their_rank_are_not_padded() -> None:
+    from onnx_lowrank.graph.rewrite import padded_like
+
+    weight = np.ones((8, 2, 3, 3), np.float32)
+    bias = np.zeros(8, np.float32)
+    grouped = [channel_decomposition({"group": 2, "kernel_shape": [3, 3]}, weight[:, :1], bias, np.eye(8)[:, :r],
+                                     np.eye(8)[:, :r], np.zeros(8)) for r in (2, 4)]
+    assert padded_like(grouped[0], grouped[1]) is None
+    plain = [channel_decomposition({"kernel_shape": [3, 3]}, weight, bias, np.eye(8)[:, :r], np.eye(8)[:, :r],
+                                   np.zeros(8)) for r in (2, 4)]
+    assert [a.shape for a in padded_like(plain[0], plain[1])] == [(4, 2, 3, 3), (8, 4, 1, 1), (8,)]
+    strided = [NodeSpec(plain[0][0].weight, None, {"kernel_shape": [3, 3], "strides": [2, 2]}), plain[0][1]]
+    assert padded_like(strided, plain[1]) is None

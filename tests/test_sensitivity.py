@@ -151,3 +151,32 @@ def test_each_loss_is_the_models_error_with_that_layers_pca_chain_alone() -> Non
             assert loss == pytest.approx(error, rel=1e-3, abs=1e-6)
             checked += 1
     assert checked >= 6
+
+
+def test_a_layers_ranks_share_one_session_and_measure_what_a_session_per_rank_does(monkeypatch) -> None:
+    """Each layer's chains fed at every rank to one session of its top rank's, zero-padded, against
+    a rewrite and a session per rank (the path for chains that cannot be padded): the same losses,
+    with one measuring session per layer."""
+    import dataclasses
+
+    from onnx_lowrank.measure import sensitivity
+    from onnx_lowrank.options import Options
+    from onnx_lowrank.pipeline import compress as api
+    from onnx_lowrank.runtime.sessions import make_session
+    from tests.builders import Layer, conv_net
+
+    model = conv_net([Layer(16), Layer(32), Layer(32)], size=(10, 10), dense=((48, "relu"),), classifier=5, seed=4)
+    data = np.random.default_rng(2).standard_normal((48, 3, 10, 10)).astype(np.float32)
+    opts = Options(speedup=1.5, bench=False, rank_multiple=8)
+    analysis = api.analyse(model, dataclasses.replace(opts), data)
+    sessions = []
+    monkeypatch.setattr(sensitivity, "make_session",
+                        lambda model, **kw: sessions.append(model) or make_session(model, **kw))
+    shared = sensitivity.measure_sensitivity(analysis, opts)
+    measuring = [m for m in sessions if any(i.name.endswith(".weight") for i in m.graph.input)]
+    assert len(measuring) == len(shared) >= 3
+    assert sum(map(len, shared.values())) > len(shared)
+    monkeypatch.setattr(sensitivity, "padded_like", lambda chain, top: None)
+    apart = sensitivity.measure_sensitivity(analysis, opts)
+    for layer in shared:
+        assert np.allclose(list(shared[layer].values()), list(apart[layer].values()), rtol=1e-4, atol=1e-6)

@@ -179,6 +179,47 @@ def replace_units(model: onnx.ModelProto, chains: dict[str, list[NodeSpec]]) -> 
         return export_like(graph, model)
 
 
+def replace_unit_fed(model: onnx.ModelProto, name: str, chain: list[NodeSpec]) -> tuple[onnx.ModelProto, list[str]]:
+    """``replace_units`` for one node, whose chain's weights and biases are also inputs of the
+    model: a run may feed others of the same shapes (the chain at a lower rank, ``padded_like``),
+    so that one session serves every rank. Also returns their names, in ``chain_arrays`` order."""
+    with imported(model) as graph:
+        taken = {n.name for n in graph.nodes} | set(graph.tensors())
+        node = next(n for n in graph.nodes if n.name == name)
+        output = node.outputs[0]
+        node.outputs.clear()
+        names = _append_chain(graph, name, node.inputs[0], output, chain, taken)
+        fed = export_like(graph, model)
+    arrays = dict(zip(names, chain_arrays(chain)))
+    # onnxruntime takes an initializer that is also a graph input as a default a run may override.
+    fed.graph.input.extend(onnx.helper.make_tensor_value_info(
+        tensor, onnx.helper.np_dtype_to_tensor_dtype(arrays[tensor].dtype), arrays[tensor].shape) for tensor in names)
+    return fed, names
+
+
+def chain_arrays(chain: list[NodeSpec]) -> list[np.ndarray]:
+    """The chain's weights and biases, node by node (weight, then bias where there is one)."""
+    return [array for spec in chain for array in (spec.weight, spec.bias) if array is not None]
+
+
+def padded_like(chain: list[NodeSpec], top: list[NodeSpec]) -> list[np.ndarray] | None:
+    """``chain``'s arrays (``chain_arrays``) zero-padded at the end of each axis to ``top``'s shapes,
+    where the two chains differ in their rank alone: the extra channels are zero in the node that
+    writes them and in the one that reads them, so the padded chain computes what ``chain`` does.
+    None where they differ otherwise, or a node is grouped (a grouped chain's rank is per group,
+    so its channels are not at the end)."""
+    if len(chain) != len(top) or any(
+            a.op != b.op or a.attrs != b.attrs or (a.bias is None) != (b.bias is None) or a.attrs.get("group", 1) != 1
+            for a, b in zip(chain, top)):
+        return None
+    padded = []
+    for value, target in zip(chain_arrays(chain), chain_arrays(top)):
+        if value.ndim != target.ndim or any(size > limit for size, limit in zip(value.shape, target.shape)):
+            return None
+        padded.append(np.pad(value, [(0, limit - size) for size, limit in zip(value.shape, target.shape)]))
+    return padded
+
+
 def beside_units(model: onnx.ModelProto, chains: dict[str, list[NodeSpec]]) -> tuple[onnx.ModelProto, dict[str, str]]:
     """A copy of ``model`` where each named node keeps its place and its chain runs beside it, from
     the same input; and the tensor each chain writes, by node name. One run of it gives every
@@ -195,13 +236,17 @@ def beside_units(model: onnx.ModelProto, chains: dict[str, list[NodeSpec]]) -> t
 
 
 def _append_chain(graph: gs.Graph, stem_base: str, current: gs.Tensor, output: gs.Tensor, chain: list[NodeSpec],
-                  taken: set[str]) -> None:
+                  taken: set[str]) -> list[str]:
+    """Append the chain's nodes, from ``current`` to ``output``; the names of its weights and
+    biases, in ``chain_arrays`` order."""
+    constants = []
     for index, spec in enumerate(chain):
         stem = _unique(f"{stem_base}_lowrank{index}", taken)
         last = index == len(chain) - 1
         out = output if last else gs.Variable(_unique(f"{stem}_out", taken), dtype=output.dtype)
         inputs = [current, gs.Constant(_unique(f"{stem}.weight", taken), spec.weight)]
         bias = None if spec.bias is None else gs.Constant(_unique(f"{stem}.bias", taken), spec.bias)
+        constants += [tensor.name for tensor in (inputs[1], bias) if tensor is not None]
         if spec.op == "MatMul" and bias is not None:
             product = gs.Variable(_unique(f"{stem}_product", taken), dtype=output.dtype)
             graph.nodes.append(gs.Node("MatMul", name=stem, inputs=inputs, outputs=[product]))
@@ -211,6 +256,7 @@ def _append_chain(graph: gs.Graph, stem_base: str, current: gs.Tensor, output: g
             graph.nodes.append(gs.Node(spec.op, name=stem, attrs=dict(spec.attrs),
                                        inputs=inputs + ([bias] if bias is not None else []), outputs=[out]))
         current = out
+    return constants
 
 
 def _unique(name: str, taken: set[str]) -> str:

@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from onnx_lowrank.graph.rewrite import replace_units
+from onnx_lowrank.graph.rewrite import NodeSpec, padded_like, replace_unit_fed, replace_units
 from onnx_lowrank.graph.surgery import suffix_model
 from onnx_lowrank.measure.context import LayerAnalysis
 from onnx_lowrank.measure.fidelity import compare_outputs, model_outputs
@@ -31,7 +31,7 @@ from onnx_lowrank.options import Options
 from onnx_lowrank.planning.plans import ArchitecturePlan
 from onnx_lowrank.planning.ranks import RankPlan, leave_first_conv, rank_ladder
 from onnx_lowrank.registry import Solver
-from onnx_lowrank.runtime.sessions import make_session, run, run_in_batches, with_outputs
+from onnx_lowrank.runtime.sessions import batch_chunks, make_session, run, run_in_batches, with_outputs
 
 log = logging.getLogger(__name__)
 
@@ -53,23 +53,42 @@ def measure_sensitivity(analysis: LayerAnalysis, opts: Options) -> dict[str, dic
     cache: dict = {}
     with analysis.run.stage("sensitivity", f"measuring the sensitivity of {len(candidates)} layers"):
         for candidate in candidates:
+            chains = {rank: solve_layers(Solver.PCA, False, analysis.normalised, [units[candidate.name]],
+                                         ArchitecturePlan(ranks={candidate.name: rank}), analysis.responses,
+                                         analysis.stats, analysis.shapes, analysis.collect, lambda step=1: None,
+                                         cache).chains[candidate.name]
+                      for rank in ladders[candidate.name]}
             losses[candidate.name] = {}
-            suffix, feeds = _suffix_and_cut(analysis.normalised, candidate.name, data, subset, opts.threads)
-            for rank in ladders[candidate.name]:
-                plan = ArchitecturePlan(ranks={candidate.name: rank})
-                solved = solve_layers(Solver.PCA, False, analysis.normalised, [units[candidate.name]], plan,
-                                      analysis.responses, analysis.stats, analysis.shapes, analysis.collect,
-                                      lambda step=1: None, cache)
-                if suffix is None:
-                    outputs = model_outputs(replace_units(analysis.normalised, solved.chains), data.source, subset,
-                                            data.batch, opts.threads, produced=True)
-                else:
-                    outputs = _run_on(replace_units(suffix, solved.chains), feeds, opts.threads)
-                fidelity = compare_outputs(reference, outputs)
-                losses[candidate.name][rank] = float(max(fidelity.output_rel_error.values()))
+            for rank, outputs in _outputs_by_rank(analysis.normalised, candidate.name, chains, data, subset,
+                                                  opts.threads):
+                losses[candidate.name][rank] = float(max(compare_outputs(reference, outputs).output_rel_error.values()))
                 advance(1)
             log.debug("sensitivity of %s: %s", candidate.name, losses[candidate.name])
     return losses
+
+
+def _outputs_by_rank(model: onnx.ModelProto, layer: str, chains: dict[int, list[NodeSpec]], data, subset,
+                     threads: int):
+    """Each rank's model outputs on ``subset``, with the layer alone replaced by its chain at that
+    rank: from the cut (``_suffix_and_cut``), else from the inputs. Where the chains differ in
+    their rank alone, one session of the top rank's chain, fed each rank's arrays zero-padded
+    (``graph.rewrite.padded_like``): a rewrite and a session per layer, not per rank (on VGG-16
+    each copied the dense layers' 500 MB of weights); else a session per rank."""
+    if not chains:
+        return
+    suffix, batches = _suffix_and_cut(model, layer, data, subset, threads)
+    if suffix is None:
+        suffix, batches = model, [data.source.get(chunk) for chunk in batch_chunks(subset, data.batch)]
+    top = chains[max(chains)]
+    if all(padded_like(chain, top) is not None for chain in chains.values()):
+        fed, names = replace_unit_fed(suffix, layer, top)
+        session = make_session(fed, threads=threads, produced=True)
+        for rank, chain in chains.items():
+            arrays = dict(zip(names, padded_like(chain, top)))
+            yield rank, _run_on(session, [{**batch, **arrays} for batch in batches])
+        return
+    for rank, chain in chains.items():
+        yield rank, _run_on(make_session(replace_units(suffix, {layer: chain}), threads=threads, produced=True), batches)
 
 
 def _suffix_and_cut(model: onnx.ModelProto, layer: str, data, subset, threads: int):
@@ -108,9 +127,7 @@ class _CutTooLarge(Exception):
     pass
 
 
-def _run_on(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], threads: int) -> dict[str, np.ndarray]:
-    session = make_session(model, threads=threads, produced=True)
+def _run_on(session, batches: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     names = [o.name for o in session.get_outputs()]
-    parts = [run(session, names, batch, produced=True) for batch in feeds]
+    parts = [run(session, names, batch, produced=True) for batch in batches]
     return {name: np.concatenate([part[i] for part in parts]) for i, name in enumerate(names)}
-
