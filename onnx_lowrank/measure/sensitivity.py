@@ -82,7 +82,9 @@ def _outputs_by_rank(model: onnx.ModelProto, layer: str, chains: dict[int, list[
     top = chains[max(chains)]
     if all(padded_like(chain, top) is not None for chain in chains.values()):
         fed, names = replace_unit_fed(suffix, layer, top)
+        del suffix  # the session holds its own copy of the weights: no protos beside it while it runs
         session = make_session(fed, threads=threads, produced=True)
+        del fed
         for rank, chain in chains.items():
             arrays = dict(zip(names, padded_like(chain, top)))
             yield rank, _run_on(session, [{**batch, **arrays} for batch in batches])
