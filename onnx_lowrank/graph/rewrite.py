@@ -204,20 +204,25 @@ def chain_arrays(chain: list[NodeSpec]) -> list[np.ndarray]:
 
 def padded_like(chain: list[NodeSpec], top: list[NodeSpec]) -> list[np.ndarray] | None:
     """``chain``'s arrays (``chain_arrays``) zero-padded at the end of each axis to ``top``'s shapes,
-    where the two chains differ in their rank alone: the extra channels are zero in the node that
-    writes them and in the one that reads them, so the padded chain computes what ``chain`` does.
-    None where they differ otherwise, or a node is grouped (a grouped chain's rank is per group,
-    so its channels are not at the end)."""
+    where the two chains differ in their rank alone (``differ_in_rank_alone``): the extra channels
+    are zero in the node that writes them and in the one that reads them, so the padded chain
+    computes what ``chain`` does. None where they differ otherwise."""
+    if not differ_in_rank_alone(chain, top):
+        return None
+    return [np.pad(value, [(0, limit - size) for size, limit in zip(value.shape, target.shape)])
+            for value, target in zip(chain_arrays(chain), chain_arrays(top))]
+
+
+def differ_in_rank_alone(chain: list[NodeSpec], top: list[NodeSpec]) -> bool:
+    """Whether ``chain`` is ``top`` but for smaller sizes of some axes: the same nodes, attributes
+    and biases, none grouped (a grouped chain's rank is per group, so its channels are not at the
+    end of the axis)."""
     if len(chain) != len(top) or any(
             a.op != b.op or a.attrs != b.attrs or (a.bias is None) != (b.bias is None) or a.attrs.get("group", 1) != 1
             for a, b in zip(chain, top)):
-        return None
-    padded = []
-    for value, target in zip(chain_arrays(chain), chain_arrays(top)):
-        if value.ndim != target.ndim or any(size > limit for size, limit in zip(value.shape, target.shape)):
-            return None
-        padded.append(np.pad(value, [(0, limit - size) for size, limit in zip(value.shape, target.shape)]))
-    return padded
+        return False
+    return all(value.ndim == target.ndim and all(size <= limit for size, limit in zip(value.shape, target.shape))
+               for value, target in zip(chain_arrays(chain), chain_arrays(top)))
 
 
 def beside_units(model: onnx.ModelProto, chains: dict[str, list[NodeSpec]]) -> tuple[onnx.ModelProto, dict[str, str]]:

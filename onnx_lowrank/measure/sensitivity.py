@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from onnx_lowrank.graph.rewrite import NodeSpec, padded_like, replace_unit_fed, replace_units
+from onnx_lowrank.graph.rewrite import NodeSpec, differ_in_rank_alone, padded_like, replace_unit_fed, replace_units
 from onnx_lowrank.graph.surgery import suffix_model
 from onnx_lowrank.measure.context import LayerAnalysis
 from onnx_lowrank.measure.fidelity import compare_outputs, model_outputs
@@ -50,47 +50,51 @@ def measure_sensitivity(analysis: LayerAnalysis, opts: Options) -> dict[str, dic
     ladders = {c.name: rank_ladder(c, opts.rank_multiple) for c in candidates}
     advance = analysis.progress.stage("measuring sensitivity", sum(map(len, ladders.values())))
     losses: dict[str, dict[int, float]] = {}
-    cache: dict = {}
     with analysis.run.stage("sensitivity", f"measuring the sensitivity of {len(candidates)} layers"):
         for candidate in candidates:
-            chains = {rank: solve_layers(Solver.PCA, False, analysis.normalised, [units[candidate.name]],
-                                         ArchitecturePlan(ranks={candidate.name: rank}), analysis.responses,
-                                         analysis.stats, analysis.shapes, analysis.collect, lambda step=1: None,
-                                         cache).chains[candidate.name]
-                      for rank in ladders[candidate.name]}
+            unit = units[candidate.name]
+
+            def chain_at(rank: int, unit=unit) -> list[NodeSpec]:
+                # A cache keeps the analysis's responses (solve_layers consumes them without one).
+                return solve_layers(Solver.PCA, False, analysis.normalised, [unit],
+                                    ArchitecturePlan(ranks={unit.name: rank}), analysis.responses, analysis.stats,
+                                    analysis.shapes, analysis.collect, lambda step=1: None, {}).chains[unit.name]
+
             losses[candidate.name] = {}
-            for rank, outputs in _outputs_by_rank(analysis.normalised, candidate.name, chains, data, subset,
-                                                  opts.threads):
+            for rank, outputs in _outputs_by_rank(analysis.normalised, candidate.name, chain_at,
+                                                  ladders[candidate.name], data, subset, opts.threads):
                 losses[candidate.name][rank] = float(max(compare_outputs(reference, outputs).output_rel_error.values()))
                 advance(1)
             log.debug("sensitivity of %s: %s", candidate.name, losses[candidate.name])
     return losses
 
 
-def _outputs_by_rank(model: onnx.ModelProto, layer: str, chains: dict[int, list[NodeSpec]], data, subset,
-                     threads: int):
+def _outputs_by_rank(model: onnx.ModelProto, layer: str, chain_at, ranks: list[int], data, subset, threads: int):
     """Each rank's model outputs on ``subset``, with the layer alone replaced by its chain at that
-    rank: from the cut (``_suffix_and_cut``), else from the inputs. Where the chains differ in
-    their rank alone, one session of the top rank's chain, fed each rank's arrays zero-padded
-    (``graph.rewrite.padded_like``): a rewrite and a session per layer, not per rank (on VGG-16
-    each copied the dense layers' 500 MB of weights); else a session per rank."""
-    if not chains:
+    rank (``chain_at``): from the cut (``_suffix_and_cut``), else from the inputs. A chain that
+    differs from the top rank's in its rank alone is fed, zero-padded (``graph.rewrite.padded_like``),
+    to one session of the top rank's chain: a rewrite and a session per layer, not per rank (on
+    VGG-16 each copied the dense layers' 500 MB of weights); any other gets its own session.
+    One chain of the layer is held at a time besides the top rank's (fc6's seven: 0.9 GB)."""
+    if not ranks:
         return
     suffix, batches = _suffix_and_cut(model, layer, data, subset, threads)
     if suffix is None:
         suffix, batches = model, [data.source.get(chunk) for chunk in batch_chunks(subset, data.batch)]
-    top = chains[max(chains)]
-    if all(padded_like(chain, top) is not None for chain in chains.values()):
+    top = chain_at(max(ranks))
+    session, names = None, []
+    if differ_in_rank_alone(top, top):
         fed, names = replace_unit_fed(suffix, layer, top)
-        del suffix  # the session holds its own copy of the weights: no protos beside it while it runs
         session = make_session(fed, threads=threads, produced=True)
-        del fed
-        for rank, chain in chains.items():
-            arrays = dict(zip(names, padded_like(chain, top)))
-            yield rank, _run_on(session, [{**batch, **arrays} for batch in batches])
-        return
-    for rank, chain in chains.items():
-        yield rank, _run_on(make_session(replace_units(suffix, {layer: chain}), threads=threads, produced=True), batches)
+        del fed  # the session holds its own copy of the weights
+    for rank in ranks:
+        chain = top if rank == max(ranks) else chain_at(rank)
+        arrays = padded_like(chain, top) if session is not None else None
+        if arrays is None:
+            yield rank, _run_on(make_session(replace_units(suffix, {layer: chain}), threads=threads, produced=True),
+                                batches)
+        else:
+            yield rank, _run_on(session, [{**batch, **dict(zip(names, arrays))} for batch in batches])
 
 
 def _suffix_and_cut(model: onnx.ModelProto, layer: str, data, subset, threads: int):
