@@ -23,7 +23,7 @@ import onnx
 from onnx import helper
 
 from onnx_lowrank.graph.rewrite import NodeSpec, differ_in_rank_alone, padded_like, replace_unit_fed, replace_units
-from onnx_lowrank.graph.surgery import suffix_model
+from onnx_lowrank.graph.surgery import prefix_model, suffix_model
 from onnx_lowrank.measure.context import LayerAnalysis
 from onnx_lowrank.measure.fidelity import compare_outputs, model_outputs
 from onnx_lowrank.methods.chains import solve_layers
@@ -31,7 +31,7 @@ from onnx_lowrank.options import Options
 from onnx_lowrank.planning.plans import ArchitecturePlan
 from onnx_lowrank.planning.ranks import RankPlan, leave_first_conv, rank_ladder
 from onnx_lowrank.registry import Solver
-from onnx_lowrank.runtime.sessions import batch_chunks, make_session, run, run_in_batches, with_outputs
+from onnx_lowrank.runtime.sessions import batch_chunks, make_session, run, run_in_batches
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,6 @@ def _suffix_and_cut(model: onnx.ModelProto, layer: str, data, subset, threads: i
     if set(cut) & {o.name for o in model.graph.output}:
         return None, None
     computed = [name for name in cut if name not in inputs]
-    session = make_session(with_outputs(model, computed), threads=threads)
     feeds: list[dict[str, np.ndarray]] = []
     held = 0
 
@@ -118,7 +117,12 @@ def _suffix_and_cut(model: onnx.ModelProto, layer: str, data, subset, threads: i
         feeds.append(values)
 
     try:
-        run_in_batches(session, data.source, subset, data.batch, keep, names=computed or None)
+        if computed:  # only the network before the layer runs, with only its weights
+            session = make_session(prefix_model(model, computed), threads=threads, prepack=False)
+            run_in_batches(session, data.source, subset, data.batch, keep, names=computed)
+        else:
+            for chunk in batch_chunks(subset, data.batch):
+                keep(chunk, data.source.get(chunk), [])
     except _CutTooLarge:
         log.debug("sensitivity of %s: the cut exceeds %d bytes, the whole model is run", layer, CUT_MEMORY)
         return None, None
