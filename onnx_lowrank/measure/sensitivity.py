@@ -22,6 +22,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from onnx_lowrank.errors import InternalError
 from onnx_lowrank.graph.rewrite import NodeSpec, differ_in_rank_alone, padded_like, replace_unit_fed, replace_units
 from onnx_lowrank.graph.surgery import prefix_model, suffix_model
 from onnx_lowrank.measure.context import LayerAnalysis
@@ -74,7 +75,7 @@ def _outputs_by_rank(model: onnx.ModelProto, layer: str, chain_at, ranks: list[i
     rank (``chain_at``): from the cut (``_suffix_and_cut``), else from the inputs. A chain that
     differs from the top rank's in its rank alone is fed, zero-padded (``graph.rewrite.padded_like``),
     to one session of the top rank's chain: a rewrite and a session per layer, not per rank (on
-    VGG-16 each copied the dense layers' 500 MB of weights); any other gets its own session.
+    VGG-16 each copied the dense layers' 500 MB of weights); a grouped layer's get a session each.
     One chain of the layer is held at a time besides the top rank's (fc6's seven: 0.9 GB)."""
     if not ranks:
         return
@@ -82,19 +83,21 @@ def _outputs_by_rank(model: onnx.ModelProto, layer: str, chain_at, ranks: list[i
     if suffix is None:
         suffix, batches = model, [data.source.get(chunk) for chunk in batch_chunks(subset, data.batch)]
     top = chain_at(max(ranks))
-    session, names = None, []
-    if differ_in_rank_alone(top, top):
-        fed, names = replace_unit_fed(suffix, layer, top)
-        session = make_session(fed, threads=threads, produced=True)
-        del fed  # the session holds its own copy of the weights
-    for rank in ranks:
-        chain = top if rank == max(ranks) else chain_at(rank)
-        arrays = padded_like(chain, top) if session is not None else None
-        if arrays is None:
+    if not differ_in_rank_alone(top, top):  # grouped: its rank is per group, its channels not at the end
+        for rank in ranks:
+            chain = top if rank == max(ranks) else chain_at(rank)
             yield rank, _run_on(make_session(replace_units(suffix, {layer: chain}), threads=threads, produced=True),
                                 batches)
-        else:
-            yield rank, _run_on(session, [{**batch, **dict(zip(names, arrays))} for batch in batches])
+        return
+    fed, names = replace_unit_fed(suffix, layer, top)
+    del suffix  # the session holds its own copy of the weights: no other while it is built
+    session = make_session(fed, threads=threads, produced=True)
+    del fed
+    for rank in ranks:
+        arrays = padded_like(top if rank == max(ranks) else chain_at(rank), top)
+        if arrays is None:
+            raise InternalError(f"the chains of {layer} differ in more than their rank")
+        yield rank, _run_on(session, [{**batch, **dict(zip(names, arrays))} for batch in batches])
 
 
 def _suffix_and_cut(model: onnx.ModelProto, layer: str, data, subset, threads: int):
