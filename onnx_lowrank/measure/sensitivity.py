@@ -98,6 +98,7 @@ def _outputs_by_rank(model: onnx.ModelProto, layer: str, chain_at, ranks: list[i
         if arrays is None:
             raise InternalError(f"the chains of {layer} differ in more than their rank")
         yield rank, _run_on(session, [{**batch, **dict(zip(names, arrays))} for batch in batches])
+        del arrays  # before the next rank's chain is built (fc6's: 308 MB)
 
 
 def _suffix_and_cut(model: onnx.ModelProto, layer: str, data, subset, threads: int):
