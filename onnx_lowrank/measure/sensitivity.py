@@ -9,9 +9,11 @@ layer replaced is run on a subset of the *calibration* samples (the held-out par
 fidelity figures), and the loss is the relative error of its first output against the original's.
 
 Only the part of the network from the layer on is run for each rank: the tensors it reads from
-before the layer (the cut) are computed once per layer and fed to the suffix, whose output is
-the whole model's. Where the cut would take more than ``CUT_MEMORY`` bytes (wide early maps of a
-large input) the whole model is run instead.
+before the layer (the cut) are computed once per layer, by the part before it, and fed to the
+suffix, whose output is the whole model's. Where the cut would take more than ``CUT_MEMORY``
+bytes (wide early maps of a large input) the whole model is run instead. A layer's chains at
+its ranks differ in the rank alone, so one session of the suffix with the top rank's chain
+serves them all: each rank's weights are fed to it, zero-padded to the top rank's shapes.
 """
 
 from __future__ import annotations
