@@ -251,3 +251,14 @@ def test_running_out_of_memory_is_bad_input_not_a_bug(folder, monkeypatch) -> No
     monkeypatch.setattr("onnx_lowrank.pipeline.analysis.collect_responses", exhausted)
     result = invoke(folder / "in.onnx", folder / "out.onnx", "--calib", folder / "calib.npz", *RUN)
     assert result.exit_code == 2 and "out of memory" in result.stderr and not (folder / "out.onnx").exists()
+
+
+def test_a_model_without_external_data_is_not_parsed_to_find_its_files(folder, monkeypatch) -> None:
+    """The files an input's tensors live in are found by parsing it, but only where the file holds
+    the key every reference names its file under: without it there are none."""
+    from onnx_lowrank.graph import io
+
+    with_data = external_input(folder, "weights.bin")
+    assert io.external_data_files(with_data) == [folder / "weights.bin"]
+    monkeypatch.setattr(io.onnx, "load", lambda *args, **kwargs: pytest.fail("parsed"))
+    assert io.external_data_files(folder / "in.onnx") == []

@@ -4,6 +4,7 @@ external-data layout that lets models over protobuf's 2 GiB limit be written and
 from __future__ import annotations
 
 import functools
+import mmap
 import os
 import tempfile
 import weakref
@@ -150,7 +151,14 @@ def external_data_files(path: Path) -> list[Path]:
 @functools.lru_cache(maxsize=8)
 def _external_data_files(path: str, mtime_ns: int, size: int) -> tuple[Path, ...]:
     """By the file's modification time and size: a run asks about its input more than once, and
-    parsing a large model takes a second each time."""
+    parsing a large model takes a second each time. A file without the key every reference names
+    its file under is not parsed at all (most models: 0.5 s and a transient copy on VGG-16)."""
+    try:
+        with open(path, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            if data.find(b"location") < 0:
+                return ()
+    except (OSError, ValueError):  # unreadable, or empty (no map of length 0): as the parse finds it
+        pass
     try:
         model = onnx.load(path, load_external_data=False)
     except (DecodeError, ValueError, OSError):  # not a model: it references no files
