@@ -212,7 +212,7 @@ class Options:
                              "the approximated ones.", PLAN)
     rank_selection: str | None = option(None, OrNone(Choice(RANK_SELECTIONS)), "energy (Eq. 13-14; default for "
                                         "the data-driven methods), sensitivity (measured end-to-end loss per layer "
-                                        "and rank, data-driven methods: 1.1-1.5x a run's time on small models, 5-7x on "
+                                        "and rank, data-driven methods: 1.1-1.5x a run's time on small models, 5-6x on "
                                         "deep high-resolution ones (VGG-16 224, CRAFT); up to 21 percent less error than "
                                         "energy for the "
                                         "channel methods on most of them, worse for asym3d) "
