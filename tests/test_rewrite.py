@@ -298,6 +298,25 @@ def test_a_lower_ranks_chain_zero_padded_and_fed_computes_what_its_own_rewrite_d
     assert checked == {"conv", "dense"}
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_transposed_layers_lower_rank_chain_zero_padded_and_fed_computes_what_its_own_rewrite_does(seed) -> None:
+    from onnx_lowrank.graph.rewrite import padded_like, replace_unit_fed
+    from tests.test_layer_kinds import conv_transpose
+
+    model, shape = conv_transpose(seed, 2)
+    model = normalise(model)
+    unit = next(u for u in find_units(model) if u.decomposable)
+    rng = np.random.default_rng(seed)
+    d = unit.weight.shape[0]
+    basis = np.linalg.qr(rng.standard_normal((d, d)))[0]
+    chains = {rank: channel_chain(unit, basis[:, :rank], basis[:, :rank], rng.standard_normal(d)) for rank in (1, d)}
+    x = rng.standard_normal((2, *shape)).astype(np.float32)
+    fed, names = replace_unit_fed(model, unit.name, chains[d])
+    expected = run_model(replace_units(model, {unit.name: chains[1]}), {"input": x})[0]
+    got = run_model(fed, {"input": x, **dict(zip(names, padded_like(chains[1], chains[d])))})[0]
+    assert unit.kind == "transpose" and np.allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
 def test_chains_that_differ_in_more_than_their_rank_are_not_padded() -> None:
     from onnx_lowrank.graph.rewrite import padded_like
 
