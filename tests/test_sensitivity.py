@@ -180,3 +180,45 @@ def test_a_layers_ranks_share_one_session_and_measure_what_a_session_per_rank_do
     apart = sensitivity.measure_sensitivity(analysis, opts)
     for layer in shared:
         assert np.allclose(list(shared[layer].values()), list(apart[layer].values()), rtol=1e-4, atol=1e-6)
+
+
+def test_a_layer_that_reads_the_networks_input_alone_is_measured_from_it() -> None:
+    """A dense layer first in the graph: the cut before it is the network's input, computed by
+    nothing. Independent reference: the model with that layer's PCA chain (the top eigenvectors
+    of its responses' covariance) in place, run whole by onnxruntime."""
+    import dataclasses
+
+    from onnx import TensorProto, helper, numpy_helper
+
+    from onnx_lowrank.graph.rewrite import channel_chain, replace_units
+    from onnx_lowrank.measure import sensitivity
+    from onnx_lowrank.measure.fidelity import model_outputs
+    from onnx_lowrank.options import Options
+    from onnx_lowrank.pipeline import compress as api
+
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array((rng.standard_normal(shape) * 0.3).astype(np.float32), name)
+               for name, shape in (("w1", (16, 64)), ("b1", (64,)), ("w2", (64, 64)), ("b2", (64,)), ("w3", (64, 8)))]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["m1"], name="fc1"), helper.make_node("Add", ["m1", "b1"], ["a1"]),
+             helper.make_node("Relu", ["a1"], ["r1"]), helper.make_node("MatMul", ["r1", "w2"], ["m2"], name="fc2"),
+             helper.make_node("Add", ["m2", "b2"], ["a2"]), helper.make_node("Relu", ["a2"], ["r2"]),
+             helper.make_node("MatMul", ["r2", "w3"], ["y"], name="fc3")]
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])], weights)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    opts = Options(speedup=1.3, bench=False, rank_multiple=4)
+    analysis = api.analyse(model, dataclasses.replace(opts), rng.standard_normal((400, 16)).astype(np.float32))
+    losses = sensitivity.measure_sensitivity(analysis, opts)["fc1"]
+    split = analysis.data
+    subset = split.calib_indices[::max(1, len(split.calib_indices) // sensitivity.SUBSET)][:sensitivity.SUBSET]
+    reference = model_outputs(analysis.normalised, split.source, subset, split.batch)["y"]
+    unit = analysis.by_name["fc1"]
+    y = analysis.responses[unit.output].astype(np.float64)
+    vectors = np.linalg.eigh(np.cov(y, rowvar=False))[1][:, ::-1]
+    assert len(losses) >= 2
+    for rank, loss in losses.items():
+        v = vectors[:, :rank]
+        chain = channel_chain(unit, v, v, y.mean(axis=0) - v @ (v.T @ y.mean(axis=0)))
+        outputs = model_outputs(replace_units(analysis.normalised, {"fc1": chain}), split.source, subset, split.batch,
+                                produced=True)["y"]
+        assert loss == pytest.approx(np.linalg.norm(outputs - reference) / np.linalg.norm(reference), rel=1e-3, abs=1e-6)
