@@ -214,8 +214,7 @@ class Options:
                                         "the data-driven methods), sensitivity (measured end-to-end loss per layer "
                                         "and rank, data-driven methods: 1.1-1.5x a run's time on small models, 5-6x on "
                                         "deep high-resolution ones (VGG-16 224, CRAFT); up to 21 percent less error than "
-                                        "energy for the "
-                                        "channel methods on most of them, worse for asym3d) "
+                                        "energy for the channel methods on most of them, worse for asym3d) "
                                         "or uniform (default for the baselines).",
                                         PLAN)
     channel_speedup: float | None = option(None, OrNone(_SPEEDUP), "asym3d: the channel part's speedup "

@@ -173,9 +173,7 @@ def replace_units(model: onnx.ModelProto, chains: dict[str, list[NodeSpec]]) -> 
     with imported(model) as graph:
         taken = {n.name for n in graph.nodes} | set(graph.tensors())
         for node in [n for n in graph.nodes if n.name in chains]:
-            output = node.outputs[0]
-            node.outputs.clear()
-            _append_chain(graph, node.name, node.inputs[0], output, chains[node.name], taken)
+            _replace_node(graph, node, chains[node.name], taken)
         return export_like(graph, model)
 
 
@@ -185,10 +183,7 @@ def replace_unit_fed(model: onnx.ModelProto, name: str, chain: list[NodeSpec]) -
     so that one session serves every rank. Also returns their names, in ``chain_arrays`` order."""
     with imported(model) as graph:
         taken = {n.name for n in graph.nodes} | set(graph.tensors())
-        node = next(n for n in graph.nodes if n.name == name)
-        output = node.outputs[0]
-        node.outputs.clear()
-        names = _append_chain(graph, name, node.inputs[0], output, chain, taken)
+        names = _replace_node(graph, next(n for n in graph.nodes if n.name == name), chain, taken)
         fed = export_like(graph, model)
     arrays = dict(zip(names, chain_arrays(chain)))
     # onnxruntime takes an initializer that is also a graph input as a default a run may override.
@@ -238,6 +233,14 @@ def beside_units(model: onnx.ModelProto, chains: dict[str, list[NodeSpec]]) -> t
             written[node.name] = output.name
             graph.outputs.append(output)
         return export_like(graph, model), written
+
+
+def _replace_node(graph: gs.Graph, node: gs.Node, chain: list[NodeSpec], taken: set[str]) -> list[str]:
+    """The chain in place of ``node`` (which graphsurgeon's clean-up then drops), reading its first
+    input and writing its output; the names of the chain's weights and biases."""
+    output = node.outputs[0]
+    node.outputs.clear()
+    return _append_chain(graph, node.name, node.inputs[0], output, chain, taken)
 
 
 def _append_chain(graph: gs.Graph, stem_base: str, current: gs.Tensor, output: gs.Tensor, chain: list[NodeSpec],
