@@ -38,7 +38,8 @@ def resident_mib() -> float:
 
 
 def session(light: onnx.ModelProto, arrays: dict[str, np.ndarray], way: str, threads: int, folder: Path):
-    """The session, and the feeds each run adds (the weights, where they are inputs)."""
+    """The session, the feeds each of its runs adds (the weights, where they are inputs), and the
+    OrtValues over ``arrays``, which must outlive it where it shares them."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.log_severity_level = 4  # a refusal is printed as a result, in one line
