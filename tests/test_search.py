@@ -215,10 +215,12 @@ def test_a_3d_search_runs_the_network_for_its_probes_splits_once(model, data, mo
 def test_split_bases_cover_the_bracket_within_the_sample_memory(model, data, monkeypatch, sample_memory_mb) -> None:
     """The bases' run keeps more than the probe's own splits (the bracket's other plans), unless
     that would take more than --sample-memory: then the probe's own only."""
+    from onnx_lowrank.pipeline import probe_bases
+
     plans, kept = [], []
-    plan_for, keep_bases = search.plan_for, search.keep_bases
+    plan_for, keep_bases = search.plan_for, probe_bases.keep_bases
     monkeypatch.setattr(search, "plan_for", lambda *a, **kw: plans.append(plan_for(*a, **kw)) or plans[-1])
-    monkeypatch.setattr(search, "keep_bases", lambda *a: kept.append((dict(a[2]), plans[-1].spatial_ranks))
+    monkeypatch.setattr(probe_bases, "keep_bases", lambda *a: kept.append((dict(a[2]), plans[-1].spatial_ranks))
                         or keep_bases(*a))
     compress_to_budget(model, Budget("error", 0.1), calibration=data, bench=False, rank_multiple=8, threads=1,
                        method="asym3d", sample_memory_mb=sample_memory_mb)
@@ -469,6 +471,7 @@ def _planted_searcher(limit: float, probe_loss, method_loss):
 
     made = search._Searcher.__new__(search._Searcher)
     made.budget, made.probes, made.infeasible, made.quick, made.predicted = Budget("error", limit), {}, set(), {}, None
+    made.confirmed = None
 
     def quick_run(speedup: float) -> FrontierPoint:
         made.quick[speedup] = FrontierPoint(speedup, speedup, method_loss(speedup), method_loss(speedup) <= limit, "q")
@@ -514,6 +517,31 @@ def test_where_the_predicted_full_run_misses_the_next_is_at_the_fastest_quick_ru
     made.predicted = 4.2
     answer = made._confirm(made.quick[3.0])
     assert evaluated == [4.2, 3.0] and answer[0].speedup_target == 3.0 and answer[0].met
+
+
+@pytest.mark.parametrize("full_loss, evaluated", [
+    (lambda s: 0.0056 * s ** 2, [2.95]),  # it meets there: the answer, and no quick run at all
+    (lambda s: 0.011 * s ** 2, [2.95, 1.975]),  # it misses: a quick run halfway down, then the method there
+])
+def test_at_the_fastest_feasible_plan_the_method_runs_in_full_at_once(full_loss, evaluated) -> None:
+    """VGG-16 on a loose budget: its probes meet up to the fastest feasible plan (every faster one
+    infeasible, within the bracket's precision), where a quick run could only confirm it."""
+    from onnx_lowrank.options import Options
+    from onnx_lowrank.output.report import FrontierPoint
+
+    made = _planted_searcher(0.09, lambda s: 0.01 * s ** 2, lambda s: 0.005 * s ** 2)
+    made.iterative, made.cache, made.opts = True, {}, Options.from_keywords(method="asymmetric")
+    made.probes, made.infeasible = {2.0: 0.04, 2.95: 0.087}, {3.05}
+    runs = []
+
+    def evaluate(speedup, opts, label):
+        runs.append(speedup)
+        return FrontierPoint(speedup, speedup, full_loss(speedup), full_loss(speedup) <= 0.09, label), None, None, None
+
+    made.evaluate = evaluate
+    answer = made._confirm(made._choose(2.95, 3.05))
+    assert runs == evaluated and answer[0].met and answer[0].speedup_target == evaluated[-1]
+    assert [s for s, p in made.quick.items() if p.met] == evaluated[1:]
 
 
 @pytest.mark.parametrize("met, missed, predicted", [(0.0995, 0.1004, None), (0.08, 0.12, (1.13, 2.0))])

@@ -7,23 +7,22 @@ each cheaper per plan than the next, so that the search costs a few fixed-speedu
 
 1. *Probes*: the method's own plans at bracketing, then interpolated, speedups
    (``planning.bracket``), solved cheaply: a channel method's with the linear solver (PCA of the
-   responses, Eq. 4, whose eigenvectors the analysis already has and which are nested: one
-   decomposition gives every rank), re-collecting nothing; asym3d's as the symmetric 3d chain with
-   the solver's closed-form start, its split layers' outputs from bases that one run of the
-   network keeps for every plan the bracket can still probe (``methods.split_basis``). A layer's
-   chain at the same ranks is built once for all probes (``methods.chains.solve_layers``). Each probe is measured on the held-out set
-   against the original's outputs, which are computed once; a plan probed before (same ranks) is
-   not measured again. Methods without iterations are their own probes.
-2. *Quick runs of the method* (asymmetric by default, usually better than its symmetric probe),
-   with a fifth of the solver's schedule, two or three: at the fastest probe that met the budget,
-   which measures the method's gain over its probe, then where the probes scaled by that gain
-   meet it (halfway down, twice, where the first missed); a third where the two predictions of
-   the next step disagree (``_beyond``). Where the first probe misses, the method runs there first.
+   responses, Eq. 4, nested: one decomposition gives every rank), re-collecting nothing; asym3d's
+   as the symmetric 3d chain with the solver's closed-form start, its split layers' outputs from
+   bases that one run of the network keeps for every plan the bracket can still probe
+   (``methods.split_basis``). A layer's chain at the same ranks is built once for all probes;
+   each probe is measured on the held-out set against the original's outputs, computed once; a
+   plan probed before (same ranks) is not measured again. Methods without iterations are their
+   own probes.
+2. *Quick runs of the method* (a fifth of the solver's schedule), two or three: at the fastest
+   probe that met the budget, which measures the method's gain over its probe, then where the
+   probes scaled by that gain meet it (halfway down, twice, where the first missed); a third
+   where the two predictions of the next step disagree (``_beyond``). Where the first probe
+   misses, the method runs there first; where no faster plan is feasible, in full at once.
 3. *The method itself*, with the paper's schedule: first where its quick runs say it meets
    the budget (their power law, or its probes scaled by its latest gain), then, should that
-   miss, at the fastest plan whose quick run met (at the next slower one should it miss). Only
-   a plan measured with the method itself is ever the answer, so the budget is met on held-out
-   data by the model that is returned.
+   miss, at the fastest plan whose quick run met. Only a plan measured with the method itself
+   is ever the answer, so the budget is met on held-out data by the model that is returned.
 4. With ``--quantize int8``, the answer is the INT8 model: the plan found is quantized with the
    budget as the INT8 guard's tolerance (nodes that break it kept in float), and where no INT8
    model of it meets the budget, slower plans are (``pipeline.budget_int8``).
@@ -43,17 +42,16 @@ from onnx_lowrank.errors import BudgetNotMetError, InfeasibleTargetError, Invali
 from onnx_lowrank.measure.fidelity import held_out_outputs
 from onnx_lowrank.methods.chains import CLOSED_FORM, PROBE_SCHEDULE
 from onnx_lowrank.methods.split_basis import KEY as BASIS
-from onnx_lowrank.methods.split_basis import basis_bytes, keep_bases, lacking
 from onnx_lowrank.options import Options, takes_options
 from onnx_lowrank.output.report import PROBE_LABEL, QUICK_SUFFIX, FrontierPoint
 from onnx_lowrank.pipeline.analysis import Analysis, Result, analyse
 from onnx_lowrank.pipeline.budget import Budget
 from onnx_lowrank.pipeline.budget_int8 import budget_tolerance, int8_within_budget
 from onnx_lowrank.pipeline.compress import distill, hint_tensors, measure, report_for, rewrite, solve
-from onnx_lowrank.pipeline.plan import plan_for, split_ranks
+from onnx_lowrank.pipeline.plan import plan_for
+from onnx_lowrank.pipeline.probe_bases import keep_bracket_bases
 from onnx_lowrank.planning.bracket import METHOD_PRECISION, PRECISION, extrapolated, next_probe
 from onnx_lowrank.quantize import add_int8
-from onnx_lowrank.runtime.sessions import batch_size_for
 from onnx_lowrank.solvers.nonlinear import PAPER_SCHEDULE
 
 log = logging.getLogger(__name__)
@@ -92,8 +90,7 @@ def compress_to_budget(model, budget: Budget, *, calibration=None, evaluation=No
         best, int8 = int8_within_budget(searcher, best)
     if best is None:
         raise BudgetNotMetError(f"no decomposition{' with INT8 on top' if opts.quantize else ''} meets "
-                                f"{budget.describe()}: the best measured was {searcher.best_value_text()} at "
-                                f"{searcher.lowest_speedup():.2f}x",
+                                f"{budget.describe()}: the best measured was {searcher.best_measured()}",
                                 hint="loosen the budget, or give more calibration data")
     point, solved, optimized, outputs = best
     final_opts = dataclasses.replace(opts, speedup=point.speedup_target)
@@ -139,6 +136,7 @@ class _Searcher:
         self.iterative = opts.spec.iterative
         self.kept = None  # without iterations: the fastest run of the method that met the budget
         self.predicted: float | None = None  # where the method's full run goes first, faster than its quick runs met
+        self.confirmed = None  # the method's full run, where it ran before any quick run and met (at the limit)
 
     def run(self, start: float):
         """The method's run that meets the budget at the fastest plan the search found, or None.
@@ -162,9 +160,11 @@ class _Searcher:
         if passing is None:
             point = None if failing is None else self._quick_run(failing)
             return self._beyond(point) if point is not None and point.met else None
-        point = self._quick_run(passing)
+        if self.iterative and failing in self.infeasible:  # closed to the finest precision: a plan costs no run
+            passing, failing = self._probe_bracket(passing)
+        point = self._run_at_the_limit(passing, failing) or self._quick_run(passing)
         if point is not None and point.met:
-            return self._beyond(point)
+            return point if self.confirmed is not None else self._beyond(point)
         high = passing
         for _ in range(2):
             high = 1 + (high - 1) / 2
@@ -177,17 +177,38 @@ class _Searcher:
         """The method with the paper's schedule where its quick runs predict it meets the budget
         (``predicted``), else at the chosen plan; should it miss, at the next slower plan whose
         quick run met. Only a run measured this way is ever the answer, so the budget is met on
-        held-out data by the model that is returned. No probe runs after it: the split bases are
-        let go first."""
+        held-out data by the model that is returned."""
         if not self.iterative:
             return self.kept
-        self.cache = {key: value for key, value in self.cache.items() if key[0] != BASIS}
+        if self.confirmed is not None:
+            return self.confirmed
+        self._let_the_bases_go()
         speedups = sorted((s for s, p in self.quick.items() if p.met and s <= chosen.speedup_target), reverse=True)
         for speedup in [self.predicted] * (self.predicted is not None) + speedups:
             result = self.evaluate(speedup, self.opts, self.opts.method)
             if result is not None and result[0].met:
                 return result
         return None
+
+    def _run_at_the_limit(self, passing: float, failing: float | None) -> FrontierPoint | None:
+        """Where no faster plan is feasible (to the bracket's precision), a quick run at ``passing``
+        could only confirm it: the method runs there in full at once (VGG-16's loose budgets), the
+        answer if it meets the budget, else a quick run that missed. None where this does not apply."""
+        if not self.iterative or failing not in self.infeasible or failing > passing * (1 + PRECISION):
+            return None
+        self._let_the_bases_go()
+        result = self.evaluate(passing, self.opts, self.opts.method)
+        if result is None:
+            return None
+        if result[0].met:
+            self.confirmed = result
+        else:
+            self.quick[passing] = result[0]
+        return result[0]
+
+    def _let_the_bases_go(self) -> None:
+        """No probe runs after the method's full run: its split bases are let go first."""
+        self.cache = {key: value for key, value in self.cache.items() if key[0] != BASIS}
 
     def _quick_run(self, speedup: float) -> FrontierPoint | None:
         """The method itself at ``speedup``, with a fifth of the solver's schedule (within a few per
@@ -316,30 +337,11 @@ class _Searcher:
             return
         key = (tuple(sorted(plan.ranks.items())), tuple(sorted(plan.spatial_ranks.items())))
         if key not in self.probed_plans:
-            self._keep_split_bases(plan, speedup)
+            keep_bracket_bases(self.analysis, self.opts, plan, speedup, self.probes, self.cache)
             result = self.evaluate(speedup, dataclasses.replace(self.opts, symmetric=True), PROBE_LABEL, CLOSED_FORM,
                                     plan, self.opts.spec.probe_solver)
             self.probed_plans[key] = result[0].value
         self.probes[speedup] = self.probed_plans[key]
-
-    def _keep_split_bases(self, plan, speedup: float) -> None:
-        """Where a 3d probe's splits would run the network, first every layer that a plan the bracket
-        can still probe splits (between the probed speedups either side, or a halving and a doubling
-        away) gets its basis at the highest rank they give it (``methods.split_basis``)."""
-        if not lacking(plan.spatial_ranks, self.cache):
-            return
-        low = max((s for s in self.probes if s < speedup), default=1 + (speedup - 1) / 2)
-        high = min((s for s in self.probes if s > speedup), default=2 * speedup)
-        ranks = split_ranks(self.analysis, self.opts, [low * (high / low) ** (i / 32) for i in range(33)])
-        ranks = {name: max(rank, plan.spatial_ranks.get(name, 0)) for name, rank in ranks.items()}
-        if basis_bytes(self.analysis.samples, ranks, self.analysis.shapes) > self.opts.sample_memory_mb * 2**20:
-            ranks = plan.spatial_ranks  # the bases are kept within --sample-memory: then the probe's own only
-        # Its batches' tap outputs within an eighth of --sample-memory; a model's fixed batch is fed whole.
-        batch_bytes = None if batch_size_for(self.analysis.inputs, 0) > 1 else self.opts.sample_memory_mb * 2**17
-        with self.analysis.run.stage("collect_asymmetric", f"the split bases of up to {len(ranks)} layers",
-                                     logging.DEBUG):
-            keep_bases(self.analysis.normalised, self.analysis.by_name, ranks, self.analysis.shapes, self.analysis.collect, self.cache,
-                       batch_bytes)
 
     def _probe_met(self, value: float, scale: float) -> bool:
         if scale == 1.0:
@@ -377,13 +379,10 @@ class _Searcher:
                  "met" if point.met else "missed")
         return point, solved, optimized, outputs
 
-    def best_value_text(self) -> str:
+    def best_measured(self) -> str:
+        """The best figure any plan measured, and the lowest speedup measured, for the error."""
         measured = [p for p in self.frontier if p.value is not None]
         if not measured:
             return "nothing (every plan was infeasible)"
         best = (max if self.budget.higher_is_better else min)(measured, key=lambda p: p.value)
-        return f"{best.value:.4g}"
-
-    def lowest_speedup(self) -> float:
-        measured = [p.theoretical_speedup for p in self.frontier if p.theoretical_speedup is not None]
-        return min(measured) if measured else 1.0
+        return f"{best.value:.4g} at {min(p.theoretical_speedup for p in measured):.2f}x"
