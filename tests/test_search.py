@@ -74,6 +74,15 @@ def test_agreement_and_drop_budgets(model, data) -> None:
     assert agreement.fidelity.top1_agreement >= 0.95 and agreement.budget["measured"] >= 0.95
 
 
+def test_a_budget_every_plan_meets_is_answered_at_the_fastest_feasible_plan_with_no_quick_run(model, data) -> None:
+    report = compress_to_budget(model, Budget("error", 10.0), calibration=data, bench=False, rank_multiple=8,
+                                threads=1).report
+    solvers = [p.solver for p in report.frontier]
+    fastest_probe = max(p.theoretical_speedup for p in report.frontier if p.solver == "probe")
+    assert "infeasible" in solvers and "asymmetric (quick)" not in solvers and solvers.count("asymmetric") == 1
+    assert report.theoretical_speedup == pytest.approx(fastest_probe) and report.budget["met"]
+
+
 def test_an_unmeetable_budget_says_so_with_the_best_figure(model, data) -> None:
     with pytest.raises(BudgetNotMetError, match="no decomposition meets relative output error <= 1e-09"):
         compress_to_budget(model, Budget("error", 1e-9), calibration=data, bench=False, rank_multiple=8, threads=1)
