@@ -338,8 +338,9 @@ class _Searcher:
         key = (tuple(sorted(plan.ranks.items())), tuple(sorted(plan.spatial_ranks.items())))
         if key not in self.probed_plans:
             keep_bracket_bases(self.analysis, self.opts, plan, speedup, self.probes, self.cache)
-            result = self.evaluate(speedup, dataclasses.replace(self.opts, symmetric=True), PROBE_LABEL, CLOSED_FORM,
-                                    plan, self.opts.spec.probe_solver)
+            # Each layer from the original's inputs: an asymmetric method's probe is its symmetric form.
+            opts = dataclasses.replace(self.opts, symmetric=True) if self.opts.spec.asymmetric else self.opts
+            result = self.evaluate(speedup, opts, PROBE_LABEL, CLOSED_FORM, plan, self.opts.spec.probe_solver)
             self.probed_plans[key] = result[0].value
         self.probes[speedup] = self.probed_plans[key]
 
