@@ -27,5 +27,5 @@ def keep_bracket_bases(analysis: Analysis, opts: Options, plan, speedup: float, 
         ranks = plan.spatial_ranks  # the bases are kept within --sample-memory: then the probe's own only
     # Its batches' tap outputs within an eighth of --sample-memory; a model's fixed batch is fed whole.
     batch_bytes = None if batch_size_for(analysis.inputs, 0) > 1 else opts.sample_memory_mb * 2**17
-    with analysis.run.stage("collect_asymmetric", f"the split bases of up to {len(ranks)} layers", logging.DEBUG):
+    with analysis.run.stage("split_bases", f"the split bases of up to {len(ranks)} layers", logging.DEBUG):
         keep_bases(analysis.normalised, analysis.by_name, ranks, analysis.shapes, analysis.collect, cache, batch_bytes)
